@@ -1,0 +1,41 @@
+"""Settings of the API process."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import Field, model_validator
+
+from latentd.settings import BUILTIN_MODEL, CommonSettings
+
+
+class ApiSettings(CommonSettings):
+    host: str = Field(default="127.0.0.1", description="Address the API binds to.")
+    port: int = Field(default=8000, ge=1, le=65535)
+    default_model: str = Field(default=BUILTIN_MODEL, description="Model used when a request names none.")
+    max_pixels: int = Field(
+        default=1024 * 1024, ge=64 * 64, description="Largest width × height one request may ask for."
+    )
+    max_images: int = Field(default=4, ge=1, le=64, description="Largest num_images (and OpenAI `n`).")
+    default_steps: int = Field(default=20, ge=1, le=150)
+    default_guidance_scale: float = Field(default=5.0, ge=0, le=30)
+    default_size: int = Field(default=64, ge=64, le=2048, description="Width and height when a request omits them.")
+    max_queue_depth: int = Field(default=1000, ge=1, description="Queued jobs per model before submits get 429.")
+    job_timeout: int = Field(default=600, ge=1, description="Seconds one job may run before it fails with `timeout`.")
+    sync_timeout: float = Field(
+        default=120.0, gt=0, description="Seconds the OpenAI-style endpoint waits for its job."
+    )
+    public_url: str | None = Field(
+        default=None, description="Base URL used in absolute image links (OpenAI `url` responses)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ApiSettings:
+        if self.default_size * self.default_size > self.max_pixels:
+            raise ValueError("default_size squared exceeds max_pixels")
+        return self
+
+
+@lru_cache
+def get_settings() -> ApiSettings:
+    return ApiSettings()

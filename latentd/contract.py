@@ -1,0 +1,167 @@
+"""The contract between the API and the workers.
+
+Everything both sides must agree on lives here and nowhere else: the job
+payload that crosses Redis, the status enum, the error codes, and the Redis key
+and queue names. Nothing in this module may import torch, diffusers or FastAPI.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+
+# The job function a worker runs, named by import path so the API never imports it.
+JOB_FUNCTION = "worker.jobs.generate"
+
+SCHEDULERS = ("ddim", "euler", "euler_a", "dpmpp_2m", "lcm", "pndm")
+Scheduler = Literal["ddim", "euler", "euler_a", "dpmpp_2m", "lcm", "pndm"]
+OutputFormat = Literal["png", "jpeg", "webp"]
+CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+MAX_SEED = 2**32 - 1
+
+
+class JobStatus(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    def is_terminal(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
+
+    @classmethod
+    def from_rq(cls, rq_status: str | None) -> JobStatus:
+        """Map RQ's job status (the system of record) onto ours."""
+        return _FROM_RQ.get(rq_status or "", JobStatus.QUEUED)
+
+
+_FROM_RQ = {
+    "queued": JobStatus.QUEUED,
+    "deferred": JobStatus.QUEUED,
+    "scheduled": JobStatus.QUEUED,
+    "created": JobStatus.QUEUED,
+    "started": JobStatus.RUNNING,
+    "finished": JobStatus.SUCCEEDED,
+    "failed": JobStatus.FAILED,
+    # RQ marks a running job that was stopped on request STOPPED: for us that
+    # is a cancel that took effect between two denoising steps.
+    "stopped": JobStatus.CANCELED,
+    "canceled": JobStatus.CANCELED,
+}
+
+
+class ErrorCode(enum.StrEnum):
+    """Stable, machine-readable codes: clients branch on these, never on messages."""
+
+    # Request errors (API side)
+    INVALID_REQUEST = "invalid_request"
+    NOT_FOUND = "not_found"
+    EXPIRED = "expired"
+    MODEL_UNAVAILABLE = "model_unavailable"
+    QUEUE_FULL = "queue_full"
+    NOT_CANCELABLE = "not_cancelable"
+    NOT_READY = "not_ready"
+    SERVICE_UNAVAILABLE = "service_unavailable"
+    WAIT_TIMEOUT = "wait_timeout"
+    INTERNAL_ERROR = "internal_error"
+    # Job failures (worker side)
+    INVALID_PARAMETERS = "invalid_parameters"
+    GENERATION_FAILED = "generation_failed"
+    TIMEOUT = "timeout"
+    OUT_OF_MEMORY = "out_of_memory"
+    WORKER_LOST = "worker_lost"
+
+
+class JobPayload(BaseModel):
+    """What the API enqueues and a worker runs: fully resolved, no defaults left to guess."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: int = SCHEMA_VERSION
+    job_id: str
+    model: str
+    prompt: str
+    negative_prompt: str = ""
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    seed: int = Field(ge=0, le=MAX_SEED)
+    num_images: int = Field(ge=1)
+    scheduler: Scheduler | None = None
+    output_format: OutputFormat = "png"
+
+    def image_seed(self, index: int) -> int:
+        """Image i of a job is drawn from its own generator seeded with seed + i."""
+        return (self.seed + index) % (MAX_SEED + 1)
+
+
+class WorkerInfo(BaseModel):
+    """A worker's registration, refreshed with every heartbeat."""
+
+    name: str
+    model: str
+    device: str
+    capacity: int = 1
+    pid: int
+    hostname: str
+    started_at: float
+
+
+class Keys:
+    """Redis key names. RQ owns `rq:*`; everything of ours lives under `latentd:`."""
+
+    PREFIX = "latentd"
+    WORKERS = f"{PREFIX}:workers"
+
+    @staticmethod
+    def queue_name(model: str) -> str:
+        return f"{Keys.PREFIX}:{model}"
+
+    @staticmethod
+    def worker(name: str) -> str:
+        return f"{Keys.PREFIX}:worker:{name}"
+
+    @staticmethod
+    def state(job_id: str) -> str:
+        """Hash of progress, timings, error and image metadata written by the worker."""
+        return f"{Keys.PREFIX}:job:{job_id}"
+
+    @staticmethod
+    def cancel(job_id: str) -> str:
+        return f"{Keys.PREFIX}:cancel:{job_id}"
+
+    @staticmethod
+    def image(job_id: str, index: int) -> str:
+        return f"{Keys.PREFIX}:image:{job_id}:{index}"
+
+
+class StateField:
+    """Field names inside `Keys.state(job_id)`."""
+
+    STEP = "step"
+    TOTAL_STEPS = "total_steps"
+    ERROR = "error"  # JSON {"code", "message"}
+    IMAGES = "images"  # JSON list of ImageMeta
+    INFERENCE_STARTED = "inference_started_at"
+    INFERENCE_FINISHED = "inference_finished_at"
+    WORKER = "worker"
+
+
+class ImageMeta(BaseModel):
+    index: int
+    seed: int
+    content_type: str
+    bytes: int
+    etag: str
+
+
+class JobError(BaseModel):
+    code: ErrorCode
+    message: str

@@ -1,0 +1,57 @@
+"""Settings of a worker process."""
+
+from __future__ import annotations
+
+import os
+import socket
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from latentd.settings import BUILTIN_MODEL, CommonSettings
+
+
+class WorkerSettings(CommonSettings):
+    model: str = Field(
+        default=BUILTIN_MODEL,
+        description="What to serve: `builtin`, a diffusers directory, a .safetensors file or a hub id.",
+    )
+    model_name: str | None = Field(
+        default=None, description="Name clients use for this model; derived from `model` when unset."
+    )
+    device: Literal["auto", "cuda", "mps", "cpu"] | str = Field(
+        default="auto", description="auto picks CUDA, then MPS, then CPU; `cuda:1` pins a GPU."
+    )
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        default="auto", description="auto: float16 on a GPU, float32 on the CPU."
+    )
+    worker_name: str | None = Field(default=None, description="Unique worker name; host and pid when unset.")
+    heartbeat_interval: float = Field(default=5.0, gt=0, description="Seconds between registrations.")
+    cache_dir: Path = Field(
+        default=Path(os.path.expanduser("~/.cache/latentd")),
+        description="Where hub downloads and generated local models live.",
+    )
+    ready_file: Path | None = Field(
+        default=None, description="Written once the model is loaded, removed on exit (a readiness probe for containers)."
+    )
+    torch_threads: int | None = Field(default=None, ge=1, description="CPU threads for torch; torch's default when unset.")
+
+    def served_name(self) -> str:
+        if self.model_name:
+            return self.model_name
+        if self.model == BUILTIN_MODEL:
+            return BUILTIN_MODEL
+        path = Path(self.model)
+        if path.exists():
+            return path.stem if path.is_file() else path.resolve().name
+        return self.model  # a hub id names itself
+
+    def effective_worker_name(self) -> str:
+        return self.worker_name or f"{socket.gethostname()}.{os.getpid()}"
+
+
+@lru_cache
+def get_settings() -> WorkerSettings:
+    return WorkerSettings()
