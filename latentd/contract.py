@@ -24,6 +24,9 @@ CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp
 
 MAX_SEED = 2**32 - 1
 
+# Bounds (seconds) of the job-duration histogram the workers keep in Redis.
+DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
 
 class JobStatus(enum.StrEnum):
     QUEUED = "queued"
@@ -69,6 +72,7 @@ class ErrorCode(enum.StrEnum):
     NOT_READY = "not_ready"
     SERVICE_UNAVAILABLE = "service_unavailable"
     WAIT_TIMEOUT = "wait_timeout"
+    CANCELED = "canceled"
     INTERNAL_ERROR = "internal_error"
     # Job failures (worker side)
     INVALID_PARAMETERS = "invalid_parameters"
@@ -119,6 +123,13 @@ class Keys:
 
     PREFIX = "latentd"
     WORKERS = f"{PREFIX}:workers"
+    # Hash "model|status|error_code" -> count of jobs that ended so.
+    OUTCOMES = f"{PREFIX}:stats:outcomes"
+
+    @staticmethod
+    def durations(model: str) -> str:
+        """Hash of a histogram of job run times: one field per bucket bound, plus sum and count."""
+        return f"{Keys.PREFIX}:stats:durations:{model}"
 
     @staticmethod
     def queue_name(model: str) -> str:

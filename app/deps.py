@@ -1,0 +1,24 @@
+"""Dependencies the routes receive: resources opened in the app's lifespan."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from app.config import ApiSettings
+from app.serving import GenerationService
+
+
+def get_service(request: Request) -> GenerationService:
+    service: GenerationService = request.app.state.service
+    return service
+
+
+def get_api_settings(request: Request) -> ApiSettings:
+    settings: ApiSettings = request.app.state.settings
+    return settings
+
+
+ServiceDep = Annotated[GenerationService, Depends(get_service)]
+SettingsDep = Annotated[ApiSettings, Depends(get_api_settings)]

@@ -1,0 +1,173 @@
+"""The error hierarchy of the API and its one mapping to the error envelope.
+
+Every error a client sees is `{"error": {"code", "message", "param"}}` with a
+stable code from `latentd.contract.ErrorCode`. Nothing here ever puts a
+traceback into a response; unexpected exceptions are logged and answered with
+a bare `internal_error`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import redis.exceptions
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from latentd.contract import ErrorCode
+from latentd.logs import event
+
+log = logging.getLogger("latentd.api")
+
+RETRY_AFTER_UNAVAILABLE = 2
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """The one error envelope."""
+
+    error: ErrorBody
+
+
+class ServiceError(Exception):
+    status_code = 500
+    code = ErrorCode.INTERNAL_ERROR
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        retry_after: int | None = None,
+        code: ErrorCode | None = None,
+        status_code: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.retry_after = retry_after
+        if code is not None:
+            self.code = code
+        if status_code is not None:
+            self.status_code = status_code
+
+
+class InvalidRequest(ServiceError):
+    status_code = 422
+    code = ErrorCode.INVALID_REQUEST
+
+
+class NotFound(ServiceError):
+    status_code = 404
+    code = ErrorCode.NOT_FOUND
+
+
+class Expired(ServiceError):
+    status_code = 404
+    code = ErrorCode.EXPIRED
+
+
+class ModelUnavailable(ServiceError):
+    status_code = 400
+    code = ErrorCode.MODEL_UNAVAILABLE
+
+
+class QueueFull(ServiceError):
+    status_code = 429
+    code = ErrorCode.QUEUE_FULL
+
+
+class NotCancelable(ServiceError):
+    status_code = 409
+    code = ErrorCode.NOT_CANCELABLE
+
+
+class NotReady(ServiceError):
+    status_code = 409
+    code = ErrorCode.NOT_READY
+
+
+class ServiceUnavailable(ServiceError):
+    status_code = 503
+    code = ErrorCode.SERVICE_UNAVAILABLE
+
+
+class WaitTimeout(ServiceError):
+    status_code = 504
+    code = ErrorCode.WAIT_TIMEOUT
+
+
+def error_response(
+    status_code: int, code: str, message: str, param: str | None = None, retry_after: int | None = None
+) -> JSONResponse:
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    body = ErrorResponse(error=ErrorBody(code=code, message=message, param=param))
+    return JSONResponse(body.model_dump(), status_code=status_code, headers=headers)
+
+
+def _param(loc: Sequence[Any]) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or None
+
+
+def _validation_message(err: dict[str, Any]) -> str:
+    if err.get("type") == "json_invalid":
+        return "request body is not valid JSON"
+    if err.get("type") == "extra_forbidden":
+        return f"unknown field '{_param(err.get('loc', ()))}'"
+    field = _param(err.get("loc", ()))
+    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+    return f"{field}: {msg}" if field else msg
+
+
+_HTTP_CODES = {404: ErrorCode.NOT_FOUND, 405: "method_not_allowed", 413: "payload_too_large"}
+
+# Documented on every route that can produce them.
+COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
+    422: {"model": ErrorResponse, "description": "Invalid request; `param` names the field."},
+    503: {"model": ErrorResponse, "description": "Redis unreachable; retry after `Retry-After` seconds."},
+}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
+        return error_response(exc.status_code, exc.code, exc.message, exc.param, exc.retry_after)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = list(exc.errors())
+        first = errors[0] if errors else {}
+        message = "; ".join(_validation_message(e) for e in errors[:5]) or "invalid request"
+        return error_response(422, ErrorCode.INVALID_REQUEST, message, _param(first.get("loc", ())))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(redis.exceptions.ConnectionError)
+    @app.exception_handler(redis.exceptions.TimeoutError)
+    async def _redis_down(_: Request, exc: Exception) -> JSONResponse:
+        event(log, "redis_unavailable", logging.WARNING, error=type(exc).__name__)
+        return error_response(
+            503,
+            ErrorCode.SERVICE_UNAVAILABLE,
+            "the job store (Redis) is unreachable; retry shortly",
+            retry_after=RETRY_AFTER_UNAVAILABLE,
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled_error path=%s", request.url.path)
+        return error_response(500, ErrorCode.INTERNAL_ERROR, "internal error; the server log has details")

@@ -1,0 +1,58 @@
+"""The FastAPI application. It never imports torch, diffusers or transformers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis
+from fastapi import FastAPI
+
+import latentd
+from app.config import ApiSettings, get_settings
+from app.errors import install_error_handlers
+from app.metrics import Metrics, MetricsMiddleware
+from app.routes import generations, openai, system
+from app.serving import GenerationService
+from latentd.logs import event
+
+log = logging.getLogger("latentd.api")
+
+
+def create_app(settings: ApiSettings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        pool = redis.ConnectionPool.from_url(
+            settings.effective_redis_url,
+            socket_connect_timeout=1.0,
+            socket_timeout=5.0,
+            health_check_interval=30,
+            max_connections=64,
+        )
+        connection = redis.Redis(connection_pool=pool)
+        app.state.settings = settings
+        app.state.service = service = GenerationService(connection, settings)
+        app.state.metrics = metrics
+        metrics.watch_redis(service)
+        event(log, "api_started", redis=pool.connection_kwargs.get("host"), default_model=settings.default_model)
+        try:
+            yield
+        finally:
+            pool.disconnect()
+
+    app = FastAPI(
+        title="latentd",
+        version=latentd.__version__,
+        summary="Self-hosted image generation: submit a prompt, poll the job, download the picture.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.include_router(generations.router)
+    app.include_router(openai.router)
+    app.include_router(system.router)
+    return app

@@ -1,0 +1,139 @@
+"""Prometheus metrics: HTTP requests from this process, queue and job figures from Redis.
+
+Job outcomes and durations are counted by the workers in Redis (see
+`Keys.OUTCOMES`, `Keys.durations`) so every API replica reports the same totals.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import redis
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from latentd.contract import DURATION_BUCKETS, Keys
+
+if TYPE_CHECKING:
+    from app.serving import GenerationService
+
+log = logging.getLogger("latentd.api")
+
+
+class RedisCollector(Collector):
+    def __init__(self, service: GenerationService) -> None:
+        self.service = service
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
+        try:
+            yield from self._collect()
+        except redis.RedisError as exc:
+            log.warning("metrics_redis_unavailable error=%s", type(exc).__name__)
+            up = GaugeMetricFamily("latentd_redis_up", "1 when Redis answered this scrape.")
+            up.add_metric([], 0)
+            yield up
+
+    def _collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
+        r = self.service.redis
+        models = self.service.models()
+        names = sorted({m.id for m in models} | {self.service.settings.default_model})
+        depth = GaugeMetricFamily("latentd_queue_depth", "Jobs waiting per model.", labels=["model"])
+        workers = GaugeMetricFamily("latentd_workers", "Live workers per model.", labels=["model"])
+        live = {m.id: m.workers for m in models}
+        for name in names:
+            depth.add_metric([name], self.service.queue(name).count)
+            workers.add_metric([name], live.get(name, 0))
+        yield depth
+        yield workers
+
+        outcomes = CounterMetricFamily(
+            "latentd_jobs", "Jobs ended, by model, status and error code.", labels=["model", "status", "code"]
+        )
+        for field, count in r.hgetall(Keys.OUTCOMES).items():
+            model, status, code = field.decode().split("|", 2)
+            outcomes.add_metric([model, status, code], float(count))
+        yield outcomes
+
+        hist = HistogramMetricFamily(
+            "latentd_job_duration_seconds", "Time jobs spent running in a worker.", labels=["model"]
+        )
+        for name in names:
+            raw = {k.decode(): float(v) for k, v in r.hgetall(Keys.durations(name)).items()}
+            if not raw:
+                continue
+            buckets = [(str(b), raw.get(str(b), 0.0)) for b in DURATION_BUCKETS]
+            buckets.append(("+Inf", raw.get("count", 0.0)))
+            hist.add_metric([name], buckets, raw.get("sum", 0.0))
+        yield hist
+
+        up = GaugeMetricFamily("latentd_redis_up", "1 when Redis answered this scrape.")
+        up.add_metric([], 1)
+        yield up
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "latentd_http_requests",
+            "HTTP requests by method, route and status.",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "latentd_http_request_duration_seconds",
+            "HTTP request latency by route.",
+            ["route"],
+            registry=self.registry,
+            buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0, 120.0),
+        )
+
+    def watch_redis(self, service: GenerationService) -> None:
+        self.registry.register(RedisCollector(service))
+
+
+class MetricsMiddleware:
+    """Counts requests by route template (not raw path, which would explode cardinality)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = _route_template(scope)
+            self.metrics.requests.labels(scope["method"], route, str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+
+
+def _route_template(scope: Scope) -> str:
+    matched = scope.get("route")  # set by FastAPI's router once it matched
+    if matched is not None:
+        return str(getattr(matched, "path", "other"))
+    app = scope.get("app")
+    router = getattr(app, "router", None)
+    for route in getattr(router, "routes", []):
+        match, _ = route.matches(scope)
+        if match is Match.FULL:
+            return str(getattr(route, "path", "other"))
+    return "unmatched"

@@ -1,0 +1,172 @@
+"""Public request and response models of the HTTP API (v1).
+
+These are separate from `latentd.contract.JobPayload`, which is what crosses
+Redis: a request leaves blanks that `serving` resolves from configuration.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from latentd.contract import MAX_SEED, JobStatus, OutputFormat, Scheduler
+
+MAX_PROMPT_CHARS = 2000
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must contain a non-whitespace character")
+    return value
+
+
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+Prompt = Annotated[
+    str,
+    Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="What to draw."),
+    AfterValidator(_not_blank),
+    AfterValidator(_no_nul),
+]
+Side = Annotated[int, Field(ge=64, le=2048, multiple_of=8)]
+
+
+class GenerationRequest(BaseModel):
+    """Body of `POST /v1/generations`. Omitted fields take the configured defaults."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: Prompt
+    negative_prompt: Annotated[str, Field(max_length=MAX_PROMPT_CHARS), AfterValidator(_no_nul)] = ""
+    model: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    width: Side | None = Field(default=None, description="Pixels, a multiple of 8 in 64–2048.")
+    height: Side | None = Field(default=None, description="Pixels, a multiple of 8 in 64–2048.")
+    steps: Annotated[int, Field(ge=1, le=150)] | None = Field(default=None, description="Denoising steps.")
+    guidance_scale: Annotated[float, Field(ge=0, le=30, allow_inf_nan=False)] | None = None
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = Field(
+        default=None, description="Chosen at random and recorded when absent."
+    )
+    num_images: Annotated[int, Field(ge=1)] = Field(default=1, description="1 to the configured maximum.")
+    scheduler: Scheduler | None = Field(default=None, description="The model's own scheduler when absent.")
+    output_format: OutputFormat = "png"
+
+
+class ResolvedRequest(BaseModel):
+    """The request as it runs: every default filled in, the seed included."""
+
+    prompt: str
+    negative_prompt: str
+    model: str
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    num_images: int
+    scheduler: str | None
+    output_format: str
+
+
+class Links(BaseModel):
+    self: str
+    cancel: str
+
+
+class SubmitResponse(BaseModel):
+    id: str
+    status: JobStatus
+    queue_position: int | None
+    created_at: datetime
+    links: Links
+
+
+class Progress(BaseModel):
+    step: int
+    total_steps: int
+    fraction: float
+
+
+class Timings(BaseModel):
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    queue_seconds: float | None = None
+    inference_seconds: float | None = None
+
+
+class ImageInfo(BaseModel):
+    index: int
+    seed: int
+    content_type: str
+    url: str
+
+
+class JobErrorInfo(BaseModel):
+    code: str
+    message: str
+
+
+class Generation(BaseModel):
+    id: str
+    status: JobStatus
+    queue_position: int | None = None
+    progress: Progress
+    request: ResolvedRequest
+    timings: Timings
+    images: list[ImageInfo] = []
+    error: JobErrorInfo | None = None
+    cancel_requested: bool = False
+    links: Links
+
+
+class ModelInfo(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    workers: int
+    devices: list[str]
+    queue_depth: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelInfo]
+
+
+class Health(BaseModel):
+    status: str
+
+
+# OpenAI Images API compatibility (`POST /v1/images/generations`).
+
+
+class OpenAIImageRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: Prompt
+    model: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    n: Annotated[int, Field(ge=1)] = 1
+    size: Annotated[str, Field(pattern=r"^\d{2,4}x\d{2,4}$")] | None = Field(
+        default=None, description='"WIDTHxHEIGHT", e.g. "512x512".'
+    )
+    response_format: Literal["url", "b64_json"] = "url"
+    # Accepted for compatibility with OpenAI clients; they do not change the output.
+    quality: str | None = None
+    style: str | None = None
+    user: str | None = None
+
+
+class OpenAIImage(BaseModel):
+    url: str | None = None
+    b64_json: str | None = None
+    revised_prompt: str | None = None
+
+
+class OpenAIImageResponse(BaseModel):
+    created: int
+    data: list[OpenAIImage]

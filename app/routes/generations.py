@@ -1,0 +1,86 @@
+"""`/v1/generations`: submit, poll, download, cancel."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Request, Response
+from fastapi.responses import JSONResponse
+
+from app.deps import ServiceDep
+from app.errors import COMMON_RESPONSES, ErrorResponse
+from app.protocol import Generation, GenerationRequest, SubmitResponse
+
+router = APIRouter(prefix="/v1/generations", tags=["generations"])
+
+JobId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+NOT_FOUND = {404: {"model": ErrorResponse, "description": "Unknown id (`not_found`)."}}
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=SubmitResponse,
+    responses={
+        **COMMON_RESPONSES,
+        400: {"model": ErrorResponse, "description": "No live worker serves the model (`model_unavailable`)."},
+        429: {"model": ErrorResponse, "description": "The model's queue is full (`queue_full`); see Retry-After."},
+    },
+    summary="Submit a generation",
+)
+def submit(body: GenerationRequest, service: ServiceDep) -> JSONResponse:
+    accepted = service.submit(body)
+    return JSONResponse(
+        accepted.model_dump(mode="json"), status_code=202, headers={"Location": accepted.links.self}
+    )
+
+
+@router.get(
+    "/{job_id}",
+    response_model=Generation,
+    responses={**COMMON_RESPONSES, **NOT_FOUND},
+    summary="Status, progress, timings and image links of a generation",
+)
+def get_generation(job_id: JobId, service: ServiceDep) -> Generation:
+    return service.get(job_id)
+
+
+@router.post(
+    "/{job_id}/cancel",
+    response_model=Generation,
+    responses={
+        **COMMON_RESPONSES,
+        **NOT_FOUND,
+        202: {"model": Generation, "description": "Running: it stops within one denoising step."},
+        409: {"model": ErrorResponse, "description": "The generation already ended (`not_cancelable`)."},
+    },
+    summary="Cancel a queued or running generation",
+)
+def cancel_generation(job_id: JobId, service: ServiceDep) -> JSONResponse:
+    view = service.cancel(job_id)
+    return JSONResponse(view.model_dump(mode="json"), status_code=200 if view.status.is_terminal() else 202)
+
+
+@router.get(
+    "/{job_id}/images/{index}",
+    response_class=Response,
+    responses={
+        **COMMON_RESPONSES,
+        200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}, "description": "The image."},
+        304: {"description": "Not modified (If-None-Match matched the ETag)."},
+        404: {"model": ErrorResponse, "description": "Unknown id or index (`not_found`) or expired (`expired`)."},
+    },
+    summary="Download one image of a generation",
+)
+def get_image(
+    job_id: JobId, index: Annotated[int, Path(ge=0, le=63)], request: Request, service: ServiceDep
+) -> Response:
+    blob = service.image(job_id, index)
+    headers = {
+        "ETag": blob.etag,
+        # Content never changes for a given id and index, but it expires with the results TTL.
+        "Cache-Control": f"private, max-age={service.settings.results_ttl}, immutable",
+    }
+    if request.headers.get("if-none-match") == blob.etag:
+        return Response(status_code=304, headers=headers)
+    return Response(blob.data, media_type=blob.content_type, headers=headers)

@@ -1,0 +1,88 @@
+"""`POST /v1/images/generations`: the OpenAI Images API shape over our queue."""
+
+from __future__ import annotations
+
+import base64
+import time
+
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
+
+from app.deps import ServiceDep, SettingsDep
+from app.errors import COMMON_RESPONSES, ErrorResponse, InvalidRequest, ServiceError, WaitTimeout
+from app.protocol import GenerationRequest, OpenAIImage, OpenAIImageRequest, OpenAIImageResponse
+from latentd.contract import ErrorCode, JobStatus
+
+router = APIRouter(tags=["openai"])
+
+# How a failed job's code maps onto the HTTP status of a synchronous answer.
+_FAILURE_STATUS = {
+    ErrorCode.INVALID_PARAMETERS: 422,
+    ErrorCode.TIMEOUT: 504,
+    ErrorCode.OUT_OF_MEMORY: 507,
+}
+
+
+def _parse_size(size: str) -> tuple[int, int]:
+    w, h = (int(p) for p in size.split("x"))
+    for side in (w, h):
+        if not 64 <= side <= 2048 or side % 8:
+            raise InvalidRequest("size: each side must be a multiple of 8 in 64–2048", param="size")
+    return w, h
+
+
+@router.post(
+    "/v1/images/generations",
+    response_model=OpenAIImageResponse,
+    responses={
+        **COMMON_RESPONSES,
+        400: {"model": ErrorResponse, "description": "No live worker serves the model."},
+        409: {"model": ErrorResponse, "description": "The job was canceled while waiting."},
+        429: {"model": ErrorResponse, "description": "Queue full."},
+        500: {"model": ErrorResponse, "description": "The job failed in the worker."},
+        504: {"model": ErrorResponse, "description": "Not finished within the configured wait (`wait_timeout`)."},
+    },
+    summary="OpenAI-compatible image generation (waits for the result)",
+)
+async def create_image(
+    body: OpenAIImageRequest, request: Request, service: ServiceDep, settings: SettingsDep
+) -> OpenAIImageResponse:
+    width, height = _parse_size(body.size) if body.size else (None, None)
+    req = GenerationRequest.model_validate(
+        {
+            "prompt": body.prompt,
+            "model": body.model,
+            "num_images": body.n,
+            "width": width,
+            "height": height,
+        }
+    )
+    try:
+        accepted = await run_in_threadpool(service.submit, req)
+    except InvalidRequest as exc:
+        if exc.param == "num_images":  # speak the caller's dialect
+            raise InvalidRequest(exc.message.replace("num_images", "n"), param="n") from None
+        raise
+    view = await service.wait(accepted.id, settings.sync_timeout)
+    if view.status is JobStatus.SUCCEEDED:
+        base = (settings.public_url or str(request.base_url)).rstrip("/")
+        data = []
+        for image in view.images:
+            if body.response_format == "b64_json":
+                blob = await run_in_threadpool(service.image, view.id, image.index)
+                data.append(OpenAIImage(b64_json=base64.b64encode(blob.data).decode(), revised_prompt=body.prompt))
+            else:
+                data.append(OpenAIImage(url=base + image.url, revised_prompt=body.prompt))
+        return OpenAIImageResponse(created=int(time.time()), data=data)
+    if view.status is JobStatus.FAILED and view.error is not None:
+        raise ServiceError(
+            view.error.message,
+            code=ErrorCode(view.error.code),
+            status_code=_FAILURE_STATUS.get(ErrorCode(view.error.code), 500),
+        )
+    if view.status is JobStatus.CANCELED:
+        raise ServiceError(f"generation '{view.id}' was canceled", code=ErrorCode.CANCELED, status_code=409)
+    raise WaitTimeout(
+        f"generation '{view.id}' did not finish within {settings.sync_timeout:g} s; "
+        f"poll /v1/generations/{view.id}",
+    )

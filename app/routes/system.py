@@ -1,0 +1,50 @@
+"""Health, readiness, models and metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
+
+from app.deps import ServiceDep
+from app.errors import COMMON_RESPONSES, ErrorResponse, ServiceUnavailable
+from app.protocol import Health, ModelList
+
+router = APIRouter(tags=["system"])
+
+
+@router.get("/healthz", response_model=Health, summary="The process is alive")
+async def healthz() -> Health:
+    return Health(status="ok")
+
+
+@router.get(
+    "/readyz",
+    response_model=Health,
+    responses={503: {"model": ErrorResponse, "description": "Redis is unreachable."}},
+    summary="Ready to take requests (Redis reachable)",
+)
+def readyz(service: ServiceDep) -> Health:
+    try:
+        service.redis.ping()
+    except Exception:
+        raise ServiceUnavailable("the job store (Redis) is unreachable", retry_after=2) from None
+    return Health(status="ready")
+
+
+@router.get(
+    "/v1/models", response_model=ModelList, responses=COMMON_RESPONSES, summary="Models served by live workers"
+)
+def list_models(service: ServiceDep) -> ModelList:
+    return ModelList(data=service.models())
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format."}},
+    summary="Prometheus metrics",
+)
+async def metrics(request: Request) -> Response:
+    body = await run_in_threadpool(generate_latest, request.app.state.metrics.registry)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

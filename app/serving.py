@@ -1,0 +1,296 @@
+"""The work behind the routes: enqueue jobs, read their state, cancel them, fetch images.
+
+RQ is the system of record for a job's status and timestamps; the worker adds
+progress, error and image metadata under `Keys.state(job_id)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import redis
+from rq import Queue
+from starlette.concurrency import run_in_threadpool
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from app.config import ApiSettings
+from app.errors import Expired, InvalidRequest, ModelUnavailable, NotCancelable, NotFound, QueueFull
+from app.protocol import (
+    Generation,
+    GenerationRequest,
+    ImageInfo,
+    JobErrorInfo,
+    Links,
+    ModelInfo,
+    Progress,
+    ResolvedRequest,
+    SubmitResponse,
+    Timings,
+)
+from latentd.contract import (
+    JOB_FUNCTION,
+    MAX_SEED,
+    ImageMeta,
+    JobPayload,
+    JobStatus,
+    Keys,
+    StateField,
+    WorkerInfo,
+)
+
+QUEUE_FULL_RETRY_AFTER = 5
+
+
+@dataclass(frozen=True)
+class ImageBlob:
+    data: bytes
+    content_type: str
+    etag: str
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _seconds(start: datetime | None, end: datetime | None) -> float | None:
+    if start is None or end is None:
+        return None
+    return round(max(0.0, (end - start).total_seconds()), 4)
+
+
+class GenerationService:
+    def __init__(self, connection: redis.Redis, settings: ApiSettings) -> None:
+        self.redis = connection
+        self.settings = settings
+
+    # -- queues and workers -------------------------------------------------
+
+    def queue(self, model: str) -> Queue:
+        return Queue(Keys.queue_name(model), connection=self.redis, serializer=JSONSerializer)
+
+    def live_workers(self) -> list[WorkerInfo]:
+        names = sorted(n.decode() for n in self.redis.smembers(Keys.WORKERS))
+        if not names:
+            return []
+        raw = self.redis.mget([Keys.worker(n) for n in names])
+        workers, stale = [], []
+        for name, blob in zip(names, raw, strict=True):
+            if blob is None:
+                stale.append(name)
+            else:
+                workers.append(WorkerInfo.model_validate_json(blob))
+        if stale:  # registrations whose heartbeat expired
+            self.redis.srem(Keys.WORKERS, *stale)
+        return workers
+
+    def models(self) -> list[ModelInfo]:
+        by_model: dict[str, list[WorkerInfo]] = {}
+        for w in self.live_workers():
+            by_model.setdefault(w.model, []).append(w)
+        return [
+            ModelInfo(
+                id=model,
+                workers=len(ws),
+                devices=sorted({w.device for w in ws}),
+                queue_depth=self.queue(model).count,
+            )
+            for model, ws in sorted(by_model.items())
+        ]
+
+    # -- submit ----------------------------------------------------------------
+
+    def resolve(self, req: GenerationRequest, job_id: str) -> JobPayload:
+        s = self.settings
+        width = req.width or s.default_size
+        height = req.height or s.default_size
+        if width * height > s.max_pixels:
+            raise InvalidRequest(
+                f"width × height = {width * height} pixels exceeds the limit of {s.max_pixels}",
+                param="width" if req.width else "height",
+            )
+        if req.num_images > s.max_images:
+            raise InvalidRequest(f"num_images must be at most {s.max_images}", param="num_images")
+        return JobPayload(
+            job_id=job_id,
+            model=req.model or s.default_model,
+            prompt=req.prompt,
+            negative_prompt=req.negative_prompt,
+            width=width,
+            height=height,
+            steps=req.steps or s.default_steps,
+            guidance_scale=s.default_guidance_scale if req.guidance_scale is None else req.guidance_scale,
+            seed=secrets.randbelow(MAX_SEED + 1) if req.seed is None else req.seed,
+            num_images=req.num_images,
+            scheduler=req.scheduler,
+            output_format=req.output_format,
+        )
+
+    def submit(self, req: GenerationRequest) -> SubmitResponse:
+        job_id = uuid.uuid4().hex
+        payload = self.resolve(req, job_id)
+        if not any(w.model == payload.model for w in self.live_workers()):
+            served = sorted({w.model for w in self.live_workers()})
+            raise ModelUnavailable(
+                f"no live worker serves model '{payload.model}'"
+                + (f"; served: {', '.join(served)}" if served else "; no worker is running"),
+                param="model",
+            )
+        queue = self.queue(payload.model)
+        if queue.count >= self.settings.max_queue_depth:
+            raise QueueFull(
+                f"the queue for '{payload.model}' holds {self.settings.max_queue_depth} jobs; retry later",
+                retry_after=QUEUE_FULL_RETRY_AFTER,
+            )
+        job = queue.enqueue(
+            JOB_FUNCTION,
+            payload.model_dump(mode="json"),
+            job_id=job_id,
+            job_timeout=self.settings.job_timeout,
+            result_ttl=self.settings.job_ttl,
+            failure_ttl=self.settings.job_ttl,
+            description=f"generate model={payload.model}",
+        )
+        return SubmitResponse(
+            id=job_id,
+            status=JobStatus.QUEUED,
+            queue_position=queue.get_job_position(job_id),
+            created_at=_aware(job.created_at) or datetime.now(UTC),
+            links=self.links(job_id),
+        )
+
+    # -- read ------------------------------------------------------------------
+
+    @staticmethod
+    def links(job_id: str) -> Links:
+        base = f"/v1/generations/{job_id}"
+        return Links(self=base, cancel=f"{base}/cancel")
+
+    def fetch_job(self, job_id: str) -> Job:
+        try:
+            return Job.fetch(job_id, connection=self.redis, serializer=JSONSerializer)
+        except NoSuchJobError:
+            raise NotFound(f"no generation with id '{job_id}'", param="id") from None
+
+    def get(self, job_id: str) -> Generation:
+        return self.view(self.fetch_job(job_id))
+
+    def view(self, job: Job) -> Generation:
+        payload = JobPayload.model_validate(job.args[0])
+        status = JobStatus.from_rq(job.get_status(refresh=False))
+        state = {k.decode(): v.decode() for k, v in self.redis.hgetall(Keys.state(job.id)).items()}
+        step = int(state.get(StateField.STEP, 0))
+        total = int(state.get(StateField.TOTAL_STEPS, payload.steps))
+        if status is JobStatus.SUCCEEDED:
+            step = total
+        started = _aware(job.started_at)
+        finished = _aware(job.ended_at) if status.is_terminal() else None
+        inference = None
+        if StateField.INFERENCE_FINISHED in state:
+            inference = round(
+                float(state[StateField.INFERENCE_FINISHED]) - float(state[StateField.INFERENCE_STARTED]), 4
+            )
+        images: list[ImageInfo] = []
+        if status is JobStatus.SUCCEEDED and StateField.IMAGES in state:
+            for meta in json.loads(state[StateField.IMAGES]):
+                m = ImageMeta.model_validate(meta)
+                images.append(
+                    ImageInfo(
+                        index=m.index,
+                        seed=m.seed,
+                        content_type=m.content_type,
+                        url=f"/v1/generations/{job.id}/images/{m.index}",
+                    )
+                )
+        error = None
+        if status is JobStatus.FAILED:
+            if StateField.ERROR in state:
+                error = JobErrorInfo.model_validate_json(state[StateField.ERROR])
+            else:
+                error = JobErrorInfo(code="generation_failed", message="the job failed in the worker")
+        created = _aware(job.created_at) or datetime.now(UTC)
+        return Generation(
+            id=job.id,
+            status=status,
+            queue_position=(
+                self.queue(payload.model).get_job_position(job.id) if status is JobStatus.QUEUED else None
+            ),
+            progress=Progress(step=step, total_steps=total, fraction=round(step / total, 4) if total else 0.0),
+            request=ResolvedRequest(**payload.model_dump(exclude={"schema_version", "job_id"})),
+            timings=Timings(
+                created_at=created,
+                started_at=started,
+                finished_at=finished,
+                queue_seconds=_seconds(_aware(job.enqueued_at) or created, started),
+                inference_seconds=inference,
+            ),
+            images=images,
+            error=error,
+            cancel_requested=bool(self.redis.exists(Keys.cancel(job.id))) and not status.is_terminal(),
+            links=self.links(job.id),
+        )
+
+    def image(self, job_id: str, index: int) -> ImageBlob:
+        job = self.fetch_job(job_id)
+        status = JobStatus.from_rq(job.get_status(refresh=False))
+        if status is not JobStatus.SUCCEEDED:
+            raise NotFound(f"generation '{job_id}' has no images (status {status.value})", param="id")
+        raw = self.redis.hget(Keys.state(job_id), StateField.IMAGES)
+        metas = [ImageMeta.model_validate(m) for m in json.loads(raw)] if raw else []
+        if not 0 <= index < len(metas):
+            raise NotFound(f"generation '{job_id}' has no image {index}", param="index")
+        data = self.redis.get(Keys.image(job_id, index))
+        if data is None:
+            raise Expired(
+                f"image {index} of generation '{job_id}' has expired (kept {self.settings.results_ttl} s)",
+                param="index",
+            )
+        return ImageBlob(data=data, content_type=metas[index].content_type, etag=metas[index].etag)
+
+    # -- cancel ----------------------------------------------------------------
+
+    def cancel(self, job_id: str) -> Generation:
+        job = self.fetch_job(job_id)
+        status = JobStatus.from_rq(job.get_status(refresh=True))
+        if status.is_terminal():
+            raise NotCancelable(f"generation '{job_id}' already ended with status {status.value}", param="id")
+        # The flag first: a worker that takes the job at this very moment sees it
+        # before its first step; one already running sees it at its next step.
+        self.redis.set(Keys.cancel(job_id), b"1", ex=self.settings.job_ttl)
+        if status is JobStatus.QUEUED:
+            self._cancel_queued(job)
+        return self.view(self.fetch_job(job_id))
+
+    def _cancel_queued(self, job: Job) -> None:
+        """Cancel a job still in its queue, unless a worker takes it meanwhile."""
+        with self.redis.pipeline() as pipe:
+            try:
+                pipe.watch(job.key)
+                if pipe.hget(job.key, "status") != b"queued":
+                    return  # a worker took it; the flag stops it at its next step
+                pipe.multi()
+                job.cancel(pipeline=pipe)
+                pipe.expire(job.key, self.settings.job_ttl)
+                pipe.execute()
+            except (redis.WatchError, InvalidJobOperation):
+                return
+
+    # -- waiting (OpenAI-style endpoint) -----------------------------------------
+
+    async def wait(self, job_id: str, timeout: float, interval: float = 0.05) -> Generation:
+        """Poll until the job ends or `timeout` passes; the event loop stays free meanwhile."""
+        deadline = time.monotonic() + timeout
+        while True:
+            view = await run_in_threadpool(self.get, job_id)
+            if view.status.is_terminal() or time.monotonic() >= deadline:
+                return view
+            await asyncio.sleep(interval)

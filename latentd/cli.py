@@ -1,0 +1,148 @@
+"""The `latentd` command: api, worker, up (everything locally) and generate (a client)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from latentd.settings import CommonSettings
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.config import get_settings
+    from latentd.logs import configure
+
+    settings = get_settings()
+    configure(settings.log_level)
+    if settings.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"latentd api: listening on {settings.host}:{settings.port}", file=sys.stderr)
+    uvicorn.run(
+        "app.main:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        workers=args.workers,
+    )
+    return 0
+
+
+def cmd_worker(_: argparse.Namespace) -> int:
+    from worker.main import run
+
+    return run()
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """Embedded Redis (unless LATENTD_REDIS_URL is set), one worker and the API, supervised together."""
+    from latentd.embedded import start_redis
+
+    settings = CommonSettings()
+    env = dict(os.environ)
+    children: list[tuple[str, subprocess.Popen[bytes]]] = []
+    if settings.redis_url is None:
+        redis_proc, url = start_redis(Path(args.data_dir) / "redis", port=args.redis_port)
+        children.append(("redis", redis_proc))
+        env["LATENTD_REDIS_URL"] = url
+        print(f"latentd up: embedded Redis at {url} (data in {args.data_dir}/redis, AOF on)", file=sys.stderr)
+    me = [sys.executable, "-m", "latentd.cli"]
+    children.append(("worker", subprocess.Popen([*me, "worker"], env=env)))
+    children.append(("api", subprocess.Popen([*me, "api"], env=env)))
+    port = env.get("LATENTD_PORT", "8000")
+    print(f"latentd up: API on http://127.0.0.1:{port} (docs at /docs); Ctrl-C stops", file=sys.stderr)
+
+    stopping = False
+
+    def stop(signum: int, _: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    code = 0
+    while not stopping:
+        for name, proc in children:
+            if proc.poll() is not None:
+                print(f"latentd up: {name} exited with {proc.returncode}; stopping", file=sys.stderr)
+                code = proc.returncode or 1
+                stopping = True
+        time.sleep(0.2)
+    # API and worker first (the worker finishes its job), Redis last.
+    for _, proc in reversed(children):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return code
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from latentd.client import ClientError, generate
+
+    body: dict[str, Any] = {"prompt": args.prompt, "num_images": args.num_images, "output_format": args.format}
+    for field in ("negative_prompt", "model", "width", "height", "steps", "guidance_scale", "seed", "scheduler"):
+        value = getattr(args, field)
+        if value is not None:
+            body[field] = value
+    try:
+        paths = generate(args.url, body, Path(args.out), api_key=os.environ.get("LATENTD_API_KEY"))
+    except (ClientError, OSError) as exc:
+        print(f"latentd generate: {exc}", file=sys.stderr)
+        return 1
+    for path in paths:
+        print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="latentd", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    api = sub.add_parser("api", help="run the HTTP API (LATENTD_HOST, LATENTD_PORT)")
+    api.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    api.set_defaults(func=cmd_api)
+
+    sub.add_parser("worker", help="run one worker serving LATENTD_MODEL").set_defaults(func=cmd_worker)
+
+    up = sub.add_parser("up", help="embedded Redis + one worker + the API, for local use")
+    up.add_argument("--data-dir", default=".latentd", help="where the embedded Redis keeps its AOF")
+    up.add_argument("--redis-port", type=int, default=None, help="embedded Redis port (a free one by default)")
+    up.set_defaults(func=cmd_up)
+
+    gen = sub.add_parser("generate", help="submit a prompt, show progress, save the images")
+    gen.add_argument("prompt")
+    gen.add_argument("--url", default=os.environ.get("LATENTD_URL", "http://127.0.0.1:8000"))
+    gen.add_argument("--out", default=".", help="directory for the images")
+    gen.add_argument("-n", "--num-images", type=int, default=1)
+    gen.add_argument("--negative-prompt")
+    gen.add_argument("--model")
+    gen.add_argument("--width", type=int)
+    gen.add_argument("--height", type=int)
+    gen.add_argument("--steps", type=int)
+    gen.add_argument("--guidance-scale", type=float)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--scheduler")
+    gen.add_argument("--format", default="png", choices=["png", "jpeg", "webp"])
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,65 @@
+"""Encode generated images, with the generation parameters embedded where the format allows."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+
+from PIL import Image, PngImagePlugin
+
+from latentd.contract import CONTENT_TYPES, ImageMeta, JobPayload
+
+
+def parameters_text(payload: JobPayload, index: int) -> str:
+    """The parameters in the widely read `parameters` convention (prompt first, then key: value)."""
+    lines = [payload.prompt]
+    if payload.negative_prompt:
+        lines.append(f"Negative prompt: {payload.negative_prompt}")
+    lines.append(
+        f"Steps: {payload.steps}, Sampler: {payload.scheduler or 'default'}, "
+        f"CFG scale: {payload.guidance_scale:g}, Seed: {payload.image_seed(index)}, "
+        f"Size: {payload.width}x{payload.height}, Model: {payload.model}"
+    )
+    return "\n".join(lines)
+
+
+def metadata(payload: JobPayload, index: int) -> dict[str, object]:
+    return {
+        "prompt": payload.prompt,
+        "negative_prompt": payload.negative_prompt,
+        "seed": payload.image_seed(index),
+        "steps": payload.steps,
+        "guidance_scale": payload.guidance_scale,
+        "scheduler": payload.scheduler or "default",
+        "model": payload.model,
+        "width": payload.width,
+        "height": payload.height,
+        "job_id": payload.job_id,
+        "index": index,
+    }
+
+
+def encode(image: Image.Image, payload: JobPayload, index: int) -> tuple[bytes, ImageMeta]:
+    buf = io.BytesIO()
+    fmt = payload.output_format
+    if fmt == "png":
+        info = PngImagePlugin.PngInfo()
+        info.add_text("parameters", parameters_text(payload, index))
+        info.add_itxt("latentd", json.dumps(metadata(payload, index)))
+        image.save(buf, format="PNG", pnginfo=info)
+    elif fmt == "jpeg":
+        image.convert("RGB").save(buf, format="JPEG", quality=92, comment=parameters_text(payload, index).encode())
+    else:
+        exif = Image.Exif()
+        exif[0x010E] = parameters_text(payload, index)  # ImageDescription
+        image.save(buf, format="WEBP", quality=90, exif=exif)
+    data = buf.getvalue()
+    meta = ImageMeta(
+        index=index,
+        seed=payload.image_seed(index),
+        content_type=CONTENT_TYPES[fmt],
+        bytes=len(data),
+        etag='"' + hashlib.sha256(data).hexdigest()[:32] + '"',
+    )
+    return data, meta

@@ -1,0 +1,183 @@
+"""Load one diffusers pipeline and run jobs through it.
+
+The pipeline is loaded once per worker process. A job picks its scheduler, gets
+one seeded generator per image, and reports each denoising step to a callback
+that may interrupt the run (cancellation).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import (
+    AutoPipelineForText2Image,
+    DDIMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    LCMScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
+from PIL import Image
+
+from latentd.contract import JobPayload
+from latentd.logs import event
+from latentd.settings import BUILTIN_MODEL
+from worker.config import WorkerSettings
+
+log = logging.getLogger("latentd.worker")
+
+BUILTIN_DIR = Path(__file__).resolve().parent / "builtin" / "model"
+
+SCHEDULER_CLASSES: dict[str, Any] = {
+    "ddim": DDIMScheduler,
+    "euler": EulerDiscreteScheduler,
+    "euler_a": EulerAncestralDiscreteScheduler,
+    "dpmpp_2m": DPMSolverMultistepScheduler,
+    "lcm": LCMScheduler,
+    "pndm": PNDMScheduler,
+}
+
+# Called after each denoising step with (step_done, total_steps); returns True to interrupt.
+StepCallback = Callable[[int, int], bool]
+
+
+class ModelLoadError(RuntimeError):
+    """The configured model cannot be loaded: the worker must not start."""
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested != "auto":
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
+    if requested != "auto":
+        dtype: torch.dtype = getattr(torch, requested)
+        return dtype
+    return torch.float32 if device.type == "cpu" else torch.float16
+
+
+def resolve_source(settings: WorkerSettings) -> str:
+    """Turn LATENTD_MODEL into something diffusers can load."""
+    if settings.model != BUILTIN_MODEL:
+        return settings.model
+    if (BUILTIN_DIR / "model_index.json").exists():
+        return str(BUILTIN_DIR)
+    # Until a trained built-in model ships, serve a seeded random tiny one so the
+    # service still runs end to end on a machine with no network.
+    from worker.tiny import build_tiny_pipeline
+
+    target = settings.cache_dir / "tiny-random"
+    if not (target / "model_index.json").exists():
+        event(log, "builtin_model_missing", logging.WARNING, building=str(target))
+        build_tiny_pipeline(target)
+    return str(target)
+
+
+def load_pipeline(source: str, device: torch.device, dtype: torch.dtype, cache_dir: Path) -> DiffusionPipeline:
+    path = Path(source)
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    try:
+        if path.is_file() and path.suffix in (".safetensors", ".ckpt"):
+            pipe = _load_single_file(path, dtype)
+        elif path.is_dir():
+            pipe = AutoPipelineForText2Image.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+        elif path.is_absolute() or source.startswith("."):
+            raise ModelLoadError(f"model path {source} does not exist")
+        else:  # a hub id
+            pipe = AutoPipelineForText2Image.from_pretrained(
+                source, dtype=dtype, cache_dir=str(cache_dir / "hub"), local_files_only=offline
+            )
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load model {source!r}: {type(exc).__name__}: {exc}") from exc
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _load_single_file(path: Path, dtype: torch.dtype) -> DiffusionPipeline:
+    from safetensors import safe_open
+
+    is_xl = False
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            is_xl = any(k.startswith("conditioner.embedders.1") for k in f.keys())  # noqa: SIM118
+    cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
+    return cls.from_single_file(str(path), dtype=dtype)
+
+
+@dataclass
+class Runner:
+    """A loaded pipeline plus what a job needs to run on it."""
+
+    pipe: DiffusionPipeline
+    device: torch.device
+    model: str
+
+    def __post_init__(self) -> None:
+        self._default_scheduler = self.pipe.scheduler
+        self._schedulers: dict[str, Any] = {}
+
+    def _scheduler(self, name: str | None) -> Any:
+        if name is None:
+            return self._default_scheduler
+        if name not in self._schedulers:
+            self._schedulers[name] = SCHEDULER_CLASSES[name].from_config(self._default_scheduler.config)
+        return self._schedulers[name]
+
+    def generate(self, payload: JobPayload, on_step: StepCallback) -> tuple[list[Image.Image], bool]:
+        """Run one job; returns the images and whether the run was interrupted."""
+        self.pipe.scheduler = self._scheduler(payload.scheduler)
+        n = payload.num_images
+        # CPU generators: the same seed gives the same latents on any device and in any batch.
+        generators = [torch.Generator("cpu").manual_seed(payload.image_seed(i)) for i in range(n)]
+        interrupted = False
+
+        def step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            nonlocal interrupted
+            if on_step(step + 1, payload.steps):
+                interrupted = True
+                pipe._interrupt = True
+            return kwargs
+
+        with torch.inference_mode():
+            result = self.pipe(
+                prompt=[payload.prompt] * n,
+                negative_prompt=[payload.negative_prompt] * n if payload.negative_prompt else None,
+                width=payload.width,
+                height=payload.height,
+                num_inference_steps=payload.steps,
+                guidance_scale=payload.guidance_scale,
+                generator=generators,
+                callback_on_step_end=step_end,
+                output_type="pil",
+            )
+        return list(result.images), interrupted
+
+
+def load_runner(settings: WorkerSettings) -> Runner:
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    device = pick_device(settings.device)
+    dtype = pick_dtype(settings.dtype, device)
+    source = resolve_source(settings)
+    pipe = load_pipeline(source, device, dtype, settings.cache_dir)
+    event(log, "model_loaded", model=settings.served_name(), source=source, device=device, dtype=dtype)
+    return Runner(pipe=pipe, device=device, model=settings.served_name())
