@@ -88,13 +88,13 @@ ENV DEBIAN_FRONTEND=noninteractive
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3.12 ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --system --uid "${UID}" --user-group --no-create-home --home-dir /nonexistent \
+    && useradd --system --uid "${UID}" --user-group --create-home --home-dir /home/latentd \
         --shell /usr/sbin/nologin latentd \
     && mkdir -p /var/cache/latentd/hf \
     && chown -R "${UID}:${UID}" /var/cache/latentd
 COPY --from=worker-venv /opt/venv /opt/venv
 # The hub cache lives on a volume so a container restart does not download a
-# checkpoint again. LATENTD_READY_FILE appears once the model is loaded.
+# checkpoint again. CUDA and triton keep small JIT caches under the home directory. LATENTD_READY_FILE appears once the model is loaded.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
