@@ -25,6 +25,7 @@ def parameters_text(payload: JobPayload, index: int) -> str:
 
 
 def metadata(payload: JobPayload, index: int) -> dict[str, object]:
+    # Nothing job-specific (no id): the same request and seed give byte-identical files.
     return {
         "prompt": payload.prompt,
         "negative_prompt": payload.negative_prompt,
@@ -35,8 +36,6 @@ def metadata(payload: JobPayload, index: int) -> dict[str, object]:
         "model": payload.model,
         "width": payload.width,
         "height": payload.height,
-        "job_id": payload.job_id,
-        "index": index,
     }
 
 

@@ -1,0 +1,45 @@
+# The few verbs everyone needs. `make run` and `make test` are the README's quickstart.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+# Where CPU-only hosts get torch when no local wheel matches (GPU hosts take PyPI's CUDA build).
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run test lint format bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	@# Keep CPU machines on the CPU build of torch: install it before anything can pull
+	@# the multi-GB CUDA build. A local wheel (find-links) wins; else the CPU index.
+	if ! command -v nvidia-smi >/dev/null 2>&1; then \
+	  $(BIN)/pip install --quiet --no-index torch==$(TORCH_VERSION) 2>/dev/null || \
+	  $(BIN)/pip install --quiet torch==$(TORCH_VERSION) --index-url $(TORCH_CPU_INDEX); \
+	fi
+	$(BIN)/pip install --quiet -e '.[worker,embedded,dev]'
+	touch $(STAMP)
+
+run: setup
+	$(BIN)/latentd up
+
+test: setup
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: setup
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .latentd .pytest_cache .mypy_cache .ruff_cache

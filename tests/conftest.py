@@ -1,0 +1,230 @@
+"""Fixtures: a real redis-server on a free port, a tiny model built offline, and
+real worker and API processes talking to each other over Redis and HTTP."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from latentd.embedded import free_port, redis_args
+
+TINY_MODEL = "tiny"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclass
+class RedisServer:
+    """A redis-server of the test session's own, with AOF on, that a test may stop and restart."""
+
+    data_dir: Path
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url)
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        assert binary, "redis-server must be on PATH for the tests"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen([binary, *redis_args(self.port, self.data_dir)])
+        client = self.client()
+
+        def up() -> bool:
+            try:
+                return bool(client.ping())
+            except redis.RedisError:
+                return False
+
+        wait_until(up, 10, what="redis-server")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    """A client on a flushed database (unit-level tests that own the whole database)."""
+    client = redis_server.client()
+    client.flushdb()
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from worker.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("models") / TINY_MODEL)
+
+
+def base_env(redis_url: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LATENTD_")}
+    env.update(
+        {
+            "LATENTD_REDIS_URL": redis_url,
+            "LATENTD_LOG_LEVEL": "info",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Proc:
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def spawn(args: list[str], env: dict[str, str], log: Path) -> Proc:
+    handle = log.open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "latentd.cli", *args], env=env, stdout=handle, stderr=handle, cwd=ROOT)
+    return Proc(proc, log)
+
+
+def start_worker(redis_url: str, model_dir: Path, tmp: Path, name: str = "w1", **extra: str) -> Proc:
+    ready = tmp / f"{name}.ready"
+    env = base_env(
+        redis_url,
+        LATENTD_MODEL=str(model_dir),
+        LATENTD_MODEL_NAME=TINY_MODEL,
+        LATENTD_WORKER_NAME=name,
+        LATENTD_READY_FILE=str(ready),
+        LATENTD_HEARTBEAT_INTERVAL="0.5",
+        LATENTD_TORCH_THREADS="1",
+        LATENTD_CACHE_DIR=str(tmp / "cache"),
+        **extra,
+    )
+    worker = spawn(["worker"], env, tmp / f"{name}.log")
+    try:
+        wait_until(lambda: ready.exists() or worker.proc.poll() is not None, 120, what="worker ready")
+    except AssertionError:
+        worker.stop()
+        raise
+    if worker.proc.poll() is not None:
+        raise AssertionError(f"worker exited with {worker.proc.returncode}:\n{worker.output()[-3000:]}")
+    return worker
+
+
+def start_api(redis_url: str, tmp: Path, name: str = "api", **extra: str) -> tuple[Proc, str]:
+    port = free_port()
+    env = base_env(redis_url, LATENTD_PORT=str(port), LATENTD_DEFAULT_MODEL=TINY_MODEL, **extra)
+    api = spawn(["api"], env, tmp / f"{name}.log")
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        if api.proc.poll() is not None:
+            raise AssertionError(f"api exited:\n{api.output()[-3000:]}")
+        try:
+            return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(healthy, 30, what="api healthy")
+    return api, url
+
+
+@dataclass
+class Service:
+    url: str
+    redis: redis.Redis
+    http: httpx.Client
+    worker: Proc
+    api: Proc
+
+    def submit(self, **body: Any) -> dict[str, Any]:
+        body.setdefault("prompt", "a red circle on a blue background")
+        response = self.http.post("/v1/generations", json=body)
+        assert response.status_code == 202, response.text
+        result: dict[str, Any] = response.json()
+        return result
+
+    def status(self, job_id: str) -> dict[str, Any]:
+        response = self.http.get(f"/v1/generations/{job_id}")
+        assert response.status_code == 200, response.text
+        result: dict[str, Any] = response.json()
+        return result
+
+    def wait_terminal(self, job_id: str, timeout: float = 60) -> dict[str, Any]:
+        terminal = ("succeeded", "failed", "canceled")
+        result: dict[str, Any] = wait_until(
+            lambda: (v := self.status(job_id))["status"] in terminal and v, timeout, what=f"job {job_id} to end"
+        )
+        return result
+
+
+@pytest.fixture(scope="session")
+def service(
+    redis_server: RedisServer, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Service]:
+    """One worker serving the tiny model and one API process, for the whole session.
+
+    Tests share it and do not flush Redis under it: each works with its own job ids.
+    """
+    tmp = tmp_path_factory.mktemp("service")
+    worker = start_worker(redis_server.url, tiny_model_dir, tmp)
+    try:
+        api, url = start_api(redis_server.url, tmp)
+    except BaseException:
+        worker.stop()
+        raise
+    http = httpx.Client(base_url=url, timeout=30)
+    try:
+        yield Service(url=url, redis=redis_server.client(), http=http, worker=worker, api=api)
+    finally:
+        http.close()
+        api.stop()
+        worker.stop()
+

@@ -1,0 +1,149 @@
+"""Every bound of the request is enforced with a 422 naming the field, and nothing is enqueued."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from app.config import ApiSettings
+from app.main import create_app
+from tests.conftest import RedisServer
+
+VALID = {"prompt": "a red circle"}
+
+
+@pytest.fixture
+def client(redis_server: RedisServer, redis_client: redis.Redis) -> Iterator[TestClient]:
+    settings = ApiSettings(redis_url=redis_server.url, default_model="tiny", max_pixels=512 * 512, max_images=4)
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+def nothing_enqueued(r: redis.Redis) -> bool:
+    return not r.keys("rq:*") and not r.keys("latentd:job:*")
+
+
+CASES: list[tuple[str, Any]] = [
+    ("prompt", ""),
+    ("prompt", "   \n\t"),
+    ("prompt", "x" * 2001),
+    ("prompt", 5),
+    ("prompt", None),
+    ("prompt", "nul\x00byte"),
+    ("negative_prompt", "x" * 2001),
+    ("negative_prompt", ["a"]),
+    ("model", ""),
+    ("width", 56),
+    ("width", 2056),
+    ("width", 100),
+    ("width", "64"),
+    ("width", 64.5),
+    ("width", True),
+    ("height", 0),
+    ("height", 2**70),
+    ("steps", 0),
+    ("steps", 151),
+    ("steps", 1.5),
+    ("guidance_scale", -0.1),
+    ("guidance_scale", 30.5),
+    ("guidance_scale", "high"),
+    ("seed", -1),
+    ("seed", 2**32),
+    ("seed", 10**40),
+    ("num_images", 0),
+    ("num_images", 5),
+    ("scheduler", "karras_magic"),
+    ("output_format", "gif"),
+    ("bogus_field", 1),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), CASES, ids=[f"{f}={str(v)[:12]!r}" for f, v in CASES])
+def test_each_bound_is_rejected(client: TestClient, redis_client: redis.Redis, field: str, value: Any) -> None:
+    response = client.post("/v1/generations", json={**VALID, field: value})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request"
+    assert error["param"] == field
+    assert field in error["message"]
+    assert "Traceback" not in response.text
+    assert nothing_enqueued(redis_client)
+
+
+def test_missing_prompt_names_prompt(client: TestClient, redis_client: redis.Redis) -> None:
+    response = client.post("/v1/generations", json={"width": 64})
+    assert response.status_code == 422
+    assert response.json()["error"]["param"] == "prompt"
+    assert nothing_enqueued(redis_client)
+
+
+def test_pixel_budget(client: TestClient, redis_client: redis.Redis) -> None:
+    response = client.post("/v1/generations", json={**VALID, "width": 1024, "height": 512})
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["param"] == "width"
+    assert "262144" in error["message"]
+    assert nothing_enqueued(redis_client)
+
+
+@pytest.mark.parametrize("body", ["{not json", "[]", '"text"', ""])
+def test_malformed_bodies(client: TestClient, redis_client: redis.Redis, body: str) -> None:
+    response = client.post("/v1/generations", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "invalid_request"
+    assert nothing_enqueued(redis_client)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("size", "100x100"), ("size", "big"), ("size", "64x4096"), ("n", 0), ("n", 5), ("response_format", "xml")],
+)
+def test_openai_endpoint_bounds(client: TestClient, redis_client: redis.Redis, field: str, value: Any) -> None:
+    response = client.post("/v1/images/generations", json={"prompt": "a red circle", field: value})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["param"] == field
+    assert nothing_enqueued(redis_client)
+
+
+def test_unknown_model_is_refused_at_submit(client: TestClient, redis_client: redis.Redis) -> None:
+    response = client.post("/v1/generations", json={**VALID, "model": "nobody-serves-this"})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "model_unavailable"
+    assert error["param"] == "model"
+    assert "nobody-serves-this" in error["message"]
+    assert nothing_enqueued(redis_client)
+
+
+def test_unknown_ids_and_routes(client: TestClient) -> None:
+    assert client.get("/v1/generations/0123abcd").json()["error"]["code"] == "not_found"
+    assert client.get("/v1/generations/0123abcd").status_code == 404
+    assert client.post("/v1/generations/0123abcd/cancel").status_code == 404
+    assert client.get("/v1/generations/0123abcd/images/0").status_code == 404
+    assert client.get("/v1/nothing-here").json()["error"]["code"] == "not_found"
+    assert client.get("/v1/generations/bad%20id").status_code == 422
+
+
+def test_openapi_documents_every_route_and_error(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    paths = spec["paths"]
+    for path in (
+        "/v1/generations",
+        "/v1/generations/{job_id}",
+        "/v1/generations/{job_id}/cancel",
+        "/v1/generations/{job_id}/images/{index}",
+        "/v1/images/generations",
+        "/v1/models",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    ):
+        assert path in paths, path
+    submit = paths["/v1/generations"]["post"]["responses"]
+    assert {"202", "400", "422", "429", "503"} <= set(submit)
+    assert {"404", "409"} <= set(paths["/v1/generations/{job_id}/cancel"]["post"]["responses"])
+    assert client.get("/docs").status_code == 200
