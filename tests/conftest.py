@@ -136,17 +136,16 @@ def spawn(args: list[str], env: dict[str, str], log: Path) -> Proc:
 
 def start_worker(redis_url: str, model_dir: Path, tmp: Path, name: str = "w1", **extra: str) -> Proc:
     ready = tmp / f"{name}.ready"
-    env = base_env(
-        redis_url,
-        LATENTD_MODEL=str(model_dir),
-        LATENTD_MODEL_NAME=TINY_MODEL,
-        LATENTD_WORKER_NAME=name,
-        LATENTD_READY_FILE=str(ready),
-        LATENTD_HEARTBEAT_INTERVAL="0.5",
-        LATENTD_TORCH_THREADS="1",
-        LATENTD_CACHE_DIR=str(tmp / "cache"),
-        **extra,
-    )
+    settings = {
+        "LATENTD_MODEL": str(model_dir),
+        "LATENTD_MODEL_NAME": TINY_MODEL,
+        "LATENTD_WORKER_NAME": name,
+        "LATENTD_READY_FILE": str(ready),
+        "LATENTD_HEARTBEAT_INTERVAL": "0.5",
+        "LATENTD_TORCH_THREADS": "1",
+        "LATENTD_CACHE_DIR": str(tmp / "cache"),
+    }
+    env = base_env(redis_url, **{**settings, **extra})
     worker = spawn(["worker"], env, tmp / f"{name}.log")
     try:
         wait_until(lambda: ready.exists() or worker.proc.poll() is not None, 120, what="worker ready")
@@ -160,7 +159,7 @@ def start_worker(redis_url: str, model_dir: Path, tmp: Path, name: str = "w1", *
 
 def start_api(redis_url: str, tmp: Path, name: str = "api", **extra: str) -> tuple[Proc, str]:
     port = free_port()
-    env = base_env(redis_url, LATENTD_PORT=str(port), LATENTD_DEFAULT_MODEL=TINY_MODEL, **extra)
+    env = base_env(redis_url, **{"LATENTD_PORT": str(port), "LATENTD_DEFAULT_MODEL": TINY_MODEL, **extra})
     api = spawn(["api"], env, tmp / f"{name}.log")
     url = f"http://127.0.0.1:{port}"
 

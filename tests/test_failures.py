@@ -1,0 +1,149 @@
+"""Failure modes, each with its own small fixture: Redis going away, a job over its time
+limit, a model that cannot load, a full queue."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from tests.conftest import TINY_MODEL, RedisServer, spawn, start_api, start_worker, wait_until, base_env
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server this test alone may stop and restart."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_redis_outage_gives_503_then_recovers(private_redis: RedisServer, tmp_path: Path) -> None:
+    api, url = start_api(private_redis.url, tmp_path)
+    try:
+        # A job record to read back during and after the outage.
+        job_id = "outage-job"
+        private_redis.client().hset(f"rq:job:{job_id}", "status", "queued")
+        private_redis.stop()
+
+        submit = httpx.post(f"{url}/v1/generations", json={"prompt": "a red circle"}, timeout=10)
+        status = httpx.get(f"{url}/v1/generations/{job_id}", timeout=10)
+        ready = httpx.get(f"{url}/readyz", timeout=10)
+        models = httpx.get(f"{url}/v1/models", timeout=10)
+        for response in (submit, status, ready, models):
+            assert response.status_code == 503, response.text
+            assert response.headers["retry-after"].isdigit()
+            assert response.json()["error"]["code"] == "service_unavailable"
+            assert "Traceback" not in response.text
+        assert httpx.get(f"{url}/healthz").status_code == 200  # alive, just not ready
+
+        private_redis.start()  # same port, same AOF directory
+        wait_until(lambda: httpx.get(f"{url}/readyz").status_code == 200, 15, what="API ready again")
+        assert httpx.get(f"{url}/v1/models").status_code == 200
+        # No live worker in this fixture: a clear 4xx, not a hang and not a 5xx.
+        refused = httpx.post(f"{url}/v1/generations", json={"prompt": "a red circle"})
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "model_unavailable"
+    finally:
+        api.stop()
+
+
+def test_job_over_its_time_limit_fails_with_timeout(
+    redis_server: RedisServer, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """A second worker and an API whose job time limit is 1 s, on a queue of their own."""
+    worker = start_worker(redis_server.url, tiny_model_dir, tmp_path, name="slowpoke", LATENTD_MODEL_NAME="tiny-timeout")
+    api, url = start_api(redis_server.url, tmp_path, LATENTD_JOB_TIMEOUT="1", LATENTD_DEFAULT_MODEL="tiny-timeout")
+    try:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            job_id = http.post("/v1/generations", json={"prompt": "slow", "steps": 150, "width": 512, "height": 512})
+            job_id = job_id.json()["id"]
+
+            def ended() -> dict[str, object] | None:
+                view = http.get(f"/v1/generations/{job_id}").json()
+                return view if view["status"] in ("succeeded", "failed", "canceled") else None
+
+            view = wait_until(ended, 60, interval=0.2, what="timeout")
+            assert view["status"] == "failed"
+            assert view["error"]["code"] == "timeout"
+            # The worker carries on.
+            ok = http.post("/v1/generations", json={"prompt": "quick", "steps": 1}).json()["id"]
+            wait_until(lambda: http.get(f"/v1/generations/{ok}").json()["status"] == "succeeded", 60)
+    finally:
+        api.stop()
+        worker.stop()
+
+
+def test_model_that_cannot_load_stops_the_worker_with_a_clear_message(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "model_index.json").write_text("{ this is not json")
+    env = base_env(redis_server.url, LATENTD_MODEL=str(broken), LATENTD_CACHE_DIR=str(tmp_path / "cache"))
+    proc = spawn(["worker"], env, tmp_path / "broken.log")
+    assert proc.proc.wait(120) == 3
+    out = proc.output()
+    assert "cannot load model" in out and str(broken) in out
+
+    missing = spawn(
+        ["worker"], {**env, "LATENTD_MODEL": str(tmp_path / "nothing-here")}, tmp_path / "missing.log"
+    )
+    assert missing.proc.wait(120) == 3
+    assert "does not exist" in missing.output()
+
+
+def test_full_queue_answers_429(redis_server: RedisServer, tmp_path: Path) -> None:
+    """Queue depth limit: a worker registration without a worker, so nothing drains the queue."""
+    r = redis_server.client()
+    model = "tiny-full"
+    r.set(f"latentd:worker:ghost", f'{{"name":"ghost","model":"{model}","device":"cpu","pid":1,'
+          f'"hostname":"h","started_at":0}}', ex=60)
+    r.sadd("latentd:workers", "ghost")
+    api, url = start_api(redis_server.url, tmp_path, LATENTD_MAX_QUEUE_DEPTH="2", LATENTD_DEFAULT_MODEL=model)
+    try:
+        codes = [httpx.post(f"{url}/v1/generations", json={"prompt": "x"}).status_code for _ in range(3)]
+        assert codes == [202, 202, 429]
+        full = httpx.post(f"{url}/v1/generations", json={"prompt": "x"})
+        assert full.json()["error"]["code"] == "queue_full"
+        assert int(full.headers["retry-after"]) > 0
+        assert r.llen(f"rq:queue:latentd:{model}") == 2  # accepted jobs kept, the refused one not added
+    finally:
+        api.stop()
+        r.delete(f"latentd:worker:ghost", f"rq:queue:latentd:{model}")
+        r.srem("latentd:workers", "ghost")
+
+
+def test_cli_generate_writes_the_images(service: object, tmp_path: Path) -> None:
+    from tests.conftest import Service
+
+    assert isinstance(service, Service)
+    env = base_env(service.url)
+    proc = spawn(
+        ["generate", "a blue square", "--url", service.url, "--out", str(tmp_path / "out"), "-n", "2", "--steps", "2",
+         "--seed", "5", "--model", TINY_MODEL],
+        env,
+        tmp_path / "generate.log",
+    )
+    assert proc.proc.wait(60) == 0, proc.output()
+    files = sorted((tmp_path / "out").glob("*.png"))
+    assert len(files) == 2 and all(f.stat().st_size > 100 for f in files)
+    assert "succeeded" in proc.output()
+
+
+def test_embedded_redis_is_persistent_and_never_evicts(tmp_path: Path) -> None:
+    from latentd.embedded import start_redis
+
+    proc, url = start_redis(tmp_path / "data")
+    try:
+        r = redis.Redis.from_url(url)
+        assert r.config_get("appendonly")["appendonly"] == "yes"
+        assert r.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
+    finally:
+        proc.terminate()
+        proc.wait(10)
