@@ -33,7 +33,9 @@ def find_tool(name: str) -> str:
     Missing locally is a skip that says how to get it; missing in CI (CI=true)
     is a failure, so a CI run can never pass by skipping the linters.
     """
-    path = shutil.which(name, path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    path = shutil.which(
+        name, path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    )
     if path:
         return path
     message = f"{name} not found: pip install -e '.[dev]'"
@@ -59,7 +61,7 @@ ComposeLoader.add_constructor("!override", _tagged)
 
 
 def load_compose(path: Path) -> dict[str, Any]:
-    data = yaml.load(path.read_text(), Loader=ComposeLoader)  # noqa: S506 - a SafeLoader subclass
+    data = yaml.load(path.read_text(), Loader=ComposeLoader)  # a SafeLoader subclass
     assert isinstance(data, dict), path
     return data
 

@@ -93,7 +93,8 @@ def _apply_patch(resources: list[Resource], patch: dict[str, Any], directory: Pa
     matched = [
         r
         for r in resources
-        if r["kind"] == target.get("kind", r["kind"]) and r["metadata"]["name"] == target.get("name", r["metadata"]["name"])
+        if r["kind"] == target.get("kind", r["kind"])
+        and r["metadata"]["name"] == target.get("name", r["metadata"]["name"])
     ]
     if not matched:
         raise UnsupportedKustomization(f"patch target {target} matches no resource")

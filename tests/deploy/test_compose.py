@@ -35,7 +35,9 @@ def variant_id(files: list[Path]) -> str:
 @cache
 def compose_schema() -> dict[str, Any]:
     # The Compose specification's schema as vendored by check-jsonschema.
-    text = resources.files("check_jsonschema.builtin_schemas.vendor").joinpath("compose-spec.json").read_text()
+    text = (
+        resources.files("check_jsonschema.builtin_schemas.vendor").joinpath("compose-spec.json").read_text()
+    )
     return json.loads(text)
 
 
@@ -113,9 +115,11 @@ def test_worker_reserves_one_gpu_and_keeps_its_cache_on_a_named_volume() -> None
     compose = base()
     worker = compose["services"]["worker"]
     (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
-    assert device["count"] == 1 and "gpu" in device["capabilities"]
+    assert device["count"] == 1
+    assert "gpu" in device["capabilities"]
     volume, _, target = worker["volumes"][0].partition(":")
-    assert volume in compose["volumes"] and target == "/var/cache/latentd"
+    assert volume in compose["volumes"]
+    assert target == "/var/cache/latentd"
 
 
 def test_worker_grace_period_outlasts_the_longest_job() -> None:
@@ -126,10 +130,15 @@ def test_worker_grace_period_outlasts_the_longest_job() -> None:
 
 
 def test_api_default_model_is_the_model_the_worker_serves() -> None:
-    for env in ({}, {"LATENTD_MODEL": "stable-diffusion-v1-5/stable-diffusion-v1-5"}, {"LATENTD_MODEL_NAME": "sd"}):
+    for env in (
+        {},
+        {"LATENTD_MODEL": "stable-diffusion-v1-5/stable-diffusion-v1-5"},
+        {"LATENTD_MODEL_NAME": "sd"},
+    ):
         services = interpolate(load_compose(COMPOSE_BASE), env)["services"]
-        assert services["api"]["environment"]["LATENTD_DEFAULT_MODEL"] == (
-            services["worker"]["environment"]["LATENTD_MODEL_NAME"]
+        assert (
+            services["api"]["environment"]["LATENTD_DEFAULT_MODEL"]
+            == (services["worker"]["environment"]["LATENTD_MODEL_NAME"])
         ), env
 
 
@@ -147,4 +156,5 @@ def test_multi_gpu_variant_pins_one_distinct_gpu_per_worker() -> None:
         if name.startswith("worker"):
             (device,) = service["deploy"]["resources"]["reservations"]["devices"]
             pinned += device["device_ids"]
-    assert len(pinned) >= 2 and len(pinned) == len(set(pinned))
+    assert len(pinned) >= 2
+    assert len(pinned) == len(set(pinned))

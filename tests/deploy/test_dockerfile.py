@@ -82,7 +82,8 @@ def test_lock_files_pin_every_dependency_with_hashes() -> None:
         for block in re.split(r"\n(?=\S)", lock.read_text()):
             if block.startswith("#") or not block.strip():
                 continue
-            assert "==" in block.splitlines()[0] and "--hash=sha256:" in block, f"{lock.name}: {block[:80]}"
+            assert "==" in block.splitlines()[0], f"{lock.name}: {block[:80]}"
+            assert "--hash=sha256:" in block, f"{lock.name}: {block[:80]}"
 
 
 def test_lock_files_cover_pyproject() -> None:
@@ -109,17 +110,21 @@ def test_api_image_listens_on_all_interfaces_and_checks_health() -> None:
     assert int(env.get("LATENTD_PORT", API_PORT)) == API_PORT
     assert ("EXPOSE", str(API_PORT)) in stages()["api"]
     health = [args for keyword, args in stages()["api"] if keyword == "HEALTHCHECK"]
-    assert health and "/healthz" in health[0]
+    assert health
+    assert "/healthz" in health[0]
 
 
 def test_worker_image_has_cache_volume_and_readiness_file() -> None:
     env = stage_env("worker")
     instructions = stages()["worker"]
     volumes = [args for keyword, args in instructions if keyword == "VOLUME"]
-    assert volumes and env["LATENTD_CACHE_DIR"] in volumes[0]
+    assert volumes
+    assert env["LATENTD_CACHE_DIR"] in volumes[0]
     assert env["HF_HOME"].startswith(env["LATENTD_CACHE_DIR"]), "hub downloads must land on the cache volume"
     health = [args for keyword, args in instructions if keyword == "HEALTHCHECK"]
-    assert health and "LATENTD_READY_FILE" in health[0] and env["LATENTD_READY_FILE"]
+    assert health
+    assert "LATENTD_READY_FILE" in health[0]
+    assert env["LATENTD_READY_FILE"]
 
 
 def test_worker_image_checks_the_builtin_model_is_inside() -> None:

@@ -48,7 +48,9 @@ def test_python_rendering_matches_kubectl_kustomize(overlay: Path) -> None:
     """The tests read our own rendering; where kubectl is installed, it must equal kustomize's."""
     if not shutil.which("kubectl"):
         pytest.skip("kubectl not installed: the rendering is checked against kustomize only where it is")
-    result = subprocess.run(["kubectl", "kustomize", str(overlay)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["kubectl", "kustomize", str(overlay)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     theirs = {_key(r): r for r in yaml.safe_load_all(result.stdout) if r}
     ours = {_key(r): r for r in render_overlay(overlay)}
@@ -76,7 +78,9 @@ def test_resources_match_their_schemas(overlay: Path, version: str, rendered: di
     assert not failures, "\n".join(failures)
 
 
-def test_kubernetes_validate_cli_accepts_the_rendered_files(tmp_path: Path, rendered: dict[str, Resources]) -> None:
+def test_kubernetes_validate_cli_accepts_the_rendered_files(
+    tmp_path: Path, rendered: dict[str, Resources]
+) -> None:
     """The same check through the command CI users would type, on the rendered YAML."""
     cli = find_tool("kubernetes-validate")
     files = []
@@ -102,7 +106,11 @@ def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
 
 
 def _pod_labels(resources: Resources) -> dict[str, dict[str, str]]:
-    return {r["metadata"]["name"]: r["spec"]["template"]["metadata"]["labels"] for r in resources if "template" in r.get("spec", {})}
+    return {
+        r["metadata"]["name"]: r["spec"]["template"]["metadata"]["labels"]
+        for r in resources
+        if "template" in r.get("spec", {})
+    }
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
@@ -116,16 +124,26 @@ def test_selectors_match_their_pods(overlay: Path, rendered: dict[str, Resources
         elif kind == "PodDisruptionBudget":
             assert [w for w, labels in pods.items() if _selects(resource["spec"]["selector"], labels)], name
         elif kind == "Service":
-            matched = [w for w, labels in pods.items() if _selects({"matchLabels": resource["spec"]["selector"]}, labels)]
+            matched = [
+                w
+                for w, labels in pods.items()
+                if _selects({"matchLabels": resource["spec"]["selector"]}, labels)
+            ]
             assert len(matched) == 1, (name, matched)
             (workload,) = matched
-            ports = {p["name"] for _, c in pod_containers([find(resources, _workload_kind(resources, workload), workload)]) for p in c.get("ports", [])}
+            ports = {
+                p["name"]
+                for _, c in pod_containers([find(resources, _workload_kind(resources, workload), workload)])
+                for p in c.get("ports", [])
+            }
             for port in resource["spec"]["ports"]:
                 assert port["targetPort"] in ports, (name, port)
 
 
 def _workload_kind(resources: Resources, name: str) -> str:
-    return next(r["kind"] for r in resources if r["metadata"]["name"] == name and "template" in r.get("spec", {}))
+    return next(
+        r["kind"] for r in resources if r["metadata"]["name"] == name and "template" in r.get("spec", {})
+    )
 
 
 def test_redis_network_policy_admits_only_api_worker_and_keda(rendered: dict[str, Resources]) -> None:
@@ -155,7 +173,9 @@ def test_redis_is_durable_and_never_evicts(rendered: dict[str, Resources]) -> No
     (container,) = redis["spec"]["template"]["spec"]["containers"]
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     claims = {c["metadata"]["name"] for c in redis["spec"]["volumeClaimTemplates"]}
-    assert data_dir and mounts["data"] == data_dir.group(1) and "data" in claims
+    assert data_dir
+    assert mounts["data"] == data_dir.group(1)
+    assert "data" in claims
     assert container["command"][-1].startswith(mounts["config"])
 
 
@@ -179,7 +199,9 @@ def test_worker_readiness_is_the_ready_file(rendered: dict[str, Resources]) -> N
         for probe in ("startupProbe", "readinessProbe"):
             assert container[probe]["exec"]["command"] == ["test", "-f", ready_file], probe
         mounts = [m["mountPath"] for m in container["volumeMounts"]]
-        assert any(ready_file.startswith(m + "/") for m in mounts), "the ready file must be on a writable volume"
+        assert any(ready_file.startswith(m + "/") for m in mounts), (
+            "the ready file must be on a writable volume"
+        )
 
 
 def test_scaled_object_watches_the_workers_queue(rendered: dict[str, Resources]) -> None:
@@ -194,7 +216,9 @@ def test_scaled_object_watches_the_workers_queue(rendered: dict[str, Resources])
         model = container_env(resources, container)["LATENTD_MODEL_NAME"]
         (trigger,) = scaled["spec"]["triggers"]
         assert trigger["type"] == "redis"
-        assert trigger["metadata"]["listName"] == Queue.redis_queue_namespace_prefix + Keys.queue_name(model), name
+        assert trigger["metadata"]["listName"] == Queue.redis_queue_namespace_prefix + Keys.queue_name(
+            model
+        ), name
         assert scaled["spec"]["minReplicaCount"] >= 1, "the API refuses models with no live worker"
         if name == "bundled-redis":
             namespace = target["metadata"]["namespace"]

@@ -48,7 +48,9 @@ def compose_kind(service: str) -> str | None:
     return None
 
 
-def environments(rendered: dict[str, list[dict[str, Any]]]) -> Iterator[tuple[str, str | None, dict[str, Any]]]:
+def environments(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> Iterator[tuple[str, str | None, dict[str, Any]]]:
     """(where, process kind, environment) for every place that sets variables for a latentd process."""
     for stage in ("api", "worker"):
         yield f"Dockerfile stage {stage}", stage, stage_env(stage)
