@@ -46,7 +46,7 @@ def stage_env(stage: str) -> dict[str, str]:
 def test_hadolint_passes() -> None:
     hadolint = find_tool("hadolint")
     result = subprocess.run(
-        [hadolint, "--config", str(HERE / "hadolint.yaml"), str(DOCKERFILE)],
+        [hadolint, "--no-color", "--config", str(HERE / "hadolint.yaml"), str(DOCKERFILE)],
         capture_output=True,
         text=True,
         timeout=60,
