@@ -19,9 +19,15 @@ class ApiSettings(CommonSettings):
     max_images: int = Field(default=4, ge=1, le=64, description="Largest num_images (and OpenAI `n`).")
     default_steps: int = Field(default=20, ge=1, le=150)
     default_guidance_scale: float = Field(default=5.0, ge=0, le=30)
-    default_size: int = Field(default=64, ge=64, le=2048, description="Width and height when a request omits them.")
-    max_queue_depth: int = Field(default=1000, ge=1, description="Queued jobs per model before submits get 429.")
-    job_timeout: int = Field(default=600, ge=1, description="Seconds one job may run before it fails with `timeout`.")
+    default_size: int = Field(
+        default=64, ge=64, le=2048, description="Width and height when a request omits them."
+    )
+    max_queue_depth: int = Field(
+        default=1000, ge=1, description="Queued jobs per model before submits get 429."
+    )
+    job_timeout: int = Field(
+        default=600, ge=1, description="Seconds one job may run before it fails with `timeout`."
+    )
     sync_timeout: float = Field(
         default=120.0, gt=0, description="Seconds the OpenAI-style endpoint waits for its job."
     )

@@ -38,7 +38,9 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         app.state.service = service = GenerationService(connection, settings)
         app.state.metrics = metrics
         metrics.watch_redis(service)
-        event(log, "api_started", redis=pool.connection_kwargs.get("host"), default_model=settings.default_model)
+        event(
+            log, "api_started", redis=pool.connection_kwargs.get("host"), default_model=settings.default_model
+        )
         try:
             yield
         finally:

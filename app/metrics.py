@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.serving import as_text
 from latentd.contract import DURATION_BUCKETS, Keys
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ class RedisCollector(Collector):
             "latentd_jobs", "Jobs ended, by model, status and error code.", labels=["model", "status", "code"]
         )
         for field, count in r.hgetall(Keys.OUTCOMES).items():
-            model, status, code = field.decode().split("|", 2)
+            model, status, code = as_text(field).split("|", 2)
             outcomes.add_metric([model, status, code], float(count))
         yield outcomes
 
@@ -64,7 +65,7 @@ class RedisCollector(Collector):
             "latentd_job_duration_seconds", "Time jobs spent running in a worker.", labels=["model"]
         )
         for name in names:
-            raw = {k.decode(): float(v) for k, v in r.hgetall(Keys.durations(name)).items()}
+            raw = {as_text(k): float(v) for k, v in r.hgetall(Keys.durations(name)).items()}
             if not raw:
                 continue
             buckets = [(str(b), raw.get(str(b), 0.0)) for b in DURATION_BUCKETS]

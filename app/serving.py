@@ -16,10 +16,10 @@ from datetime import UTC, datetime
 
 import redis
 from rq import Queue
-from starlette.concurrency import run_in_threadpool
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 from rq.serializers import JSONSerializer
+from starlette.concurrency import run_in_threadpool
 
 from app.config import ApiSettings
 from app.errors import Expired, InvalidRequest, ModelUnavailable, NotCancelable, NotFound, QueueFull
@@ -56,6 +56,10 @@ class ImageBlob:
     etag: str
 
 
+def as_text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def _aware(value: datetime | None) -> datetime | None:
     if value is None:
         return None
@@ -79,7 +83,7 @@ class GenerationService:
         return Queue(Keys.queue_name(model), connection=self.redis, serializer=JSONSerializer)
 
     def live_workers(self) -> list[WorkerInfo]:
-        names = sorted(n.decode() for n in self.redis.smembers(Keys.WORKERS))
+        names = sorted(as_text(n) for n in self.redis.smembers(Keys.WORKERS))
         if not names:
             return []
         raw = self.redis.mget([Keys.worker(n) for n in names])
@@ -187,7 +191,7 @@ class GenerationService:
     def view(self, job: Job) -> Generation:
         payload = JobPayload.model_validate(job.args[0])
         status = JobStatus.from_rq(job.get_status(refresh=False))
-        state = {k.decode(): v.decode() for k, v in self.redis.hgetall(Keys.state(job.id)).items()}
+        state = {as_text(k): as_text(v) for k, v in self.redis.hgetall(Keys.state(job.id)).items()}
         step = int(state.get(StateField.STEP, 0))
         total = int(state.get(StateField.TOTAL_STEPS, payload.steps))
         if status is JobStatus.SUCCEEDED:
@@ -224,7 +228,9 @@ class GenerationService:
             queue_position=(
                 self.queue(payload.model).get_job_position(job.id) if status is JobStatus.QUEUED else None
             ),
-            progress=Progress(step=step, total_steps=total, fraction=round(step / total, 4) if total else 0.0),
+            progress=Progress(
+                step=step, total_steps=total, fraction=round(step / total, 4) if total else 0.0
+            ),
             request=ResolvedRequest(**payload.model_dump(exclude={"schema_version", "job_id"})),
             timings=Timings(
                 created_at=created,
@@ -254,6 +260,7 @@ class GenerationService:
                 f"image {index} of generation '{job_id}' has expired (kept {self.settings.results_ttl} s)",
                 param="index",
             )
+        assert isinstance(data, bytes)  # the pool does not decode responses
         return ImageBlob(data=data, content_type=metas[index].content_type, etag=metas[index].etag)
 
     # -- cancel ----------------------------------------------------------------
@@ -274,7 +281,7 @@ class GenerationService:
         """Cancel a job still in its queue, unless a worker takes it meanwhile."""
         with self.redis.pipeline() as pipe:
             try:
-                pipe.watch(job.key)
+                pipe.watch(job.key)  # type: ignore[no-untyped-call]
                 if pipe.hget(job.key, "status") != b"queued":
                     return  # a worker took it; the flag stops it at its next step
                 pipe.multi()

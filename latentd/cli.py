@@ -90,8 +90,21 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from latentd.client import ClientError, generate
 
-    body: dict[str, Any] = {"prompt": args.prompt, "num_images": args.num_images, "output_format": args.format}
-    for field in ("negative_prompt", "model", "width", "height", "steps", "guidance_scale", "seed", "scheduler"):
+    body: dict[str, Any] = {
+        "prompt": args.prompt,
+        "num_images": args.num_images,
+        "output_format": args.format,
+    }
+    for field in (
+        "negative_prompt",
+        "model",
+        "width",
+        "height",
+        "steps",
+        "guidance_scale",
+        "seed",
+        "scheduler",
+    ):
         value = getattr(args, field)
         if value is not None:
             body[field] = value
@@ -117,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="embedded Redis + one worker + the API, for local use")
     up.add_argument("--data-dir", default=".latentd", help="where the embedded Redis keeps its AOF")
-    up.add_argument("--redis-port", type=int, default=None, help="embedded Redis port (a free one by default)")
+    up.add_argument(
+        "--redis-port", type=int, default=None, help="embedded Redis port (a free one by default)"
+    )
     up.set_defaults(func=cmd_up)
 
     gen = sub.add_parser("generate", help="submit a prompt, show progress, save the images")

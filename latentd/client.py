@@ -29,7 +29,7 @@ def _check(response: httpx.Response) -> dict[str, Any]:
 
 
 def _bar(fraction: float, width: int = 30) -> str:
-    filled = int(round(fraction * width))
+    filled = round(fraction * width)
     return "[" + "#" * filled + "-" * (width - filled) + f"] {fraction * 100:5.1f}%"
 
 

@@ -51,7 +51,9 @@ def redis_args(port: int, data_dir: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def start_redis(data_dir: Path, port: int | None = None, timeout: float = 10.0) -> tuple[subprocess.Popen[bytes], str]:
+def start_redis(
+    data_dir: Path, port: int | None = None, timeout: float = 10.0
+) -> tuple[subprocess.Popen[bytes], str]:
     """Start redis-server on `port` (a free one when None); return the process and its URL."""
     data_dir = data_dir.resolve()  # redis-server chdirs into --dir before opening the log
     data_dir.mkdir(parents=True, exist_ok=True)

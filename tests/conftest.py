@@ -23,7 +23,9 @@ TINY_MODEL = "tiny"
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = "condition") -> Any:
+def wait_until(
+    predicate: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = "condition"
+) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         result = predicate()
@@ -130,7 +132,9 @@ class Proc:
 
 def spawn(args: list[str], env: dict[str, str], log: Path) -> Proc:
     handle = log.open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "latentd.cli", *args], env=env, stdout=handle, stderr=handle, cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "latentd.cli", *args], env=env, stdout=handle, stderr=handle, cwd=ROOT
+    )
     return Proc(proc, log)
 
 
@@ -199,7 +203,9 @@ class Service:
     def wait_terminal(self, job_id: str, timeout: float = 60) -> dict[str, Any]:
         terminal = ("succeeded", "failed", "canceled")
         result: dict[str, Any] = wait_until(
-            lambda: (v := self.status(job_id))["status"] in terminal and v, timeout, what=f"job {job_id} to end"
+            lambda: (v := self.status(job_id))["status"] in terminal and v,
+            timeout,
+            what=f"job {job_id} to end",
         )
         return result
 
@@ -226,4 +232,3 @@ def service(
         http.close()
         api.stop()
         worker.stop()
-

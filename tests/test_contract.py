@@ -28,14 +28,30 @@ def test_rq_status_mapping(rq: str, ours: str) -> None:
 
 def test_image_seeds_wrap_around() -> None:
     payload = JobPayload(
-        job_id="j", model="m", prompt="p", width=64, height=64, steps=1, guidance_scale=1, seed=MAX_SEED, num_images=2
+        job_id="j",
+        model="m",
+        prompt="p",
+        width=64,
+        height=64,
+        steps=1,
+        guidance_scale=1,
+        seed=MAX_SEED,
+        num_images=2,
     )
     assert [payload.image_seed(i) for i in range(2)] == [MAX_SEED, 0]
 
 
 def test_payload_round_trips_as_json() -> None:
     payload = JobPayload(
-        job_id="j", model="m", prompt="p", width=64, height=64, steps=1, guidance_scale=1, seed=1, num_images=1
+        job_id="j",
+        model="m",
+        prompt="p",
+        width=64,
+        height=64,
+        steps=1,
+        guidance_scale=1,
+        seed=1,
+        num_images=1,
     )
     assert JobPayload.model_validate_json(payload.model_dump_json()) == payload
     assert payload.schema_version == 1

@@ -10,7 +10,7 @@ import httpx
 import pytest
 import redis
 
-from tests.conftest import TINY_MODEL, RedisServer, spawn, start_api, start_worker, wait_until, base_env
+from tests.conftest import TINY_MODEL, RedisServer, base_env, spawn, start_api, start_worker, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -57,11 +57,17 @@ def test_job_over_its_time_limit_fails_with_timeout(
     redis_server: RedisServer, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     """A second worker and an API whose job time limit is 1 s, on a queue of their own."""
-    worker = start_worker(redis_server.url, tiny_model_dir, tmp_path, name="slowpoke", LATENTD_MODEL_NAME="tiny-timeout")
-    api, url = start_api(redis_server.url, tmp_path, LATENTD_JOB_TIMEOUT="1", LATENTD_DEFAULT_MODEL="tiny-timeout")
+    worker = start_worker(
+        redis_server.url, tiny_model_dir, tmp_path, name="slowpoke", LATENTD_MODEL_NAME="tiny-timeout"
+    )
+    api, url = start_api(
+        redis_server.url, tmp_path, LATENTD_JOB_TIMEOUT="1", LATENTD_DEFAULT_MODEL="tiny-timeout"
+    )
     try:
         with httpx.Client(base_url=url, timeout=30) as http:
-            job_id = http.post("/v1/generations", json={"prompt": "slow", "steps": 150, "width": 512, "height": 512})
+            job_id = http.post(
+                "/v1/generations", json={"prompt": "slow", "steps": 150, "width": 512, "height": 512}
+            )
             job_id = job_id.json()["id"]
 
             def ended() -> dict[str, object] | None:
@@ -102,8 +108,11 @@ def test_full_queue_answers_429(redis_server: RedisServer, tmp_path: Path) -> No
     """Queue depth limit: a worker registration without a worker, so nothing drains the queue."""
     r = redis_server.client()
     model = "tiny-full"
-    r.set(f"latentd:worker:ghost", f'{{"name":"ghost","model":"{model}","device":"cpu","pid":1,'
-          f'"hostname":"h","started_at":0}}', ex=60)
+    r.set(
+        "latentd:worker:ghost",
+        f'{{"name":"ghost","model":"{model}","device":"cpu","pid":1,"hostname":"h","started_at":0}}',
+        ex=60,
+    )
     r.sadd("latentd:workers", "ghost")
     api, url = start_api(redis_server.url, tmp_path, LATENTD_MAX_QUEUE_DEPTH="2", LATENTD_DEFAULT_MODEL=model)
     try:
@@ -115,7 +124,7 @@ def test_full_queue_answers_429(redis_server: RedisServer, tmp_path: Path) -> No
         assert r.llen(f"rq:queue:latentd:{model}") == 2  # accepted jobs kept, the refused one not added
     finally:
         api.stop()
-        r.delete(f"latentd:worker:ghost", f"rq:queue:latentd:{model}")
+        r.delete("latentd:worker:ghost", f"rq:queue:latentd:{model}")
         r.srem("latentd:workers", "ghost")
 
 
@@ -125,8 +134,22 @@ def test_cli_generate_writes_the_images(service: object, tmp_path: Path) -> None
     assert isinstance(service, Service)
     env = base_env(service.url)
     proc = spawn(
-        ["generate", "a blue square", "--url", service.url, "--out", str(tmp_path / "out"), "-n", "2", "--steps", "2",
-         "--seed", "5", "--model", TINY_MODEL],
+        [
+            "generate",
+            "a blue square",
+            "--url",
+            service.url,
+            "--out",
+            str(tmp_path / "out"),
+            "-n",
+            "2",
+            "--steps",
+            "2",
+            "--seed",
+            "5",
+            "--model",
+            TINY_MODEL,
+        ],
         env,
         tmp_path / "generate.log",
     )

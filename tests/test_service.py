@@ -25,7 +25,13 @@ def download(service: Service, url: str) -> httpx.Response:
 def test_submit_progress_succeed_download(service: Service) -> None:
     accepted_response = service.http.post(
         "/v1/generations",
-        json={"prompt": "a red circle on a blue background", "seed": 7, "width": 96, "height": 64, "steps": 30},
+        json={
+            "prompt": "a red circle on a blue background",
+            "seed": 7,
+            "width": 96,
+            "height": 64,
+            "steps": 30,
+        },
     )
     assert accepted_response.status_code == 202
     accepted = accepted_response.json()
@@ -69,7 +75,13 @@ def test_submit_progress_succeed_download(service: Service) -> None:
     png = Image.open(io.BytesIO(response.content))
     assert png.format == "PNG" and png.size == (96, 64)
     params = png.text["parameters"]
-    for fragment in ("a red circle on a blue background", "Seed: 7", "Steps: 30", "Size: 96x64", f"Model: {TINY_MODEL}"):
+    for fragment in (
+        "a red circle on a blue background",
+        "Seed: 7",
+        "Steps: 30",
+        "Size: 96x64",
+        f"Model: {TINY_MODEL}",
+    ):
         assert fragment in params
     meta = json.loads(png.text["latentd"])
     assert meta["seed"] == 7 and meta["guidance_scale"] == 5.0 and meta["negative_prompt"] == ""
@@ -80,7 +92,9 @@ def test_submit_progress_succeed_download(service: Service) -> None:
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
 
 
-@pytest.mark.parametrize(("fmt", "content_type", "pil"), [("jpeg", "image/jpeg", "JPEG"), ("webp", "image/webp", "WEBP")])
+@pytest.mark.parametrize(
+    ("fmt", "content_type", "pil"), [("jpeg", "image/jpeg", "JPEG"), ("webp", "image/webp", "WEBP")]
+)
 def test_output_formats(service: Service, fmt: str, content_type: str, pil: str) -> None:
     job = service.submit(output_format=fmt, steps=2, width=72, height=80)
     view = service.wait_terminal(job["id"])
@@ -184,7 +198,9 @@ def test_openai_endpoint_b64_and_url(service: Service) -> None:
     img = Image.open(io.BytesIO(base64.b64decode(body["data"][0]["b64_json"])))
     assert img.size == (64, 80)
 
-    response = service.http.post("/v1/images/generations", json={"prompt": "a yellow triangle", "model": TINY_MODEL})
+    response = service.http.post(
+        "/v1/images/generations", json={"prompt": "a yellow triangle", "model": TINY_MODEL}
+    )
     assert response.status_code == 200, response.text
     [item] = response.json()["data"]
     assert item["url"].startswith(service.url)

@@ -18,7 +18,9 @@ VALID = {"prompt": "a red circle"}
 
 @pytest.fixture
 def client(redis_server: RedisServer, redis_client: redis.Redis) -> Iterator[TestClient]:
-    settings = ApiSettings(redis_url=redis_server.url, default_model="tiny", max_pixels=512 * 512, max_images=4)
+    settings = ApiSettings(
+        redis_url=redis_server.url, default_model="tiny", max_pixels=512 * 512, max_images=4
+    )
     with TestClient(create_app(settings)) as c:
         yield c
 
@@ -63,7 +65,9 @@ CASES: list[tuple[str, Any]] = [
 
 
 @pytest.mark.parametrize(("field", "value"), CASES, ids=[f"{f}={str(v)[:12]!r}" for f, v in CASES])
-def test_each_bound_is_rejected(client: TestClient, redis_client: redis.Redis, field: str, value: Any) -> None:
+def test_each_bound_is_rejected(
+    client: TestClient, redis_client: redis.Redis, field: str, value: Any
+) -> None:
     response = client.post("/v1/generations", json={**VALID, field: value})
     assert response.status_code == 422, response.text
     error = response.json()["error"]
@@ -100,9 +104,18 @@ def test_malformed_bodies(client: TestClient, redis_client: redis.Redis, body: s
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("size", "100x100"), ("size", "big"), ("size", "64x4096"), ("n", 0), ("n", 5), ("response_format", "xml")],
+    [
+        ("size", "100x100"),
+        ("size", "big"),
+        ("size", "64x4096"),
+        ("n", 0),
+        ("n", 5),
+        ("response_format", "xml"),
+    ],
 )
-def test_openai_endpoint_bounds(client: TestClient, redis_client: redis.Redis, field: str, value: Any) -> None:
+def test_openai_endpoint_bounds(
+    client: TestClient, redis_client: redis.Redis, field: str, value: Any
+) -> None:
     response = client.post("/v1/images/generations", json={"prompt": "a red circle", field: value})
     assert response.status_code == 422, response.text
     assert response.json()["error"]["param"] == field

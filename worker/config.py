@@ -34,9 +34,12 @@ class WorkerSettings(CommonSettings):
         description="Where hub downloads and generated local models live.",
     )
     ready_file: Path | None = Field(
-        default=None, description="Written once the model is loaded, removed on exit (a readiness probe for containers)."
+        default=None,
+        description="Written once the model is loaded, removed on exit (a readiness probe for containers).",
     )
-    torch_threads: int | None = Field(default=None, ge=1, description="CPU threads for torch; torch's default when unset.")
+    torch_threads: int | None = Field(
+        default=None, ge=1, description="CPU threads for torch; torch's default when unset."
+    )
 
     def served_name(self) -> str:
         if self.model_name:

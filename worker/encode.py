@@ -48,7 +48,9 @@ def encode(image: Image.Image, payload: JobPayload, index: int) -> tuple[bytes, 
         info.add_itxt("latentd", json.dumps(metadata(payload, index)))
         image.save(buf, format="PNG", pnginfo=info)
     elif fmt == "jpeg":
-        image.convert("RGB").save(buf, format="JPEG", quality=92, comment=parameters_text(payload, index).encode())
+        image.convert("RGB").save(
+            buf, format="JPEG", quality=92, comment=parameters_text(payload, index).encode()
+        )
     else:
         exif = Image.Exif()
         exif[0x010E] = parameters_text(payload, index)  # ImageDescription

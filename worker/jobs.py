@@ -99,8 +99,10 @@ def _classify(exc: BaseException, payload: JobPayload) -> JobFailure:
 
 
 def _device_is_broken(exc: BaseException) -> bool:
-    return isinstance(exc, RuntimeError) and not isinstance(exc, torch.OutOfMemoryError) and (
-        "CUDA error" in str(exc) or "device-side assert" in str(exc)
+    return (
+        isinstance(exc, RuntimeError)
+        and not isinstance(exc, torch.OutOfMemoryError)
+        and ("CUDA error" in str(exc) or "device-side assert" in str(exc))
     )
 
 
@@ -117,9 +119,13 @@ def generate(raw_payload: dict[str, Any]) -> dict[str, Any]:
         try:
             payload = JobPayload.model_validate(raw_payload)
         except ValidationError as exc:
-            raise JobFailure(ErrorCode.INVALID_PARAMETERS, f"unreadable job payload: {exc.errors()[0]['msg']}") from exc
+            raise JobFailure(
+                ErrorCode.INVALID_PARAMETERS, f"unreadable job payload: {exc.errors()[0]['msg']}"
+            ) from exc
         if payload.model != model:
-            raise JobFailure(ErrorCode.INVALID_PARAMETERS, f"this worker serves '{model}', not '{payload.model}'")
+            raise JobFailure(
+                ErrorCode.INVALID_PARAMETERS, f"this worker serves '{model}', not '{payload.model}'"
+            )
         pipe = r.pipeline(transaction=False)
         pipe.hset(
             state_key,
@@ -178,7 +184,10 @@ def generate(raw_payload: dict[str, Any]) -> dict[str, Any]:
             torch.cuda.empty_cache()
         error = JobError(code=failure.code, message=failure.message)
         p = r.pipeline(transaction=False)
-        p.hset(state_key, mapping={StateField.ERROR: error.model_dump_json(), StateField.INFERENCE_FINISHED: time.time()})
+        p.hset(
+            state_key,
+            mapping={StateField.ERROR: error.model_dump_json(), StateField.INFERENCE_FINISHED: time.time()},
+        )
         p.expire(state_key, rt.settings.job_ttl)
         p.execute()
         _record_outcome(r, model, JobStatus.FAILED, failure.code.value, seconds=time.time() - started)

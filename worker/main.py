@@ -30,8 +30,14 @@ EXIT_DEVICE_BROKEN = 70
 class LatentdWorker(SimpleWorker):
     """RQ's in-process worker, with cancellation recorded the way RQ records a stopped job."""
 
-    def handle_job_failure(self, job: Any, queue: Any, started_job_registry: Any = None, exc_string: str = "",
-                           execution: Any = None) -> None:
+    def handle_job_failure(
+        self,
+        job: Any,
+        queue: Any,
+        started_job_registry: Any = None,
+        exc_string: str = "",
+        execution: Any = None,
+    ) -> None:
         rt = jobs.current()
         if rt.stopped_job_id == job.id:
             self._stopped_job_id = job.id  # RQ then marks it STOPPED, never retried

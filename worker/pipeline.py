@@ -89,7 +89,9 @@ def resolve_source(settings: WorkerSettings) -> str:
     return str(target)
 
 
-def load_pipeline(source: str, device: torch.device, dtype: torch.dtype, cache_dir: Path) -> DiffusionPipeline:
+def load_pipeline(
+    source: str, device: torch.device, dtype: torch.dtype, cache_dir: Path
+) -> DiffusionPipeline:
     path = Path(source)
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     try:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import JSONResponse
@@ -14,7 +14,9 @@ from app.protocol import Generation, GenerationRequest, SubmitResponse
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
 
 JobId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
-NOT_FOUND = {404: {"model": ErrorResponse, "description": "Unknown id (`not_found`)."}}
+NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorResponse, "description": "Unknown id (`not_found`)."}
+}
 
 
 @router.post(
@@ -23,8 +25,14 @@ NOT_FOUND = {404: {"model": ErrorResponse, "description": "Unknown id (`not_foun
     response_model=SubmitResponse,
     responses={
         **COMMON_RESPONSES,
-        400: {"model": ErrorResponse, "description": "No live worker serves the model (`model_unavailable`)."},
-        429: {"model": ErrorResponse, "description": "The model's queue is full (`queue_full`); see Retry-After."},
+        400: {
+            "model": ErrorResponse,
+            "description": "No live worker serves the model (`model_unavailable`).",
+        },
+        429: {
+            "model": ErrorResponse,
+            "description": "The model's queue is full (`queue_full`); see Retry-After.",
+        },
     },
     summary="Submit a generation",
 )
@@ -68,7 +76,10 @@ def cancel_generation(job_id: JobId, service: ServiceDep) -> JSONResponse:
         **COMMON_RESPONSES,
         200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}, "description": "The image."},
         304: {"description": "Not modified (If-None-Match matched the ETag)."},
-        404: {"model": ErrorResponse, "description": "Unknown id or index (`not_found`) or expired (`expired`)."},
+        404: {
+            "model": ErrorResponse,
+            "description": "Unknown id or index (`not_found`) or expired (`expired`).",
+        },
     },
     summary="Download one image of a generation",
 )

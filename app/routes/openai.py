@@ -40,7 +40,10 @@ def _parse_size(size: str) -> tuple[int, int]:
         409: {"model": ErrorResponse, "description": "The job was canceled while waiting."},
         429: {"model": ErrorResponse, "description": "Queue full."},
         500: {"model": ErrorResponse, "description": "The job failed in the worker."},
-        504: {"model": ErrorResponse, "description": "Not finished within the configured wait (`wait_timeout`)."},
+        504: {
+            "model": ErrorResponse,
+            "description": "Not finished within the configured wait (`wait_timeout`).",
+        },
     },
     summary="OpenAI-compatible image generation (waits for the result)",
 )
@@ -70,7 +73,9 @@ async def create_image(
         for image in view.images:
             if body.response_format == "b64_json":
                 blob = await run_in_threadpool(service.image, view.id, image.index)
-                data.append(OpenAIImage(b64_json=base64.b64encode(blob.data).decode(), revised_prompt=body.prompt))
+                data.append(
+                    OpenAIImage(b64_json=base64.b64encode(blob.data).decode(), revised_prompt=body.prompt)
+                )
             else:
                 data.append(OpenAIImage(url=base + image.url, revised_prompt=body.prompt))
         return OpenAIImageResponse(created=int(time.time()), data=data)

@@ -33,7 +33,10 @@ def readyz(service: ServiceDep) -> Health:
 
 
 @router.get(
-    "/v1/models", response_model=ModelList, responses=COMMON_RESPONSES, summary="Models served by live workers"
+    "/v1/models",
+    response_model=ModelList,
+    responses=COMMON_RESPONSES,
+    summary="Models served by live workers",
 )
 def list_models(service: ServiceDep) -> ModelList:
     return ModelList(data=service.models())
