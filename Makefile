@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint format bench clean
+.PHONY: setup run test lint lint-deploy format bench lock images clean
 
 setup: $(STAMP)
 
@@ -15,10 +15,12 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	@# Keep CPU machines on the CPU build of torch: install it before anything can pull
-	@# the multi-GB CUDA build. A local wheel (find-links) wins; else the CPU index.
+	@# the multi-GB CUDA build. A local wheel (pip's find-links) wins, its dependencies
+	@# coming with the project below; else the PyTorch CPU index.
 	if ! command -v nvidia-smi >/dev/null 2>&1; then \
-	  $(BIN)/pip install --quiet --no-index torch==$(TORCH_VERSION) 2>/dev/null || \
-	  $(BIN)/pip install --quiet torch==$(TORCH_VERSION) --index-url $(TORCH_CPU_INDEX); \
+	  $(BIN)/pip install --quiet --no-index --no-deps torch==$(TORCH_VERSION) 2>/dev/null || \
+	  $(BIN)/pip install --quiet torch==$(TORCH_VERSION) --index-url $(TORCH_CPU_INDEX) \
+	    --extra-index-url https://pypi.org/simple; \
 	fi
 	$(BIN)/pip install --quiet -e '.[worker,embedded,dev]'
 	touch $(STAMP)
@@ -33,6 +35,15 @@ lint: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+
+lint-deploy: setup  ## offline checks of the Dockerfile, compose files and Kubernetes manifests
+	$(BIN)/python -m pytest tests/deploy -q
+
+lock: setup  ## re-lock the images' Python dependencies (needs PyPI)
+	$(BIN)/pip install --quiet uv==0.13.9 && PATH=$(BIN):$$PATH requirements/lock.sh
+
+images:  ## build both images (needs a Docker engine)
+	docker build --target api -t latentd-api:dev . && docker build --target worker -t latentd-worker:dev .
 
 format: setup
 	$(BIN)/ruff format .
