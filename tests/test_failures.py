@@ -103,6 +103,10 @@ def test_model_that_cannot_load_stops_the_worker_with_a_clear_message(
     assert missing.proc.wait(120) == 3
     assert "does not exist" in missing.output()
 
+    hub = spawn(["worker"], {**env, "LATENTD_MODEL": "someorg/not-cached-model"}, tmp_path / "hub.log")
+    assert hub.proc.wait(120) == 3  # HF_HUB_OFFLINE=1: no download is tried
+    assert "someorg/not-cached-model" in hub.output()
+
 
 def test_full_queue_answers_429(redis_server: RedisServer, tmp_path: Path) -> None:
     """Queue depth limit: a worker registration without a worker, so nothing drains the queue."""

@@ -208,6 +208,18 @@ def test_openai_endpoint_b64_and_url(service: Service) -> None:
     assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
 
 
+def test_images_expire_with_the_results_ttl(service: Service) -> None:
+    view = service.wait_terminal(service.submit(steps=1)["id"])
+    key = f"latentd:image:{view['id']}:0"
+    assert 0 < service.redis.ttl(key) <= 3600  # LATENTD_RESULTS_TTL's default
+    assert service.redis.ttl(f"rq:job:{view['id']}") > 3600  # the record outlives the images
+    service.redis.delete(key)  # what the TTL does when it runs out
+    gone = service.http.get(view["images"][0]["url"])
+    assert gone.status_code == 404
+    assert gone.json()["error"]["code"] == "expired"
+    assert service.status(view["id"])["status"] == "succeeded"
+
+
 def test_models_lists_live_workers(service: Service) -> None:
     models = service.http.get("/v1/models").json()
     assert models["object"] == "list"
