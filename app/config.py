@@ -28,6 +28,12 @@ class ApiSettings(CommonSettings):
     job_timeout: int = Field(
         default=600, ge=1, description="Seconds one job may run before it fails with `timeout`."
     )
+    max_attempts: int = Field(
+        default=3,
+        ge=1,
+        le=10,
+        description="Times a job is started before a lost worker fails it with `worker_lost`.",
+    )
     sync_timeout: float = Field(
         default=120.0, gt=0, description="Seconds the OpenAI-style endpoint waits for its job."
     )

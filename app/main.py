@@ -16,6 +16,7 @@ from app.metrics import Metrics, MetricsMiddleware
 from app.routes import generations, openai, system
 from app.serving import GenerationService
 from latentd.logs import event
+from latentd.store import check_eviction_policy
 
 log = logging.getLogger("latentd.api")
 
@@ -34,6 +35,10 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             max_connections=64,
         )
         connection = redis.Redis(connection_pool=pool)
+        try:
+            check_eviction_policy(connection)
+        except redis.ConnectionError:
+            event(log, "redis_unreachable_at_start", logging.WARNING)  # /readyz says 503 until it is back
         app.state.settings = settings
         app.state.service = service = GenerationService(connection, settings)
         app.state.metrics = metrics

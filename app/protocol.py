@@ -121,6 +121,7 @@ class Generation(BaseModel):
     timings: Timings
     images: list[ImageInfo] = []
     error: JobErrorInfo | None = None
+    attempts: int = Field(default=0, description="Times a worker started it (2+ after a lost worker).")
     cancel_requested: bool = False
     links: Links
 

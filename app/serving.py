@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import redis
-from rq import Queue
+from rq import Queue, Retry
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 from rq.serializers import JSONSerializer
@@ -162,6 +162,8 @@ class GenerationService:
             job_timeout=self.settings.job_timeout,
             result_ttl=self.settings.job_ttl,
             failure_ttl=self.settings.job_ttl,
+            # Retries are only spent on jobs whose worker died; the worker fails real errors at once.
+            retry=Retry(max=self.settings.max_attempts - 1) if self.settings.max_attempts > 1 else None,
             description=f"generate model={payload.model}",
         )
         return SubmitResponse(
@@ -241,6 +243,7 @@ class GenerationService:
             ),
             images=images,
             error=error,
+            attempts=int(state.get(StateField.ATTEMPTS, 0)),
             cancel_requested=bool(self.redis.exists(Keys.cancel(job.id))) and not status.is_terminal(),
             links=self.links(job.id),
         )

@@ -154,8 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pydantic import ValidationError
+
     args = build_parser().parse_args(argv)
-    code: int = args.func(args)
+    try:
+        code: int = args.func(args)
+    except ValidationError as exc:  # a bad LATENTD_* value: say which, without a traceback
+        for err in exc.errors():
+            name = "LATENTD_" + "_".join(str(p) for p in err["loc"]).upper()
+            print(f"latentd: invalid configuration: {name}: {err['msg']}", file=sys.stderr)
+        return 2
     return code
 
 

@@ -127,6 +127,11 @@ class Keys:
     OUTCOMES = f"{PREFIX}:stats:outcomes"
 
     @staticmethod
+    def reaper_lock(queue_name: str) -> str:
+        """Held by the one worker at a time that re-queues its queue's abandoned jobs."""
+        return f"{Keys.PREFIX}:reaper:{queue_name}"
+
+    @staticmethod
     def durations(model: str) -> str:
         """Hash of a histogram of job run times: one field per bucket bound, plus sum and count."""
         return f"{Keys.PREFIX}:stats:durations:{model}"
@@ -163,6 +168,8 @@ class StateField:
     INFERENCE_STARTED = "inference_started_at"
     INFERENCE_FINISHED = "inference_finished_at"
     WORKER = "worker"
+    ATTEMPTS = "attempts"  # how many times a worker started the job
+    COMPLETIONS = "completions"  # how many times results were written: never more than 1
 
 
 class ImageMeta(BaseModel):

@@ -10,7 +10,17 @@ import httpx
 import pytest
 import redis
 
-from tests.conftest import TINY_MODEL, RedisServer, base_env, spawn, start_api, start_worker, wait_until
+from latentd.embedded import free_port
+from tests.conftest import (
+    TINY_MODEL,
+    RedisServer,
+    Service,
+    base_env,
+    spawn,
+    start_api,
+    start_worker,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -132,10 +142,7 @@ def test_full_queue_answers_429(redis_server: RedisServer, tmp_path: Path) -> No
         r.srem("latentd:workers", "ghost")
 
 
-def test_cli_generate_writes_the_images(service: object, tmp_path: Path) -> None:
-    from tests.conftest import Service
-
-    assert isinstance(service, Service)
+def test_cli_generate_writes_the_images(service: Service, tmp_path: Path) -> None:
     env = base_env(service.url)
     proc = spawn(
         [
@@ -174,3 +181,22 @@ def test_embedded_redis_is_persistent_and_never_evicts(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_redis_that_may_evict_jobs_is_refused(private_redis: RedisServer, tmp_path: Path) -> None:
+    r = private_redis.client()
+    r.config_set("maxmemory-policy", "allkeys-lru")
+    env = base_env(private_redis.url, LATENTD_MODEL=str(tmp_path / "unused"))
+    worker = spawn(["worker"], env, tmp_path / "worker.log")
+    assert worker.proc.wait(120) == 4
+    assert "noeviction" in worker.output()
+    api = spawn(["api"], {**env, "LATENTD_PORT": str(free_port())}, tmp_path / "api.log")
+    assert api.proc.wait(60) != 0
+    assert "noeviction" in api.output()
+
+
+def test_bad_configuration_is_named_without_a_traceback(tmp_path: Path) -> None:
+    env = base_env("redis://127.0.0.1:1/0", LATENTD_PORT="0")
+    api = spawn(["api"], env, tmp_path / "api.log")
+    assert api.proc.wait(60) == 2
+    assert "LATENTD_PORT" in api.output() and "Traceback" not in api.output()

@@ -29,6 +29,13 @@ class WorkerSettings(CommonSettings):
     )
     worker_name: str | None = Field(default=None, description="Unique worker name; host and pid when unset.")
     heartbeat_interval: float = Field(default=5.0, gt=0, description="Seconds between registrations.")
+    lease_seconds: int = Field(
+        default=30,
+        ge=2,
+        le=60,
+        description="A running job's lease: if its worker stops renewing it (killed, frozen) for this "
+        "long, another worker re-queues the job.",
+    )
     cache_dir: Path = Field(
         default=Path(os.path.expanduser("~/.cache/latentd")),
         description="Where hub downloads and generated local models live.",

@@ -50,6 +50,8 @@ class Runtime:
     fatal: bool = False
     # The job this process is running, for the worker to mark stopped on cancel.
     stopped_job_id: str | None = field(default=None)
+    # A job this process lost to another worker: RQ's bookkeeping for it must not be touched.
+    lost_job_id: str | None = field(default=None)
 
 
 _runtime: Runtime | None = None
@@ -106,11 +108,39 @@ def _device_is_broken(exc: BaseException) -> bool:
     )
 
 
+# One round trip per denoising step: refuse if another worker now owns the job (our lease
+# lapsed and it was re-queued), else record progress and report the cancel flag.
+_STEP = """
+local owner = redis.call('HMGET', KEYS[1], 'status', 'worker_name')
+if owner[1] ~= 'started' or owner[2] ~= ARGV[1] then return -1 end
+redis.call('HSET', KEYS[2], 'step', ARGV[2])
+return redis.call('EXISTS', KEYS[3])
+"""
+
+# Results are written once, atomically, and only by the worker that still owns the job.
+# KEYS: job, state, image keys...; ARGV: worker, results_ttl, job_ttl, state json, image bytes...
+_COMMIT = """
+local owner = redis.call('HMGET', KEYS[1], 'status', 'worker_name')
+if owner[1] ~= 'started' or owner[2] ~= ARGV[1] then return 0 end
+local fields = cjson.decode(ARGV[4])
+for k, v in pairs(fields) do redis.call('HSET', KEYS[2], k, v) end
+redis.call('HINCRBY', KEYS[2], 'completions', 1)
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+for i = 3, #KEYS do redis.call('SET', KEYS[i], ARGV[i + 2], 'EX', ARGV[2]) end
+return 1
+"""
+
+
+class LeaseLost(Exception):
+    """This worker no longer owns the job (it was re-queued while we were frozen): write nothing."""
+
+
 def generate(raw_payload: dict[str, Any]) -> dict[str, Any]:
     rt = current()
     r = rt.connection
     job = get_current_job()
     job_id = job.id if job is not None else str(raw_payload.get("job_id", "?"))
+    job_key = f"rq:job:{job_id}"
     state_key = Keys.state(job_id)
     cancel_key = Keys.cancel(job_id)
     model = rt.runner.model
@@ -136,39 +166,53 @@ def generate(raw_payload: dict[str, Any]) -> dict[str, Any]:
                 StateField.INFERENCE_STARTED: started,
             },
         )
+        pipe.hincrby(state_key, StateField.ATTEMPTS, 1)
         pipe.expire(state_key, rt.settings.job_ttl)
         pipe.exists(cancel_key)
         if pipe.execute()[-1]:
             raise JobCanceled
         event(log, "job_started", job_id=job_id, model=model, steps=payload.steps, images=payload.num_images)
 
+        step_script = r.register_script(_STEP)
+        lost = False
+
         def on_step(done: int, total: int) -> bool:
-            p = r.pipeline(transaction=False)
-            p.hset(state_key, StateField.STEP, done)
-            p.exists(cancel_key)
-            return bool(p.execute()[-1])
+            nonlocal lost
+            answer = int(step_script(keys=[job_key, state_key, cancel_key], args=[rt.worker_name, done]))
+            lost = answer < 0
+            return answer != 0
 
         images, interrupted = rt.runner.generate(payload, on_step)
+        if lost:
+            raise LeaseLost
         if interrupted or r.exists(cancel_key):
             raise JobCanceled
         encoded = [encode(image, payload, i) for i, image in enumerate(images)]
         finished = time.time()
-        p = r.pipeline(transaction=True)
-        for i, (data, _) in enumerate(encoded):
-            p.set(Keys.image(job_id, i), data, ex=rt.settings.results_ttl)
-        p.hset(
-            state_key,
-            mapping={
-                StateField.STEP: payload.steps,
-                StateField.IMAGES: json.dumps([m.model_dump() for _, m in encoded]),
-                StateField.INFERENCE_FINISHED: finished,
-            },
+        fields = {
+            StateField.STEP: payload.steps,
+            StateField.IMAGES: json.dumps([m.model_dump() for _, m in encoded]),
+            StateField.INFERENCE_FINISHED: finished,
+        }
+        committed = r.register_script(_COMMIT)(
+            keys=[job_key, state_key, *(Keys.image(job_id, i) for i in range(len(encoded)))],
+            args=[
+                rt.worker_name,
+                rt.settings.results_ttl,
+                rt.settings.job_ttl,
+                json.dumps(fields),
+                *(data for data, _ in encoded),
+            ],
         )
-        p.expire(state_key, rt.settings.job_ttl)
-        p.execute()
+        if not committed:
+            raise LeaseLost
         _record_outcome(r, model, JobStatus.SUCCEEDED, seconds=finished - started)
         event(log, "job_succeeded", job_id=job_id, seconds=round(finished - started, 3))
         return {"images": len(encoded)}
+    except LeaseLost:
+        rt.lost_job_id = job_id
+        event(log, "job_lease_lost", logging.WARNING, job_id=job_id)
+        raise
     except JobCanceled:
         rt.stopped_job_id = job_id
         _record_outcome(r, model, JobStatus.CANCELED)
@@ -198,6 +242,26 @@ def generate(raw_payload: dict[str, Any]) -> dict[str, Any]:
         if failure is exc:
             raise
         raise failure from exc
+
+
+def record_abandoned(r: redis.Redis, job_id: str, model: str, will_retry: bool) -> None:
+    """Called for a job whose worker stopped renewing its lease, as RQ re-queues or fails it."""
+    state_key = Keys.state(job_id)
+    if will_retry:
+        r.hset(state_key, StateField.STEP, 0)
+        event(log, "job_requeued", logging.WARNING, job_id=job_id, reason="worker_lost")
+        return
+    attempts = int(r.hget(state_key, StateField.ATTEMPTS) or 0)
+    error = JobError(
+        code=ErrorCode.WORKER_LOST,
+        message=f"the worker running this job stopped responding, {attempts} time(s); no attempts are left",
+    )
+    r.hset(
+        state_key,
+        mapping={StateField.ERROR: error.model_dump_json(), StateField.INFERENCE_FINISHED: time.time()},
+    )
+    _record_outcome(r, model, JobStatus.FAILED, ErrorCode.WORKER_LOST.value)
+    event(log, "job_failed", logging.WARNING, job_id=job_id, code=ErrorCode.WORKER_LOST.value)
 
 
 def _fallback(raw: dict[str, Any]) -> JobPayload:

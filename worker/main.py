@@ -12,10 +12,12 @@ from typing import Any
 
 import redis
 from rq import Queue, SimpleWorker
+from rq.exceptions import AbandonedJobError
 from rq.serializers import JSONSerializer
 
 from latentd.contract import Keys, WorkerInfo
 from latentd.logs import configure, event
+from latentd.store import UnsafeRedis, check_eviction_policy
 from worker import jobs
 from worker.config import WorkerSettings, get_settings
 from worker.pipeline import ModelLoadError, load_runner
@@ -23,12 +25,40 @@ from worker.pipeline import ModelLoadError, load_runner
 log = logging.getLogger("latentd.worker")
 
 EXIT_MODEL_LOAD_FAILED = 3
-EXIT_REDIS_UNREACHABLE = 4
+EXIT_REDIS_UNREACHABLE = 4  # or unsafe: it may evict jobs
 EXIT_DEVICE_BROKEN = 70
 
 
 class LatentdWorker(SimpleWorker):
-    """RQ's in-process worker, with cancellation recorded the way RQ records a stopped job."""
+    """RQ's in-process worker, plus what it lacks for GPU jobs.
+
+    - a lease: while a job runs, a thread renews the job's execution heartbeat in RQ's
+      StartedJobRegistry every third of `lease_seconds`; a killed or frozen worker stops
+      renewing it and `Reaper` re-queues the job (RQ's retry) or fails it;
+    - cancellation recorded the way RQ records a stopped job;
+    - real job errors are not retried: retries are for lost workers only.
+    """
+
+    lease_seconds = 30
+
+    def __init__(self, *args: Any, model: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.model = model
+        # RQ's own registry maintenance passes these handlers for abandoned jobs too.
+        self.push_exc_handler(self.on_abandoned)
+
+    def on_abandoned(self, job: Any, exc_type: Any, *_: Any) -> None:
+        if exc_type is AbandonedJobError:
+            will_retry = bool(job.retries_left and job.retries_left > 0)
+            jobs.record_abandoned(self.connection, job.id, self.model, will_retry)
+
+    def handle_exception(self, job: Any, *exc_info: Any) -> None:
+        # The job function already logged one structured line (and a traceback where it
+        # helps); RQ's default would add a traceback for every canceled or failed job.
+        self.on_abandoned(job, *exc_info)
+
+    def get_heartbeat_ttl(self, job: Any, working_time: float = 0.0) -> int:
+        return self.lease_seconds
 
     def handle_job_failure(
         self,
@@ -39,29 +69,59 @@ class LatentdWorker(SimpleWorker):
         execution: Any = None,
     ) -> None:
         rt = jobs.current()
+        if rt.lost_job_id == job.id:
+            # Another worker owns the job now: drop only our own execution record.
+            rt.lost_job_id = None
+            with self.connection.pipeline() as pipeline:
+                self.cleanup_execution(job, pipeline=pipeline, execution=execution)
+                pipeline.execute()
+            return
         if rt.stopped_job_id == job.id:
             self._stopped_job_id = job.id  # RQ then marks it STOPPED, never retried
             rt.stopped_job_id = None
+        job.retries_left = 0
         super().handle_job_failure(
             job, queue, started_job_registry=started_job_registry, exc_string=exc_string, execution=execution
         )
 
     def execute_job(self, job: Any, queue: Any) -> None:
-        super().execute_job(job, queue)
+        done = threading.Event()
+        lease = threading.Thread(
+            target=self._renew_lease, args=(job, done), name="latentd-lease", daemon=True
+        )
+        lease.start()
+        try:
+            super().execute_job(job, queue)
+        finally:
+            done.set()
+            lease.join()
         if jobs.current().fatal:
             event(log, "device_broken_exiting", logging.ERROR, job_id=job.id)
             self.register_death()
             raise SystemExit(EXIT_DEVICE_BROKEN)
 
+    def _renew_lease(self, job: Any, done: threading.Event) -> None:
+        while not done.wait(self.lease_seconds / 3):
+            execution = self.execution
+            if execution is None:
+                continue
+            try:
+                self.maintain_heartbeats(job, execution)
+            except redis.RedisError as exc:
+                event(log, "lease_renewal_failed", logging.WARNING, job_id=job.id, error=type(exc).__name__)
+
 
 class Heartbeat(threading.Thread):
-    """Keeps this worker's registration alive; the API routes and lists models from it."""
+    """Keeps this worker's registration alive (the API routes and lists models from it) and
+    re-queues the abandoned jobs of its queue: jobs whose worker stopped renewing their lease."""
 
-    def __init__(self, connection: redis.Redis, info: WorkerInfo, interval: float) -> None:
+    def __init__(self, worker: LatentdWorker, info: WorkerInfo, interval: float, queue: Queue) -> None:
         super().__init__(name="latentd-heartbeat", daemon=True)
-        self.connection = connection
+        self.worker = worker
+        self.connection = worker.connection
         self.info = info
         self.interval = interval
+        self.queue = queue
         self.stopped = threading.Event()
 
     def beat(self) -> None:
@@ -70,11 +130,21 @@ class Heartbeat(threading.Thread):
         p.sadd(Keys.WORKERS, self.info.name)
         p.execute()
 
+    def reap(self) -> None:
+        """One worker at a time hands RQ the queue's expired executions: RQ retries them while
+        retries are left, else fails them; we record why for the client."""
+        lock = Keys.reaper_lock(self.queue.name)
+        if not self.connection.set(lock, self.info.name, nx=True, px=max(1000, int(self.interval * 1000))):
+            return
+
+        self.queue.started_job_registry.cleanup(exception_handlers=[self.worker.on_abandoned])
+
     def run(self) -> None:
         failing = False
         while not self.stopped.wait(self.interval):
             try:
                 self.beat()
+                self.reap()
                 if failing:
                     event(log, "heartbeat_recovered")
                 failing = False
@@ -117,6 +187,11 @@ def run(settings: WorkerSettings | None = None) -> int:
         print(f"latentd worker: cannot reach Redis at {settings.effective_redis_url}: {exc}", file=sys.stderr)
         return EXIT_REDIS_UNREACHABLE
     try:
+        check_eviction_policy(connection)
+    except UnsafeRedis as exc:
+        print(f"latentd worker: {exc}", file=sys.stderr)
+        return EXIT_REDIS_UNREACHABLE
+    try:
         runner = load_runner(settings)
     except ModelLoadError as exc:
         print(f"latentd worker: {exc}", file=sys.stderr)
@@ -131,14 +206,17 @@ def run(settings: WorkerSettings | None = None) -> int:
         hostname=socket.gethostname(),
         started_at=time.time(),
     )
-    heartbeat = Heartbeat(connection, info, settings.heartbeat_interval)
+    queue = Queue(Keys.queue_name(runner.model), connection=connection, serializer=JSONSerializer)
+    worker = LatentdWorker(
+        [queue], connection=connection, name=name, serializer=JSONSerializer, model=runner.model
+    )
+    worker.lease_seconds = settings.lease_seconds
+    heartbeat = Heartbeat(worker, info, settings.heartbeat_interval, queue)
     heartbeat.beat()
     heartbeat.start()
     if settings.ready_file:
         settings.ready_file.parent.mkdir(parents=True, exist_ok=True)
         settings.ready_file.write_text(name)
-    queue = Queue(Keys.queue_name(runner.model), connection=connection, serializer=JSONSerializer)
-    worker = LatentdWorker([queue], connection=connection, name=name, serializer=JSONSerializer)
     event(log, "worker_ready", worker=name, model=runner.model, queue=queue.name)
     code = 0
     try:

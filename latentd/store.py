@@ -1,0 +1,30 @@
+"""What both processes require of the Redis they use."""
+
+from __future__ import annotations
+
+import redis
+
+SAFE_POLICIES = ("noeviction",)
+
+
+class UnsafeRedis(RuntimeError):
+    pass
+
+
+def check_eviction_policy(connection: redis.Redis) -> None:
+    """Refuse a Redis that may evict keys: an evicted key is a lost job.
+
+    Managed Redis services that disable CONFIG pass: their policy cannot be read here
+    and the deployment guide says to set it.
+    """
+    try:
+        policy = connection.config_get("maxmemory-policy").get("maxmemory-policy")
+    except redis.ResponseError:
+        return
+    if isinstance(policy, bytes):
+        policy = policy.decode()
+    if policy not in SAFE_POLICIES:
+        raise UnsafeRedis(
+            f"Redis maxmemory-policy is '{policy}': it may evict queued jobs and results. "
+            "Set `maxmemory-policy noeviction` (and `appendonly yes`) on this Redis."
+        )

@@ -1,0 +1,159 @@
+"""Crashes lose nothing: a killed or frozen worker's job is re-queued under its lease and
+completed exactly once; a stopped worker finishes its job first."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import Proc, RedisServer, start_api, start_worker, wait_until
+
+pytestmark = pytest.mark.integration
+
+LEASE = "3"
+LONG_JOB = {"prompt": "a long job", "steps": 80, "width": 128, "height": 128, "seed": 3}
+
+
+@dataclass
+class Cluster:
+    redis: RedisServer
+    url: str
+    model_dir: Path
+    tmp: Path
+
+    def worker(self, name: str) -> Proc:
+        return start_worker(self.redis.url, self.model_dir, self.tmp, name=name, LATENTD_LEASE_SECONDS=LEASE)
+
+    def submit(self, body: dict[str, Any]) -> str:
+        response = httpx.post(f"{self.url}/v1/generations", json=body)
+        assert response.status_code == 202, response.text
+        job_id: str = response.json()["id"]
+        return job_id
+
+    def status(self, job_id: str) -> dict[str, Any]:
+        view: dict[str, Any] = httpx.get(f"{self.url}/v1/generations/{job_id}").json()
+        return view
+
+    def wait_terminal(self, job_id: str, timeout: float = 90) -> dict[str, Any]:
+        view: dict[str, Any] = wait_until(
+            lambda: (v := self.status(job_id))["status"] in ("succeeded", "failed", "canceled") and v,
+            timeout,
+            interval=0.1,
+            what=f"job {job_id} to end",
+        )
+        return view
+
+    def running_on(self, job_id: str) -> str:
+        def owner() -> str | None:
+            view = self.status(job_id)
+            if view["status"] == "running" and view["progress"]["step"] > 0:
+                worker = self.redis.client().hget(f"latentd:job:{job_id}", "worker")
+                return worker.decode() if worker else None
+            return None
+
+        name: str = wait_until(owner, 60, what="job running")
+        return name
+
+
+def make_cluster(tmp_path: Path, model_dir: Path, **api_env: str) -> Iterator[Cluster]:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    api, url = start_api(server.url, tmp_path, **api_env)
+    try:
+        yield Cluster(server, url, model_dir, tmp_path)
+    finally:
+        api.stop()
+        server.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Cluster]:
+    yield from make_cluster(tmp_path, tiny_model_dir)
+
+
+@pytest.fixture
+def one_attempt_cluster(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Cluster]:
+    yield from make_cluster(tmp_path, tiny_model_dir, LATENTD_MAX_ATTEMPTS="1")
+
+
+def test_killed_worker_job_is_requeued_and_completed(cluster: Cluster) -> None:
+    first = cluster.worker("a")
+    job_id = cluster.submit(LONG_JOB)
+    assert cluster.running_on(job_id) == "a"
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait()
+    assert cluster.status(job_id)["status"] == "running"  # until its lease runs out
+
+    second = cluster.worker("b")
+    try:
+        view = cluster.wait_terminal(job_id)
+    finally:
+        second.stop()
+    assert view["status"] == "succeeded"
+    assert view["attempts"] == 2
+    assert httpx.get(f"{cluster.url}{view['images'][0]['url']}").status_code == 200
+    assert cluster.redis.client().hget(f"latentd:job:{job_id}", "completions") == b"1"
+
+
+def test_job_whose_attempts_run_out_fails_with_worker_lost(one_attempt_cluster: Cluster) -> None:
+    cluster = one_attempt_cluster
+    first = cluster.worker("a")
+    job_id = cluster.submit(LONG_JOB)
+    cluster.running_on(job_id)
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait()
+    second = cluster.worker("b")  # its reaper finds the lapsed lease
+    try:
+        view = cluster.wait_terminal(job_id)
+        assert view["status"] == "failed"
+        assert view["error"]["code"] == "worker_lost"
+        # The worker that reaped it serves new jobs.
+        ok = cluster.wait_terminal(cluster.submit({"prompt": "next", "steps": 1}))
+        assert ok["status"] == "succeeded"
+    finally:
+        second.stop()
+
+
+def test_frozen_worker_late_result_is_discarded(cluster: Cluster) -> None:
+    workers = {"a": cluster.worker("a"), "b": cluster.worker("b")}
+    try:
+        job_id = cluster.submit(LONG_JOB)
+        owner = cluster.running_on(job_id)
+        frozen = workers[owner]
+        frozen.proc.send_signal(signal.SIGSTOP)
+        view = cluster.wait_terminal(job_id)  # the other worker re-runs it after the lease lapses
+        assert view["status"] == "succeeded" and view["attempts"] == 2
+        image = httpx.get(f"{cluster.url}{view['images'][0]['url']}").content
+
+        frozen.proc.send_signal(signal.SIGCONT)
+        wait_until(lambda: "job_lease_lost" in frozen.output(), 30, what="the thawed worker to give up")
+        after = cluster.status(job_id)
+        assert after["status"] == "succeeded" and after["attempts"] == 2
+        assert cluster.redis.client().hget(f"latentd:job:{job_id}", "completions") == b"1"
+        assert httpx.get(f"{cluster.url}{view['images'][0]['url']}").content == image
+        # The thawed worker carries on serving.
+        for _ in range(3):
+            assert (
+                cluster.wait_terminal(cluster.submit({"prompt": "next", "steps": 1}))["status"] == "succeeded"
+            )
+    finally:
+        for w in workers.values():
+            w.proc.send_signal(signal.SIGCONT)
+            w.stop()
+
+
+def test_sigterm_finishes_the_current_job_takes_no_new_one_and_exits_0(cluster: Cluster) -> None:
+    worker = cluster.worker("a")
+    running = cluster.submit(LONG_JOB)
+    waiting = cluster.submit({"prompt": "waits", "steps": 1})
+    cluster.running_on(running)
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.proc.wait(90) == 0
+    assert cluster.status(running)["status"] == "succeeded"
+    assert cluster.status(waiting)["status"] == "queued"
