@@ -1,0 +1,199 @@
+"""`python -m bench [all|overhead|throughput|frontend|report|gpu] [--quick] ...`"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import report
+from bench.machine import ROOT, describe
+from bench.profiles import summarize
+from bench.stack import Model, Stack, choose_model, py_spy
+
+SERVICE_BENCHES = ("overhead", "throughput", "frontend")
+
+
+_T0 = time.monotonic()
+
+
+def say(message: str) -> None:
+    print(f"[bench {time.monotonic() - _T0:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def _levels(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument(
+        "what",
+        nargs="?",
+        default="all",
+        choices=["all", *SERVICE_BENCHES, "report", "gpu"],
+        help="all: the three service benchmarks; report: re-render the docs from the JSON; "
+        "gpu: bench/gpu_sd15.py",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="tiny sizes and counts: checks the harness, not the service"
+    )
+    p.add_argument("--model", default="auto", choices=["auto", "builtin", "tiny"])
+    p.add_argument("--model-dir", type=Path, help="a diffusers directory to serve instead")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "bench", help="where the JSON results go")
+    p.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    p.add_argument("--no-docs", action="store_true", help="write the JSON only")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (throughput)")
+    p.add_argument("--torch-threads", type=int, default=1, help="per worker, and for the direct loop")
+    p.add_argument("--steps", type=int, help="denoising steps per image (default 20, quick 2)")
+    p.add_argument("--size", type=int, default=64, help="width and height")
+    p.add_argument("--jobs", type=int, help="overhead: sequential jobs (default 20, quick 3)")
+    p.add_argument("--block", type=int, default=5, help="overhead: jobs per interleaved direct/service block")
+    p.add_argument("--poll", type=float, default=0.01, help="overhead: the client's status poll interval (s)")
+    p.add_argument("--clients", type=_levels, help="throughput: client counts (default 1,4,16,32; quick 1,4)")
+    p.add_argument("--min-jobs", type=int, help="throughput: jobs per level at least (default 16, quick 2)")
+    p.add_argument("--concurrent-poll", type=float, default=0.1, help="throughput: poll interval (s)")
+    p.add_argument("--seconds", type=float, help="frontend: seconds per wrk run (default 10, quick 1)")
+    p.add_argument("--connections", type=int, default=16, help="frontend: wrk's open connections")
+    p.add_argument(
+        "--profile", action="store_true", help="run the processes under py-spy; writes *-profiled.json"
+    )
+    return p
+
+
+def _write(out: Path, name: str, data: dict[str, Any]) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    say(f"wrote {path}")
+    return path
+
+
+def _model_info(model: Model) -> dict[str, Any]:
+    return {"name": model.name, "kind": model.kind, "directory": str(model.directory)}
+
+
+def run_service(args: argparse.Namespace, benches: list[str]) -> dict[str, dict[str, Any]]:
+    from bench.direct import DirectLoop
+    from bench.frontend import frontend, wrk_binary
+    from bench.service import Params, overhead, throughput
+
+    quick = args.quick
+    params = Params(width=args.size, height=args.size, steps=args.steps or (2 if quick else 20))
+    model = choose_model("tiny" if quick and args.model == "auto" else args.model, args.model_dir)
+    machine = describe(args.argv)
+    suffix = "-profiled" if args.profile else ""
+    if args.profile and not py_spy():
+        raise SystemExit("--profile needs py-spy (pip install py-spy)")
+    if args.profile and len(benches) != 1:
+        raise SystemExit(
+            "--profile takes one benchmark (overhead, throughput or frontend), so profiles do not mix"
+        )
+    common = {
+        "machine": machine,
+        "model": _model_info(model),
+        "params": {**params.__dict__, "num_images": 1},
+        "torch_threads": args.torch_threads,
+        "quick": quick,
+        "profiled": args.profile,
+    }
+    results: dict[str, dict[str, Any]] = {}
+    names = {
+        "overhead": "overhead",
+        "throughput": "throughput" + (f"-w{args.workers}" if args.workers != 1 else ""),
+    }
+    needs_worker = "overhead" in benches or "throughput" in benches
+    if "frontend" in benches and not wrk_binary():
+        results["frontend"] = {**common, "skipped": "wrk is not installed (apt-get install wrk)"}
+        benches = [b for b in benches if b != "frontend"]
+    with tempfile.TemporaryDirectory(prefix="latentd-bench-profile-") as prof:
+        profile_dir = Path(prof) if args.profile else None
+        stack = Stack(
+            model,
+            workers=args.workers,
+            torch_threads=args.torch_threads,
+            # Front-end submits go to a model no worker drains; the run's length bounds the queue.
+            api_env={"LATENTD_MAX_QUEUE_DEPTH": "1000000"},
+            profile_dir=profile_dir,
+            start_workers=needs_worker,
+        )
+        say(
+            f"starting redis, {args.workers if needs_worker else 0} worker(s) and the API; model {model.kind}"
+        )
+        with stack.running():
+            say(f"service up at {stack.url}")
+            direct = (
+                DirectLoop(model.directory, model.name, args.torch_threads, stack.env)
+                if needs_worker
+                else None
+            )
+            try:
+                if direct and "overhead" in benches:
+                    say("overhead: sequential jobs, direct and service blocks in turn")
+                    jobs = args.jobs or (3 if quick else 20)
+                    result = overhead(
+                        stack.url, model.name, direct, params, jobs, min(args.block, jobs), args.poll
+                    )
+                    results["overhead"] = {**common, "direct": direct.wait_ready(), "workers": args.workers}
+                    results["overhead"]["result"] = result
+                if direct and "throughput" in benches:
+                    say("throughput: concurrent clients")
+                    levels = args.clients or ([1, 4] if quick else [1, 4, 16, 32])
+                    min_jobs = args.min_jobs or (2 if quick else 16)
+                    result = throughput(
+                        stack.url,
+                        model.name,
+                        direct,
+                        params,
+                        levels,
+                        min_jobs,
+                        2 if quick else 5,
+                        args.concurrent_poll,
+                    )
+                    results["throughput"] = {**common, "direct": direct.wait_ready(), "workers": args.workers}
+                    results["throughput"]["result"] = result
+            finally:
+                if direct:
+                    direct.close()
+            if "frontend" in benches:
+                say("frontend: wrk on status reads, then submits")
+                result = frontend(
+                    stack.url,
+                    stack.redis.client(),
+                    stack.tmp,
+                    args.seconds or (1 if quick else 10),
+                    args.connections,
+                    20 if quick else 200,
+                    params.body(model.name, 1),
+                )
+                results["frontend"] = {**common, "result": result}
+        if profile_dir:
+            for name in results:
+                results[name]["profile"] = {
+                    p.stem: summarize(
+                        p, within="generate (worker/jobs.py)" if p.stem.startswith("w") else None
+                    )
+                    for p in sorted(profile_dir.glob("*.txt"))
+                }
+    for name, data in results.items():
+        _write(args.out, names.get(name, name) + suffix, {"benchmark": name, **data})
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv
+    if args.what == "gpu":
+        from bench import gpu_sd15
+
+        return gpu_sd15.main(["--out", str(args.out / "gpu_sd15.json")])
+    if args.what != "report":
+        run_service(args, list(SERVICE_BENCHES) if args.what == "all" else [args.what])
+    if not args.no_docs:
+        report.update_docs(args.docs, args.out)
+        say(f"updated {args.docs}")
+    return 0
