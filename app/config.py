@@ -37,6 +37,9 @@ class ApiSettings(CommonSettings):
     sync_timeout: float = Field(
         default=120.0, gt=0, description="Seconds the OpenAI-style endpoint waits for its job."
     )
+    max_body_bytes: int = Field(
+        default=64 * 1024, ge=1024, description="Largest request body; larger ones get 413 unread."
+    )
     public_url: str | None = Field(
         default=None, description="Base URL used in absolute image links (OpenAI `url` responses)."
     )

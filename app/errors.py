@@ -130,7 +130,7 @@ def _validation_message(err: dict[str, Any]) -> str:
     return f"{field}: {msg}" if field else msg
 
 
-_HTTP_CODES = {404: ErrorCode.NOT_FOUND, 405: "method_not_allowed", 413: "payload_too_large"}
+_HTTP_CODES = {404: ErrorCode.NOT_FOUND, 405: "method_not_allowed", 413: ErrorCode.PAYLOAD_TOO_LARGE}
 
 # Documented on every route that can produce them.
 COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {

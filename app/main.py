@@ -12,6 +12,7 @@ from fastapi import FastAPI
 import latentd
 from app.config import ApiSettings, get_settings
 from app.errors import install_error_handlers
+from app.limits import BodySizeLimit
 from app.metrics import Metrics, MetricsMiddleware
 from app.routes import generations, openai, system
 from app.serving import GenerationService
@@ -58,6 +59,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.include_router(generations.router)
     app.include_router(openai.router)

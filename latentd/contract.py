@@ -34,6 +34,7 @@ class JobStatus(enum.StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELED = "canceled"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
 
     def is_terminal(self) -> bool:
         return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
@@ -73,6 +74,7 @@ class ErrorCode(enum.StrEnum):
     SERVICE_UNAVAILABLE = "service_unavailable"
     WAIT_TIMEOUT = "wait_timeout"
     CANCELED = "canceled"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
     INTERNAL_ERROR = "internal_error"
     # Job failures (worker side)
     INVALID_PARAMETERS = "invalid_parameters"

@@ -4,6 +4,7 @@ completed exactly once; a stopped worker finishes its job first."""
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,3 +158,46 @@ def test_sigterm_finishes_the_current_job_takes_no_new_one_and_exits_0(cluster: 
     assert worker.proc.wait(90) == 0
     assert cluster.status(running)["status"] == "succeeded"
     assert cluster.status(waiting)["status"] == "queued"
+
+
+def test_redis_restart_keeps_every_accepted_job(cluster: Cluster) -> None:
+    # Register a worker so submits are accepted, then stop it: jobs wait in the queue.
+    worker = cluster.worker("a")
+    worker.stop()
+    cluster.redis.client().set(
+        "latentd:worker:holder",
+        '{"name":"holder","model":"tiny","device":"cpu","pid":1,"hostname":"h","started_at":0}',
+        ex=30,
+    )
+    cluster.redis.client().sadd("latentd:workers", "holder")
+    accepted = [cluster.submit({"prompt": f"job {i}", "steps": 1}) for i in range(5)]
+    cluster.redis.stop()  # SIGTERM: Redis flushes its AOF
+    cluster.redis.start()  # same port, same directory
+    assert all(cluster.status(job_id)["status"] == "queued" for job_id in accepted)
+    worker = cluster.worker("b")
+    try:
+        assert all(cluster.wait_terminal(job_id)["status"] == "succeeded" for job_id in accepted)
+    finally:
+        worker.stop()
+
+
+def test_workers_ride_out_a_redis_outage(cluster: Cluster) -> None:
+    worker = cluster.worker("a")
+    try:
+        assert (
+            cluster.wait_terminal(cluster.submit({"prompt": "before", "steps": 1}))["status"] == "succeeded"
+        )
+        cluster.redis.stop()
+        outage = httpx.post(f"{cluster.url}/v1/generations", json={"prompt": "during"})
+        assert outage.status_code == 503 and outage.headers["retry-after"]
+        time.sleep(3)
+        cluster.redis.start()
+        # Neither the API nor the worker was restarted.
+        wait_until(
+            lambda: httpx.get(f"{cluster.url}/v1/models").json()["data"], 30, what="worker re-registered"
+        )
+        after = cluster.wait_terminal(cluster.submit({"prompt": "after", "steps": 1}))
+        assert after["status"] == "succeeded"
+        assert worker.proc.poll() is None
+    finally:
+        worker.stop()

@@ -160,3 +160,22 @@ def test_openapi_documents_every_route_and_error(client: TestClient) -> None:
     assert {"202", "400", "422", "429", "503"} <= set(submit)
     assert {"404", "409"} <= set(paths["/v1/generations/{job_id}/cancel"]["post"]["responses"])
     assert client.get("/docs").status_code == 200
+
+
+def test_oversized_bodies_get_413_with_or_without_content_length(
+    client: TestClient, redis_client: redis.Redis
+) -> None:
+    big = b'{"prompt": "' + b"x" * 70_000 + b'"}'
+    response = client.post("/v1/generations", content=big, headers={"content-type": "application/json"})
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "payload_too_large"
+
+    def chunks() -> Iterator[bytes]:
+        yield b'{"prompt": "'
+        for _ in range(100):
+            yield b"x" * 1000
+        yield b'"}'
+
+    response = client.post("/v1/generations", content=chunks(), headers={"content-type": "application/json"})
+    assert response.status_code == 413
+    assert nothing_enqueued(redis_client)
