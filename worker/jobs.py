@@ -22,7 +22,7 @@ from latentd.contract import DURATION_BUCKETS, ErrorCode, JobError, JobPayload, 
 from latentd.logs import event
 from worker.config import WorkerSettings
 from worker.encode import encode
-from worker.pipeline import Runner
+from worker.pipeline import Runner, free_accelerator_memory
 
 log = logging.getLogger("latentd.worker")
 
@@ -91,8 +91,8 @@ def _classify(exc: BaseException, payload: JobPayload) -> JobFailure:
     if isinstance(exc, torch.OutOfMemoryError):
         return JobFailure(
             ErrorCode.OUT_OF_MEMORY,
-            f"out of accelerator memory for {payload.num_images} image(s) of "
-            f"{payload.width}x{payload.height}; try a smaller size or fewer images",
+            f"out of accelerator memory for even one {payload.width}x{payload.height} image "
+            f"(the request asked for {payload.num_images}); try a smaller size",
         )
     if isinstance(exc, ValueError):
         # diffusers raises ValueError for parameters a model cannot take; its message is for users.
@@ -224,8 +224,8 @@ def generate(raw_payload: dict[str, Any]) -> dict[str, Any]:
         failure = _classify(exc, payload if "payload" in locals() else _fallback(raw_payload))
         if _device_is_broken(exc):
             rt.fatal = True
-        if failure.code is ErrorCode.OUT_OF_MEMORY and torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        if failure.code is ErrorCode.OUT_OF_MEMORY:
+            free_accelerator_memory()
         error = JobError(code=failure.code, message=failure.message)
         p = r.pipeline(transaction=False)
         p.hset(

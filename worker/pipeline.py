@@ -7,6 +7,7 @@ that may interrupt the run (cancellation).
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from collections.abc import Callable
@@ -145,11 +146,38 @@ class Runner:
         return self._schedulers[name]
 
     def generate(self, payload: JobPayload, on_step: StepCallback) -> tuple[list[Image.Image], bool]:
-        """Run one job; returns the images and whether the run was interrupted."""
+        """Run one job; returns the images and whether the run was interrupted.
+
+        On an accelerator out-of-memory error the images are split in two halves, each run
+        on its own (every image keeps its own generator); a single image that still does not
+        fit raises `torch.OutOfMemoryError` to the caller.
+        """
         self.pipe.scheduler = self._scheduler(payload.scheduler)
-        n = payload.num_images
+        images: list[Image.Image] = []
+        pending = [list(range(payload.num_images))]
+        while pending:
+            indices = pending.pop(0)
+            try:
+                chunk, interrupted = self._run(payload, indices, on_step)
+            except torch.OutOfMemoryError:
+                free_accelerator_memory()
+                if len(indices) == 1:
+                    raise
+                half = len(indices) // 2
+                event(log, "out_of_memory_split", logging.WARNING, job_id=payload.job_id, images=len(indices))
+                pending[:0] = [indices[:half], indices[half:]]
+                continue
+            if interrupted:
+                return images, True
+            images.extend(chunk)
+        return images, False
+
+    def _run(
+        self, payload: JobPayload, indices: list[int], on_step: StepCallback
+    ) -> tuple[list[Image.Image], bool]:
+        n = len(indices)
         # CPU generators: the same seed gives the same latents on any device and in any batch.
-        generators = [torch.Generator("cpu").manual_seed(payload.image_seed(i)) for i in range(n)]
+        generators = [torch.Generator("cpu").manual_seed(payload.image_seed(i)) for i in indices]
         interrupted = False
 
         def step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -172,6 +200,12 @@ class Runner:
                 output_type="pil",
             )
         return list(result.images), interrupted
+
+
+def free_accelerator_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def load_runner(settings: WorkerSettings) -> Runner:

@@ -1,0 +1,77 @@
+"""The pipeline runner in-process, on the tiny model: out-of-memory recovery.
+
+No accelerator here, so the test makes the real UNet raise torch's own
+OutOfMemoryError for batches over a size, as a too-small GPU would.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from latentd.contract import JobPayload
+from worker.pipeline import Runner, load_pipeline
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_model_dir: Path) -> Runner:
+    pipe = load_pipeline(str(tiny_model_dir), torch.device("cpu"), torch.float32, tiny_model_dir)
+    return Runner(pipe=pipe, device=torch.device("cpu"), model="tiny")
+
+
+def payload(n: int) -> JobPayload:
+    return JobPayload(
+        job_id="oom", model="tiny", prompt="a red circle", width=64, height=64, steps=2,
+        guidance_scale=5.0, seed=11, num_images=n,
+    )  # fmt: skip
+
+
+def limit_unet_batch(runner: Runner, monkeypatch: pytest.MonkeyPatch, max_batch: int) -> list[int]:
+    seen: list[int] = []
+    real = runner.pipe.unet.forward
+
+    def forward(sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        seen.append(sample.shape[0])
+        if sample.shape[0] > max_batch:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(sample, *args, **kwargs)
+
+    monkeypatch.setattr(runner.pipe.unet, "forward", forward)
+    return seen
+
+
+def never(done: int, total: int) -> bool:
+    return False
+
+
+def test_out_of_memory_splits_the_batch_and_keeps_each_images_seed(
+    runner: Runner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alone = [
+        np.asarray(runner.generate(payload(1).model_copy(update={"seed": 11 + i}), never)[0][0])
+        for i in range(4)
+    ]
+    seen = limit_unet_batch(runner, monkeypatch, max_batch=2)  # one image with guidance = a batch of 2
+    images, interrupted = runner.generate(payload(4), never)
+    assert not interrupted and len(images) == 4
+    assert 8 in seen and 4 in seen and seen[-1] == 2  # 4 images, then 2, then 1 at a time
+    for got, want in zip(images, alone, strict=True):
+        assert np.abs(np.asarray(got).astype(int) - want.astype(int)).max() <= 1
+
+
+def test_a_single_image_that_does_not_fit_raises(runner: Runner, monkeypatch: pytest.MonkeyPatch) -> None:
+    limit_unet_batch(runner, monkeypatch, max_batch=1)
+    with pytest.raises(torch.OutOfMemoryError):
+        runner.generate(payload(2), never)
+
+
+def test_out_of_memory_fails_the_job_with_a_message_naming_the_size() -> None:
+    from worker.jobs import _classify
+
+    failure = _classify(torch.OutOfMemoryError("CUDA out of memory"), payload(3))
+    assert failure.code == "out_of_memory"
+    assert "64x64" in failure.message and "3" in failure.message
