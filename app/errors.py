@@ -92,6 +92,11 @@ class NotCancelable(ServiceError):
     code = ErrorCode.NOT_CANCELABLE
 
 
+class IdempotencyConflict(ServiceError):
+    status_code = 409
+    code = ErrorCode.IDEMPOTENCY_CONFLICT
+
+
 class NotReady(ServiceError):
     status_code = 409
     code = ErrorCode.NOT_READY

@@ -7,6 +7,7 @@ progress, error and image metadata under `Keys.state(job_id)`.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import secrets
 import time
@@ -22,7 +23,15 @@ from rq.serializers import JSONSerializer
 from starlette.concurrency import run_in_threadpool
 
 from app.config import ApiSettings
-from app.errors import Expired, InvalidRequest, ModelUnavailable, NotCancelable, NotFound, QueueFull
+from app.errors import (
+    Expired,
+    IdempotencyConflict,
+    InvalidRequest,
+    ModelUnavailable,
+    NotCancelable,
+    NotFound,
+    QueueFull,
+)
 from app.protocol import (
     Generation,
     GenerationRequest,
@@ -139,9 +148,38 @@ class GenerationService:
             output_format=req.output_format,
         )
 
-    def submit(self, req: GenerationRequest) -> SubmitResponse:
+    def submit(self, req: GenerationRequest, idempotency_key: str | None = None) -> SubmitResponse:
         job_id = uuid.uuid4().hex
         payload = self.resolve(req, job_id)
+        if idempotency_key is None:
+            return self._enqueue(payload)
+        # Claim the key atomically; a replay finds the first claim and gets its job back.
+        key = Keys.idempotency(hashlib.sha256(idempotency_key.encode()).hexdigest())
+        digest = hashlib.sha256(req.model_dump_json().encode()).hexdigest()
+        earlier = self.redis.set(key, f"{job_id}:{digest}", nx=True, ex=self.settings.job_ttl, get=True)
+        if isinstance(earlier, bytes | str):
+            earlier_id, _, earlier_digest = as_text(earlier).partition(":")
+            if earlier_digest != digest:
+                raise IdempotencyConflict(
+                    "this Idempotency-Key was already used with a different request body",
+                    param="Idempotency-Key",
+                )
+            view = self.get(earlier_id)
+            return SubmitResponse(
+                id=view.id,
+                status=view.status,
+                queue_position=view.queue_position,
+                created_at=view.timings.created_at,
+                links=view.links,
+            )
+        try:
+            return self._enqueue(payload)
+        except BaseException:
+            self.redis.delete(key)  # nothing was accepted under this key
+            raise
+
+    def _enqueue(self, payload: JobPayload) -> SubmitResponse:
+        job_id = payload.job_id
         if not any(w.model == payload.model for w in self.live_workers()):
             served = sorted({w.model for w in self.live_workers()})
             raise ModelUnavailable(

@@ -35,6 +35,7 @@ class JobStatus(enum.StrEnum):
     FAILED = "failed"
     CANCELED = "canceled"
     PAYLOAD_TOO_LARGE = "payload_too_large"
+    IDEMPOTENCY_CONFLICT = "idempotency_conflict"
 
     def is_terminal(self) -> bool:
         return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
@@ -75,6 +76,7 @@ class ErrorCode(enum.StrEnum):
     WAIT_TIMEOUT = "wait_timeout"
     CANCELED = "canceled"
     PAYLOAD_TOO_LARGE = "payload_too_large"
+    IDEMPOTENCY_CONFLICT = "idempotency_conflict"
     INTERNAL_ERROR = "internal_error"
     # Job failures (worker side)
     INVALID_PARAMETERS = "invalid_parameters"
@@ -150,6 +152,11 @@ class Keys:
     def state(job_id: str) -> str:
         """Hash of progress, timings, error and image metadata written by the worker."""
         return f"{Keys.PREFIX}:job:{job_id}"
+
+    @staticmethod
+    def idempotency(digest: str) -> str:
+        """`job_id:body_digest` for an Idempotency-Key (stored by its digest)."""
+        return f"{Keys.PREFIX}:idempotency:{digest}"
 
     @staticmethod
     def cancel(job_id: str) -> str:

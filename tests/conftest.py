@@ -46,7 +46,10 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return self.url_for(0)
+
+    def url_for(self, db: int) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
 
     def client(self) -> redis.Redis:
         return redis.Redis.from_url(self.url)
@@ -80,10 +83,14 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.stop()
 
 
+# Tests that flush their database use this one, apart from the shared service's db 0.
+PRIVATE_DB = 15
+
+
 @pytest.fixture
 def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
-    """A client on a flushed database (unit-level tests that own the whole database)."""
-    client = redis_server.client()
+    """A client on a flushed database of its own (`PRIVATE_DB`), never the one the shared service uses."""
+    client = redis.Redis.from_url(redis_server.url_for(PRIVATE_DB))
     client.flushdb()
     yield client
     client.close()

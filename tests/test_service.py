@@ -237,3 +237,18 @@ def test_health_ready_and_metrics(service: Service) -> None:
     assert f'latentd_job_duration_seconds_count{{model="{TINY_MODEL}"}}' in text
     assert 'latentd_http_requests_total{method="POST",route="/v1/generations",status="202"}' in text
     assert "latentd_redis_up 1.0" in text
+
+
+def test_idempotency_key_returns_the_same_job(service: Service) -> None:
+    body = {"prompt": "a retried submit", "steps": 1}
+    headers = {"Idempotency-Key": "order-42-attempt"}
+    first = service.http.post("/v1/generations", json=body, headers=headers)
+    second = service.http.post("/v1/generations", json=body, headers=headers)
+    assert first.status_code == second.status_code == 202
+    assert first.json()["id"] == second.json()["id"]
+    other = service.http.post("/v1/generations", json={**body, "steps": 2}, headers=headers)
+    assert other.status_code == 409
+    assert other.json()["error"]["code"] == "idempotency_conflict"
+    assert service.wait_terminal(first.json()["id"])["status"] == "succeeded"
+    fresh = service.http.post("/v1/generations", json=body, headers={"Idempotency-Key": "another"})
+    assert fresh.json()["id"] != first.json()["id"]

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from app.config import ApiSettings
 from app.main import create_app
-from tests.conftest import RedisServer
+from tests.conftest import PRIVATE_DB, RedisServer
 
 VALID = {"prompt": "a red circle"}
 
@@ -19,7 +19,7 @@ VALID = {"prompt": "a red circle"}
 @pytest.fixture
 def client(redis_server: RedisServer, redis_client: redis.Redis) -> Iterator[TestClient]:
     settings = ApiSettings(
-        redis_url=redis_server.url, default_model="tiny", max_pixels=512 * 512, max_images=4
+        redis_url=redis_server.url_for(PRIVATE_DB), default_model="tiny", max_pixels=512 * 512, max_images=4
     )
     with TestClient(create_app(settings)) as c:
         yield c

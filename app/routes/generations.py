@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Request, Response
+from fastapi import APIRouter, Header, Path, Request, Response
 from fastapi.responses import JSONResponse
 
 from app.deps import ServiceDep
@@ -29,6 +29,7 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {
             "model": ErrorResponse,
             "description": "No live worker serves the model (`model_unavailable`).",
         },
+        409: {"model": ErrorResponse, "description": "Idempotency-Key reused with another body."},
         429: {
             "model": ErrorResponse,
             "description": "The model's queue is full (`queue_full`); see Retry-After.",
@@ -36,8 +37,19 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {
     },
     summary="Submit a generation",
 )
-def submit(body: GenerationRequest, service: ServiceDep) -> JSONResponse:
-    accepted = service.submit(body)
+def submit(
+    body: GenerationRequest,
+    service: ServiceDep,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            min_length=1,
+            max_length=255,
+            description="Retry-safe submits: the same key and body return the same job.",
+        ),
+    ] = None,
+) -> JSONResponse:
+    accepted = service.submit(body, idempotency_key)
     return JSONResponse(
         accepted.model_dump(mode="json"), status_code=202, headers={"Location": accepted.links.self}
     )
