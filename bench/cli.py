@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -153,6 +154,7 @@ def run_service(args: argparse.Namespace, benches: list[str]) -> dict[str, dict[
                         min_jobs,
                         2 if quick else 5,
                         args.concurrent_poll,
+                        1 if quick else 2,
                     )
                     results["throughput"] = {**common, "direct": direct.wait_ready(), "workers": args.workers}
                     results["throughput"]["result"] = result
@@ -172,13 +174,14 @@ def run_service(args: argparse.Namespace, benches: list[str]) -> dict[str, dict[
                 )
                 results["frontend"] = {**common, "result": result}
         if profile_dir:
+            # The raw stacks stay on disk (ignored by git) for flame graphs: flamegraph.pl or speedscope.
+            keep = ROOT / ".latentd" / "bench-profiles"
+            keep.mkdir(parents=True, exist_ok=True)
+            for raw in profile_dir.glob("*.txt"):
+                shutil.copy(raw, keep / f"{'-'.join(benches)}-{raw.name}")
+            say(f"raw py-spy stacks in {keep}")
             for name in results:
-                results[name]["profile"] = {
-                    p.stem: summarize(
-                        p, within="generate (worker/jobs.py)" if p.stem.startswith("w") else None
-                    )
-                    for p in sorted(profile_dir.glob("*.txt"))
-                }
+                results[name]["profile"] = {p.stem: summarize(p) for p in sorted(profile_dir.glob("*.txt"))}
     for name, data in results.items():
         _write(args.out, names.get(name, name) + suffix, {"benchmark": name, **data})
     return results

@@ -156,11 +156,25 @@ def service_markdown(out: Path) -> str:
             )
     for path in sorted(out.glob("*-profiled.json")) if out.exists() else []:
         data = json.loads(path.read_text())
-        lines += ["", f"Profile (py-spy, `{path.name}`, wall-clock samples incl. idle):", ""]
+        lines += [
+            "",
+            f"Profile (py-spy at 200 Hz; the API's samples only where a thread held the GIL, the "
+            f"worker's all threads; {_run_line(path.stem, data)[2:]}):",
+            "",
+        ]
         for process, prof in data.get("profile", {}).items():
-            scope = f" within `{prof['within']}`" if prof.get("within") else ""
-            top = ", ".join(f"`{f['function']}` {f['share'] * 100:.0f} %" for f in prof["inclusive"][:10])
-            lines.append(f"- {process}{scope}, {prof['samples']} samples, inclusive: {top}")
+            cats = ", ".join(
+                f"{c['name']} {c['share'] * 100:.0f} %" for c in prof["busy_categories"] if c["share"] >= 0.01
+            )
+            hot = ", ".join(f"`{f['name']}` {f['share'] * 100:.0f} %" for f in prof["self"][:5])
+            callers = ", ".join(
+                f"`{f['name']}` {f['share'] * 100:.0f} %" for f in prof["redis_by_caller"][:4]
+            )
+            lines.append(
+                f"- {process}, {prof['samples']} samples, {prof['idle_share'] * 100:.0f} % idle or waiting "
+                f"for work; of the rest: {cats}. Hottest functions (all samples): {hot}. "
+                f"Redis time by caller (all samples): {callers}."
+            )
     return "\n".join(lines)
 
 

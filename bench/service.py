@@ -69,6 +69,13 @@ def _breakdown(
 
 
 def run_job(http: httpx.Client, body: dict[str, Any], poll: float) -> dict[str, Any]:
+    try:
+        return _run_job(http, body, poll)
+    except httpx.HTTPStatusError as exc:  # counted as a failed job, the run goes on
+        return {"status": f"http_{exc.response.status_code}"}
+
+
+def _run_job(http: httpx.Client, body: dict[str, Any], poll: float) -> dict[str, Any]:
     sent = time.time()
     accepted_response = http.post("/v1/generations", json=body)
     accepted_response.raise_for_status()
@@ -135,6 +142,15 @@ def overhead(
 
 
 async def _run_job_async(http: httpx.AsyncClient, body: dict[str, Any], poll: float) -> dict[str, Any]:
+    try:
+        return await _run_job_async_unchecked(http, body, poll)
+    except httpx.HTTPStatusError as exc:
+        return {"status": f"http_{exc.response.status_code}"}
+
+
+async def _run_job_async_unchecked(
+    http: httpx.AsyncClient, body: dict[str, Any], poll: float
+) -> dict[str, Any]:
     sent = time.time()
     response = await http.post("/v1/generations", json=body)
     if response.status_code != 202:
@@ -177,6 +193,7 @@ def throughput(
     min_jobs: int,
     direct_block: int,
     poll: float,
+    min_per_client: int = 2,
 ) -> dict[str, Any]:
     """For each number of concurrent clients: images/s through the service vs the direct loop."""
     results = []
@@ -186,7 +203,8 @@ def throughput(
     for clients in levels:
         d = direct.run([params.pipeline(seed) for seed in range(direct_block)])
         direct_rate = len(d["generate_s"]) / sum(d["generate_s"])
-        per_client = max(1, math.ceil(min_jobs / clients))
+        # At least two jobs per client, so each level runs in steady state and not as one burst.
+        per_client = max(min_per_client, math.ceil(min_jobs / clients))
         started, rows = asyncio.run(_clients(url, model, params, clients, per_client, poll))
         ok = [r for r in rows if r["status"] == "succeeded"]
         wall = max(r["finished"] for r in ok) - started if ok else math.nan

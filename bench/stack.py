@@ -66,7 +66,10 @@ def _spawn_under_py_spy(profile_dir: Path) -> Any:
     def spawn(args: list[str], env: dict[str, str], log: Path) -> Proc:
         handle = log.open("wb")
         out = profile_dir / f"{log.stem}.txt"
-        command = [binary, "record", "--format", "raw", "--rate", "200", "--idle", "-o", str(out)]
+        command = [binary, "record", "--format", "raw", "--rate", "200", "-o", str(out)]
+        if args[0] == "api":
+            # The API's cost is interpreter time: count only samples that hold the GIL.
+            command.append("--gil")
         proc = subprocess.Popen(
             [*command, "--", sys.executable, "-m", "latentd.cli", *args],
             env=env,
