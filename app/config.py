@@ -40,6 +40,12 @@ class ApiSettings(CommonSettings):
     max_body_bytes: int = Field(
         default=64 * 1024, ge=1024, description="Largest request body; larger ones get 413 unread."
     )
+    rate_limit_per_minute: int = Field(
+        default=600, ge=0, description="Requests per minute per API key (0: no limit); only with keys."
+    )
+    max_jobs_in_flight: int = Field(
+        default=32, ge=0, description="Queued plus running jobs per API key (0: no limit); only with keys."
+    )
     public_url: str | None = Field(
         default=None, description="Base URL used in absolute image links (OpenAI `url` responses)."
     )

@@ -97,6 +97,21 @@ class IdempotencyConflict(ServiceError):
     code = ErrorCode.IDEMPOTENCY_CONFLICT
 
 
+class Unauthorized(ServiceError):
+    status_code = 401
+    code = ErrorCode.UNAUTHORIZED
+
+
+class RateLimited(ServiceError):
+    status_code = 429
+    code = ErrorCode.RATE_LIMITED
+
+
+class TooManyJobs(ServiceError):
+    status_code = 429
+    code = ErrorCode.TOO_MANY_JOBS
+
+
 class NotReady(ServiceError):
     status_code = 409
     code = ErrorCode.NOT_READY
@@ -115,7 +130,9 @@ class WaitTimeout(ServiceError):
 def error_response(
     status_code: int, code: str, message: str, param: str | None = None, retry_after: int | None = None
 ) -> JSONResponse:
-    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
+    if status_code == 401:
+        headers["WWW-Authenticate"] = "Bearer"
     body = ErrorResponse(error=ErrorBody(code=code, message=message, param=param))
     return JSONResponse(body.model_dump(), status_code=status_code, headers=headers)
 
@@ -139,6 +156,7 @@ _HTTP_CODES = {404: ErrorCode.NOT_FOUND, 405: "method_not_allowed", 413: ErrorCo
 
 # Documented on every route that can produce them.
 COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "API keys exist and this request has none, or a wrong one."},
     422: {"model": ErrorResponse, "description": "Invalid request; `param` names the field."},
     503: {"model": ErrorResponse, "description": "Redis unreachable; retry after `Retry-After` seconds."},
 }

@@ -10,12 +10,14 @@ import redis
 from fastapi import FastAPI
 
 import latentd
+from app.auth import AuthState
 from app.config import ApiSettings, get_settings
 from app.errors import install_error_handlers
 from app.limits import BodySizeLimit
 from app.metrics import Metrics, MetricsMiddleware
 from app.routes import generations, openai, system
 from app.serving import GenerationService
+from latentd.contract import Keys
 from latentd.logs import event
 from latentd.store import check_eviction_policy
 
@@ -43,6 +45,22 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.service = service = GenerationService(connection, settings)
         app.state.metrics = metrics
+        app.state.auth = AuthState()
+        try:
+            keyed = bool(connection.hlen(Keys.API_KEYS))
+        except redis.ConnectionError:
+            keyed = False
+        if keyed:
+            event(log, "auth_required", keys="configured")
+        else:
+            event(
+                log,
+                "auth_open",
+                logging.WARNING,
+                note="no API keys configured: anyone who reaches this port can use it; "
+                "create one with `latentd keys create NAME`",
+                host=settings.host,
+            )
         metrics.watch_redis(service)
         event(
             log, "api_started", redis=pool.connection_kwargs.get("host"), default_model=settings.default_model

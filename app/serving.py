@@ -31,6 +31,7 @@ from app.errors import (
     NotCancelable,
     NotFound,
     QueueFull,
+    TooManyJobs,
 )
 from app.protocol import (
     Generation,
@@ -56,6 +57,24 @@ from latentd.contract import (
 )
 
 QUEUE_FULL_RETRY_AFTER = 5
+
+# Reserve an in-flight slot for an owner: drop members whose job has ended (or that
+# never became a job within a minute), then add this one if the owner is under its limit.
+# KEYS: the owner's in-flight set; ARGV: limit, job id, now, ttl.
+_RESERVE = """
+local members = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+for i = 1, #members, 2 do
+  local status = redis.call('HGET', 'rq:job:' .. members[i], 'status')
+  local ended = status == 'finished' or status == 'failed' or status == 'canceled' or status == 'stopped'
+  if ended or (not status and tonumber(members[i + 1]) < tonumber(ARGV[3]) - 60) then
+    redis.call('ZREM', KEYS[1], members[i])
+  end
+end
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
 
 
 @dataclass(frozen=True)
@@ -148,13 +167,16 @@ class GenerationService:
             output_format=req.output_format,
         )
 
-    def submit(self, req: GenerationRequest, idempotency_key: str | None = None) -> SubmitResponse:
+    def submit(
+        self, req: GenerationRequest, owner: str | None = None, idempotency_key: str | None = None
+    ) -> SubmitResponse:
         job_id = uuid.uuid4().hex
         payload = self.resolve(req, job_id)
         if idempotency_key is None:
-            return self._enqueue(payload)
+            return self._enqueue(payload, owner)
         # Claim the key atomically; a replay finds the first claim and gets its job back.
-        key = Keys.idempotency(hashlib.sha256(idempotency_key.encode()).hexdigest())
+        scoped = f"{owner or ''}\x00{idempotency_key}"  # one caller's key never reaches another's job
+        key = Keys.idempotency(hashlib.sha256(scoped.encode()).hexdigest())
         digest = hashlib.sha256(req.model_dump_json().encode()).hexdigest()
         earlier = self.redis.set(key, f"{job_id}:{digest}", nx=True, ex=self.settings.job_ttl, get=True)
         if isinstance(earlier, bytes | str):
@@ -164,7 +186,7 @@ class GenerationService:
                     "this Idempotency-Key was already used with a different request body",
                     param="Idempotency-Key",
                 )
-            view = self.get(earlier_id)
+            view = self.get(earlier_id, owner)
             return SubmitResponse(
                 id=view.id,
                 status=view.status,
@@ -173,12 +195,25 @@ class GenerationService:
                 links=view.links,
             )
         try:
-            return self._enqueue(payload)
+            return self._enqueue(payload, owner)
         except BaseException:
             self.redis.delete(key)  # nothing was accepted under this key
             raise
 
-    def _enqueue(self, payload: JobPayload) -> SubmitResponse:
+    def _reserve_slot(self, owner: str, job_id: str) -> None:
+        limit = self.settings.max_jobs_in_flight
+        if not limit:
+            return
+        granted = self.redis.eval(
+            _RESERVE, 1, Keys.in_flight(owner), limit, job_id, time.time(), self.settings.job_ttl
+        )
+        if not granted:
+            raise TooManyJobs(
+                f"this API key has {limit} jobs queued or running; wait for one to end",
+                retry_after=QUEUE_FULL_RETRY_AFTER,
+            )
+
+    def _enqueue(self, payload: JobPayload, owner: str | None) -> SubmitResponse:
         job_id = payload.job_id
         if not any(w.model == payload.model for w in self.live_workers()):
             served = sorted({w.model for w in self.live_workers()})
@@ -193,23 +228,34 @@ class GenerationService:
                 f"the queue for '{payload.model}' holds {self.settings.max_queue_depth} jobs; retry later",
                 retry_after=QUEUE_FULL_RETRY_AFTER,
             )
-        job = queue.enqueue(
-            JOB_FUNCTION,
-            payload.model_dump(mode="json"),
-            job_id=job_id,
-            job_timeout=self.settings.job_timeout,
-            result_ttl=self.settings.job_ttl,
-            failure_ttl=self.settings.job_ttl,
-            # Retries are only spent on jobs whose worker died; the worker fails real errors at once.
-            retry=Retry(max=self.settings.max_attempts - 1) if self.settings.max_attempts > 1 else None,
-            description=f"generate model={payload.model}",
-        )
+        if owner is not None:
+            self._reserve_slot(owner, job_id)
+        try:
+            job = self._rq_enqueue(queue, payload, owner)
+        except BaseException:
+            if owner is not None:
+                self.redis.zrem(Keys.in_flight(owner), job_id)
+            raise
         return SubmitResponse(
             id=job_id,
             status=JobStatus.QUEUED,
             queue_position=queue.get_job_position(job_id),
             created_at=_aware(job.created_at) or datetime.now(UTC),
             links=self.links(job_id),
+        )
+
+    def _rq_enqueue(self, queue: Queue, payload: JobPayload, owner: str | None) -> Job:
+        return queue.enqueue(
+            JOB_FUNCTION,
+            payload.model_dump(mode="json"),
+            job_id=payload.job_id,
+            job_timeout=self.settings.job_timeout,
+            result_ttl=self.settings.job_ttl,
+            failure_ttl=self.settings.job_ttl,
+            # Retries are only spent on jobs whose worker died; the worker fails real errors at once.
+            retry=Retry(max=self.settings.max_attempts - 1) if self.settings.max_attempts > 1 else None,
+            description=f"generate model={payload.model}",
+            meta={"owner": owner} if owner is not None else None,
         )
 
     # -- read ------------------------------------------------------------------
@@ -219,14 +265,18 @@ class GenerationService:
         base = f"/v1/generations/{job_id}"
         return Links(self=base, cancel=f"{base}/cancel")
 
-    def fetch_job(self, job_id: str) -> Job:
+    def fetch_job(self, job_id: str, owner: str | None) -> Job:
+        """The job, if it exists and the caller may see it: another key's job is as unknown."""
         try:
-            return Job.fetch(job_id, connection=self.redis, serializer=JSONSerializer)
+            job = Job.fetch(job_id, connection=self.redis, serializer=JSONSerializer)
         except NoSuchJobError:
-            raise NotFound(f"no generation with id '{job_id}'", param="id") from None
+            job = None
+        if job is None or (owner is not None and job.meta.get("owner") != owner):
+            raise NotFound(f"no generation with id '{job_id}'", param="id")
+        return job
 
-    def get(self, job_id: str) -> Generation:
-        return self.view(self.fetch_job(job_id))
+    def get(self, job_id: str, owner: str | None = None) -> Generation:
+        return self.view(self.fetch_job(job_id, owner))
 
     def view(self, job: Job) -> Generation:
         payload = JobPayload.model_validate(job.args[0])
@@ -286,8 +336,8 @@ class GenerationService:
             links=self.links(job.id),
         )
 
-    def image(self, job_id: str, index: int) -> ImageBlob:
-        job = self.fetch_job(job_id)
+    def image(self, job_id: str, index: int, owner: str | None = None) -> ImageBlob:
+        job = self.fetch_job(job_id, owner)
         status = JobStatus.from_rq(job.get_status(refresh=False))
         if status is not JobStatus.SUCCEEDED:
             raise NotFound(f"generation '{job_id}' has no images (status {status.value})", param="id")
@@ -306,8 +356,8 @@ class GenerationService:
 
     # -- cancel ----------------------------------------------------------------
 
-    def cancel(self, job_id: str) -> Generation:
-        job = self.fetch_job(job_id)
+    def cancel(self, job_id: str, owner: str | None = None) -> Generation:
+        job = self.fetch_job(job_id, owner)
         status = JobStatus.from_rq(job.get_status(refresh=True))
         if status.is_terminal():
             raise NotCancelable(f"generation '{job_id}' already ended with status {status.value}", param="id")
@@ -316,7 +366,7 @@ class GenerationService:
         self.redis.set(Keys.cancel(job_id), b"1", ex=self.settings.job_ttl)
         if status is JobStatus.QUEUED:
             self._cancel_queued(job)
-        return self.view(self.fetch_job(job_id))
+        return self.view(self.fetch_job(job_id, owner))
 
     def _cancel_queued(self, job: Job) -> None:
         """Cancel a job still in its queue, unless a worker takes it meanwhile."""
@@ -334,11 +384,13 @@ class GenerationService:
 
     # -- waiting (OpenAI-style endpoint) -----------------------------------------
 
-    async def wait(self, job_id: str, timeout: float, interval: float = 0.05) -> Generation:
+    async def wait(
+        self, job_id: str, owner: str | None, timeout: float, interval: float = 0.05
+    ) -> Generation:
         """Poll until the job ends or `timeout` passes; the event loop stays free meanwhile."""
         deadline = time.monotonic() + timeout
         while True:
-            view = await run_in_threadpool(self.get, job_id)
+            view = await run_in_threadpool(self.get, job_id, owner)
             if view.status.is_terminal() or time.monotonic() >= deadline:
                 return view
             await asyncio.sleep(interval)

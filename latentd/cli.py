@@ -118,6 +118,33 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    import redis
+
+    from latentd import keys
+
+    if args.action != "list" and not args.name.strip():
+        print(f"latentd keys {args.action}: a NAME is required", file=sys.stderr)
+        return 2
+    connection = redis.Redis.from_url(args.redis_url or CommonSettings().effective_redis_url)
+    if args.action == "create":
+        try:
+            key = keys.create(connection, args.name)
+        except ValueError as exc:
+            print(f"latentd keys: {exc}", file=sys.stderr)
+            return 1
+        print(key)
+        print(f"key '{args.name}' created; it is shown only this once", file=sys.stderr)
+    elif args.action == "revoke":
+        if not keys.revoke(connection, args.name):
+            print(f"latentd keys: no key named '{args.name}'", file=sys.stderr)
+            return 1
+    else:
+        for entry in keys.list_keys(connection):
+            print(entry["name"])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latentd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -134,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--redis-port", type=int, default=None, help="embedded Redis port (a free one by default)"
     )
     up.set_defaults(func=cmd_up)
+
+    keys = sub.add_parser("keys", help="API keys: create NAME (prints the key once), list, revoke NAME")
+    keys.add_argument("action", choices=["create", "list", "revoke"])
+    keys.add_argument("name", nargs="?", default="")
+    keys.add_argument("--redis-url", help="the Redis the API uses (default: LATENTD_REDIS_URL)")
+    keys.set_defaults(func=cmd_keys)
 
     gen = sub.add_parser("generate", help="submit a prompt, show progress, save the images")
     gen.add_argument("prompt")

@@ -36,6 +36,9 @@ class JobStatus(enum.StrEnum):
     CANCELED = "canceled"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     IDEMPOTENCY_CONFLICT = "idempotency_conflict"
+    UNAUTHORIZED = "unauthorized"
+    RATE_LIMITED = "rate_limited"
+    TOO_MANY_JOBS = "too_many_jobs"
 
     def is_terminal(self) -> bool:
         return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
@@ -77,6 +80,9 @@ class ErrorCode(enum.StrEnum):
     CANCELED = "canceled"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     IDEMPOTENCY_CONFLICT = "idempotency_conflict"
+    UNAUTHORIZED = "unauthorized"
+    RATE_LIMITED = "rate_limited"
+    TOO_MANY_JOBS = "too_many_jobs"
     INTERNAL_ERROR = "internal_error"
     # Job failures (worker side)
     INVALID_PARAMETERS = "invalid_parameters"
@@ -127,6 +133,18 @@ class Keys:
 
     PREFIX = "latentd"
     WORKERS = f"{PREFIX}:workers"
+    # Hash sha256(key) -> {"name", "created_at"}: API keys, stored only as digests.
+    API_KEYS = f"{PREFIX}:apikeys"
+
+    @staticmethod
+    def rate(owner: str, minute: int) -> str:
+        return f"{Keys.PREFIX}:rate:{owner}:{minute}"
+
+    @staticmethod
+    def in_flight(owner: str) -> str:
+        """Sorted set of the owner's jobs that may not have ended yet."""
+        return f"{Keys.PREFIX}:inflight:{owner}"
+
     # Hash "model|status|error_code" -> count of jobs that ended so.
     OUTCOMES = f"{PREFIX}:stats:outcomes"
 

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Path, Request, Response
 from fastapi.responses import JSONResponse
 
+from app.auth import PrincipalDep
 from app.deps import ServiceDep
 from app.errors import COMMON_RESPONSES, ErrorResponse
 from app.protocol import Generation, GenerationRequest, SubmitResponse
@@ -40,6 +41,7 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {
 def submit(
     body: GenerationRequest,
     service: ServiceDep,
+    caller: PrincipalDep,
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -49,7 +51,7 @@ def submit(
         ),
     ] = None,
 ) -> JSONResponse:
-    accepted = service.submit(body, idempotency_key)
+    accepted = service.submit(body, caller.owner, idempotency_key)
     return JSONResponse(
         accepted.model_dump(mode="json"), status_code=202, headers={"Location": accepted.links.self}
     )
@@ -61,8 +63,8 @@ def submit(
     responses={**COMMON_RESPONSES, **NOT_FOUND},
     summary="Status, progress, timings and image links of a generation",
 )
-def get_generation(job_id: JobId, service: ServiceDep) -> Generation:
-    return service.get(job_id)
+def get_generation(job_id: JobId, service: ServiceDep, caller: PrincipalDep) -> Generation:
+    return service.get(job_id, caller.owner)
 
 
 @router.post(
@@ -76,8 +78,8 @@ def get_generation(job_id: JobId, service: ServiceDep) -> Generation:
     },
     summary="Cancel a queued or running generation",
 )
-def cancel_generation(job_id: JobId, service: ServiceDep) -> JSONResponse:
-    view = service.cancel(job_id)
+def cancel_generation(job_id: JobId, service: ServiceDep, caller: PrincipalDep) -> JSONResponse:
+    view = service.cancel(job_id, caller.owner)
     return JSONResponse(view.model_dump(mode="json"), status_code=200 if view.status.is_terminal() else 202)
 
 
@@ -96,9 +98,13 @@ def cancel_generation(job_id: JobId, service: ServiceDep) -> JSONResponse:
     summary="Download one image of a generation",
 )
 def get_image(
-    job_id: JobId, index: Annotated[int, Path(ge=0, le=63)], request: Request, service: ServiceDep
+    job_id: JobId,
+    index: Annotated[int, Path(ge=0, le=63)],
+    request: Request,
+    service: ServiceDep,
+    caller: PrincipalDep,
 ) -> Response:
-    blob = service.image(job_id, index)
+    blob = service.image(job_id, index, caller.owner)
     headers = {
         "ETag": blob.etag,
         # Content never changes for a given id and index, but it expires with the results TTL.

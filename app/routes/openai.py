@@ -8,6 +8,7 @@ import time
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
+from app.auth import PrincipalDep
 from app.deps import ServiceDep, SettingsDep
 from app.errors import COMMON_RESPONSES, ErrorResponse, InvalidRequest, ServiceError, WaitTimeout
 from app.protocol import GenerationRequest, OpenAIImage, OpenAIImageRequest, OpenAIImageResponse
@@ -48,7 +49,11 @@ def _parse_size(size: str) -> tuple[int, int]:
     summary="OpenAI-compatible image generation (waits for the result)",
 )
 async def create_image(
-    body: OpenAIImageRequest, request: Request, service: ServiceDep, settings: SettingsDep
+    body: OpenAIImageRequest,
+    request: Request,
+    service: ServiceDep,
+    settings: SettingsDep,
+    caller: PrincipalDep,
 ) -> OpenAIImageResponse:
     width, height = _parse_size(body.size) if body.size else (None, None)
     req = GenerationRequest.model_validate(
@@ -61,18 +66,18 @@ async def create_image(
         }
     )
     try:
-        accepted = await run_in_threadpool(service.submit, req)
+        accepted = await run_in_threadpool(service.submit, req, caller.owner)
     except InvalidRequest as exc:
         if exc.param == "num_images":  # speak the caller's dialect
             raise InvalidRequest(exc.message.replace("num_images", "n"), param="n") from None
         raise
-    view = await service.wait(accepted.id, settings.sync_timeout)
+    view = await service.wait(accepted.id, caller.owner, settings.sync_timeout)
     if view.status is JobStatus.SUCCEEDED:
         base = (settings.public_url or str(request.base_url)).rstrip("/")
         data = []
         for image in view.images:
             if body.response_format == "b64_json":
-                blob = await run_in_threadpool(service.image, view.id, image.index)
+                blob = await run_in_threadpool(service.image, view.id, image.index, caller.owner)
                 data.append(
                     OpenAIImage(b64_json=base64.b64encode(blob.data).decode(), revised_prompt=body.prompt)
                 )

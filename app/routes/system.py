@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
+from app.auth import PrincipalDep
 from app.deps import ServiceDep
 from app.errors import COMMON_RESPONSES, ErrorResponse, ServiceUnavailable
 from app.protocol import Health, ModelList
@@ -38,7 +39,7 @@ def readyz(service: ServiceDep) -> Health:
     responses=COMMON_RESPONSES,
     summary="Models served by live workers",
 )
-def list_models(service: ServiceDep) -> ModelList:
+def list_models(service: ServiceDep, caller: PrincipalDep) -> ModelList:
     return ModelList(data=service.models())
 
 

@@ -1,0 +1,82 @@
+"""Who is calling: API key authentication and per-key request limits.
+
+Limits are counted in Redis, atomically, so every API replica enforces the same
+budget; they key on the API key's name, never on client-supplied headers such as
+X-Forwarded-For.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from app.deps import ServiceDep
+from app.errors import RateLimited, Unauthorized
+from latentd import keys
+from latentd.contract import Keys
+from latentd.logs import event
+
+log = logging.getLogger("latentd.api")
+
+# Whether any key exists is re-read at most this often, so a key created while the API
+# runs closes the service within seconds without a Redis round trip per request.
+AUTH_STATE_TTL = 2.0
+
+# INCR the window's counter and give it a lifetime on first use; returns the count.
+_COUNT = """
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+return n
+"""
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The caller: the name of its API key, or None while the service is open."""
+
+    owner: str | None
+
+
+class AuthState:
+    def __init__(self) -> None:
+        self.required = False
+        self.checked_at = 0.0
+
+
+def auth_required(request: Request) -> bool:
+    state: AuthState = request.app.state.auth
+    now = time.monotonic()
+    if now - state.checked_at > AUTH_STATE_TTL:
+        state.required = bool(request.app.state.service.redis.hlen(Keys.API_KEYS))
+        state.checked_at = now
+    return state.required
+
+
+def authenticate(request: Request, service: ServiceDep) -> Principal:
+    if not auth_required(request):
+        return Principal(owner=None)
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("missing API key: send `Authorization: Bearer <key>`")
+    owner = keys.lookup(service.redis, token.strip())
+    if owner is None:
+        raise Unauthorized("invalid API key")
+    limit = service.settings.rate_limit_per_minute
+    if limit:
+        window = int(time.time() // 60)
+        count = int(service.redis.eval(_COUNT, 1, Keys.rate(owner, window), 120))
+        if count > limit:
+            retry_after = max(1, 60 - int(time.time()) % 60)
+            event(log, "rate_limited", owner=owner, limit=limit)
+            raise RateLimited(
+                f"more than {limit} requests this minute for this API key", retry_after=retry_after
+            )
+    return Principal(owner=owner)
+
+
+PrincipalDep = Annotated[Principal, Depends(authenticate)]

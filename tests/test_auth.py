@@ -1,0 +1,165 @@
+"""API keys, ownership and per-key limits, with a real API process, worker and redis-server."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import Proc, RedisServer, base_env, start_api, start_worker, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def create_key(redis_url: str, name: str) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "latentd.cli", "keys", "create", name, "--redis-url", redis_url],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=base_env(redis_url),
+    )
+    return out.stdout.strip()
+
+
+@dataclass
+class Secured:
+    redis: RedisServer
+    url: str
+    api: Proc
+    alice: dict[str, str]
+    bob: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Secured]:
+    tmp = tmp_path_factory.mktemp("auth")
+    server = RedisServer(tmp / "redis")
+    server.start()
+    alice = create_key(server.url, "alice")
+    bob = create_key(server.url, "bob")
+    worker = start_worker(server.url, tiny_model_dir, tmp)
+    api, url = start_api(server.url, tmp, LATENTD_RATE_LIMIT_PER_MINUTE="0", LATENTD_MAX_JOBS_IN_FLIGHT="0")
+    try:
+        yield Secured(
+            server, url, api, {"Authorization": f"Bearer {alice}"}, {"Authorization": f"Bearer {bob}"}
+        )
+    finally:
+        api.stop()
+        worker.stop()
+        server.stop()
+
+
+def test_keys_are_stored_hashed_and_shown_once(secured: Secured) -> None:
+    r = secured.redis.client()
+    stored = r.hgetall("latentd:apikeys")
+    assert len(stored) == 2
+    token = secured.alice["Authorization"].split()[1]
+    assert all(token.encode() not in k and token.encode() not in v for k, v in stored.items())
+    listed = subprocess.run(
+        [sys.executable, "-m", "latentd.cli", "keys", "list", "--redis-url", secured.redis.url],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert set(listed.stdout.split()) == {"alice", "bob"}
+    assert token not in listed.stdout
+
+
+def test_every_api_route_requires_a_valid_key(secured: Secured) -> None:
+    routes = [
+        ("POST", "/v1/generations", {"prompt": "x"}),
+        ("GET", "/v1/generations/abc", None),
+        ("POST", "/v1/generations/abc/cancel", None),
+        ("GET", "/v1/generations/abc/images/0", None),
+        ("POST", "/v1/images/generations", {"prompt": "x"}),
+        ("GET", "/v1/models", None),
+    ]
+    for auth in ({}, {"Authorization": "Bearer ltd_wrong"}, {"Authorization": "Basic abc"}):
+        for method, path, body in routes:
+            response = httpx.request(method, secured.url + path, json=body, headers=auth)
+            assert response.status_code == 401, (method, path, auth, response.text)
+            assert response.json()["error"]["code"] == "unauthorized"
+            assert response.headers["www-authenticate"] == "Bearer"
+    for open_path in ("/healthz", "/readyz", "/metrics"):
+        assert httpx.get(secured.url + open_path).status_code == 200
+    assert httpx.get(secured.url + "/v1/models", headers=secured.alice).status_code == 200
+
+
+def test_a_key_sees_and_cancels_only_its_own_jobs(secured: Secured) -> None:
+    with httpx.Client(base_url=secured.url, timeout=30) as http:
+        job = http.post("/v1/generations", json={"prompt": "mine", "steps": 2}, headers=secured.alice).json()
+        job_id = job["id"]
+        done = wait_until(
+            lambda: (
+                (v := http.get(f"/v1/generations/{job_id}", headers=secured.alice).json())["status"]
+                == "succeeded"
+                and v
+            ),
+            60,
+        )
+        image_url = done["images"][0]["url"]
+        assert http.get(image_url, headers=secured.alice).status_code == 200
+        unknown = http.get("/v1/generations/ffffffffffffffffffffffffffffffff", headers=secured.bob)
+        for response in (
+            http.get(f"/v1/generations/{job_id}", headers=secured.bob),
+            http.get(image_url, headers=secured.bob),
+            http.post(f"/v1/generations/{job_id}/cancel", headers=secured.bob),
+        ):
+            assert response.status_code == 404
+            assert response.json()["error"]["code"] == unknown.json()["error"]["code"] == "not_found"
+            assert "mine" not in response.text
+
+
+def test_forged_forwarded_for_changes_nothing(secured: Secured) -> None:
+    headers = {"X-Forwarded-For": "127.0.0.1", "X-Real-IP": "127.0.0.1"}
+    assert httpx.get(secured.url + "/v1/models", headers=headers).status_code == 401
+
+
+@pytest.fixture
+def limited(tmp_path: Path) -> Iterator[tuple[RedisServer, str]]:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    r = server.client()
+    r.set(
+        "latentd:worker:ghost",
+        '{"name":"ghost","model":"tiny","device":"cpu","pid":1,"hostname":"h","started_at":0}',
+        ex=120,
+    )
+    r.sadd("latentd:workers", "ghost")
+    api, url = start_api(
+        server.url, tmp_path, LATENTD_RATE_LIMIT_PER_MINUTE="5", LATENTD_MAX_JOBS_IN_FLIGHT="2"
+    )
+    try:
+        yield server, url
+    finally:
+        api.stop()
+        server.stop()
+
+
+def test_jobs_in_flight_and_requests_per_minute_are_capped_per_key(limited: tuple[RedisServer, str]) -> None:
+    server, url = limited
+    carol = {"Authorization": f"Bearer {create_key(server.url, 'carol')}"}
+    dave = {"Authorization": f"Bearer {create_key(server.url, 'dave')}"}
+    wait_until(lambda: httpx.get(f"{url}/v1/models").status_code == 401, 10, what="auth on")
+    # The budget is per calendar minute: start well inside one so the count cannot reset midway.
+    if time.time() % 60 > 45:
+        time.sleep(61 - time.time() % 60)
+    codes = [httpx.post(f"{url}/v1/generations", json={"prompt": "x"}, headers=carol) for _ in range(3)]
+    assert [c.status_code for c in codes] == [202, 202, 429]
+    assert codes[2].json()["error"]["code"] == "too_many_jobs"
+    # Canceling one frees its slot.
+    assert (
+        httpx.post(f"{url}/v1/generations/{codes[0].json()['id']}/cancel", headers=carol).status_code == 200
+    )
+    assert httpx.post(f"{url}/v1/generations", json={"prompt": "x"}, headers=carol).status_code == 202
+    # Five requests this minute are spent: the sixth is refused, another key is not affected.
+    limited_response = httpx.get(f"{url}/v1/models", headers={**carol, "X-Forwarded-For": "10.9.8.7"})
+    assert limited_response.status_code == 429
+    assert limited_response.json()["error"]["code"] == "rate_limited"
+    assert 1 <= int(limited_response.headers["retry-after"]) <= 60
+    assert httpx.get(f"{url}/v1/models", headers=dave).status_code == 200
