@@ -155,6 +155,7 @@ def run_service(args: argparse.Namespace, benches: list[str]) -> dict[str, dict[
                         2 if quick else 5,
                         args.concurrent_poll,
                         1 if quick else 2,
+                        args.workers,
                     )
                     results["throughput"] = {**common, "direct": direct.wait_ready(), "workers": args.workers}
                     results["throughput"]["result"] = result

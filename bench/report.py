@@ -55,8 +55,9 @@ def _run_line(name: str, data: dict[str, Any]) -> str:
 
 def service_markdown(out: Path) -> str:
     overhead, frontend = _load(out, "overhead"), _load(out, "frontend")
-    throughputs = sorted(out.glob("throughput*.json")) if out.exists() else []
-    throughputs = [p for p in throughputs if "profiled" not in p.name]
+    found = out.glob("throughput*.json") if out.exists() else iter(())
+    # throughput.json (one worker) first, then throughput-w2.json and so on.
+    throughputs = sorted((p for p in found if "profiled" not in p.name), key=lambda p: (len(p.stem), p.stem))
     lines: list[str] = []
     summary = ["| benchmark | measured | target | met |", "|---|---|---|---|"]
     if overhead:
@@ -126,15 +127,17 @@ def service_markdown(out: Path) -> str:
             f"(`{path.name}`):",
             "",
             "| clients | jobs | failed | images/s | direct images/s | ratio | latency p50 | p95 | p99 (s) "
-            "| status polls/s |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| status polls/s | worker busy | pipeline s in worker / direct |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for v in data["result"]["levels"]:
             lat = v["latency_s"]
             lines.append(
                 f"| {v['clients']} | {v['jobs']} | {v['failed']} | {v['images_per_s']:.3f} | "
                 f"{v['direct_images_per_s']:.3f} | {v['ratio']:.3f} | {lat.get('p50', 0):.3f} | "
-                f"{lat.get('p95', 0):.3f} | {lat.get('p99', 0):.3f} | {v['status_polls_per_s']} |"
+                f"{lat.get('p95', 0):.3f} | {lat.get('p99', 0):.3f} | {v['status_polls_per_s']} | "
+                f"{v.get('worker_busy_fraction', 0) * 100:.0f} % | "
+                f"{v.get('worker_pipeline_s_mean') or 0:.3f} / {v.get('direct_pipeline_s_mean', 0):.3f} |"
             )
     if frontend and "result" in frontend:
         r = frontend["result"]

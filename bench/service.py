@@ -166,7 +166,16 @@ async def _run_job_async_unchecked(
     if view["status"] != "succeeded":
         return {"status": view["status"]}
     (await http.get(view["images"][0]["url"])).raise_for_status()
-    return {"status": "succeeded", "latency_s": time.time() - sent, "polls": polls, "finished": time.time()}
+    t = view["timings"]
+    started, finished = _ts(t["started_at"]), _ts(t["finished_at"])
+    return {
+        "status": "succeeded",
+        "latency_s": time.time() - sent,
+        "polls": polls,
+        "finished": time.time(),
+        "worker_s": finished - started if started and finished else 0.0,
+        "inference_s": float(t.get("inference_seconds") or 0.0),
+    }
 
 
 async def _clients(url: str, model: str, params: Params, clients: int, per_client: int, poll: float) -> Any:
@@ -194,6 +203,7 @@ def throughput(
     direct_block: int,
     poll: float,
     min_per_client: int = 2,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """For each number of concurrent clients: images/s through the service vs the direct loop."""
     results = []
@@ -221,6 +231,11 @@ def throughput(
                 "ratio": round(rate / direct_rate, 3),
                 "latency_s": summary(latencies),
                 "status_polls_per_s": round(sum(r["polls"] for r in ok) / wall, 1),
+                # Below 1: the worker(s) sat idle between jobs.
+                "worker_busy_fraction": round(sum(r["worker_s"] for r in ok) / (wall * workers), 3),
+                # Above the direct figure: the pipeline ran slower inside the service (shared CPU).
+                "worker_pipeline_s_mean": _mean(ok, "inference_s"),
+                "direct_pipeline_s_mean": round(statistics.fmean(d["generate_s"]), 4),
             }
         )
     return {"poll_s": poll, "levels": results}
