@@ -17,6 +17,11 @@ class ApiSettings(CommonSettings):
         default=1024 * 1024, ge=64 * 64, description="Largest width × height one request may ask for."
     )
     max_images: int = Field(default=4, ge=1, le=64, description="Largest num_images (and OpenAI `n`).")
+    max_work: int = Field(
+        default=200_000_000,
+        ge=64 * 64,
+        description="Cap on one request's total work: width × height × num_images × steps.",
+    )
     default_steps: int = Field(default=20, ge=1, le=150)
     default_guidance_scale: float = Field(default=5.0, ge=0, le=30)
     default_size: int = Field(

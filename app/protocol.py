@@ -16,8 +16,12 @@ from latentd.contract import MAX_SEED, JobStatus, OutputFormat, Scheduler
 MAX_PROMPT_CHARS = 2000
 
 
+# Invisible characters that str.strip() keeps: a prompt of only these is blank too.
+_INVISIBLE = "\u200b\u200c\u200d\u2060\ufeff"
+
+
 def _not_blank(value: str) -> str:
-    if not value.strip():
+    if all(c.isspace() or c in _INVISIBLE for c in value):
         raise ValueError("must contain a non-whitespace character")
     return value
 

@@ -152,6 +152,13 @@ class GenerationService:
             )
         if req.num_images > s.max_images:
             raise InvalidRequest(f"num_images must be at most {s.max_images}", param="num_images")
+        steps = req.steps or s.default_steps
+        work = width * height * req.num_images * steps
+        if work > s.max_work:
+            raise InvalidRequest(
+                f"width × height × num_images × steps = {work} exceeds the limit of {s.max_work}",
+                param="steps",
+            )
         return JobPayload(
             job_id=job_id,
             model=req.model or s.default_model,
@@ -159,7 +166,7 @@ class GenerationService:
             negative_prompt=req.negative_prompt,
             width=width,
             height=height,
-            steps=req.steps or s.default_steps,
+            steps=steps,
             guidance_scale=s.default_guidance_scale if req.guidance_scale is None else req.guidance_scale,
             seed=secrets.randbelow(MAX_SEED + 1) if req.seed is None else req.seed,
             num_images=req.num_images,

@@ -179,3 +179,35 @@ def test_oversized_bodies_get_413_with_or_without_content_length(
     response = client.post("/v1/generations", content=chunks(), headers={"content-type": "application/json"})
     assert response.status_code == 413
     assert nothing_enqueued(redis_client)
+
+
+def test_total_work_is_capped(client: TestClient, redis_client: redis.Redis) -> None:
+    # 512 x 512 x 4 images x 150 steps = 157M: within the pixel budget, over a 100M work cap.
+    settings = client.app.state.settings  # type: ignore[attr-defined]
+    settings.max_work = 100_000_000
+    body = {**VALID, "width": 512, "height": 512, "num_images": 4, "steps": 150}
+    response = client.post("/v1/generations", json=body)
+    assert response.status_code == 422
+    assert response.json()["error"]["param"] == "steps"
+    assert "100000000" in response.json()["error"]["message"]
+    assert nothing_enqueued(redis_client)
+
+
+@pytest.mark.parametrize(
+    ("raw", "param"),
+    [
+        (b'{"prompt": "\\ud800 lone surrogate"}', "prompt"),
+        (b'{"prompt": "\xff\xfe not utf-8"}', None),
+        (b'{"prompt": "ok", "seed": 1e400}', "seed"),
+        (b'{"prompt": "ok", "steps": 99999999999999999999999999}', "steps"),
+        (b'{"prompt": "\\u200b\\u200b\\ufeff "}', "prompt"),
+    ],
+)
+def test_unicode_and_number_edge_cases(
+    client: TestClient, redis_client: redis.Redis, raw: bytes, param: str | None
+) -> None:
+    response = client.post("/v1/generations", content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["code"] == "invalid_request"
+    assert response.json()["error"]["param"] == param
+    assert nothing_enqueued(redis_client)
