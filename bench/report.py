@@ -34,6 +34,10 @@ def _load(out: Path, name: str) -> dict[str, Any] | None:
     return data
 
 
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
 def _met(ok: bool) -> str:
     return "yes" if ok else "**no**"
 
@@ -75,7 +79,7 @@ def service_markdown(out: Path) -> str:
             target = f"≥ {TARGETS['throughput_ratio_16']:.1f}×" if level["clients"] == 16 else "—"
             met = _met(level["ratio"] >= TARGETS["throughput_ratio_16"]) if level["clients"] == 16 else ""
             summary.append(
-                f"| 2. throughput, {level['clients']} clients, {data['workers']} worker(s) | "
+                f"| 2. throughput, {_n(level['clients'], 'client')}, {_n(data['workers'], 'worker')} | "
                 f"**{level['ratio']:.2f}×** direct ({level['images_per_s']:.2f} vs "
                 f"{level['direct_images_per_s']:.2f} images/s) | {target} | {met} |"
             )
@@ -123,8 +127,8 @@ def service_markdown(out: Path) -> str:
         data = json.loads(path.read_text())
         lines += [
             "",
-            f"Throughput, {data['workers']} worker(s), clients polling every {data['result']['poll_s']} s "
-            f"(`{path.name}`):",
+            f"Throughput, {_n(data['workers'], 'worker')}, clients polling every "
+            f"{data['result']['poll_s']} s (`{path.name}`):",
             "",
             "| clients | jobs | failed | images/s | direct images/s | ratio | latency p50 | p95 | p99 (s) "
             "| status polls/s | worker busy | pipeline s in worker / direct |",
