@@ -115,6 +115,14 @@ def test_a_key_sees_and_cancels_only_its_own_jobs(secured: Secured) -> None:
             assert "mine" not in response.text
 
 
+def test_no_log_line_carries_a_key(secured: Secured) -> None:
+    httpx.get(secured.url + "/v1/models", headers={"Authorization": "Bearer ltd_guess"})
+    log = secured.api.output()
+    for headers in (secured.alice, secured.bob):
+        assert headers["Authorization"].split()[1] not in log
+    assert "ltd_guess" not in log and "Traceback" not in log
+
+
 def test_forged_forwarded_for_changes_nothing(secured: Secured) -> None:
     headers = {"X-Forwarded-For": "127.0.0.1", "X-Real-IP": "127.0.0.1"}
     assert httpx.get(secured.url + "/v1/models", headers=headers).status_code == 401
