@@ -57,7 +57,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--poll", type=float, default=0.01, help="overhead: the client's status poll interval (s)")
     p.add_argument("--clients", type=_levels, help="throughput: client counts (default 1,4,16,32; quick 1,4)")
     p.add_argument("--min-jobs", type=int, help="throughput: jobs per level at least (default 16, quick 2)")
-    p.add_argument("--concurrent-poll", type=float, default=0.1, help="throughput: poll interval (s)")
+    p.add_argument(
+        "--concurrent-poll",
+        type=float,
+        default=0.2,
+        help="throughput: poll interval (s); 0.2 is what the bundled `latentd generate` client uses",
+    )
     p.add_argument("--seconds", type=float, help="frontend: seconds per wrk run (default 10, quick 1)")
     p.add_argument("--connections", type=int, default=16, help="frontend: wrk's open connections")
     p.add_argument(
