@@ -201,3 +201,25 @@ def test_workers_ride_out_a_redis_outage(cluster: Cluster) -> None:
         assert worker.proc.poll() is None
     finally:
         worker.stop()
+
+
+def test_sigterm_past_the_grace_period_hands_the_job_to_another_worker(cluster: Cluster) -> None:
+    impatient = start_worker(
+        cluster.redis.url,
+        cluster.model_dir,
+        cluster.tmp,
+        name="a",
+        LATENTD_LEASE_SECONDS=LEASE,
+        LATENTD_SHUTDOWN_GRACE="0.5",
+    )
+    job_id = cluster.submit({**LONG_JOB, "steps": 150})
+    cluster.running_on(job_id)
+    impatient.proc.send_signal(signal.SIGTERM)
+    assert impatient.proc.wait(30) == 0
+    assert "shutdown_grace_expired" in impatient.output()
+    other = cluster.worker("b")
+    try:
+        view = cluster.wait_terminal(job_id)
+    finally:
+        other.stop()
+    assert view["status"] == "succeeded" and view["attempts"] == 2

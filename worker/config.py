@@ -29,6 +29,12 @@ class WorkerSettings(CommonSettings):
     )
     worker_name: str | None = Field(default=None, description="Unique worker name; host and pid when unset.")
     heartbeat_interval: float = Field(default=5.0, gt=0, description="Seconds between registrations.")
+    shutdown_grace: float = Field(
+        default=600,
+        ge=0,
+        description="After SIGTERM, seconds the current job may still run; past that the worker exits "
+        "and the job's lease lapses, so another worker re-runs it.",
+    )
     lease_seconds: int = Field(
         default=30,
         ge=2,

@@ -40,6 +40,7 @@ class LatentdWorker(SimpleWorker):
     """
 
     lease_seconds = 30
+    shutdown_grace = 600.0
 
     def __init__(self, *args: Any, model: str, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -56,6 +57,22 @@ class LatentdWorker(SimpleWorker):
         # The job function already logged one structured line (and a traceback where it
         # helps); RQ's default would add a traceback for every canceled or failed job.
         self.on_abandoned(job, *exc_info)
+
+    def request_stop(self, signum: Any, frame: Any) -> None:
+        # RQ's warm shutdown: finish the current job, take no new one. Bound the wait.
+        if self.execution is not None and not getattr(self, "_grace_timer", None):
+            self._grace_timer = threading.Timer(self.shutdown_grace, self._grace_expired)
+            self._grace_timer.daemon = True
+            self._grace_timer.start()
+        super().request_stop(signum, frame)
+
+    def _grace_expired(self) -> None:
+        if self.execution is None:
+            return
+        # Leave the job to its lease: it lapses and another worker re-runs it.
+        event(log, "shutdown_grace_expired", logging.WARNING, grace=self.shutdown_grace)
+        logging.shutdown()
+        os._exit(0)
 
     def get_heartbeat_ttl(self, job: Any, working_time: float = 0.0) -> int:
         return self.lease_seconds
@@ -211,6 +228,7 @@ def run(settings: WorkerSettings | None = None) -> int:
         [queue], connection=connection, name=name, serializer=JSONSerializer, model=runner.model
     )
     worker.lease_seconds = settings.lease_seconds
+    worker.shutdown_grace = settings.shutdown_grace
     heartbeat = Heartbeat(worker, info, settings.heartbeat_interval, queue)
     heartbeat.beat()
     heartbeat.start()
