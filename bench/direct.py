@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -52,7 +53,8 @@ def serve(model_dir: str, model_name: str, threads: int) -> int:
 class DirectLoop:
     """A child process holding the loaded pipeline, asked for blocks of images in turn."""
 
-    def __init__(self, model_dir: Path, model_name: str, threads: int, env: dict[str, str]) -> None:
+    def __init__(self, model_dir: Path, model_name: str, threads: int) -> None:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bench.direct", str(model_dir), model_name, "--threads", str(threads)],
             stdin=subprocess.PIPE,
