@@ -222,8 +222,8 @@ class GenerationService:
 
     def _enqueue(self, payload: JobPayload, owner: str | None) -> SubmitResponse:
         job_id = payload.job_id
-        if not any(w.model == payload.model for w in self.live_workers()):
-            served = sorted({w.model for w in self.live_workers()})
+        served = sorted({w.model for w in self.live_workers()})
+        if payload.model not in served:
             raise ModelUnavailable(
                 f"no live worker serves model '{payload.model}'"
                 + (f"; served: {', '.join(served)}" if served else "; no worker is running"),
