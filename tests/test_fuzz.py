@@ -41,7 +41,7 @@ def fuzz_target(tmp_path: Path, tiny_model_dir: Path) -> Iterator[str]:
     assert "Traceback" not in api.output()
 
 
-def test_schemathesis_finds_no_server_error_and_no_schema_violation(fuzz_target: str) -> None:
+def test_schemathesis_finds_no_server_error_and_no_schema_violation(fuzz_target: str, tmp_path: Path) -> None:
     st = shutil.which("st", path=str(Path(sys.executable).parent))
     assert st, "schemathesis is a dev dependency"
     result = subprocess.run(
@@ -54,7 +54,7 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(fuzz_target:
             "--seed", "1",
             "--request-timeout", "20",
         ],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     assert "❌" not in result.stdout and " passed" in result.stdout
