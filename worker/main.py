@@ -34,7 +34,7 @@ class LatentdWorker(SimpleWorker):
 
     - a lease: while a job runs, a thread renews the job's execution heartbeat in RQ's
       StartedJobRegistry every third of `lease_seconds`; a killed or frozen worker stops
-      renewing it and `Reaper` re-queues the job (RQ's retry) or fails it;
+      renewing it and another worker's `Heartbeat.reap` re-queues the job (RQ's retry) or fails it;
     - cancellation recorded the way RQ records a stopped job;
     - real job errors are not retried: retries are for lost workers only.
     """
