@@ -54,6 +54,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         children.append(("redis", redis_proc))
         env["LATENTD_REDIS_URL"] = url
         print(f"latentd up: embedded Redis at {url} (data in {args.data_dir}/redis, AOF on)", file=sys.stderr)
+    if "LATENTD_DEFAULT_MODEL" not in env:  # requests that name no model get the one this worker serves
+        from worker.config import WorkerSettings
+
+        env["LATENTD_DEFAULT_MODEL"] = WorkerSettings().served_name()
     me = [sys.executable, "-m", "latentd.cli"]
     children.append(("worker", subprocess.Popen([*me, "worker"], env=env)))
     children.append(("api", subprocess.Popen([*me, "api"], env=env)))
