@@ -40,7 +40,7 @@ def serve(model_dir: str, model_name: str, threads: int) -> int:
         for fields in request["jobs"]:
             payload = JobPayload(job_id="direct", model=model_name, num_images=1, **fields)
             t0 = time.perf_counter()
-            images, _ = runner.generate(payload, lambda done, total: False)
+            [images], _ = runner.generate([payload], lambda done, total: False)
             t1 = time.perf_counter()
             encode(images[0], payload, 0)
             t2 = time.perf_counter()

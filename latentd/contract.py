@@ -196,6 +196,7 @@ class StateField:
     INFERENCE_FINISHED = "inference_finished_at"
     WORKER = "worker"
     ATTEMPTS = "attempts"  # how many times a worker started the job
+    BATCH_JOBS = "batch_jobs"  # how many jobs shared its pipeline call
     COMPLETIONS = "completions"  # how many times results were written: never more than 1
 
 

@@ -52,11 +52,11 @@ def test_out_of_memory_splits_the_batch_and_keeps_each_images_seed(
     runner: Runner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     alone = [
-        np.asarray(runner.generate(payload(1).model_copy(update={"seed": 11 + i}), never)[0][0])
+        np.asarray(runner.generate([payload(1).model_copy(update={"seed": 11 + i})], never)[0][0][0])
         for i in range(4)
     ]
     seen = limit_unet_batch(runner, monkeypatch, max_batch=2)  # one image with guidance = a batch of 2
-    images, interrupted = runner.generate(payload(4), never)
+    [images], interrupted = runner.generate([payload(4)], never)
     assert not interrupted and len(images) == 4
     assert 8 in seen and 4 in seen and seen[-1] == 2  # 4 images, then 2, then 1 at a time
     for got, want in zip(images, alone, strict=True):
@@ -66,7 +66,7 @@ def test_out_of_memory_splits_the_batch_and_keeps_each_images_seed(
 def test_a_single_image_that_does_not_fit_raises(runner: Runner, monkeypatch: pytest.MonkeyPatch) -> None:
     limit_unet_batch(runner, monkeypatch, max_batch=1)
     with pytest.raises(torch.OutOfMemoryError):
-        runner.generate(payload(2), never)
+        runner.generate([payload(2)], never)
 
 
 def test_out_of_memory_fails_the_job_with_a_message_naming_the_size() -> None:

@@ -29,6 +29,16 @@ class WorkerSettings(CommonSettings):
     )
     worker_name: str | None = Field(default=None, description="Unique worker name; host and pid when unset.")
     heartbeat_interval: float = Field(default=5.0, gt=0, description="Seconds between registrations.")
+    max_batch_images: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="Images one pipeline call may gather from compatible queued jobs "
+        "(micro-batching); auto: 8 on a GPU, 1 (off) on the CPU, where batching gains nothing.",
+    )
+    batch_wait_ms: float = Field(
+        default=5, ge=0, le=1000, description="How long a worker waits for more compatible jobs to batch."
+    )
     shutdown_grace: float = Field(
         default=600,
         ge=0,

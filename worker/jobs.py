@@ -41,6 +41,31 @@ class JobFailure(Exception):
 
 
 @dataclass
+class Claimed:
+    """A queued job taken into the current job's batch, already started in RQ's registry."""
+
+    job: Any
+    payload: JobPayload
+    execution: Any
+
+
+@dataclass
+class Succeeded:
+    images: int
+
+
+class Canceled:
+    pass
+
+
+class Lost:
+    pass
+
+
+Outcome = Succeeded | Canceled | Lost | JobFailure
+
+
+@dataclass
 class Runtime:
     runner: Runner
     connection: redis.Redis
@@ -52,6 +77,10 @@ class Runtime:
     stopped_job_id: str | None = field(default=None)
     # A job this process lost to another worker: RQ's bookkeeping for it must not be touched.
     lost_job_id: str | None = field(default=None)
+    # Jobs the worker claimed to run in the same pipeline call as the job it took (micro-batch),
+    # and the outcomes of those it ran that way, settled when RQ performs each of them.
+    batch: list[Claimed] = field(default_factory=list)
+    settled: dict[str, Outcome] = field(default_factory=dict)
 
 
 _runtime: Runtime | None = None
@@ -136,112 +165,182 @@ class LeaseLost(Exception):
 
 
 def generate(raw_payload: dict[str, Any]) -> dict[str, Any]:
+    """Run a job, together with the jobs the worker claimed for its batch; each of those is
+    settled from its recorded outcome when RQ performs it right after."""
     rt = current()
-    r = rt.connection
     job = get_current_job()
     job_id = job.id if job is not None else str(raw_payload.get("job_id", "?"))
-    job_key = f"rq:job:{job_id}"
-    state_key = Keys.state(job_id)
-    cancel_key = Keys.cancel(job_id)
+    if job_id in rt.settled:
+        return _settle(rt, job_id, rt.settled.pop(job_id))
+    batch, rt.batch = rt.batch, []
+    try:
+        payload = JobPayload.model_validate(raw_payload)
+    except ValidationError as exc:
+        failure = JobFailure(
+            ErrorCode.INVALID_PARAMETERS, f"unreadable job payload: {exc.errors()[0]['msg']}"
+        )
+        _record_failure(rt, job_id, _fallback(raw_payload), failure, failure, time.time())
+        raise failure from exc
+    members = [(job_id, payload), *((c.job.id, c.payload) for c in batch)]
+    outcomes = _run(rt, members)
+    for member_id, _ in members[1:]:
+        rt.settled[member_id] = outcomes[member_id]
+    return _settle(rt, job_id, outcomes[job_id])
+
+
+def _settle(rt: Runtime, job_id: str, outcome: Outcome) -> dict[str, Any]:
+    if isinstance(outcome, Succeeded):
+        return {"images": outcome.images}
+    if isinstance(outcome, Canceled):
+        rt.stopped_job_id = job_id
+        raise JobCanceled
+    if isinstance(outcome, Lost):
+        rt.lost_job_id = job_id
+        raise LeaseLost
+    raise outcome
+
+
+def _run(rt: Runtime, members: list[tuple[str, JobPayload]]) -> dict[str, Outcome]:
+    """One pipeline call for all members; every member gets its own outcome."""
+    r = rt.connection
     model = rt.runner.model
     started = time.time()
-    try:
-        try:
-            payload = JobPayload.model_validate(raw_payload)
-        except ValidationError as exc:
-            raise JobFailure(
-                ErrorCode.INVALID_PARAMETERS, f"unreadable job payload: {exc.errors()[0]['msg']}"
-            ) from exc
+    outcomes: dict[str, Outcome] = {}
+    active: list[tuple[str, JobPayload]] = []
+    for job_id, payload in members:
         if payload.model != model:
-            raise JobFailure(
+            failure = JobFailure(
                 ErrorCode.INVALID_PARAMETERS, f"this worker serves '{model}', not '{payload.model}'"
             )
+            outcomes[job_id] = _record_failure(rt, job_id, payload, failure, failure, started)
+            continue
         pipe = r.pipeline(transaction=False)
         pipe.hset(
-            state_key,
+            Keys.state(job_id),
             mapping={
                 StateField.STEP: 0,
                 StateField.TOTAL_STEPS: payload.steps,
                 StateField.WORKER: rt.worker_name,
                 StateField.INFERENCE_STARTED: started,
+                StateField.BATCH_JOBS: len(members),
             },
         )
-        pipe.hincrby(state_key, StateField.ATTEMPTS, 1)
-        pipe.expire(state_key, rt.settings.job_ttl)
-        pipe.exists(cancel_key)
+        pipe.hincrby(Keys.state(job_id), StateField.ATTEMPTS, 1)
+        pipe.expire(Keys.state(job_id), rt.settings.job_ttl)
+        pipe.exists(Keys.cancel(job_id))
         if pipe.execute()[-1]:
-            raise JobCanceled
-        event(log, "job_started", job_id=job_id, model=model, steps=payload.steps, images=payload.num_images)
+            outcomes[job_id] = _record_canceled(rt, job_id)
+        else:
+            active.append((job_id, payload))
+    if not active:
+        return outcomes
+    first = active[0][1]
+    event(
+        log, "job_started", job_id=active[0][0], model=model, steps=first.steps,
+        images=sum(p.num_images for _, p in active), batch_jobs=len(active),
+    )  # fmt: skip
 
-        step_script = r.register_script(_STEP)
-        lost = False
+    step_script = r.register_script(_STEP)
+    lost: set[str] = set()
+    canceled: set[str] = set()
 
-        def on_step(done: int, total: int) -> bool:
-            nonlocal lost
-            answer = int(step_script(keys=[job_key, state_key, cancel_key], args=[rt.worker_name, done]))
-            lost = answer < 0
-            return answer != 0
+    def on_step(done: int, total: int) -> bool:
+        for job_id, _ in active:
+            if job_id in lost or job_id in canceled:
+                continue
+            args: list[str | int] = [rt.worker_name, done]
+            answer = int(
+                step_script(keys=[_rq_key(job_id), Keys.state(job_id), Keys.cancel(job_id)], args=args)
+            )
+            if answer < 0:
+                lost.add(job_id)
+            elif answer > 0:
+                canceled.add(job_id)
+        # Stop early only when no member still wants its images.
+        return len(lost) + len(canceled) == len(active)
 
-        images, interrupted = rt.runner.generate(payload, on_step)
-        if lost:
-            raise LeaseLost
-        if interrupted or r.exists(cancel_key):
-            raise JobCanceled
-        encoded = [encode(image, payload, i) for i, image in enumerate(images)]
-        finished = time.time()
-        fields = {
-            StateField.STEP: payload.steps,
-            StateField.IMAGES: json.dumps([m.model_dump() for _, m in encoded]),
-            StateField.INFERENCE_FINISHED: finished,
-        }
-        committed = r.register_script(_COMMIT)(
-            keys=[job_key, state_key, *(Keys.image(job_id, i) for i in range(len(encoded)))],
-            args=[
-                rt.worker_name,
-                rt.settings.results_ttl,
-                rt.settings.job_ttl,
-                json.dumps(fields),
-                *(data for data, _ in encoded),
-            ],
-        )
-        if not committed:
-            raise LeaseLost
-        _record_outcome(r, model, JobStatus.SUCCEEDED, seconds=finished - started)
-        event(log, "job_succeeded", job_id=job_id, seconds=round(finished - started, 3))
-        return {"images": len(encoded)}
-    except LeaseLost:
-        rt.lost_job_id = job_id
-        event(log, "job_lease_lost", logging.WARNING, job_id=job_id)
-        raise
-    except JobCanceled:
-        rt.stopped_job_id = job_id
-        _record_outcome(r, model, JobStatus.CANCELED)
-        event(log, "job_canceled", job_id=job_id)
-        raise
+    try:
+        images, _ = rt.runner.generate([p for _, p in active], on_step)
     except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt | SystemExit):
             raise
-        failure = _classify(exc, payload if "payload" in locals() else _fallback(raw_payload))
         if _device_is_broken(exc):
             rt.fatal = True
-        if failure.code is ErrorCode.OUT_OF_MEMORY:
-            free_accelerator_memory()
-        error = JobError(code=failure.code, message=failure.message)
-        p = r.pipeline(transaction=False)
-        p.hset(
-            state_key,
-            mapping={StateField.ERROR: error.model_dump_json(), StateField.INFERENCE_FINISHED: time.time()},
-        )
-        p.expire(state_key, rt.settings.job_ttl)
-        p.execute()
-        _record_outcome(r, model, JobStatus.FAILED, failure.code.value, seconds=time.time() - started)
-        level = logging.WARNING if failure.code is not ErrorCode.GENERATION_FAILED else logging.ERROR
-        event(log, "job_failed", level, job_id=job_id, code=failure.code.value, error=type(exc).__name__)
-        if failure.code is ErrorCode.GENERATION_FAILED:
-            log.error("job_failed_traceback job_id=%s", job_id, exc_info=exc)
-        if failure is exc:
-            raise
-        raise failure from exc
+        for job_id, payload in active:
+            failure = _classify(exc, payload)
+            outcomes[job_id] = _record_failure(rt, job_id, payload, failure, exc, started)
+        return outcomes
+    finished = time.time()
+    for (job_id, payload), job_images in zip(active, images, strict=True):
+        if job_id in lost:
+            outcomes[job_id] = _record_lost(job_id)
+        elif job_id in canceled or r.exists(Keys.cancel(job_id)):
+            outcomes[job_id] = _record_canceled(rt, job_id)
+        elif _commit(rt, job_id, payload, job_images, finished):
+            _record_outcome(r, model, JobStatus.SUCCEEDED, seconds=finished - started)
+            event(log, "job_succeeded", job_id=job_id, seconds=round(finished - started, 3))
+            outcomes[job_id] = Succeeded(len(job_images))
+        else:
+            outcomes[job_id] = _record_lost(job_id)
+    return outcomes
+
+
+def _rq_key(job_id: str) -> str:
+    return f"rq:job:{job_id}"
+
+
+def _commit(rt: Runtime, job_id: str, payload: JobPayload, images: list[Any], finished: float) -> bool:
+    """Write a job's images and state at once, if this worker still owns the job."""
+    encoded = [encode(image, payload, i) for i, image in enumerate(images)]
+    fields = {
+        StateField.STEP: payload.steps,
+        StateField.IMAGES: json.dumps([m.model_dump() for _, m in encoded]),
+        StateField.INFERENCE_FINISHED: finished,
+    }
+    committed = rt.connection.register_script(_COMMIT)(
+        keys=[_rq_key(job_id), Keys.state(job_id), *(Keys.image(job_id, i) for i in range(len(encoded)))],
+        args=[
+            rt.worker_name,
+            rt.settings.results_ttl,
+            rt.settings.job_ttl,
+            json.dumps(fields),
+            *(data for data, _ in encoded),
+        ],
+    )
+    return bool(committed)
+
+
+def _record_canceled(rt: Runtime, job_id: str) -> Canceled:
+    _record_outcome(rt.connection, rt.runner.model, JobStatus.CANCELED)
+    event(log, "job_canceled", job_id=job_id)
+    return Canceled()
+
+
+def _record_lost(job_id: str) -> Lost:
+    event(log, "job_lease_lost", logging.WARNING, job_id=job_id)
+    return Lost()
+
+
+def _record_failure(
+    rt: Runtime, job_id: str, payload: JobPayload, failure: JobFailure, exc: BaseException, started: float
+) -> JobFailure:
+    r = rt.connection
+    if failure.code is ErrorCode.OUT_OF_MEMORY:
+        free_accelerator_memory()
+    error = JobError(code=failure.code, message=failure.message)
+    p = r.pipeline(transaction=False)
+    p.hset(
+        Keys.state(job_id),
+        mapping={StateField.ERROR: error.model_dump_json(), StateField.INFERENCE_FINISHED: time.time()},
+    )
+    p.expire(Keys.state(job_id), rt.settings.job_ttl)
+    p.execute()
+    _record_outcome(r, rt.runner.model, JobStatus.FAILED, failure.code.value, seconds=time.time() - started)
+    level = logging.WARNING if failure.code is not ErrorCode.GENERATION_FAILED else logging.ERROR
+    event(log, "job_failed", level, job_id=job_id, code=failure.code.value, error=type(exc).__name__)
+    if failure.code is ErrorCode.GENERATION_FAILED:
+        log.error("job_failed_traceback job_id=%s", job_id, exc_info=exc)
+    return failure
 
 
 def record_abandoned(r: redis.Redis, job_id: str, model: str, will_retry: bool) -> None:

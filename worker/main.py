@@ -13,20 +13,34 @@ from typing import Any
 import redis
 from rq import Queue, SimpleWorker
 from rq.exceptions import AbandonedJobError
+from rq.job import Job
 from rq.serializers import JSONSerializer
+from rq.worker import WorkerStatus
 
-from latentd.contract import Keys, WorkerInfo
+from latentd.contract import JobPayload, Keys, WorkerInfo
 from latentd.logs import configure, event
 from latentd.store import UnsafeRedis, check_eviction_policy
 from worker import jobs
 from worker.config import WorkerSettings, get_settings
-from worker.pipeline import ModelLoadError, load_runner
+from worker.pipeline import ModelLoadError, batch_key, load_runner
 
 log = logging.getLogger("latentd.worker")
 
 EXIT_MODEL_LOAD_FAILED = 3
 EXIT_REDIS_UNREACHABLE = 4  # or unsafe: it may evict jobs
 EXIT_DEVICE_BROKEN = 70
+
+
+def payload_of(job: Any) -> JobPayload:
+    """The job's payload; ValueError (pydantic's ValidationError is one) when unreadable."""
+    try:
+        return JobPayload.model_validate(job.args[0])
+    except (IndexError, TypeError) as exc:
+        raise ValueError(f"job {job.id} carries no payload") from exc
+
+
+def as_str(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 class LatentdWorker(SimpleWorker):
@@ -41,6 +55,8 @@ class LatentdWorker(SimpleWorker):
 
     lease_seconds = 30
     shutdown_grace = 600.0
+    max_batch_images = 1
+    batch_wait = 0.005
 
     def __init__(self, *args: Any, model: str, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -102,30 +118,77 @@ class LatentdWorker(SimpleWorker):
         )
 
     def execute_job(self, job: Any, queue: Any) -> None:
+        rt = jobs.current()
+        claimed = self._claim_batch(job, queue) if self.max_batch_images > 1 else []
+        rt.batch = claimed
         done = threading.Event()
+        held = [job, *(c.job for c in claimed)]
         lease = threading.Thread(
-            target=self._renew_lease, args=(job, done), name="latentd-lease", daemon=True
+            target=self._renew_lease, args=(held, done), name="latentd-lease", daemon=True
         )
         lease.start()
         try:
-            super().execute_job(job, queue)
+            super().execute_job(job, queue)  # runs the batch; each claimed job's outcome is recorded
+            rt.batch = []
+            for c in claimed:  # RQ settles each as if it had run alone
+                self.perform_job(c.job, queue, c.execution)
         finally:
+            rt.batch = []
+            rt.settled.clear()
             done.set()
             lease.join()
-        if jobs.current().fatal:
+            self.set_state(WorkerStatus.IDLE)
+        if rt.fatal:
             event(log, "device_broken_exiting", logging.ERROR, job_id=job.id)
             self.register_death()
             raise SystemExit(EXIT_DEVICE_BROKEN)
 
-    def _renew_lease(self, job: Any, done: threading.Event) -> None:
+    def _claim_batch(self, first: Any, queue: Queue) -> list[jobs.Claimed]:
+        """Take queued jobs that can share `first`'s pipeline call, up to `max_batch_images`
+        images, waiting at most `batch_wait` seconds for more. Others keep their place."""
+        try:
+            payload = payload_of(first)
+        except ValueError:
+            return []
+        key = batch_key(payload)
+        budget = self.max_batch_images - payload.num_images
+        deadline = time.monotonic() + self.batch_wait
+        claimed: list[jobs.Claimed] = []
+        while budget > 0:
+            ids = [as_str(i) for i in self.connection.lrange(queue.key, 0, 4 * self.max_batch_images)]
+            for candidate in Job.fetch_many(ids, connection=self.connection, serializer=self.serializer):
+                if candidate is None or budget <= 0:
+                    continue
+                try:
+                    other = payload_of(candidate)
+                except ValueError:  # not ours to batch; it runs (and fails) on its own
+                    continue
+                if batch_key(other) != key or other.num_images > budget:
+                    continue
+                if self.connection.lrem(queue.key, 1, candidate.id) != 1:
+                    continue  # another worker took it first
+                execution = self.prepare_execution(candidate)
+                self.prepare_job_execution(candidate)
+                claimed.append(jobs.Claimed(job=candidate, payload=other, execution=execution))
+                budget -= other.num_images
+            if budget <= 0 or time.monotonic() >= deadline:
+                break
+            time.sleep(0.002)
+        return claimed
+
+    def _renew_lease(self, held: list[Any], done: threading.Event) -> None:
+        by_id = {j.id: j for j in held}
         while not done.wait(self.lease_seconds / 3):
-            execution = self.execution
-            if execution is None:
-                continue
-            try:
-                self.maintain_heartbeats(job, execution)
-            except redis.RedisError as exc:
-                event(log, "lease_renewal_failed", logging.WARNING, job_id=job.id, error=type(exc).__name__)
+            for execution in list(self.executions.values()):
+                job = by_id.get(execution.job_id)
+                if job is None:
+                    continue
+                try:
+                    self.maintain_heartbeats(job, execution)
+                except redis.RedisError as exc:
+                    event(
+                        log, "lease_renewal_failed", logging.WARNING, job_id=job.id, error=type(exc).__name__
+                    )
 
 
 class Heartbeat(threading.Thread):
@@ -229,6 +292,8 @@ def run(settings: WorkerSettings | None = None) -> int:
     )
     worker.lease_seconds = settings.lease_seconds
     worker.shutdown_grace = settings.shutdown_grace
+    worker.max_batch_images = settings.max_batch_images or (8 if runner.device.type != "cpu" else 1)
+    worker.batch_wait = settings.batch_wait_ms / 1000
     heartbeat = Heartbeat(worker, info, settings.heartbeat_interval, queue)
     heartbeat.beat()
     heartbeat.start()

@@ -145,61 +145,82 @@ class Runner:
             self._schedulers[name] = SCHEDULER_CLASSES[name].from_config(self._default_scheduler.config)
         return self._schedulers[name]
 
-    def generate(self, payload: JobPayload, on_step: StepCallback) -> tuple[list[Image.Image], bool]:
-        """Run one job; returns the images and whether the run was interrupted.
+    def generate(
+        self, payloads: list[JobPayload], on_step: StepCallback
+    ) -> tuple[list[list[Image.Image]], bool]:
+        """Run jobs that share their pipeline parameters (see `batch_key`) as one pipeline call.
 
-        On an accelerator out-of-memory error the images are split in two halves, each run
-        on its own (every image keeps its own generator); a single image that still does not
-        fit raises `torch.OutOfMemoryError` to the caller.
+        Returns each job's images, and whether the run was interrupted. Every image has its
+        own generator seeded from its job. On an accelerator out-of-memory error the images
+        are split in two halves, each run on its own; a single image that still does not fit
+        raises `torch.OutOfMemoryError` to the caller.
         """
-        self.pipe.scheduler = self._scheduler(payload.scheduler)
-        images: list[Image.Image] = []
-        pending = [list(range(payload.num_images))]
+        first = payloads[0]
+        self.pipe.scheduler = self._scheduler(first.scheduler)
+        slots = [(j, i) for j, p in enumerate(payloads) for i in range(p.num_images)]
+        images: list[list[Image.Image]] = [[] for _ in payloads]
+        pending = [slots]
         while pending:
-            indices = pending.pop(0)
+            chunk_slots = pending.pop(0)
             try:
-                chunk, interrupted = self._run(payload, indices, on_step)
+                chunk, interrupted = self._run(payloads, chunk_slots, on_step)
             except torch.OutOfMemoryError:
                 free_accelerator_memory()
-                if len(indices) == 1:
+                if len(chunk_slots) == 1:
                     raise
-                half = len(indices) // 2
-                event(log, "out_of_memory_split", logging.WARNING, job_id=payload.job_id, images=len(indices))
-                pending[:0] = [indices[:half], indices[half:]]
+                half = len(chunk_slots) // 2
+                event(
+                    log, "out_of_memory_split", logging.WARNING, job_id=first.job_id, images=len(chunk_slots)
+                )
+                pending[:0] = [chunk_slots[:half], chunk_slots[half:]]
                 continue
             if interrupted:
                 return images, True
-            images.extend(chunk)
+            for (j, _), image in zip(chunk_slots, chunk, strict=True):
+                images[j].append(image)
         return images, False
 
     def _run(
-        self, payload: JobPayload, indices: list[int], on_step: StepCallback
+        self, payloads: list[JobPayload], slots: list[tuple[int, int]], on_step: StepCallback
     ) -> tuple[list[Image.Image], bool]:
-        n = len(indices)
+        first = payloads[0]
         # CPU generators: the same seed gives the same latents on any device and in any batch.
-        generators = [torch.Generator("cpu").manual_seed(payload.image_seed(i)) for i in indices]
+        generators = [torch.Generator("cpu").manual_seed(payloads[j].image_seed(i)) for j, i in slots]
         interrupted = False
 
         def step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             nonlocal interrupted
-            if on_step(step + 1, payload.steps):
+            if on_step(step + 1, first.steps):
                 interrupted = True
                 pipe._interrupt = True
             return kwargs
 
         with torch.inference_mode():
             result = self.pipe(
-                prompt=[payload.prompt] * n,
-                negative_prompt=[payload.negative_prompt] * n if payload.negative_prompt else None,
-                width=payload.width,
-                height=payload.height,
-                num_inference_steps=payload.steps,
-                guidance_scale=payload.guidance_scale,
+                # An empty negative prompt is what diffusers uses when none is given.
+                prompt=[payloads[j].prompt for j, _ in slots],
+                negative_prompt=[payloads[j].negative_prompt for j, _ in slots],
+                width=first.width,
+                height=first.height,
+                num_inference_steps=first.steps,
+                guidance_scale=first.guidance_scale,
                 generator=generators,
                 callback_on_step_end=step_end,
                 output_type="pil",
             )
         return list(result.images), interrupted
+
+
+def batch_key(payload: JobPayload) -> tuple[object, ...]:
+    """Jobs with equal keys can run as one pipeline call."""
+    return (
+        payload.model,
+        payload.width,
+        payload.height,
+        payload.steps,
+        payload.guidance_scale,
+        payload.scheduler,
+    )
 
 
 def free_accelerator_memory() -> None:

@@ -1,0 +1,93 @@
+"""Micro-batching: a worker runs compatible queued jobs as one pipeline call, each job keeping
+its own seeds, progress, cancellation and RQ bookkeeping."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from rq import Queue
+from rq.serializers import JSONSerializer
+
+from tests.conftest import Proc, start_worker
+from tests.test_recovery import LONG_JOB, Cluster, make_cluster
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def batching(tmp_path: Path, tiny_model_dir: Path) -> Iterator[tuple[Cluster, Proc]]:
+    for cluster in make_cluster(tmp_path, tiny_model_dir):
+        worker = start_worker(
+            cluster.redis.url,
+            tiny_model_dir,
+            tmp_path,
+            name="batcher",
+            LATENTD_MAX_BATCH_IMAGES="8",
+            LATENTD_BATCH_WAIT_MS="50",
+        )
+        try:
+            yield cluster, worker
+        finally:
+            worker.stop()
+
+
+def pixels(cluster: Cluster, view: dict[str, Any], index: int = 0) -> np.ndarray:
+    data = httpx.get(cluster.url + view["images"][index]["url"]).content
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
+
+
+def state(cluster: Cluster, job_id: str, field: str) -> str:
+    raw = cluster.redis.client().hget(f"latentd:job:{job_id}", field)
+    return raw.decode() if raw else ""
+
+
+def test_compatible_jobs_share_a_call_and_others_keep_their_place(batching: tuple[Cluster, Proc]) -> None:
+    cluster, _ = batching
+    blocker = cluster.submit(LONG_JOB)
+    cluster.running_on(blocker)
+    bodies = {
+        "b1": {"prompt": "a red circle", "seed": 1, "steps": 4},
+        "x": {"prompt": "another size", "seed": 9, "steps": 4, "width": 72},
+        "b2": {"prompt": "a blue square", "seed": 2, "steps": 4, "negative_prompt": "blurry"},
+        "b3": {"prompt": "a green triangle", "seed": 3, "steps": 4, "num_images": 2},
+    }
+    ids = {name: cluster.submit(body) for name, body in bodies.items()}
+    views = {name: cluster.wait_terminal(job_id) for name, job_id in ids.items()}
+    assert all(v["status"] == "succeeded" for v in views.values()), views
+    assert [state(cluster, ids[n], "batch_jobs") for n in ("b1", "b2", "b3", "x")] == ["3", "3", "3", "1"]
+    # The incompatible job waited for the batch that overtook it, then ran next.
+    assert views["x"]["timings"]["started_at"] >= views["b3"]["timings"]["started_at"]
+    # RQ is still the system of record: each job finished, none is left started.
+    queue = Queue("latentd:tiny", connection=cluster.redis.client(), serializer=JSONSerializer)
+    assert set(ids.values()) <= set(queue.finished_job_registry.get_job_ids())
+    assert queue.started_job_registry.get_job_ids() == []
+
+    # Each image is the one its seed gives when its job runs alone (up to the rounding a
+    # different batch size may change on the CPU).
+    for name in ("b1", "b2", "b3"):
+        alone = cluster.wait_terminal(cluster.submit(bodies[name]))
+        assert state(cluster, alone["id"], "batch_jobs") == "1"
+        for i in range(len(alone["images"])):
+            assert np.abs(pixels(cluster, views[name], i) - pixels(cluster, alone, i)).max() <= 2
+
+
+def test_canceling_one_job_of_a_batch_spares_the_others(batching: tuple[Cluster, Proc]) -> None:
+    cluster, _ = batching
+    blocker = cluster.submit(LONG_JOB)
+    cluster.running_on(blocker)
+    body = {"prompt": "a batch", "steps": 80, "width": 96, "height": 96}
+    keep, drop = cluster.submit({**body, "seed": 1}), cluster.submit({**body, "seed": 2})
+    cluster.running_on(keep)
+    assert cluster.status(drop)["status"] == "running"  # batched with `keep`
+    assert httpx.post(f"{cluster.url}/v1/generations/{drop}/cancel").status_code == 202
+    assert cluster.wait_terminal(drop)["status"] == "canceled"
+    kept = cluster.wait_terminal(keep)
+    assert kept["status"] == "succeeded" and len(kept["images"]) == 1
+    assert state(cluster, keep, "batch_jobs") == "2"
