@@ -49,6 +49,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks.md")
     p.add_argument("--no-docs", action="store_true", help="write the JSON only")
     p.add_argument("--workers", type=int, default=1, help="worker processes (throughput)")
+    p.add_argument(
+        "--max-batch-images", type=int, help="LATENTD_MAX_BATCH_IMAGES for the workers (micro-batching)"
+    )
     p.add_argument("--torch-threads", type=int, default=1, help="per worker, and for the direct loop")
     p.add_argument("--steps", type=int, help="denoising steps per image (default 20, quick 2)")
     p.add_argument("--size", type=int, default=64, help="width and height")
@@ -106,11 +109,14 @@ def run_service(args: argparse.Namespace, benches: list[str]) -> dict[str, dict[
         "torch_threads": args.torch_threads,
         "quick": quick,
         "profiled": args.profile,
+        "max_batch_images": args.max_batch_images or "worker default",
     }
     results: dict[str, dict[str, Any]] = {}
     names = {
         "overhead": "overhead",
-        "throughput": "throughput" + (f"-w{args.workers}" if args.workers != 1 else ""),
+        "throughput": "throughput"
+        + (f"-w{args.workers}" if args.workers != 1 else "")
+        + (f"-b{args.max_batch_images}" if args.max_batch_images else ""),
     }
     needs_worker = "overhead" in benches or "throughput" in benches
     if "frontend" in benches and not wrk_binary():
@@ -121,6 +127,7 @@ def run_service(args: argparse.Namespace, benches: list[str]) -> dict[str, dict[
         stack = Stack(
             model,
             workers=args.workers,
+            max_batch_images=args.max_batch_images,
             torch_threads=args.torch_threads,
             # Front-end submits go to a model no worker drains; the run's length bounds the queue.
             api_env={"LATENTD_MAX_QUEUE_DEPTH": "1000000"},
@@ -157,7 +164,6 @@ def run_service(args: argparse.Namespace, benches: list[str]) -> dict[str, dict[
                         2 if quick else 5,
                         0.05 if quick else args.concurrent_poll,
                         1 if quick else 2,
-                        args.workers,
                     )
                     results["throughput"] = {**common, "direct": direct.wait_ready(), "workers": args.workers}
                     results["throughput"]["result"] = result

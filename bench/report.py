@@ -38,6 +38,11 @@ def _n(count: int, noun: str) -> str:
     return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
+def _batching(data: dict[str, Any]) -> str:
+    batch = data.get("max_batch_images")
+    return f", micro-batching up to {batch} images" if isinstance(batch, int) and batch > 1 else ""
+
+
 def _met(ok: bool) -> str:
     return "yes" if ok else "**no**"
 
@@ -79,7 +84,8 @@ def service_markdown(out: Path) -> str:
             target = f"≥ {TARGETS['throughput_ratio_16']:.1f}×" if level["clients"] == 16 else "—"
             met = _met(level["ratio"] >= TARGETS["throughput_ratio_16"]) if level["clients"] == 16 else ""
             summary.append(
-                f"| 2. throughput, {_n(level['clients'], 'client')}, {_n(data['workers'], 'worker')} | "
+                f"| 2. throughput, {_n(level['clients'], 'client')}, {_n(data['workers'], 'worker')}"
+                f"{_batching(data)} | "
                 f"**{level['ratio']:.2f}×** direct ({level['images_per_s']:.2f} vs "
                 f"{level['direct_images_per_s']:.2f} images/s) | {target} | {met} |"
             )
@@ -127,11 +133,11 @@ def service_markdown(out: Path) -> str:
         data = json.loads(path.read_text())
         lines += [
             "",
-            f"Throughput, {_n(data['workers'], 'worker')}, clients polling every "
+            f"Throughput, {_n(data['workers'], 'worker')}{_batching(data)}, clients polling every "
             f"{data['result']['poll_s']} s (`{path.name}`):",
             "",
             "| clients | jobs | failed | images/s | direct images/s | ratio | latency p50 | p95 | p99 (s) "
-            "| status polls/s | worker busy | pipeline s in worker / direct |",
+            "| status polls/s | some job running | pipeline s per job in worker / direct |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for v in data["result"]["levels"]:
@@ -140,7 +146,7 @@ def service_markdown(out: Path) -> str:
                 f"| {v['clients']} | {v['jobs']} | {v['failed']} | {v['images_per_s']:.3f} | "
                 f"{v['direct_images_per_s']:.3f} | {v['ratio']:.3f} | {lat.get('p50', 0):.3f} | "
                 f"{lat.get('p95', 0):.3f} | {lat.get('p99', 0):.3f} | {v['status_polls_per_s']} | "
-                f"{v.get('worker_busy_fraction', 0) * 100:.0f} % | "
+                f"{v.get('busy_fraction', 0) * 100:.0f} % | "
                 f"{v.get('worker_pipeline_s_mean') or 0:.3f} / {v.get('direct_pipeline_s_mean', 0):.3f} |"
             )
     if frontend and "result" in frontend:

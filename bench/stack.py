@@ -99,6 +99,8 @@ def stop_profiled(proc: Proc, timeout: float = 30) -> None:
 class Stack:
     model: Model
     workers: int = 1
+    # LATENTD_MAX_BATCH_IMAGES for the workers (micro-batching); None: the worker's default.
+    max_batch_images: int | None = None
     torch_threads: int = 1
     api_env: dict[str, str] = field(default_factory=dict)
     profile_dir: Path | None = None
@@ -117,7 +119,7 @@ class Stack:
             "LATENTD_MODEL_NAME": self.model.name,
             "LATENTD_TORCH_THREADS": str(self.torch_threads),
             "LATENTD_HEARTBEAT_INTERVAL": "2",
-        }
+        } | ({"LATENTD_MAX_BATCH_IMAGES": str(self.max_batch_images)} if self.max_batch_images else {})
 
     @contextlib.contextmanager
     def running(self) -> Iterator[Stack]:
