@@ -179,6 +179,7 @@ def run_service(args: argparse.Namespace, benches: list[str]) -> dict[str, dict[
                         params.body(model.name, 1),
                     )
                     results["frontend"] = {**common, "result": result}
+                say("stopping the service")
         finally:
             if direct:
                 direct.close()

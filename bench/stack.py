@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,32 +134,44 @@ class Stack:
                 else contextlib.nullcontext()
             )
             try:
-                with patch:
-                    if self.start_workers:
-                        for i in range(self.workers):
-                            self.procs.append(
-                                start_worker(
-                                    self.redis.url,
-                                    self.model.directory,
-                                    self.tmp,
-                                    f"w{i}",
-                                    **self.worker_env(),
-                                )
-                            )
-                    api, self.url = start_api(
+                with patch, ThreadPoolExecutor() as pool:
+                    # Workers and the API start at once: each waits only for its own readiness.
+                    workers = [
+                        pool.submit(
+                            start_worker,
+                            self.redis.url,
+                            self.model.directory,
+                            self.tmp,
+                            f"w{i}",
+                            **self.worker_env(),
+                        )
+                        for i in range(self.workers if self.start_workers else 0)
+                    ]
+                    api = pool.submit(
+                        start_api,
                         self.redis.url,
                         self.tmp,
                         LATENTD_DEFAULT_MODEL=self.model.name,
                         LATENTD_LOG_LEVEL="warning",
                         **self.api_env,
                     )
-                    self.procs.append(api)
+                    failures: list[BaseException] = []
+                    for worker in workers:
+                        try:
+                            self.procs.append(worker.result())
+                        except BaseException as exc:  # what did start is stopped below
+                            failures.append(exc)
+                    try:
+                        api_proc, self.url = api.result()
+                        self.procs.append(api_proc)
+                    except BaseException as exc:
+                        failures.append(exc)
+                    if failures:
+                        raise failures[0]
                 yield self
             finally:
-                for proc in reversed(self.procs):
-                    if self.profile_dir:
-                        stop_profiled(proc)
-                    else:
-                        proc.stop()
+                # In parallel: a worker's graceful stop takes a moment, and they need not queue up.
+                with ThreadPoolExecutor() as pool:
+                    list(pool.map(stop_profiled if self.profile_dir else Proc.stop, self.procs))
                 self.procs.clear()
                 self.redis.stop()
