@@ -42,13 +42,16 @@ class Principal:
 
 
 class AuthState:
-    def __init__(self) -> None:
-        self.required = False
+    def __init__(self, static_keys: dict[str, str]) -> None:
+        self.static_keys = static_keys  # digest -> name, from LATENTD_API_KEYS
+        self.required = bool(static_keys)
         self.checked_at = 0.0
 
 
 def auth_required(request: Request) -> bool:
     state: AuthState = request.app.state.auth
+    if state.static_keys:
+        return True
     now = time.monotonic()
     if now - state.checked_at > AUTH_STATE_TTL:
         state.required = bool(request.app.state.service.redis.hlen(Keys.API_KEYS))
@@ -63,7 +66,8 @@ def authenticate(request: Request, service: ServiceDep) -> Principal:
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("missing API key: send `Authorization: Bearer <key>`")
-    owner = keys.lookup(service.redis, token.strip())
+    state: AuthState = request.app.state.auth
+    owner = state.static_keys.get(keys.digest(token.strip())) or keys.lookup(service.redis, token.strip())
     if owner is None:
         raise Unauthorized("invalid API key")
     limit = service.settings.rate_limit_per_minute

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 
+from latentd import keys
 from latentd.settings import BUILTIN_MODEL, CommonSettings
+
+PLACEHOLDER_KEYS = {"changeme", "change-me-please", "changethis", "secret", "password", "xxxxxxxxxxxxxxxx"}
 
 
 class ApiSettings(CommonSettings):
@@ -45,6 +48,11 @@ class ApiSettings(CommonSettings):
     max_body_bytes: int = Field(
         default=64 * 1024, ge=1024, description="Largest request body; larger ones get 413 unread."
     )
+    api_keys: SecretStr | None = Field(
+        default=None,
+        description="Comma-separated NAME:KEY pairs (e.g. from a Kubernetes Secret), besides the keys "
+        "`latentd keys create` stores in Redis; only their digests are kept in memory.",
+    )
     rate_limit_per_minute: int = Field(
         default=600, ge=0, description="Requests per minute per API key (0: no limit); only with keys."
     )
@@ -59,7 +67,23 @@ class ApiSettings(CommonSettings):
     def _check(self) -> ApiSettings:
         if self.default_size * self.default_size > self.max_pixels:
             raise ValueError("default_size squared exceeds max_pixels")
+        self.static_key_digests()  # refuse malformed or placeholder keys at startup
         return self
+
+    def static_key_digests(self) -> dict[str, str]:
+        """digest -> name for the keys in `api_keys`."""
+        if self.api_keys is None:
+            return {}
+        digests: dict[str, str] = {}
+        for pair in filter(None, (p.strip() for p in self.api_keys.get_secret_value().split(","))):
+            name, _, key = pair.partition(":")
+            if not name or len(key) < 16 or key.lower() in PLACEHOLDER_KEYS:
+                raise ValueError(
+                    "api_keys: each entry must be NAME:KEY with a KEY of at least 16 characters that is not "
+                    "a placeholder (generate one with `latentd keys create NAME`)"
+                )
+            digests[keys.digest(key)] = name
+        return digests
 
 
 @lru_cache

@@ -45,11 +45,11 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.service = service = GenerationService(connection, settings)
         app.state.metrics = metrics
-        app.state.auth = AuthState()
+        app.state.auth = AuthState(settings.static_key_digests())
         try:
-            keyed = bool(connection.hlen(Keys.API_KEYS))
+            keyed = bool(app.state.auth.static_keys) or bool(connection.hlen(Keys.API_KEYS))
         except redis.ConnectionError:
-            keyed = False
+            keyed = bool(app.state.auth.static_keys)
         if keyed:
             event(log, "auth_required", keys="configured")
         else:

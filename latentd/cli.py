@@ -198,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         code: int = args.func(args)
     except ValidationError as exc:  # a bad LATENTD_* value: say which, without a traceback
         for err in exc.errors():
-            name = "LATENTD_" + "_".join(str(p) for p in err["loc"]).upper()
-            print(f"latentd: invalid configuration: {name}: {err['msg']}", file=sys.stderr)
+            where = "LATENTD_" + "_".join(str(p) for p in err["loc"]).upper() + ": " if err["loc"] else ""
+            print(f"latentd: invalid configuration: {where}{err['msg']}", file=sys.stderr)
         return 2
     return code
 

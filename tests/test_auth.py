@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Proc, RedisServer, base_env, start_api, start_worker, wait_until
+from tests.conftest import Proc, RedisServer, base_env, spawn, start_api, start_worker, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -171,3 +171,20 @@ def test_jobs_in_flight_and_requests_per_minute_are_capped_per_key(limited: tupl
     assert limited_response.json()["error"]["code"] == "rate_limited"
     assert 1 <= int(limited_response.headers["retry-after"]) <= 60
     assert httpx.get(f"{url}/v1/models", headers=dave).status_code == 200
+
+
+def test_keys_from_the_environment(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    key = "k8s-secret-key-0123456789abcdef"
+    api, url = start_api(server.url, tmp_path, LATENTD_API_KEYS=f"ops:{key}")
+    try:
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        assert httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+        assert key not in api.output()
+    finally:
+        api.stop()
+        server.stop()
+    placeholder = spawn(["api"], base_env(server.url, LATENTD_API_KEYS="ops:changeme"), tmp_path / "bad.log")
+    assert placeholder.proc.wait(60) == 2
+    assert "api_keys" in placeholder.output() and "Traceback" not in placeholder.output()

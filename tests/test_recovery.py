@@ -18,7 +18,7 @@ from tests.conftest import Proc, RedisServer, start_api, start_worker, wait_unti
 pytestmark = pytest.mark.integration
 
 LEASE = "3"
-LONG_JOB = {"prompt": "a long job", "steps": 80, "width": 128, "height": 128, "seed": 3}
+LONG_JOB = {"prompt": "a long job", "steps": 40, "width": 96, "height": 96, "seed": 3}
 
 
 @dataclass
@@ -212,7 +212,7 @@ def test_sigterm_past_the_grace_period_hands_the_job_to_another_worker(cluster: 
         LATENTD_LEASE_SECONDS=LEASE,
         LATENTD_SHUTDOWN_GRACE="0.5",
     )
-    job_id = cluster.submit({**LONG_JOB, "steps": 150})
+    job_id = cluster.submit(LONG_JOB)
     cluster.running_on(job_id)
     impatient.proc.send_signal(signal.SIGTERM)
     assert impatient.proc.wait(30) == 0

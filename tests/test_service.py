@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+from collections.abc import Iterator
 
 import httpx
 import numpy as np
@@ -252,3 +253,22 @@ def test_idempotency_key_returns_the_same_job(service: Service) -> None:
     assert service.wait_terminal(first.json()["id"])["status"] == "succeeded"
     fresh = service.http.post("/v1/generations", json=body, headers={"Idempotency-Key": "another"})
     assert fresh.json()["id"] != first.json()["id"]
+
+
+def test_oversized_bodies_are_refused_over_real_http(service: Service) -> None:
+    def chunked() -> Iterator[bytes]:
+        yield b'{"prompt": "'
+        for _ in range(200):
+            yield b"y" * 1000
+        yield b'"}'
+
+    headers = {"content-type": "application/json"}
+    sized = service.http.post(
+        "/v1/generations", content=b'{"prompt":"' + b"x" * 100_000 + b'"}', headers=headers
+    )
+    streamed = service.http.post("/v1/generations", content=chunked(), headers=headers)
+    for response in (sized, streamed):
+        assert response.status_code == 413
+        assert response.json()["error"]["code"] == "payload_too_large"
+    assert streamed.request.headers.get("transfer-encoding") == "chunked"  # no Content-Length sent
+    assert service.http.get("/healthz").status_code == 200

@@ -29,12 +29,11 @@ class WorkerSettings(CommonSettings):
     )
     worker_name: str | None = Field(default=None, description="Unique worker name; host and pid when unset.")
     heartbeat_interval: float = Field(default=5.0, gt=0, description="Seconds between registrations.")
-    max_batch_images: int | None = Field(
-        default=None,
+    max_batch_images: int = Field(
+        default=8,
         ge=1,
         le=64,
-        description="Images one pipeline call may gather from compatible queued jobs "
-        "(micro-batching); auto: 8 on a GPU, 1 (off) on the CPU, where batching gains nothing.",
+        description="Images one pipeline call may gather from compatible queued jobs (1: no batching).",
     )
     batch_wait_ms: float = Field(
         default=5, ge=0, le=1000, description="How long a worker waits for more compatible jobs to batch."

@@ -292,7 +292,7 @@ def run(settings: WorkerSettings | None = None) -> int:
     )
     worker.lease_seconds = settings.lease_seconds
     worker.shutdown_grace = settings.shutdown_grace
-    worker.max_batch_images = settings.max_batch_images or (8 if runner.device.type != "cpu" else 1)
+    worker.max_batch_images = settings.max_batch_images
     worker.batch_wait = settings.batch_wait_ms / 1000
     heartbeat = Heartbeat(worker, info, settings.heartbeat_interval, queue)
     heartbeat.beat()
