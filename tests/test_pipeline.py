@@ -75,3 +75,22 @@ def test_out_of_memory_fails_the_job_with_a_message_naming_the_size() -> None:
     failure = _classify(torch.OutOfMemoryError("CUDA out of memory"), payload(3))
     assert failure.code == "out_of_memory"
     assert "64x64" in failure.message and "3" in failure.message
+
+
+def test_padded_batches_give_the_same_bytes_as_a_lone_run(runner: Runner) -> None:
+    """With `pad_to` (LATENTD_BATCH_INVARIANT) an image does not depend on its batch mates."""
+    from worker.encode import encode
+
+    mates = [
+        payload(1).model_copy(update={"job_id": "a", "seed": 101, "prompt": "a red circle"}),
+        payload(2).model_copy(
+            update={"job_id": "b", "seed": 7, "prompt": "a blue square", "negative_prompt": "dark"}
+        ),
+        payload(1).model_copy(update={"job_id": "c", "seed": 4242, "prompt": "a green triangle"}),
+    ]
+    padded = Runner(pipe=runner.pipe, device=runner.device, model="tiny", pad_to=4)
+    together, _ = padded.generate(mates, never)
+    for mate, images in zip(mates, together, strict=True):
+        alone, _ = padded.generate([mate], never)
+        for i, (a, b) in enumerate(zip(images, alone[0], strict=True)):
+            assert encode(a, mate, i)[0] == encode(b, mate, i)[0]

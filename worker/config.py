@@ -35,6 +35,11 @@ class WorkerSettings(CommonSettings):
         le=64,
         description="Images one pipeline call may gather from compatible queued jobs (1: no batching).",
     )
+    batch_invariant: bool = Field(
+        default=False,
+        description="Pad every pipeline call to max_batch_images images, so an image's bytes never "
+        "depend on the jobs batched with it; a lone job then costs a full batch of compute.",
+    )
     batch_wait_ms: float = Field(
         default=5, ge=0, le=1000, description="How long a worker waits for more compatible jobs to batch."
     )

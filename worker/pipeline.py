@@ -133,6 +133,10 @@ class Runner:
     pipe: DiffusionPipeline
     device: torch.device
     model: str
+    # When set, every pipeline call is padded to this many images. The UNet and VAE kernels
+    # give results that depend on the batch size (not on an image's place in the batch), so
+    # a fixed size makes an image's bytes independent of the jobs it ran with.
+    pad_to: int | None = None
 
     def __post_init__(self) -> None:
         self._default_scheduler = self.pipe.scheduler
@@ -186,6 +190,13 @@ class Runner:
         first = payloads[0]
         # CPU generators: the same seed gives the same latents on any device and in any batch.
         generators = [torch.Generator("cpu").manual_seed(payloads[j].image_seed(i)) for j, i in slots]
+        prompts = [payloads[j].prompt for j, _ in slots]
+        # An empty negative prompt is what diffusers uses when none is given.
+        negatives = [payloads[j].negative_prompt for j, _ in slots]
+        padding = max(0, (self.pad_to or 0) - len(slots))
+        generators += [torch.Generator("cpu").manual_seed(0) for _ in range(padding)]
+        prompts += [""] * padding
+        negatives += [""] * padding
         interrupted = False
 
         def step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -197,9 +208,8 @@ class Runner:
 
         with torch.inference_mode():
             result = self.pipe(
-                # An empty negative prompt is what diffusers uses when none is given.
-                prompt=[payloads[j].prompt for j, _ in slots],
-                negative_prompt=[payloads[j].negative_prompt for j, _ in slots],
+                prompt=prompts,
+                negative_prompt=negatives,
                 width=first.width,
                 height=first.height,
                 num_inference_steps=first.steps,
@@ -208,7 +218,7 @@ class Runner:
                 callback_on_step_end=step_end,
                 output_type="pil",
             )
-        return list(result.images), interrupted
+        return list(result.images)[: len(slots)], interrupted
 
 
 def batch_key(payload: JobPayload) -> tuple[object, ...]:
@@ -237,4 +247,5 @@ def load_runner(settings: WorkerSettings) -> Runner:
     source = resolve_source(settings)
     pipe = load_pipeline(source, device, dtype, settings.cache_dir)
     event(log, "model_loaded", model=settings.served_name(), source=source, device=device, dtype=dtype)
-    return Runner(pipe=pipe, device=device, model=settings.served_name())
+    pad_to = settings.max_batch_images if settings.batch_invariant and settings.max_batch_images > 1 else None
+    return Runner(pipe=pipe, device=device, model=settings.served_name(), pad_to=pad_to)
