@@ -59,5 +59,5 @@ def test_plain_image_has_no_shape() -> None:
 
 
 def test_rejects_non_rgb() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="RGB"):
         checker.judge(np.zeros((64, 64), dtype=np.uint8))

@@ -95,7 +95,9 @@ def judge(image: np.ndarray) -> Judgement:
             best, best_iou = shape, iou
     # Position: the nearest anchor, in 64-pixel units.
     px, py = cx * data.IMAGE_SIZE / w, cy * data.IMAGE_SIZE / h
-    position = min(data.ANCHORS, key=lambda p: (data.ANCHORS[p][0] - px) ** 2 + (data.ANCHORS[p][1] - py) ** 2)
+    position = min(
+        data.ANCHORS, key=lambda p: (data.ANCHORS[p][0] - px) ** 2 + (data.ANCHORS[p][1] - py) ** 2
+    )
     threshold = np.sqrt(_AREAS[(best, "small")] * _AREAS[(best, "large")])
     size = "small" if area * scale < threshold else "large"
     return Judgement(shape_colour, background, best, position, size, best_iou, area * scale)

@@ -173,7 +173,9 @@ def caption_words() -> list[str]:
     return sorted(words)
 
 
-def batch(rng: np.random.Generator, n: int, pairs: list[tuple[str, str]] | None = None) -> tuple[np.ndarray, list[Scene]]:
+def batch(
+    rng: np.random.Generator, n: int, pairs: list[tuple[str, str]] | None = None
+) -> tuple[np.ndarray, list[Scene]]:
     """n random training scenes and their images, uint8 (n, 64, 64, 3)."""
     scenes = [random_scene(rng, pairs) for _ in range(n)]
     return np.stack([render(s) for s in scenes]), scenes

@@ -11,6 +11,7 @@ files, so the directory is loaded with `from_pretrained`; and `model_max_length`
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -34,11 +35,11 @@ def bytes_to_unicode() -> dict[int, str]:
 def _apply(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     """Standard BPE: repeatedly merge the lowest-ranked adjacent pair."""
     while len(symbols) > 1:
-        pairs = [(ranks.get((a, b), 1 << 30), i) for i, (a, b) in enumerate(zip(symbols, symbols[1:]))]
+        pairs = [(ranks.get((a, b), 1 << 30), i) for i, (a, b) in enumerate(itertools.pairwise(symbols))]
         rank, i = min(pairs)
         if rank == 1 << 30:
             break
-        symbols = symbols[:i] + [symbols[i] + symbols[i + 1]] + symbols[i + 2 :]
+        symbols = [*symbols[:i], symbols[i] + symbols[i + 1], *symbols[i + 2 :]]
     return symbols
 
 
@@ -63,7 +64,7 @@ def build_vocab(words: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]
             ranks[pair] = len(merges)
             merges.append(pair)
             vocab_list.append(pair[0] + pair[1])
-            symbols = [pair[0] + pair[1]] + symbols[2:]
+            symbols = [pair[0] + pair[1], *symbols[2:]]
     vocab_list += [BOS, EOS]
     return {tok: i for i, tok in enumerate(vocab_list)}, merges
 

@@ -3,14 +3,17 @@
     nice -n 15 .venv/bin/python -m worker.builtin.train --out worker/builtin/model
 
 Stages (each checkpointed under --work, so a stage can be rerun alone with --stage):
-  1. vae      AutoencoderKL, 64x64x3 <-> 16x16x4, trained on freshly drawn images each step.
+  1. vae      AutoencoderKL, 64x64x3 <-> 16x16x4, trained on random 32x32 crops of freshly drawn images.
   2. latents  draw a fixed, seeded set of scenes and encode them once with the trained VAE.
   3. unet     UNet2DConditionModel + CLIPTextModel trained jointly on the cached latents, v-prediction,
               captions re-phrased every time a scene is drawn, 10 % empty captions for guidance,
               EMA weights.
-  4. export   writes the diffusers directory (fp16 safetensors) that StableDiffusionPipeline loads.
+  4. export   writes the diffusers directory (fp32 safetensors) that StableDiffusionPipeline loads.
 
-Everything is seeded (--seed). Measured times are in the model card (worker/builtin/model/README.md).
+Everything is seeded (--seed), each stage from its own seed, so running the stages one by one gives the
+same model as one run. On a machine that other work keeps busy, --threads 1 is faster than 2 (two
+threads wait on each other when one is descheduled). Measured times are in the model card.
+Touching <work>/STOP ends the UNet stage early and exports the EMA weights reached so far.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -175,7 +179,9 @@ def random_crops(x: torch.Tensor, size: int, rng: np.random.Generator) -> torch.
     if size >= x.shape[-1]:
         return x
     offsets = rng.integers(0, (x.shape[-1] - size) // 4 + 1, size=(len(x), 2)) * 4
-    return torch.stack([img[:, oy : oy + size, ox : ox + size] for img, (oy, ox) in zip(x, offsets)])
+    return torch.stack(
+        [img[:, oy : oy + size, ox : ox + size] for img, (oy, ox) in zip(x, offsets, strict=True)]
+    )
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -404,7 +410,7 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "model")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/latentd-builtin-train"))
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "latentd-builtin-train")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--stage", action="append", choices=["vae", "latents", "unet", "export"])
