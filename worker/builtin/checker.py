@@ -87,7 +87,7 @@ def judge(image: np.ndarray) -> Judgement:
     area = float(mask.sum())
     ys, xs = np.nonzero(mask)
     cx, cy = float(xs.mean()) + 0.5, float(ys.mean()) + 0.5
-    best, best_iou = None, -1.0
+    best, best_iou = data.SHAPES[0], -1.0
     for shape in data.SHAPES:
         t = _template(shape, h, w, cx, cy, area)
         iou = float((t & mask).sum() / max(1, (t | mask).sum()))

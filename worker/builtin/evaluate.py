@@ -25,11 +25,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from worker.builtin import MODEL_DIR, checker, data
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_STEPS = 20
@@ -61,7 +65,7 @@ def cases(pairs: Sequence[tuple[str, str]], n: int, seed: int) -> list[Case]:
     return [Case(s, data.canonical_caption(s), seed * 100_000 + i) for i, s in enumerate(chosen)]
 
 
-def load(model_dir: Path):
+def load(model_dir: Path) -> StableDiffusionPipeline:
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(
@@ -72,7 +76,11 @@ def load(model_dir: Path):
 
 
 def generate(
-    pipe, prompts: list[str], seeds: list[int], guidance: float, steps: int = DEFAULT_STEPS
+    pipe: StableDiffusionPipeline,
+    prompts: list[str],
+    seeds: list[int],
+    guidance: float,
+    steps: int = DEFAULT_STEPS,
 ) -> np.ndarray:
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     out = pipe(
@@ -88,7 +96,7 @@ def generate(
 
 
 def run_cases(
-    pipe, todo: list[Case], guidance: float, batch: int = 16
+    pipe: StableDiffusionPipeline, todo: list[Case], guidance: float, batch: int = 16
 ) -> tuple[np.ndarray, list[checker.Judgement]]:
     images = []
     for i in range(0, len(todo), batch):
@@ -122,7 +130,7 @@ def score(todo: list[Case], judged: list[checker.Judgement]) -> dict[str, float]
     return result
 
 
-def vae_psnr(pipe, n: int = 256, seed: int = 424242) -> float:
+def vae_psnr(pipe: StableDiffusionPipeline, n: int = 256, seed: int = 424242) -> float:
     rng = np.random.default_rng(seed)
     all_pairs = [(c, s) for c in data.COLOURS for s in data.SHAPES]
     images = data.batch(rng, n, all_pairs)[0]
@@ -140,7 +148,7 @@ def vae_psnr(pipe, n: int = 256, seed: int = 424242) -> float:
     return float(torch.cat(values).mean())
 
 
-def timing(pipe) -> dict[str, float]:
+def timing(pipe: StableDiffusionPipeline) -> dict[str, float]:
     prompt = "a red circle on a blue background"
     generate(pipe, [prompt], [0], DEFAULT_GUIDANCE)  # warm-up
     singles = []
@@ -161,7 +169,7 @@ def timing(pipe) -> dict[str, float]:
     }
 
 
-def contact_sheet(pipe, path: Path) -> None:
+def contact_sheet(pipe: StableDiffusionPipeline, path: Path) -> None:
     from PIL import Image, ImageDraw, ImageFont
 
     rows = [
@@ -190,19 +198,19 @@ def contact_sheet(pipe, path: Path) -> None:
         held = (scene.colour, scene.shape) in data.HELD_OUT_PAIRS
         label = prompt.replace(" on a ", "\non a ") + ("\n(held-out pair)" if held else "")
         draw.multiline_text((6, y + 30), label, fill="black", font=font)
-        target = Image.fromarray(data.render(scene)).resize((cell - 8, cell - 8), Image.NEAREST)
+        target = Image.fromarray(data.render(scene)).resize((cell - 8, cell - 8), Image.Resampling.NEAREST)
         sheet.paste(target, (label_w + 4, y + 4))
         images = generate(pipe, [prompt] * len(seeds), seeds, DEFAULT_GUIDANCE)
         for k, img in enumerate(images):
             sheet.paste(
-                Image.fromarray(img).resize((cell - 8, cell - 8), Image.NEAREST),
+                Image.fromarray(img).resize((cell - 8, cell - 8), Image.Resampling.NEAREST),
                 (label_w + cell * (k + 1) + 4, y + 4),
             )
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path, optimize=True)
 
 
-def sweep(pipe, n: int = 60) -> None:
+def sweep(pipe: StableDiffusionPipeline, n: int = 60) -> None:
     """Seen-pair scores for a few guidance scales and step counts, to choose the defaults."""
     todo = cases(data.training_pairs(), n, seed=3)
     for guidance, steps in [(3.0, 20), (5.0, 20), (7.5, 20), (5.0, 10), (5.0, 30)]:

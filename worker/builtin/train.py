@@ -24,17 +24,21 @@ import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from worker.builtin import data, tokenizer
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
 MAX_TOKENS = 32  # tokenizer model_max_length == text encoder positions; captions are ~15 tokens
 
@@ -68,7 +72,7 @@ class Recipe:
     stages: list[str] = field(default_factory=lambda: ["vae", "latents", "unet", "export"])
 
 
-TINY = dict(
+TINY: dict[str, Any] = dict(
     vae_channels=(8, 8, 8),
     vae_groups=4,
     vae_steps=3,
@@ -89,7 +93,7 @@ TINY = dict(
 # ---------------------------------------------------------------- components
 
 
-def make_vae(r: Recipe):
+def make_vae(r: Recipe) -> AutoencoderKL:
     from diffusers import AutoencoderKL
 
     n = len(r.vae_channels)
@@ -107,7 +111,7 @@ def make_vae(r: Recipe):
     )
 
 
-def make_unet(r: Recipe):
+def make_unet(r: Recipe) -> UNet2DConditionModel:
     from diffusers import UNet2DConditionModel
 
     latent = data.IMAGE_SIZE // 2 ** (len(r.vae_channels) - 1)
@@ -130,7 +134,7 @@ def make_unet(r: Recipe):
     )
 
 
-def make_text_encoder(r: Recipe, vocab_size: int):
+def make_text_encoder(r: Recipe, vocab_size: int) -> CLIPTextModel:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     config = CLIPTextConfig(
@@ -148,7 +152,7 @@ def make_text_encoder(r: Recipe, vocab_size: int):
     return CLIPTextModel(config)
 
 
-def make_scheduler():
+def make_scheduler() -> DDIMScheduler:
     from diffusers import DDIMScheduler
 
     # Linear betas to 0.02 drive a 16x16 latent to (almost) pure noise at t=999: with SD's
@@ -430,4 +434,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
