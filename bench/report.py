@@ -40,7 +40,9 @@ def _n(count: int, noun: str) -> str:
 
 def _batching(data: dict[str, Any]) -> str:
     batch = data.get("max_batch_images")
-    return f", micro-batching up to {batch} images" if isinstance(batch, int) and batch > 1 else ""
+    if not isinstance(batch, int):
+        return ", the worker's default batching" if data.get("benchmark") == "throughput" else ""
+    return f", micro-batching up to {batch} images" if batch > 1 else ", micro-batching off"
 
 
 def _met(ok: bool) -> str:

@@ -93,7 +93,12 @@ def stop_profiled(proc: Proc, timeout: float = 30) -> None:
     try:
         proc.proc.wait(timeout)
     except subprocess.TimeoutExpired:
-        proc.stop(5)
+        # py-spy writes its profile on Ctrl-C (and ends its child); SIGTERM would lose it.
+        proc.proc.send_signal(signal.SIGINT)
+        try:
+            proc.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.stop(5)
 
 
 @dataclass
