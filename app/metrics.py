@@ -18,8 +18,8 @@ from prometheus_client.registry import Collector
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.serving import as_text
 from latentd.contract import DURATION_BUCKETS, Keys
+from latentd.store import as_text
 
 if TYPE_CHECKING:
     from app.serving import GenerationService

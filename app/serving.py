@@ -55,6 +55,7 @@ from latentd.contract import (
     StateField,
     WorkerInfo,
 )
+from latentd.store import as_text
 
 QUEUE_FULL_RETRY_AFTER = 5
 
@@ -82,10 +83,6 @@ class ImageBlob:
     data: bytes
     content_type: str
     etag: str
-
-
-def as_text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _aware(value: datetime | None) -> datetime | None:

@@ -7,6 +7,11 @@ import redis
 SAFE_POLICIES = ("noeviction",)
 
 
+def as_text(value: bytes | str) -> str:
+    """A Redis reply as text, whether or not the client decodes responses."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
 class UnsafeRedis(RuntimeError):
     pass
 

@@ -19,7 +19,7 @@ from rq.worker import WorkerStatus
 
 from latentd.contract import JobPayload, Keys, WorkerInfo
 from latentd.logs import configure, event
-from latentd.store import UnsafeRedis, check_eviction_policy
+from latentd.store import UnsafeRedis, as_text, check_eviction_policy
 from worker import jobs
 from worker.config import WorkerSettings, get_settings
 from worker.pipeline import ModelLoadError, batch_key, load_runner
@@ -37,10 +37,6 @@ def payload_of(job: Any) -> JobPayload:
         return JobPayload.model_validate(job.args[0])
     except (IndexError, TypeError) as exc:
         raise ValueError(f"job {job.id} carries no payload") from exc
-
-
-def as_str(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 class LatentdWorker(SimpleWorker):
@@ -155,7 +151,7 @@ class LatentdWorker(SimpleWorker):
         deadline = time.monotonic() + self.batch_wait
         claimed: list[jobs.Claimed] = []
         while budget > 0:
-            ids = [as_str(i) for i in self.connection.lrange(queue.key, 0, 4 * self.max_batch_images)]
+            ids = [as_text(i) for i in self.connection.lrange(queue.key, 0, 4 * self.max_batch_images)]
             for candidate in Job.fetch_many(ids, connection=self.connection, serializer=self.serializer):
                 if candidate is None or budget <= 0:
                     continue

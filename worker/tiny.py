@@ -14,30 +14,16 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from worker.builtin.tokenizer import bytes_to_unicode
+
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 MAX_TOKENS = 77
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """CLIP's reversible byte → printable-character table (GPT-2's byte-level BPE alphabet)."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    table = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
 
 
 def write_tokenizer(directory: Path) -> CLIPTokenizer:
     """A byte-level CLIP tokenizer: every byte a token, with and without the word-end mark."""
     directory.mkdir(parents=True, exist_ok=True)
-    alphabet = list(_bytes_to_unicode().values())
+    alphabet = list(bytes_to_unicode().values())
     tokens = [*alphabet, *(c + "</w>" for c in alphabet), *SPECIAL_TOKENS]
     (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
     (directory / "merges.txt").write_text("#version: 0.2\n")
