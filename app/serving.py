@@ -59,6 +59,14 @@ from latentd.store import as_text
 
 QUEUE_FULL_RETRY_AFTER = 5
 
+# SET NX that returns the value already there (SET NX GET needs Redis 7; this runs on 6).
+_CLAIM = """
+local earlier = redis.call('GET', KEYS[1])
+if earlier then return earlier end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return false
+"""
+
 # Reserve an in-flight slot for an owner: drop members whose job has ended (or that
 # never became a job within a minute), then add this one if the owner is under its limit.
 # KEYS: the owner's in-flight set; ARGV: limit, job id, now, ttl.
@@ -182,7 +190,7 @@ class GenerationService:
         scoped = f"{owner or ''}\x00{idempotency_key}"  # one caller's key never reaches another's job
         key = Keys.idempotency(hashlib.sha256(scoped.encode()).hexdigest())
         digest = hashlib.sha256(req.model_dump_json().encode()).hexdigest()
-        earlier = self.redis.set(key, f"{job_id}:{digest}", nx=True, ex=self.settings.job_ttl, get=True)
+        earlier = self.redis.eval(_CLAIM, 1, key, f"{job_id}:{digest}", self.settings.job_ttl)
         if isinstance(earlier, bytes | str):
             earlier_id, _, earlier_digest = as_text(earlier).partition(":")
             if earlier_digest != digest:

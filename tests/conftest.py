@@ -4,7 +4,6 @@ real worker and API processes talking to each other over Redis and HTTP."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import httpx
 import pytest
 import redis
 
-from latentd.embedded import free_port, redis_args
+from latentd.embedded import find_redis_server, free_port, redis_args
 
 TINY_MODEL = "tiny"
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,8 +54,7 @@ class RedisServer:
         return redis.Redis.from_url(self.url)
 
     def start(self) -> None:
-        binary = shutil.which("redis-server")
-        assert binary, "redis-server must be on PATH for the tests"
+        binary = find_redis_server()  # the one on PATH, else the `embedded` extra's
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen([binary, *redis_args(self.port, self.data_dir)])
         client = self.client()
