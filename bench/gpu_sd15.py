@@ -108,10 +108,10 @@ TEXT_TINY: dict[str, Any] = {
 
 
 def build_pipeline(device: torch.device, dtype: torch.dtype, tiny: bool, workdir: Path) -> Any:
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from worker.tiny import write_tokenizer
+    from worker.tiny import assemble_pipeline, write_tokenizer
 
     tokenizer = write_tokenizer(workdir / "tokenizer")
     torch.manual_seed(0)
@@ -127,24 +127,7 @@ def build_pipeline(device: torch.device, dtype: torch.dtype, tiny: bool, workdir
                 pad_token_id=tokenizer.pad_token_id,
             )
         )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    pipe = StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = assemble_pipeline(unet, vae, text_encoder, tokenizer)
     pipe = pipe.to(device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe

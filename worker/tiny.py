@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -42,6 +43,29 @@ def write_tokenizer(directory: Path) -> CLIPTokenizer:
     # Loading the directory (not passing the files) is what transformers 5 honours.
     tokenizer: CLIPTokenizer = CLIPTokenizer.from_pretrained(str(directory))
     return tokenizer
+
+
+def assemble_pipeline(unet: Any, vae: Any, text_encoder: Any, tokenizer: Any) -> StableDiffusionPipeline:
+    """A Stable Diffusion pipeline around these components, with SD's DDIM schedule and no safety checker."""
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        num_train_timesteps=1000,
+    )
+    return StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 def build_tiny_pipeline(directory: Path, seed: int = 0) -> Path:
@@ -84,25 +108,7 @@ def build_tiny_pipeline(directory: Path, seed: int = 0) -> Path:
             max_position_embeddings=MAX_TOKENS,
         )
     )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        num_train_timesteps=1000,
-    )
-    pipe = StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = assemble_pipeline(unet, vae, text_encoder, tokenizer)
     pipe.save_pretrained(str(directory), safe_serialization=True)
     # save_pretrained in transformers 5 writes only tokenizer.json; keep our files too.
     write_tokenizer(directory / "tokenizer")
