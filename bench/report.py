@@ -220,6 +220,8 @@ def gpu_markdown(out: Path) -> str:
         f"Targets (H100): ≥ {TARGETS['h100_steps_per_s_b1_eager']:.0f} steps/s at batch 1 eager; "
         f"batch-8 images/s ≥ {TARGETS['batch8_over_batch1']}× batch 1.",
     ]
+    if data.get("notes"):
+        lines += ["", str(data["notes"])]
     return "\n".join(lines)
 
 
