@@ -16,6 +16,7 @@ from fastapi import Depends, Request
 
 from app.deps import ServiceDep
 from app.errors import RateLimited, Unauthorized
+from app.serving import GenerationService
 from latentd import keys
 from latentd.contract import Keys
 from latentd.logs import event
@@ -48,32 +49,33 @@ class AuthState:
         self.checked_at = 0.0
 
 
-def auth_required(request: Request) -> bool:
+async def auth_required(request: Request, service: GenerationService) -> bool:
     state: AuthState = request.app.state.auth
     if state.static_keys:
         return True
     now = time.monotonic()
     if now - state.checked_at > AUTH_STATE_TTL:
-        state.required = bool(request.app.state.service.redis.hlen(Keys.API_KEYS))
+        state.required = bool(await service.aredis.hlen(Keys.API_KEYS))
         state.checked_at = now
     return state.required
 
 
-def authenticate(request: Request, service: ServiceDep) -> Principal:
-    if not auth_required(request):
+async def authenticate(request: Request, service: ServiceDep) -> Principal:
+    if not await auth_required(request, service):
         return Principal(owner=None)
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("missing API key: send `Authorization: Bearer <key>`")
     state: AuthState = request.app.state.auth
-    owner = state.static_keys.get(keys.digest(token.strip())) or keys.lookup(service.redis, token.strip())
+    digest = keys.digest(token.strip())
+    owner = state.static_keys.get(digest) or keys.name_of(await service.aredis.hget(Keys.API_KEYS, digest))
     if owner is None:
         raise Unauthorized("invalid API key")
     limit = service.settings.rate_limit_per_minute
     if limit:
         window = int(time.time() // 60)
-        count = int(service.redis.eval(_COUNT, 1, Keys.rate(owner, window), 120))
+        count = int(await service.aredis.eval(_COUNT, 1, Keys.rate(owner, window), 120))
         if count > limit:
             retry_after = max(1, 60 - int(time.time()) % 60)
             event(log, "rate_limited", owner=owner, limit=limit)

@@ -10,12 +10,12 @@ from app.config import ApiSettings
 from app.serving import GenerationService
 
 
-def get_service(request: Request) -> GenerationService:
+async def get_service(request: Request) -> GenerationService:
     service: GenerationService = request.app.state.service
     return service
 
 
-def get_api_settings(request: Request) -> ApiSettings:
+async def get_api_settings(request: Request) -> ApiSettings:
     settings: ApiSettings = request.app.state.settings
     return settings
 

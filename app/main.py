@@ -7,7 +7,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import redis
+import redis.asyncio
 from fastapi import FastAPI
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 
 import latentd
 from app.auth import AuthState
@@ -38,12 +41,25 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             max_connections=64,
         )
         connection = redis.Redis(connection_pool=pool)
+        # The event loop's client. It waits (up to 5 s) for a free connection rather than failing
+        # when more requests than connections are in flight. Without the retry given here, the
+        # first command on each pooled connection fails after a Redis restart (tests/test_recovery.py).
+        apool = redis.asyncio.BlockingConnectionPool.from_url(
+            settings.effective_redis_url,
+            socket_connect_timeout=1.0,
+            socket_timeout=5.0,
+            health_check_interval=30,
+            max_connections=64,
+            timeout=5,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
+        )
+        aconnection = redis.asyncio.Redis(connection_pool=apool)
         try:
             check_eviction_policy(connection)
         except redis.ConnectionError:
             event(log, "redis_unreachable_at_start", logging.WARNING)  # /readyz says 503 until it is back
         app.state.settings = settings
-        app.state.service = service = GenerationService(connection, settings)
+        app.state.service = service = GenerationService(connection, aconnection, settings)
         app.state.metrics = metrics
         app.state.auth = AuthState(settings.static_key_digests())
         try:
@@ -68,6 +84,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await aconnection.aclose()
+            await apool.disconnect()
             pool.disconnect()
 
     app = FastAPI(

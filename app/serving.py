@@ -7,20 +7,22 @@ progress, error and image metadata under `Keys.state(job_id)`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import secrets
 import time
 import uuid
+import zlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import redis
+import redis.asyncio
 from rq import Queue, Retry
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 from rq.serializers import JSONSerializer
-from starlette.concurrency import run_in_threadpool
 
 from app.config import ApiSettings
 from app.errors import (
@@ -58,6 +60,25 @@ from latentd.contract import (
 from latentd.store import as_text
 
 QUEUE_FULL_RETRY_AFTER = 5
+# How long a submit trusts the set of served models it read last; a model missing from it is re-read.
+SERVED_TTL = 1.0
+
+# A status read in one round trip: the RQ job hash, latentd's state hash, the cancel flag and,
+# while the job is queued, its place in its queue (RQ's `origin` names the queue), -1 otherwise.
+# KEYS: job hash, state hash, cancel flag; ARGV: RQ's queue key prefix, job id.
+_READ = """
+local job = redis.call('HGETALL', KEYS[1])
+if #job == 0 then return false end
+local status, origin
+for i = 1, #job, 2 do
+  if job[i] == 'status' then status = job[i + 1] elseif job[i] == 'origin' then origin = job[i + 1] end
+end
+local position = -1
+if status == 'queued' and origin then
+  position = redis.call('LPOS', ARGV[1] .. origin, ARGV[2]) or -1
+end
+return {job, redis.call('HGETALL', KEYS[2]), redis.call('EXISTS', KEYS[3]), position}
+"""
 
 # SET NX that returns the value already there (SET NX GET needs Redis 7; this runs on 6).
 _CLAIM = """
@@ -105,15 +126,84 @@ def _seconds(start: datetime | None, end: datetime | None) -> float | None:
     return round(max(0.0, (end - start).total_seconds()), 4)
 
 
+def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+def _date(raw: bytes | None) -> datetime | None:
+    # RQ writes '%Y-%m-%dT%H:%M:%S.%fZ' (UTC); fromisoformat reads it ten times faster than strptime.
+    return datetime.fromisoformat(raw.decode()) if raw else None
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """What a status read needs from RQ's job hash, read without building an RQ `Job`, whose restore
+    parses every field (with strptime) and was a third of a status read. RQ's hash stays the record;
+    tests/test_contract.py checks this reading against RQ's own."""
+
+    id: str
+    rq_status: str
+    args: list[object]
+    owner: str | None
+    created_at: datetime | None
+    enqueued_at: datetime | None
+    started_at: datetime | None
+    ended_at: datetime | None
+
+    @classmethod
+    def parse(cls, job_id: str, raw: dict[bytes, bytes]) -> JobRecord:
+        data = raw[b"data"]
+        with contextlib.suppress(zlib.error):  # RQ stores it uncompressed when that is not smaller
+            data = zlib.decompress(data)
+        args = json.loads(data)[2]
+        meta = json.loads(raw[b"meta"]) if raw.get(b"meta") else {}
+        return cls(
+            id=job_id,
+            rq_status=raw.get(b"status", b"created").decode(),
+            args=list(args),
+            owner=meta.get("owner"),
+            created_at=_date(raw.get(b"created_at")),
+            enqueued_at=_date(raw.get(b"enqueued_at")),
+            started_at=_date(raw.get(b"started_at")),
+            ended_at=_date(raw.get(b"ended_at")),
+        )
+
+
 class GenerationService:
-    def __init__(self, connection: redis.Redis, settings: ApiSettings) -> None:
+    """The hot paths (submit, status read, the OpenAI wait) use the asyncio client, so they run on
+    the event loop without a thread hand-off; the rest uses the blocking client from route threads."""
+
+    def __init__(
+        self, connection: redis.Redis, aconnection: redis.asyncio.Redis, settings: ApiSettings
+    ) -> None:
         self.redis = connection
+        self.aredis = aconnection
         self.settings = settings
+        self._queues: dict[str, Queue] = {}
+        self._served: set[str] = set()
+        self._served_at = 0.0
+        self._read_sync = connection.register_script(_READ)
+        self._read_async = aconnection.register_script(_READ)
 
     # -- queues and workers -------------------------------------------------
 
     def queue(self, model: str) -> Queue:
-        return Queue(Keys.queue_name(model), connection=self.redis, serializer=JSONSerializer)
+        # Kept per model: a Queue reads the Redis server version once and caches it.
+        queue = self._queues.get(model)
+        if queue is None:
+            queue = Queue(Keys.queue_name(model), connection=self.redis, serializer=JSONSerializer)
+            self._queues[model] = queue
+        return queue
+
+    async def served_models(self, model: str) -> set[str]:
+        """Models with a live worker. Trusted for SERVED_TTL when it holds `model`, else re-read."""
+        if model in self._served and time.monotonic() - self._served_at < SERVED_TTL:
+            return self._served
+        names = sorted(as_text(n) for n in await self.aredis.smembers(Keys.WORKERS))
+        raw = await self.aredis.mget([Keys.worker(n) for n in names]) if names else []
+        self._served = {WorkerInfo.model_validate_json(blob).model for blob in raw if blob is not None}
+        self._served_at = time.monotonic()
+        return self._served
 
     def live_workers(self) -> list[WorkerInfo]:
         names = sorted(as_text(n) for n in self.redis.smembers(Keys.WORKERS))
@@ -179,18 +269,18 @@ class GenerationService:
             output_format=req.output_format,
         )
 
-    def submit(
+    async def submit(
         self, req: GenerationRequest, owner: str | None = None, idempotency_key: str | None = None
     ) -> SubmitResponse:
         job_id = uuid.uuid4().hex
         payload = self.resolve(req, job_id)
         if idempotency_key is None:
-            return self._enqueue(payload, owner)
+            return await self._enqueue(payload, owner)
         # Claim the key atomically; a replay finds the first claim and gets its job back.
         scoped = f"{owner or ''}\x00{idempotency_key}"  # one caller's key never reaches another's job
         key = Keys.idempotency(hashlib.sha256(scoped.encode()).hexdigest())
         digest = hashlib.sha256(req.model_dump_json().encode()).hexdigest()
-        earlier = self.redis.eval(_CLAIM, 1, key, f"{job_id}:{digest}", self.settings.job_ttl)
+        earlier = await self.aredis.eval(_CLAIM, 1, key, f"{job_id}:{digest}", self.settings.job_ttl)
         if isinstance(earlier, bytes | str):
             earlier_id, _, earlier_digest = as_text(earlier).partition(":")
             if earlier_digest != digest:
@@ -198,7 +288,7 @@ class GenerationService:
                     "this Idempotency-Key was already used with a different request body",
                     param="Idempotency-Key",
                 )
-            view = self.get(earlier_id, owner)
+            view = await self.get(earlier_id, owner)
             return SubmitResponse(
                 id=view.id,
                 status=view.status,
@@ -207,16 +297,16 @@ class GenerationService:
                 links=view.links,
             )
         try:
-            return self._enqueue(payload, owner)
+            return await self._enqueue(payload, owner)
         except BaseException:
-            self.redis.delete(key)  # nothing was accepted under this key
+            await self.aredis.delete(key)  # nothing was accepted under this key
             raise
 
-    def _reserve_slot(self, owner: str, job_id: str) -> None:
+    async def _reserve_slot(self, owner: str, job_id: str) -> None:
         limit = self.settings.max_jobs_in_flight
         if not limit:
             return
-        granted = self.redis.eval(
+        granted = await self.aredis.eval(
             _RESERVE, 1, Keys.in_flight(owner), limit, job_id, time.time(), self.settings.job_ttl
         )
         if not granted:
@@ -225,43 +315,46 @@ class GenerationService:
                 retry_after=QUEUE_FULL_RETRY_AFTER,
             )
 
-    def _enqueue(self, payload: JobPayload, owner: str | None) -> SubmitResponse:
+    async def _enqueue(self, payload: JobPayload, owner: str | None) -> SubmitResponse:
         job_id = payload.job_id
-        served = sorted({w.model for w in self.live_workers()})
+        served = await self.served_models(payload.model)
         if payload.model not in served:
             raise ModelUnavailable(
                 f"no live worker serves model '{payload.model}'"
-                + (f"; served: {', '.join(served)}" if served else "; no worker is running"),
+                + (f"; served: {', '.join(sorted(served))}" if served else "; no worker is running"),
                 param="model",
             )
         queue = self.queue(payload.model)
-        if queue.count >= self.settings.max_queue_depth:
+        if await self.aredis.llen(queue.key) >= self.settings.max_queue_depth:
             raise QueueFull(
                 f"the queue for '{payload.model}' holds {self.settings.max_queue_depth} jobs; retry later",
                 retry_after=QUEUE_FULL_RETRY_AFTER,
             )
         if owner is not None:
-            self._reserve_slot(owner, job_id)
+            await self._reserve_slot(owner, job_id)
         try:
-            job = self._rq_enqueue(queue, payload, owner)
+            job, length = await self._rq_enqueue(queue, payload, owner)
         except BaseException:
             if owner is not None:
-                self.redis.zrem(Keys.in_flight(owner), job_id)
+                await self.aredis.zrem(Keys.in_flight(owner), job_id)
             raise
         return SubmitResponse(
             id=job_id,
             status=JobStatus.QUEUED,
-            queue_position=queue.get_job_position(job_id),
+            queue_position=length - 1,
             created_at=_aware(job.created_at) or datetime.now(UTC),
             links=self.links(job_id),
         )
 
-    def _rq_enqueue(self, queue: Queue, payload: JobPayload, owner: str | None) -> Job:
-        return queue.enqueue(
+    async def _rq_enqueue(self, queue: Queue, payload: JobPayload, owner: str | None) -> tuple[Job, int]:
+        """RQ's own enqueue, sent over the asyncio client: RQ writes its commands into a blocking
+        pipeline that is never executed, and the same commands go out in one MULTI/EXEC here.
+        Returns the job and the queue's length right after the push."""
+        job = queue.create_job(
             JOB_FUNCTION,
-            payload.model_dump(mode="json"),
+            args=(payload.model_dump(mode="json"),),
             job_id=payload.job_id,
-            job_timeout=self.settings.job_timeout,
+            timeout=self.settings.job_timeout,
             result_ttl=self.settings.job_ttl,
             failure_ttl=self.settings.job_ttl,
             # Retries are only spent on jobs whose worker died; the worker fails real errors at once.
@@ -269,6 +362,17 @@ class GenerationService:
             description=f"generate model={payload.model}",
             meta={"owner": owner} if owner is not None else None,
         )
+        staged = self.redis.pipeline(transaction=True)
+        try:
+            queue.enqueue_job(job, pipeline=staged)
+            async with self.aredis.pipeline(transaction=True) as pipe:
+                for args, options in staged.command_stack:
+                    pipe.execute_command(*args, **options)
+                pipe.llen(queue.key)
+                replies = await pipe.execute()
+        finally:
+            staged.reset()
+        return job, int(replies[-1])
 
     # -- read ------------------------------------------------------------------
 
@@ -277,29 +381,45 @@ class GenerationService:
         base = f"/v1/generations/{job_id}"
         return Links(self=base, cancel=f"{base}/cancel")
 
-    def fetch_job(self, job_id: str, owner: str | None) -> Job:
-        """The job, if it exists and the caller may see it: another key's job is as unknown."""
-        try:
-            job = Job.fetch(job_id, connection=self.redis, serializer=JSONSerializer)
-        except NoSuchJobError:
-            job = None
-        if job is None or (owner is not None and job.meta.get("owner") != owner):
+    async def get(self, job_id: str, owner: str | None = None) -> Generation:
+        reply = await self._read_async(self._read_keys(job_id), self._read_args(job_id))
+        return self._from_read(job_id, reply, owner)
+
+    def read(self, job_id: str, owner: str | None = None) -> Generation:
+        """`get` with the blocking client, for route threads."""
+        reply = self._read_sync(self._read_keys(job_id), self._read_args(job_id))
+        return self._from_read(job_id, reply, owner)
+
+    @staticmethod
+    def _read_keys(job_id: str) -> list[str]:
+        return [Job.redis_job_namespace_prefix + job_id, Keys.state(job_id), Keys.cancel(job_id)]
+
+    @staticmethod
+    def _read_args(job_id: str) -> list[str]:
+        return [Queue.redis_queue_namespace_prefix, job_id]
+
+    def _from_read(self, job_id: str, reply: object, owner: str | None) -> Generation:
+        """The view of one `_READ` reply; another key's job is as unknown as a missing one."""
+        if not isinstance(reply, list):
             raise NotFound(f"no generation with id '{job_id}'", param="id")
-        return job
+        raw_job, raw_state, cancel_flag, position = reply
+        job = JobRecord.parse(job_id, _pairs(raw_job))
+        if owner is not None and job.owner != owner:
+            raise NotFound(f"no generation with id '{job_id}'", param="id")
+        state = {as_text(k): as_text(v) for k, v in _pairs(raw_state).items()}
+        return self._view(job, state, bool(cancel_flag), int(position) if int(position) >= 0 else None)
 
-    def get(self, job_id: str, owner: str | None = None) -> Generation:
-        return self.view(self.fetch_job(job_id, owner))
-
-    def view(self, job: Job) -> Generation:
+    def _view(
+        self, job: JobRecord, state: dict[str, str], cancel_flag: bool, position: int | None
+    ) -> Generation:
         payload = JobPayload.model_validate(job.args[0])
-        status = JobStatus.from_rq(job.get_status(refresh=False))
-        state = {as_text(k): as_text(v) for k, v in self.redis.hgetall(Keys.state(job.id)).items()}
+        status = JobStatus.from_rq(job.rq_status)
         step = int(state.get(StateField.STEP, 0))
         total = int(state.get(StateField.TOTAL_STEPS, payload.steps))
         if status is JobStatus.SUCCEEDED:
             step = total
-        started = _aware(job.started_at)
-        finished = _aware(job.ended_at) if status.is_terminal() else None
+        started = job.started_at
+        finished = job.ended_at if status.is_terminal() else None
         inference = None
         if StateField.INFERENCE_FINISHED in state:
             inference = round(
@@ -323,13 +443,11 @@ class GenerationService:
                 error = JobErrorInfo.model_validate_json(state[StateField.ERROR])
             else:
                 error = JobErrorInfo(code="generation_failed", message="the job failed in the worker")
-        created = _aware(job.created_at) or datetime.now(UTC)
+        created = job.created_at or datetime.now(UTC)
         return Generation(
             id=job.id,
             status=status,
-            queue_position=(
-                self.queue(payload.model).get_job_position(job.id) if status is JobStatus.QUEUED else None
-            ),
+            queue_position=position if status is JobStatus.QUEUED else None,
             progress=Progress(
                 step=step, total_steps=total, fraction=round(step / total, 4) if total else 0.0
             ),
@@ -338,19 +456,18 @@ class GenerationService:
                 created_at=created,
                 started_at=started,
                 finished_at=finished,
-                queue_seconds=_seconds(_aware(job.enqueued_at) or created, started),
+                queue_seconds=_seconds(job.enqueued_at or created, started),
                 inference_seconds=inference,
             ),
             images=images,
             error=error,
             attempts=int(state.get(StateField.ATTEMPTS, 0)),
-            cancel_requested=bool(self.redis.exists(Keys.cancel(job.id))) and not status.is_terminal(),
+            cancel_requested=cancel_flag and not status.is_terminal(),
             links=self.links(job.id),
         )
 
     def image(self, job_id: str, index: int, owner: str | None = None) -> ImageBlob:
-        job = self.fetch_job(job_id, owner)
-        status = JobStatus.from_rq(job.get_status(refresh=False))
+        status = self.read(job_id, owner).status
         if status is not JobStatus.SUCCEEDED:
             raise NotFound(f"generation '{job_id}' has no images (status {status.value})", param="id")
         raw = self.redis.hget(Keys.state(job_id), StateField.IMAGES)
@@ -369,19 +486,22 @@ class GenerationService:
     # -- cancel ----------------------------------------------------------------
 
     def cancel(self, job_id: str, owner: str | None = None) -> Generation:
-        job = self.fetch_job(job_id, owner)
-        status = JobStatus.from_rq(job.get_status(refresh=True))
+        status = self.read(job_id, owner).status
         if status.is_terminal():
             raise NotCancelable(f"generation '{job_id}' already ended with status {status.value}", param="id")
         # The flag first: a worker that takes the job at this very moment sees it
         # before its first step; one already running sees it at its next step.
         self.redis.set(Keys.cancel(job_id), b"1", ex=self.settings.job_ttl)
         if status is JobStatus.QUEUED:
-            self._cancel_queued(job)
-        return self.view(self.fetch_job(job_id, owner))
+            self._cancel_queued(job_id)
+        return self.read(job_id, owner)
 
-    def _cancel_queued(self, job: Job) -> None:
+    def _cancel_queued(self, job_id: str) -> None:
         """Cancel a job still in its queue, unless a worker takes it meanwhile."""
+        try:
+            job = Job.fetch(job_id, connection=self.redis, serializer=JSONSerializer)
+        except NoSuchJobError:
+            return  # expired meanwhile
         with self.redis.pipeline() as pipe:
             try:
                 pipe.watch(job.key)  # type: ignore[no-untyped-call]
@@ -402,7 +522,7 @@ class GenerationService:
         """Poll until the job ends or `timeout` passes; the event loop stays free meanwhile."""
         deadline = time.monotonic() + timeout
         while True:
-            view = await run_in_threadpool(self.get, job_id, owner)
+            view = await self.get(job_id, owner)
             if view.status.is_terminal() or time.monotonic() >= deadline:
                 return view
             await asyncio.sleep(interval)

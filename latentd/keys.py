@@ -45,8 +45,12 @@ def revoke(connection: redis.Redis, name: str) -> bool:
 
 def lookup(connection: redis.Redis, key: str) -> str | None:
     """The name the key was created under, or None for an unknown key."""
-    raw = connection.hget(Keys.API_KEYS, digest(key))
-    if raw is None:
+    return name_of(connection.hget(Keys.API_KEYS, digest(key)))
+
+
+def name_of(record: bytes | str | None) -> str | None:
+    """The key name in a stored key record (None for no record)."""
+    if record is None:
         return None
-    name: str = json.loads(raw)["name"]
+    name: str = json.loads(record)["name"]
     return name

@@ -38,7 +38,7 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {
     },
     summary="Submit a generation",
 )
-def submit(
+async def submit(
     body: GenerationRequest,
     service: ServiceDep,
     caller: PrincipalDep,
@@ -51,7 +51,7 @@ def submit(
         ),
     ] = None,
 ) -> JSONResponse:
-    accepted = service.submit(body, caller.owner, idempotency_key)
+    accepted = await service.submit(body, caller.owner, idempotency_key)
     return JSONResponse(
         accepted.model_dump(mode="json"), status_code=202, headers={"Location": accepted.links.self}
     )
@@ -63,8 +63,10 @@ def submit(
     responses={**COMMON_RESPONSES, **NOT_FOUND},
     summary="Status, progress, timings and image links of a generation",
 )
-def get_generation(job_id: JobId, service: ServiceDep, caller: PrincipalDep) -> Generation:
-    return service.get(job_id, caller.owner)
+async def get_generation(job_id: JobId, service: ServiceDep, caller: PrincipalDep) -> Response:
+    view = await service.get(job_id, caller.owner)
+    # Serialised here: FastAPI would validate the returned model against response_model again.
+    return Response(view.model_dump_json(), media_type="application/json")
 
 
 @router.post(

@@ -66,7 +66,7 @@ async def create_image(
         }
     )
     try:
-        accepted = await run_in_threadpool(service.submit, req, caller.owner)
+        accepted = await service.submit(req, caller.owner)
     except InvalidRequest as exc:
         if exc.param == "num_images":  # speak the caller's dialect
             raise InvalidRequest(exc.message.replace("num_images", "n"), param="n") from None

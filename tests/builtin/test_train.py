@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from worker.builtin import train
@@ -35,3 +36,22 @@ def test_tiny_training_run_exports_a_loadable_pipeline(tmp_path: Path) -> None:
 def test_lr_schedule_warms_up_then_decays() -> None:
     lrs = [train.lr_at(s, 100, 10, 1.0) for s in range(100)]
     assert lrs[0] < lrs[9] == 1.0 and lrs[-1] < 0.05
+
+
+def test_recipe_overrides_reach_the_exported_model(tmp_path: Path) -> None:
+    """`--set` changes the recipe: a 4-level UNet with attention at full resolution, 2 layers a block."""
+    out = tmp_path / "model"
+    base = ["--tiny", "--threads", "1", "--work", str(tmp_path / "work"), "--out", str(out)]
+    sets = ["--set", "unet_channels=16,16,16,16", "--set", "unet_attn_top=true", "--set", "unet_layers=2"]
+    train.main([*base, *sets])
+    unet = json.loads((out / "unet" / "config.json").read_text())
+    assert unet["down_block_types"] == ["CrossAttnDownBlock2D"] * 4
+    assert unet["up_block_types"] == ["CrossAttnUpBlock2D"] * 4
+    assert unet["layers_per_block"] == 2
+    recipe = json.loads((out / "training_recipe.json").read_text())
+    assert recipe["unet_channels"] == [16, 16, 16, 16] and recipe["unet_attn_top"] is True
+
+
+def test_unknown_recipe_field_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        train.main(["--tiny", "--work", str(tmp_path), "--set", "no_such_field=1"])

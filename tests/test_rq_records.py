@@ -1,0 +1,113 @@
+"""The API writes and reads RQ's job records itself on its hot paths (RQ's enqueue commands sent over
+the asyncio client; status reads parsed without an RQ Job). These tests hold both to RQ's own code."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio
+from rq import Retry
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from app.config import ApiSettings
+from app.errors import NotFound
+from app.serving import GenerationService, JobRecord
+from latentd.contract import JOB_FUNCTION, JobPayload
+from tests.conftest import PRIVATE_DB, RedisServer
+
+PAYLOAD = JobPayload(
+    job_id="ours",
+    model="m",
+    prompt="a red circle",
+    negative_prompt="",
+    width=64,
+    height=64,
+    steps=2,
+    guidance_scale=5.0,
+    seed=1,
+    num_images=1,
+    scheduler="ddim",
+    output_format="png",
+)
+
+
+def run_with_service(server: RedisServer, client: redis.Redis, scenario: Callable[..., Any]) -> Any:
+    """Runs `scenario(service)` on one event loop, with a service on the private database."""
+    url = server.url_for(PRIVATE_DB)
+
+    async def main() -> Any:
+        aclient = redis.asyncio.Redis.from_url(url)
+        try:
+            return await scenario(GenerationService(client, aclient, ApiSettings(redis_url=url)))
+        finally:
+            await aclient.aclose()
+
+    return asyncio.run(main())
+
+
+def _hash(r: redis.Redis, job_id: str) -> dict[str, bytes]:
+    return {k.decode(): v for k, v in r.hgetall(f"rq:job:{job_id}").items()}
+
+
+def test_enqueue_writes_what_rq_enqueue_writes(redis_server: RedisServer, redis_client: redis.Redis) -> None:
+    async def scenario(service: GenerationService) -> tuple[GenerationService, Job, int]:
+        job, length = await service._rq_enqueue(service.queue("m"), PAYLOAD, owner="alice")
+        return service, job, length
+
+    service, job, length = run_with_service(redis_server, redis_client, scenario)
+    assert length == 1
+    queue = service.queue("m")
+    theirs = queue.enqueue(
+        JOB_FUNCTION,
+        PAYLOAD.model_copy(update={"job_id": "theirs"}).model_dump(mode="json"),
+        job_id="theirs",
+        job_timeout=service.settings.job_timeout,
+        result_ttl=service.settings.job_ttl,
+        failure_ttl=service.settings.job_ttl,
+        retry=Retry(max=service.settings.max_attempts - 1),
+        description=job.description,
+        meta={"owner": "alice"},
+    )
+    ours_hash, theirs_hash = _hash(redis_client, "ours"), _hash(redis_client, "theirs")
+    assert set(ours_hash) == set(theirs_hash)
+    differ = {k for k in ours_hash if ours_hash[k] != theirs_hash[k]}
+    assert differ <= {"created_at", "enqueued_at", "data"}, differ  # times, and the job id inside the args
+    assert redis_client.lrange(queue.key, 0, -1) == [b"ours", b"theirs"]
+    assert redis_client.sismember("rq:queues", queue.key)
+    assert redis_client.ttl("rq:job:ours") == redis_client.ttl("rq:job:theirs")
+    fetched = Job.fetch("ours", connection=redis_client, serializer=JSONSerializer)
+    assert fetched.args[0] == PAYLOAD.model_dump(mode="json")
+    assert fetched.get_status() == theirs.get_status() == "queued"
+
+
+def test_status_read_matches_rq_restore(redis_server: RedisServer, redis_client: redis.Redis) -> None:
+    async def enqueue(service: GenerationService) -> None:
+        await service._rq_enqueue(service.queue("m"), PAYLOAD, owner="bob")
+
+    run_with_service(redis_server, redis_client, enqueue)
+    job = Job.fetch("ours", connection=redis_client, serializer=JSONSerializer)
+    job.started_at = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    job.ended_at = datetime(2026, 1, 2, 3, 4, 9, tzinfo=UTC)
+    job.save()
+    job.set_status("finished")
+    rq_job = Job.fetch("ours", connection=redis_client, serializer=JSONSerializer)
+    record = JobRecord.parse("ours", redis_client.hgetall("rq:job:ours"))  # type: ignore[arg-type]
+    assert record.rq_status == rq_job.get_status() == "finished"
+    assert record.args == list(rq_job.args)
+    assert record.owner == rq_job.meta["owner"] == "bob"
+    for field in ("created_at", "enqueued_at", "started_at", "ended_at"):
+        assert getattr(record, field) == getattr(rq_job, field), field
+
+    async def read(service: GenerationService) -> None:
+        view = await service.get("ours", owner="bob")
+        assert view.status == "succeeded" and view.timings.finished_at == job.ended_at
+        with pytest.raises(NotFound):  # another key's job is as unknown as a missing one
+            await service.get("ours", owner="mallory")
+
+    run_with_service(redis_server, redis_client, read)
