@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -81,9 +83,13 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         event(
             log, "api_started", redis=pool.connection_kwargs.get("host"), default_model=settings.default_model
         )
+        listener = asyncio.create_task(service.ended.listen(), name="latentd-ended-jobs")
         try:
             yield
         finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
             await aconnection.aclose()
             await apool.disconnect()
             pool.disconnect()

@@ -14,6 +14,7 @@ import secrets
 import time
 import uuid
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -62,6 +63,8 @@ from latentd.store import as_text
 QUEUE_FULL_RETRY_AFTER = 5
 # How long a submit trusts the set of served models it read last; a model missing from it is re-read.
 SERVED_TTL = 1.0
+# A waiting status read re-reads the job at least this often (seconds), woken or not.
+RECHECK = 1.0
 
 # A status read in one round trip: the RQ job hash, latentd's state hash, the cancel flag and,
 # while the job is queued, its place in its queue (RQ's `origin` names the queue), -1 otherwise.
@@ -126,6 +129,40 @@ def _seconds(start: datetime | None, end: datetime | None) -> float | None:
     return round(max(0.0, (end - start).total_seconds()), 4)
 
 
+class EndedJobs:
+    """Wakes the requests waiting for a job to end: one subscription to `Keys.ENDED` per API
+    process (started by the app's lifespan), fanned out to an event per waiting request."""
+
+    def __init__(self, aconnection: redis.asyncio.Redis) -> None:
+        self.redis = aconnection
+        self.waiters: dict[str, set[asyncio.Event]] = {}
+
+    async def listen(self) -> None:
+        while True:
+            try:
+                async with self.redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(Keys.ENDED)
+                    while True:
+                        message = await pubsub.get_message(timeout=1.0)
+                        if message is not None:
+                            for event in self.waiters.get(as_text(message["data"]), ()):
+                                event.set()
+            except redis.RedisError:
+                await asyncio.sleep(1.0)  # Redis away: waiters fall back on their periodic re-read
+
+    @contextlib.contextmanager
+    def watch(self, job_id: str) -> Iterator[asyncio.Event]:
+        event = asyncio.Event()
+        self.waiters.setdefault(job_id, set()).add(event)
+        try:
+            yield event
+        finally:
+            waiting = self.waiters[job_id]
+            waiting.discard(event)
+            if not waiting:
+                del self.waiters[job_id]
+
+
 def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
     return dict(zip(flat[::2], flat[1::2], strict=True))
 
@@ -184,6 +221,7 @@ class GenerationService:
         self._served_at = 0.0
         self._read_sync = connection.register_script(_READ)
         self._read_async = aconnection.register_script(_READ)
+        self.ended = EndedJobs(aconnection)
 
     # -- queues and workers -------------------------------------------------
 
@@ -510,19 +548,23 @@ class GenerationService:
                 pipe.multi()
                 job.cancel(pipeline=pipe)
                 pipe.expire(job.key, self.settings.job_ttl)
+                pipe.publish(Keys.ENDED, job_id)
                 pipe.execute()
             except (redis.WatchError, InvalidJobOperation):
                 return
 
     # -- waiting (OpenAI-style endpoint) -----------------------------------------
 
-    async def wait(
-        self, job_id: str, owner: str | None, timeout: float, interval: float = 0.05
-    ) -> Generation:
-        """Poll until the job ends or `timeout` passes; the event loop stays free meanwhile."""
+    async def wait(self, job_id: str, owner: str | None, timeout: float) -> Generation:
+        """The job's view as soon as it ends, or when `timeout` passes. Woken by `Keys.ENDED`; the
+        record is re-read every RECHECK seconds too, in case a message was missed."""
         deadline = time.monotonic() + timeout
-        while True:
-            view = await self.get(job_id, owner)
-            if view.status.is_terminal() or time.monotonic() >= deadline:
-                return view
-            await asyncio.sleep(interval)
+        with self.ended.watch(job_id) as ended:
+            while True:
+                view = await self.get(job_id, owner)
+                left = deadline - time.monotonic()
+                if view.status.is_terminal() or left <= 0:
+                    return view
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(ended.wait(), min(left, RECHECK))
+                ended.clear()

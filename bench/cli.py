@@ -57,14 +57,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=64, help="width and height")
     p.add_argument("--jobs", type=int, help="overhead: sequential jobs (default 20, quick 3)")
     p.add_argument("--block", type=int, default=5, help="overhead: jobs per interleaved direct/service block")
-    p.add_argument("--poll", type=float, default=0.01, help="overhead: the client's status poll interval (s)")
+    p.add_argument(
+        "--poll",
+        type=float,
+        default=0.01,
+        help="overhead: the client's status poll interval (s); 0: long-poll with ?wait=",
+    )
     p.add_argument("--clients", type=_levels, help="throughput: client counts (default 1,4,16,32; quick 1,4)")
     p.add_argument("--min-jobs", type=int, help="throughput: jobs per level at least (default 16, quick 2)")
     p.add_argument(
         "--concurrent-poll",
         type=float,
         default=0.2,
-        help="throughput: poll interval (s); 0.2 is what the bundled `latentd generate` client uses",
+        help="throughput: poll interval (s), 0 to long-poll; 0.2 is what `latentd generate` uses",
     )
     p.add_argument("--seconds", type=float, help="frontend: seconds per wrk run (default 10, quick 1)")
     p.add_argument("--connections", type=int, default=16, help="frontend: wrk's open connections")
@@ -113,7 +118,7 @@ def run_service(args: argparse.Namespace, benches: list[str]) -> dict[str, dict[
     }
     results: dict[str, dict[str, Any]] = {}
     names = {
-        "overhead": "overhead",
+        "overhead": "overhead" + ("-longpoll" if args.poll <= 0 else ""),
         "throughput": "throughput"
         + (f"-w{args.workers}" if args.workers != 1 else "")
         + (f"-b{args.max_batch_images}" if args.max_batch_images else ""),

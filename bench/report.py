@@ -71,10 +71,14 @@ def service_markdown(out: Path) -> str:
     throughputs = sorted((p for p in found if "profiled" not in p.name), key=lambda p: (len(p.stem), p.stem))
     lines: list[str] = []
     summary = ["| benchmark | measured | target | met |", "|---|---|---|---|"]
-    if overhead:
-        r = overhead["result"]
+    extra_overheads = sorted(out.glob("overhead-*.json")) if out.exists() else []
+    for data in [overhead, *(json.loads(p.read_text()) for p in extra_overheads if "profiled" not in p.name)]:
+        if not data:
+            continue
+        r = data["result"]
         summary.append(
-            f"| 1. service overhead, {r['jobs']} sequential jobs | ratio **{r['ratio_mean']:.3f}** (service "
+            f"| 1. service overhead, {r['jobs']} sequential jobs, {_polling(r['poll_s'], 'the client')} | "
+            f"ratio **{r['ratio_mean']:.3f}** (service "
             f"{r['service_latency_s']['mean']:.3f} s vs direct "
             f"{r['direct_generate_s']['mean']:.3f} s per image, "
             f"+{r['overhead_ms_mean']:.0f} ms) | ≤ {TARGETS['overhead_ratio']:.2f} | "
@@ -111,6 +115,9 @@ def service_markdown(out: Path) -> str:
     lines += ["", "Runs:", ""]
     if overhead:
         lines.append(_run_line("overhead", overhead))
+    for path in extra_overheads:
+        if "profiled" not in path.name:
+            lines.append(_run_line(path.stem, json.loads(path.read_text())))
     for path in throughputs:
         lines.append(_run_line(path.stem, json.loads(path.read_text())))
     if frontend:
@@ -120,7 +127,7 @@ def service_markdown(out: Path) -> str:
         b = r["breakdown_mean_s"]
         lines += [
             "",
-            f"Where a sequential job's time goes (means, seconds; the client polls every {r['poll_s']} s; "
+            f"Where a sequential job's time goes (means, seconds; {_polling(r['poll_s'], 'the client')}; "
             f"direct loop: pipeline {r['direct_generate_s']['mean']:.4f}, PNG encoding "
             f"{r['direct_encode_s']['mean']:.4f}):",
             "",
@@ -135,8 +142,8 @@ def service_markdown(out: Path) -> str:
         data = json.loads(path.read_text())
         lines += [
             "",
-            f"Throughput, {_n(data['workers'], 'worker')}{_batching(data)}, clients polling every "
-            f"{data['result']['poll_s']} s (`{path.name}`):",
+            f"Throughput, {_n(data['workers'], 'worker')}{_batching(data)}, "
+            f"{_polling(data['result']['poll_s'], 'clients')} (`{path.name}`):",
             "",
             "| clients | jobs | failed | images/s | direct images/s | ratio | latency p50 | p95 | p99 (s) "
             "| status polls/s | some job running | pipeline s per job in worker / direct |",
@@ -191,6 +198,12 @@ def service_markdown(out: Path) -> str:
                 f"Redis time by caller (all samples): {callers}."
             )
     return "\n".join(lines)
+
+
+def _polling(poll_s: float, who: str) -> str:
+    if poll_s <= 0:
+        return f"{who} long-polling the status (`?wait=`)"
+    return f"{who} polling every {poll_s} s"
 
 
 def gpu_markdown(out: Path) -> str:

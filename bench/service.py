@@ -1,8 +1,8 @@
 """Benchmarks 1 and 2: jobs through HTTP, Redis and a worker, against the direct pipeline loop.
 
 The client is what a real one does: submit, poll the status every `poll` seconds until the job
-ends, download the image. Direct and service blocks are interleaved, so a change in the
-machine's load during the run hits both sides alike.
+ends (or, with `poll` 0, long-poll it with `?wait=`), download the image. Direct and service
+blocks are interleaved, so a change in the machine's load during the run hits both sides alike.
 """
 
 from __future__ import annotations
@@ -68,6 +68,14 @@ def _breakdown(
     return out
 
 
+LONG_POLL_S = 30.0
+
+
+def _wait(poll: float) -> dict[str, float]:
+    """Query parameters of a status read: a long-poll when the client does not poll."""
+    return {"wait": LONG_POLL_S} if poll <= 0 else {}
+
+
 def run_job(http: httpx.Client, body: dict[str, Any], poll: float) -> dict[str, Any]:
     try:
         return _run_job(http, body, poll)
@@ -83,7 +91,9 @@ def _run_job(http: httpx.Client, body: dict[str, Any], poll: float) -> dict[str,
     job_id = accepted_response.json()["id"]
     polls = 0
     while True:
-        view: dict[str, Any] = http.get(f"/v1/generations/{job_id}").raise_for_status().json()
+        view: dict[str, Any] = (
+            http.get(f"/v1/generations/{job_id}", params=_wait(poll)).raise_for_status().json()
+        )
         polls += 1
         if view["status"] in TERMINAL:
             break
@@ -159,7 +169,9 @@ async def _run_job_async_unchecked(
     polls = 0
     while True:
         await asyncio.sleep(poll)
-        view: dict[str, Any] = (await http.get(f"/v1/generations/{job_id}")).raise_for_status().json()
+        view: dict[str, Any] = (
+            (await http.get(f"/v1/generations/{job_id}", params=_wait(poll))).raise_for_status().json()
+        )
         polls += 1
         if view["status"] in TERMINAL:
             break

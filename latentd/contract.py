@@ -147,6 +147,9 @@ class Keys:
 
     # Hash "model|status|error_code" -> count of jobs that ended so.
     OUTCOMES = f"{PREFIX}:stats:outcomes"
+    # Pub/sub channel: the id of each job that just ended (workers, and the API for a queued cancel),
+    # so long-polling status reads answer at once. A hint only: readers re-read the job's record.
+    ENDED = f"{PREFIX}:ended"
 
     @staticmethod
     def reaper_lock(queue_name: str) -> str:

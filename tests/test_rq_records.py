@@ -4,6 +4,7 @@ the asyncio client; status reads parsed without an RQ Job). These tests hold bot
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -15,10 +16,11 @@ from rq import Retry
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from app import serving
 from app.config import ApiSettings
 from app.errors import NotFound
 from app.serving import GenerationService, JobRecord
-from latentd.contract import JOB_FUNCTION, JobPayload
+from latentd.contract import JOB_FUNCTION, JobPayload, Keys
 from tests.conftest import PRIVATE_DB, RedisServer
 
 PAYLOAD = JobPayload(
@@ -111,3 +113,29 @@ def test_status_read_matches_rq_restore(redis_server: RedisServer, redis_client:
             await service.get("ours", owner="mallory")
 
     run_with_service(redis_server, redis_client, read)
+
+
+def test_a_waiting_read_wakes_on_the_ended_message(
+    redis_server: RedisServer, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`wait` answers when `Keys.ENDED` names the job, not at its periodic re-read (made 30 s here)."""
+    monkeypatch.setattr(serving, "RECHECK", 30.0)
+
+    async def scenario(service: GenerationService) -> float:
+        await service._rq_enqueue(service.queue("m"), PAYLOAD, owner=None)
+        listener = asyncio.create_task(service.ended.listen())
+        try:
+            await asyncio.sleep(0.2)  # subscribed
+            waiter = asyncio.create_task(service.wait("ours", None, timeout=25))
+            await asyncio.sleep(0.2)
+            assert not waiter.done()
+            started = time.monotonic()
+            await service.aredis.hset("rq:job:ours", "status", "canceled")  # as RQ's cancel does
+            await service.aredis.publish(Keys.ENDED, "ours")
+            view = await asyncio.wait_for(waiter, 20)
+            assert view.status == "canceled"
+            return time.monotonic() - started
+        finally:
+            listener.cancel()
+
+    assert run_with_service(redis_server, redis_client, scenario) < 10

@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import threading
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -272,3 +274,34 @@ def test_oversized_bodies_are_refused_over_real_http(service: Service) -> None:
         assert response.json()["error"]["code"] == "payload_too_large"
     assert streamed.request.headers.get("transfer-encoding") == "chunked"  # no Content-Length sent
     assert service.http.get("/healthz").status_code == 200
+
+
+def test_long_poll_answers_when_the_job_ends(service: Service) -> None:
+    running = service.submit(steps=150, width=256, height=256)  # seconds of work
+    queued = service.submit(steps=2)
+    wait_until(lambda: service.status(running["id"])["progress"]["step"] > 0, 60, what="first job running")
+
+    # A wait that passes before the job ends answers with the state it has then.
+    started = time.monotonic()
+    held = service.http.get(f"/v1/generations/{queued['id']}", params={"wait": 0.3})
+    assert held.status_code == 200 and held.json()["status"] == "queued"
+    assert time.monotonic() - started >= 0.3
+
+    # One request, held open while the job runs, answers with its end.
+    canceler = threading.Timer(0.5, lambda: service.http.post(f"/v1/generations/{running['id']}/cancel"))
+    canceler.start()
+    try:
+        ended = service.http.get(f"/v1/generations/{running['id']}", params={"wait": 30}, timeout=60)
+    finally:
+        canceler.join()
+    assert ended.status_code == 200 and ended.json()["status"] == "canceled"
+    done = service.http.get(f"/v1/generations/{queued['id']}", params={"wait": 30}, timeout=60)
+    assert done.json()["status"] == "succeeded" and done.json()["images"]
+
+
+@pytest.mark.parametrize("wait", ["-1", "61", "soon"])
+def test_long_poll_bounds(service: Service, wait: str) -> None:
+    job = service.submit(steps=1)
+    response = service.http.get(f"/v1/generations/{job['id']}", params={"wait": wait})
+    assert response.status_code == 422
+    assert response.json()["error"]["param"] == "wait"

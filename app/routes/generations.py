@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Path, Request, Response
+from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from app.auth import PrincipalDep
@@ -13,6 +13,7 @@ from app.errors import COMMON_RESPONSES, ErrorResponse
 from app.protocol import Generation, GenerationRequest, SubmitResponse
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
+MAX_WAIT = 60.0  # seconds a status read may be held open (`?wait=`)
 
 JobId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 NOT_FOUND: dict[int | str, dict[str, Any]] = {
@@ -63,8 +64,21 @@ async def submit(
     responses={**COMMON_RESPONSES, **NOT_FOUND},
     summary="Status, progress, timings and image links of a generation",
 )
-async def get_generation(job_id: JobId, service: ServiceDep, caller: PrincipalDep) -> Response:
-    view = await service.get(job_id, caller.owner)
+async def get_generation(
+    job_id: JobId,
+    service: ServiceDep,
+    caller: PrincipalDep,
+    wait: Annotated[
+        float,
+        Query(
+            ge=0,
+            le=MAX_WAIT,
+            description="Long-poll: answer as soon as the generation ends, or after this many seconds "
+            "with its state then. 0 (the default) answers at once.",
+        ),
+    ] = 0,
+) -> Response:
+    view = await (service.wait(job_id, caller.owner, wait) if wait else service.get(job_id, caller.owner))
     # Serialised here: FastAPI would validate the returned model against response_model again.
     return Response(view.model_dump_json(), media_type="application/json")
 
