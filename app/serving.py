@@ -450,10 +450,10 @@ class GenerationService:
     def _view(
         self, job: JobRecord, state: dict[str, str], cancel_flag: bool, position: int | None
     ) -> Generation:
-        payload = JobPayload.model_validate(job.args[0])
+        request = ResolvedRequest.model_validate(job.args[0])  # the JobPayload, less its envelope
         status = JobStatus.from_rq(job.rq_status)
         step = int(state.get(StateField.STEP, 0))
-        total = int(state.get(StateField.TOTAL_STEPS, payload.steps))
+        total = int(state.get(StateField.TOTAL_STEPS, request.steps))
         if status is JobStatus.SUCCEEDED:
             step = total
         started = job.started_at
@@ -489,7 +489,7 @@ class GenerationService:
             progress=Progress(
                 step=step, total_steps=total, fraction=round(step / total, 4) if total else 0.0
             ),
-            request=ResolvedRequest(**payload.model_dump(exclude={"schema_version", "job_id"})),
+            request=request,
             timings=Timings(
                 created_at=created,
                 started_at=started,

@@ -31,6 +31,9 @@ def cmd_api(args: argparse.Namespace) -> int:
         port=settings.port,
         log_level=settings.log_level,
         access_log=False,
+        # Client addresses are never trusted or used (limits key on the API key), so skip
+        # uvicorn's X-Forwarded-For handling.
+        proxy_headers=False,
         workers=args.workers,
     )
     return 0
