@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import secrets
 import time
 import uuid
@@ -58,7 +59,10 @@ from latentd.contract import (
     StateField,
     WorkerInfo,
 )
+from latentd.logs import event
 from latentd.store import as_text
+
+log = logging.getLogger("latentd.api")
 
 QUEUE_FULL_RETRY_AFTER = 5
 # How long a submit trusts the set of served models it read last; a model missing from it is re-read.
@@ -145,20 +149,23 @@ class EndedJobs:
                     while True:
                         message = await pubsub.get_message(timeout=1.0)
                         if message is not None:
-                            for event in self.waiters.get(as_text(message["data"]), ()):
-                                event.set()
+                            for waiter in self.waiters.get(as_text(message["data"]), ()):
+                                waiter.set()
             except redis.RedisError:
                 await asyncio.sleep(1.0)  # Redis away: waiters fall back on their periodic re-read
+            except Exception as exc:  # never let the listener die: long-polls would answer late
+                event(log, "ended_listener_error", logging.WARNING, error=type(exc).__name__)
+                await asyncio.sleep(1.0)
 
     @contextlib.contextmanager
     def watch(self, job_id: str) -> Iterator[asyncio.Event]:
-        event = asyncio.Event()
-        self.waiters.setdefault(job_id, set()).add(event)
+        waiter = asyncio.Event()
+        self.waiters.setdefault(job_id, set()).add(waiter)
         try:
-            yield event
+            yield waiter
         finally:
             waiting = self.waiters[job_id]
-            waiting.discard(event)
+            waiting.discard(waiter)
             if not waiting:
                 del self.waiters[job_id]
 
@@ -168,7 +175,7 @@ def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
 
 
 def _date(raw: bytes | None) -> datetime | None:
-    # RQ writes '%Y-%m-%dT%H:%M:%S.%fZ' (UTC); fromisoformat reads it ten times faster than strptime.
+    # RQ writes '%Y-%m-%dT%H:%M:%S.%fZ' (UTC), which fromisoformat reads without strptime's cost.
     return datetime.fromisoformat(raw.decode()) if raw else None
 
 
@@ -176,7 +183,7 @@ def _date(raw: bytes | None) -> datetime | None:
 class JobRecord:
     """What a status read needs from RQ's job hash, read without building an RQ `Job`, whose restore
     parses every field (with strptime) and was a third of a status read. RQ's hash stays the record;
-    tests/test_contract.py checks this reading against RQ's own."""
+    tests/test_rq_records.py checks this reading against RQ's own."""
 
     id: str
     rq_status: str

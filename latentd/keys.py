@@ -43,11 +43,6 @@ def revoke(connection: redis.Redis, name: str) -> bool:
     return False
 
 
-def lookup(connection: redis.Redis, key: str) -> str | None:
-    """The name the key was created under, or None for an unknown key."""
-    return name_of(connection.hget(Keys.API_KEYS, digest(key)))
-
-
 def name_of(record: bytes | str | None) -> str | None:
     """The key name in a stored key record (None for no record)."""
     if record is None:
