@@ -170,6 +170,12 @@ class EndedJobs:
                 del self.waiters[job_id]
 
 
+def _registrations(names: list[str], blobs: list[bytes | str | None]) -> tuple[list[WorkerInfo], list[str]]:
+    """The live workers among `names` (their registration blobs, in order), and the expired names."""
+    workers = [WorkerInfo.model_validate_json(blob) for blob in blobs if blob is not None]
+    return workers, [name for name, blob in zip(names, blobs, strict=True) if blob is None]
+
+
 def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
     return dict(zip(flat[::2], flat[1::2], strict=True))
 
@@ -245,22 +251,15 @@ class GenerationService:
         if model in self._served and time.monotonic() - self._served_at < SERVED_TTL:
             return self._served
         names = sorted(as_text(n) for n in await self.aredis.smembers(Keys.WORKERS))
-        raw = await self.aredis.mget([Keys.worker(n) for n in names]) if names else []
-        self._served = {WorkerInfo.model_validate_json(blob).model for blob in raw if blob is not None}
+        blobs = await self.aredis.mget([Keys.worker(n) for n in names]) if names else []
+        self._served = {w.model for w in _registrations(names, blobs)[0]}
         self._served_at = time.monotonic()
         return self._served
 
     def live_workers(self) -> list[WorkerInfo]:
         names = sorted(as_text(n) for n in self.redis.smembers(Keys.WORKERS))
-        if not names:
-            return []
-        raw = self.redis.mget([Keys.worker(n) for n in names])
-        workers, stale = [], []
-        for name, blob in zip(names, raw, strict=True):
-            if blob is None:
-                stale.append(name)
-            else:
-                workers.append(WorkerInfo.model_validate_json(blob))
+        blobs = self.redis.mget([Keys.worker(n) for n in names]) if names else []
+        workers, stale = _registrations(names, blobs)
         if stale:  # registrations whose heartbeat expired
             self.redis.srem(Keys.WORKERS, *stale)
         return workers
