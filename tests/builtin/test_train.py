@@ -55,3 +55,14 @@ def test_recipe_overrides_reach_the_exported_model(tmp_path: Path) -> None:
 def test_unknown_recipe_field_is_refused(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         train.main(["--tiny", "--work", str(tmp_path), "--set", "no_such_field=1"])
+
+
+def test_position_probe_runs_on_a_training_runs_latents(tmp_path: Path) -> None:
+    from worker.builtin import probe
+
+    work = tmp_path / "work"
+    train.main(["--tiny", "--threads", "1", "--work", str(work), "--stage", "vae", "--stage", "latents"])
+    r = train.Recipe(**train.TINY)
+    rows = probe.probe(r, work, steps=2, t_min=700, every=1)
+    assert [step for step, _, _ in rows] == [1, 2]
+    assert all(np.isfinite([dx, dy]).all() for _, dx, dy in rows)

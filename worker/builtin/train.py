@@ -64,9 +64,18 @@ class Recipe:
     unet_layers: int = 1  # ResNet (and attention) layers per UNet block
     # Attention at the latent's full resolution too, not only at the coarser levels.
     unet_attn_top: bool = False
+    # A sense of place. A UNet learns where it is only from the zero padding of its convolutions, and at
+    # the high-noise steps that decide the layout its input is zero-mean noise, in which padding shows
+    # nothing: without these the position words had no effect at all. center_input_sample (2x - 1) gives
+    # the input a mean of -1, so a conv_in wide enough to reach the border from every latent pixel (31
+    # on 16x16) reads the pixel's position from the padding, averaged over hundreds of taps, above the
+    # noise. scale_shift lets the text scale those features, not only shift them.
+    unet_conv_in_kernel: int = 31
+    unet_center_input: bool = True
+    unet_scale_shift: bool = True
     text_width: int = 128
     text_layers: int = 3
-    unet_steps: int = 3600
+    unet_steps: int = 8000
     unet_batch: int = 64
     unet_lr: float = 1e-3
     empty_caption: float = 0.1
@@ -136,6 +145,9 @@ def make_unet(r: Recipe) -> UNet2DConditionModel:
         # ResNet block sees the global facts of the caption (background colour) from the first step.
         addition_embed_type="text",
         addition_embed_type_num_heads=4,
+        conv_in_kernel=r.unet_conv_in_kernel,
+        center_input_sample=r.unet_center_input,
+        resnet_time_scale_shift="scale_shift" if r.unet_scale_shift else "default",
     )
 
 
@@ -241,6 +253,33 @@ class Progress:
         )
 
 
+@dataclass
+class Batch:
+    """What a UNet training step draws from and trains."""
+
+    tok: Any
+    latents: torch.Tensor  # (scenes, 4, 16, 16), scaled, on the training device
+    scenes: list[data.Scene]
+    unet: UNet2DConditionModel
+    text_encoder: CLIPTextModel
+    alphas: torch.Tensor  # the scheduler's alphas_cumprod, on the training device
+    token_cache: dict[str, list[int]] = field(default_factory=dict)
+
+
+def batch_loss(r: Recipe, b: Batch, rng: np.random.Generator, t_min: int = 0) -> torch.Tensor:
+    """v-prediction MSE of one batch of cached scenes with freshly phrased captions, timesteps >= t_min."""
+    idx = rng.integers(len(b.scenes), size=r.unet_batch)
+    captions = ["" if rng.random() < r.empty_caption else data.random_caption(b.scenes[i], rng) for i in idx]
+    cond = b.text_encoder(token_ids(b.tok, captions, b.token_cache).to(r.device))[0]
+    x0 = b.latents[torch.from_numpy(idx).to(r.device)]
+    noise = torch.randn(x0.shape).to(r.device)  # drawn on the CPU: same noise on any device
+    t = torch.randint(t_min, len(b.alphas), (r.unet_batch,)).to(r.device)
+    a = b.alphas[t].view(-1, 1, 1, 1)
+    noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    target = a.sqrt() * noise - (1 - a).sqrt() * x0  # v-prediction
+    return F.mse_loss(b.unet(noisy, t, encoder_hidden_states=cond).sample, target)
+
+
 # ---------------------------------------------------------------- stages
 
 
@@ -302,20 +341,25 @@ def encode_latents(r: Recipe, work: Path) -> None:
     print(f"[latents] scaling_factor={scale:.4f}", flush=True)
 
 
-def train_unet(r: Recipe, work: Path) -> None:
+def new_unet_batch(r: Recipe, work: Path) -> Batch:
+    """A fresh UNet and text encoder of the recipe, with the tokenizer and the latents cached in `work`."""
     from transformers import CLIPTokenizer
 
-    torch.manual_seed(r.seed + 2)
-    rng = np.random.default_rng(r.seed + 2)
     tokenizer.write_tokenizer(work / "tokenizer", data.caption_words(), MAX_TOKENS)
     tok = CLIPTokenizer.from_pretrained(str(work / "tokenizer"))
     cache = torch.load(work / "latents.pt")
-    latents: torch.Tensor = cache["latents"]
     scenes = [data.Scene(**s) for s in cache["scenes"]]
-    latents = latents.to(r.device)
     unet = make_unet(r).to(r.device)
     text_encoder = make_text_encoder(r, len(tok)).to(r.device)
-    scheduler = make_scheduler()
+    alphas = make_scheduler().alphas_cumprod.to(r.device)
+    return Batch(tok, cache["latents"].to(r.device), scenes, unet, text_encoder, alphas)
+
+
+def train_unet(r: Recipe, work: Path) -> None:
+    torch.manual_seed(r.seed + 2)
+    rng = np.random.default_rng(r.seed + 2)
+    batch = new_unet_batch(r, work)
+    unet, text_encoder = batch.unet, batch.text_encoder
     params = list(unet.parameters()) + list(text_encoder.parameters())
     print(
         f"[unet] unet={sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M "
@@ -325,27 +369,13 @@ def train_unet(r: Recipe, work: Path) -> None:
     opt = torch.optim.AdamW(params, lr=r.unet_lr, weight_decay=0.01)
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
-    alphas = scheduler.alphas_cumprod.to(r.device)
-    token_cache: dict[str, list[int]] = {}
     progress = Progress("unet", r.unet_steps, r.log_every)
     unet.train()
     text_encoder.train()
     for step in range(r.unet_steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, r.unet_steps, r.warmup, r.unet_lr)
-        idx = rng.integers(len(scenes), size=r.unet_batch)
-        captions = [
-            "" if rng.random() < r.empty_caption else data.random_caption(scenes[i], rng) for i in idx
-        ]
-        cond = text_encoder(token_ids(tok, captions, token_cache).to(r.device))[0]
-        x0 = latents[torch.from_numpy(idx).to(r.device)]
-        noise = torch.randn(x0.shape).to(r.device)  # drawn on the CPU: same noise on any device
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (r.unet_batch,)).to(r.device)
-        a = alphas[t].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        target = a.sqrt() * noise - (1 - a).sqrt() * x0  # v-prediction
-        pred = unet(noisy, t, encoder_hidden_states=cond).sample
-        loss = F.mse_loss(pred, target)
+        loss = batch_loss(r, batch, rng)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -439,6 +469,15 @@ def parse_value(current: object, text: str) -> object:
     return text
 
 
+def apply_sets(r: Recipe, items: list[str], parser: argparse.ArgumentParser) -> None:
+    """Applies --set FIELD=VALUE overrides to the recipe; an unknown field is a usage error."""
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in Recipe.__dataclass_fields__ or name in ("stages", "threads", "device", "seed"):
+            parser.error(f"--set: unknown recipe field {name!r}")
+        setattr(r, name, parse_value(getattr(r, name), value))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -462,11 +501,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     r = Recipe(**TINY) if args.tiny else Recipe()
     r.seed, r.threads, r.device = args.seed, args.threads, args.device
-    for item in args.set:
-        name, _, value = item.partition("=")
-        if name not in Recipe.__dataclass_fields__ or name in ("stages", "threads", "device", "seed"):
-            parser.error(f"--set: unknown recipe field {name!r}")
-        setattr(r, name, parse_value(getattr(r, name), value))
+    apply_sets(r, args.set, parser)
     if args.stage:
         r.stages = args.stage
     if args.vae_steps is not None:
