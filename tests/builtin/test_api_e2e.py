@@ -36,14 +36,14 @@ def test_a_red_circle_on_a_blue_background(tmp_path: Path) -> None:
                 lambda: (v := http.get(job.headers["location"]).json())["status"] == "succeeded" and v, 60
             )
             assert view["request"]["model"] == "builtin"
-            for image in view["images"]:
-                pixels = np.asarray(Image.open(io.BytesIO(http.get(image["url"]).content)).convert("RGB"))
-                seen = judge(pixels)
-                assert seen.shape_colour == "red", seen
-                assert seen.background_colour == "blue", seen
-                # The model draws a shape; that it is round is a target it does not meet yet
-                # (shape class 62 % on seen pairs, see its model card).
-                assert seen.shape is not None, seen
+            seen = [
+                judge(np.asarray(Image.open(io.BytesIO(http.get(image["url"]).content)).convert("RGB")))
+                for image in view["images"]
+            ]
+            assert len(seen) == 4
+            assert all((j.shape_colour, j.background_colour) == ("red", "blue") for j in seen), seen
+            # Shape class is 84 % on the evaluation's seen pairs (model card): most, not all, are round.
+            assert sum(j.shape == "circle" for j in seen) >= 3, seen
     finally:
         api.stop()
         worker.stop()

@@ -49,8 +49,20 @@ def test_loads_offline_and_draws_what_it_is_asked(pipe) -> None:
     ).images
     assert images.shape == (4, 64, 64, 3)
     judged = [checker.judge((img * 255).round().astype(np.uint8)) for img in images]
-    # Colours are what this model reliably gets right (>99 % in evaluation); its shape class and
-    # position are weaker (see the model card), so they are not asserted here.
-    right = [(j.shape_colour, j.background_colour) == ("red", "blue") for j in judged]
+    right = [(j.shape_colour, j.background_colour, j.shape) == ("red", "blue", "circle") for j in judged]
     assert sum(right) >= 3, judged
-    assert all(j.shape is not None for j in judged), judged
+
+
+def test_scores_on_a_spread_of_prompts(pipe) -> None:
+    """80 canonical prompts of the evaluation (seeded): every word of the caption steers the picture.
+    The thresholds sit below the model card's scores (colours 100 %, class 84 %, position 65 %) and
+    well above what a model that ignores a word gets (position 20 % by chance; the model shipped before
+    the UNet had a sense of place scored 35 %)."""
+    from worker.builtin import data, evaluate
+
+    todo = evaluate.cases(data.training_pairs(), 80, seed=5)
+    _, judged = evaluate.run_cases(pipe, todo, evaluate.DEFAULT_GUIDANCE)
+    scores = evaluate.score(todo, judged)
+    assert scores["shape_colour"] >= 0.95 and scores["background_colour"] >= 0.95, scores
+    assert scores["shape"] >= 0.7, scores
+    assert scores["position"] >= 0.45, scores
