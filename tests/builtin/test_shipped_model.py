@@ -55,14 +55,14 @@ def test_loads_offline_and_draws_what_it_is_asked(pipe) -> None:
 
 def test_scores_on_a_spread_of_prompts(pipe) -> None:
     """80 canonical prompts of the evaluation (seeded): every word of the caption steers the picture.
-    The thresholds sit below the model card's scores (colours 100 %, class 84 %, position 65 %) and
-    well above what a model that ignores a word gets (position 20 % by chance; the model shipped before
-    the UNet had a sense of place scored 35 %)."""
+    The thresholds sit below what this model scores on them (colours 100 %, class 91 %, position 90 %)
+    and well above what a model that ignores a word gets (position 20 % by chance; the model shipped
+    before the UNet had a sense of place scored 35 % on the full evaluation)."""
     from worker.builtin import data, evaluate
 
     todo = evaluate.cases(data.training_pairs(), 80, seed=5)
     _, judged = evaluate.run_cases(pipe, todo, evaluate.DEFAULT_GUIDANCE)
     scores = evaluate.score(todo, judged)
     assert scores["shape_colour"] >= 0.95 and scores["background_colour"] >= 0.95, scores
-    assert scores["shape"] >= 0.7, scores
-    assert scores["position"] >= 0.45, scores
+    assert scores["shape"] >= 0.75, scores
+    assert scores["position"] >= 0.7, scores

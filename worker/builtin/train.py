@@ -75,7 +75,7 @@ class Recipe:
     unet_scale_shift: bool = True
     text_width: int = 128
     text_layers: int = 3
-    unet_steps: int = 8000
+    unet_steps: int = 9000
     unet_batch: int = 64
     unet_lr: float = 1e-3
     empty_caption: float = 0.1
