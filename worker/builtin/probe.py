@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from worker.builtin import train
+from worker.builtin import data, train
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
 
-PHRASES = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom"}
+POSITIONS = ("left", "right", "top", "bottom")
 
 
 def centres(b: train.Batch, vae: AutoencoderKL, scale: float, noise: torch.Tensor) -> dict[str, np.ndarray]:
@@ -40,8 +40,9 @@ def centres(b: train.Batch, vae: AutoencoderKL, scale: float, noise: torch.Tenso
     ys, xs = np.mgrid[0:64, 0:64]
     out = {}
     with torch.no_grad():
-        for name, phrase in PHRASES.items():
-            captions = [f"a large yellow circle {phrase} on a black background"] * len(noise)
+        for name in POSITIONS:
+            scene = data.place("yellow", "circle", "black", "large", name)
+            captions = [data.canonical_caption(scene)] * len(noise)
             cond = b.text_encoder(train.token_ids(b.tok, captions, b.token_cache).to(noise.device))[0]
             v = b.unet(noise, torch.full((len(noise),), t, device=noise.device), encoder_hidden_states=cond)
             x0 = a.sqrt() * noise - (1 - a).sqrt() * v.sample
