@@ -14,7 +14,6 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from app.deps import ServiceDep
 from app.errors import RateLimited, Unauthorized
 from app.serving import GenerationService
 from latentd import keys
@@ -60,7 +59,10 @@ async def auth_required(request: Request, service: GenerationService) -> bool:
     return state.required
 
 
-async def authenticate(request: Request, service: ServiceDep) -> Principal:
+async def authenticate(request: Request) -> Principal:
+    """The caller of `request`; a dependency of every route that serves a caller's data. Its one
+    parameter FastAPI fills is the request: every nested dependency costs each request's time."""
+    service: GenerationService = request.app.state.service
     if not await auth_required(request, service):
         return Principal(owner=None)
     header = request.headers.get("authorization", "")

@@ -137,6 +137,20 @@ def error_response(
     return JSONResponse(body.model_dump(), status_code=status_code, headers=headers)
 
 
+def service_error_response(exc: ServiceError) -> JSONResponse:
+    return error_response(exc.status_code, exc.code, exc.message, exc.param, exc.retry_after)
+
+
+def store_down_response(exc: Exception) -> JSONResponse:
+    event(log, "redis_unavailable", logging.WARNING, error=type(exc).__name__)
+    return error_response(
+        503,
+        ErrorCode.SERVICE_UNAVAILABLE,
+        "the job store (Redis) is unreachable; retry shortly",
+        retry_after=RETRY_AFTER_UNAVAILABLE,
+    )
+
+
 def _param(loc: Sequence[Any]) -> str | None:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
     return ".".join(parts) or None
@@ -165,7 +179,7 @@ COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
-        return error_response(exc.status_code, exc.code, exc.message, exc.param, exc.retry_after)
+        return service_error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -184,13 +198,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(redis.exceptions.ConnectionError)
     @app.exception_handler(redis.exceptions.TimeoutError)
     async def _redis_down(_: Request, exc: Exception) -> JSONResponse:
-        event(log, "redis_unavailable", logging.WARNING, error=type(exc).__name__)
-        return error_response(
-            503,
-            ErrorCode.SERVICE_UNAVAILABLE,
-            "the job store (Redis) is unreachable; retry shortly",
-            retry_after=RETRY_AFTER_UNAVAILABLE,
-        )
+        return store_down_response(exc)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

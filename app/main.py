@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -84,6 +85,10 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             log, "api_started", redis=pool.connection_kwargs.get("host"), default_model=settings.default_model
         )
         listener = asyncio.create_task(service.ended.listen(), name="latentd-ended-jobs")
+        # What is loaded by now lives as long as the process: kept out of the collector, a full
+        # collection no longer walks it, which stalled every request in flight for ~50 ms.
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:
@@ -101,6 +106,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    app.add_middleware(generations.StatusReads)  # innermost: inside the metrics and the body limit
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.include_router(generations.router)

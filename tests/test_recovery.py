@@ -190,6 +190,8 @@ def test_workers_ride_out_a_redis_outage(cluster: Cluster) -> None:
         cluster.redis.stop()
         outage = httpx.post(f"{cluster.url}/v1/generations", json={"prompt": "during"})
         assert outage.status_code == 503 and outage.headers["retry-after"]
+        read = httpx.get(f"{cluster.url}/v1/generations/anyid")
+        assert read.status_code == 503 and read.json()["error"]["code"] == "service_unavailable"
         time.sleep(3)
         cluster.redis.start()
         # Neither the API nor the worker was restarted.

@@ -242,6 +242,34 @@ def test_health_ready_and_metrics(service: Service) -> None:
     assert "latentd_redis_up 1.0" in text
 
 
+def test_status_reads_answer_alike_on_both_paths(service: Service) -> None:
+    """A plain status read is answered by `StatusReads` before FastAPI's routing; one with a query
+    string goes through the documented route. Both must give the same answer, byte for byte."""
+    job_id = service.submit(steps=1)["id"]
+    service.wait_terminal(job_id)
+
+    def both(path: str) -> tuple[httpx.Response, httpx.Response]:
+        return service.http.get(path), service.http.get(path, params={"wait": 0})
+
+    for path in (f"/v1/generations/{job_id}", "/v1/generations/nosuchjob"):
+        fast, routed = both(path)
+        assert fast.status_code == routed.status_code
+        assert fast.content == routed.content
+        assert fast.headers["content-type"] == routed.headers["content-type"] == "application/json"
+    assert fast.status_code == 404 and fast.json()["error"]["code"] == "not_found"
+
+    def reads(status: int) -> float:
+        labels = f'method="GET",route="/v1/generations/{{job_id}}",status="{status}"'
+        series = f"latentd_http_requests_total{{{labels}}}"
+        line = [ln for ln in service.http.get("/metrics").text.splitlines() if ln.startswith(series)]
+        return float(line[0].split()[-1]) if line else 0.0
+
+    before = reads(200), reads(404)
+    both(f"/v1/generations/{job_id}")
+    both("/v1/generations/nosuchjob")
+    assert (reads(200), reads(404)) == (before[0] + 2, before[1] + 2)  # both paths counted, by route
+
+
 def test_idempotency_key_returns_the_same_job(service: Service) -> None:
     body = {"prompt": "a retried submit", "steps": 1}
     headers = {"Idempotency-Key": "order-42-attempt"}
