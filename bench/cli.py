@@ -55,8 +55,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--torch-threads", type=int, default=1, help="per worker, and for the direct loop")
     p.add_argument("--steps", type=int, help="denoising steps per image (default 20, quick 2)")
     p.add_argument("--size", type=int, default=64, help="width and height")
-    p.add_argument("--jobs", type=int, help="overhead: sequential jobs (default 20, quick 3)")
-    p.add_argument("--block", type=int, default=5, help="overhead: jobs per interleaved direct/service block")
+    p.add_argument("--jobs", type=int, help="overhead: sequential jobs (default 40, quick 3)")
+    p.add_argument(
+        "--block",
+        type=int,
+        default=1,
+        help="overhead: jobs per interleaved direct/service block (1: each service job next to a direct "
+        "one, so the machine's drifting speed hits both alike)",
+    )
     p.add_argument(
         "--poll",
         type=float,
@@ -149,7 +155,7 @@ def run_service(args: argparse.Namespace, benches: list[str]) -> dict[str, dict[
                 say(f"service up at {stack.url}")
                 if direct and "overhead" in benches:
                     say("overhead: sequential jobs, direct and service blocks in turn")
-                    jobs = args.jobs or (3 if quick else 20)
+                    jobs = args.jobs or (3 if quick else 40)
                     result = overhead(
                         stack.url, model.name, direct, params, jobs, min(args.block, jobs), args.poll
                     )

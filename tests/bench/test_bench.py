@@ -45,6 +45,7 @@ def test_quick_run_writes_results_and_docs(tiny_model_dir: Path, tmp_path: Path)
     assert OTHER_SECTION in text
     assert "## Service benchmarks" in text and "## GPU benchmark" in text
     assert "quick mode (not a measurement)" in text
+    assert "to the worker's own pipeline time" in text  # the overhead without the pipeline's drift
     # A second render replaces the generated block in place instead of adding another.
     report.update_docs(docs, out)
     assert docs.read_text() == text
