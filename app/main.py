@@ -28,6 +28,7 @@ from latentd.logs import event
 from latentd.store import check_eviction_policy
 
 log = logging.getLogger("latentd.api")
+GC_YOUNG_THRESHOLD = 10_000  # Python's default is 700
 
 
 def create_app(settings: ApiSettings | None = None) -> FastAPI:
@@ -86,9 +87,12 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         )
         listener = asyncio.create_task(service.ended.listen(), name="latentd-ended-jobs")
         # What is loaded by now lives as long as the process: kept out of the collector, a full
-        # collection no longer walks it, which stalled every request in flight for ~50 ms.
+        # collection no longer walks it, which stalled every request in flight for ~50 ms. Young
+        # collections every 10,000 allocations instead of 700: a request allocates hundreds.
+        # Measured in docs/benchmarks.md ("Reading the service figures").
         gc.collect()
         gc.freeze()
+        gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
         try:
             yield
         finally:
