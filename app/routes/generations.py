@@ -146,8 +146,8 @@ def get_image(
 class StatusReads:
     """`GET /v1/generations/{id}` with no query string, answered before FastAPI's routing,
     dependency injection and response wrapping, which took about half of the API's time per
-    status read (docs/benchmarks.md, "Front end"): the read clients poll is the API's hottest
-    request. The same authentication, the same read and the same error envelope as
+    status read (docs/benchmarks.md, "Reading the service figures"): the read clients poll is
+    the API's hottest request. The same authentication, the same read and the same error envelope as
     `get_generation`, which still answers every other form of the request (`?wait=`, an id that
     does not match the pattern) and documents it. An unexpected exception goes on to the app's
     500 handler, as it would from the route."""
