@@ -141,6 +141,10 @@ def service_error_response(exc: ServiceError) -> JSONResponse:
     return error_response(exc.status_code, exc.code, exc.message, exc.param, exc.retry_after)
 
 
+# What a lost connection to the job store raises: answered with 503 and Retry-After.
+STORE_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+
 def store_down_response(exc: Exception) -> JSONResponse:
     event(log, "redis_unavailable", logging.WARNING, error=type(exc).__name__)
     return error_response(
@@ -195,10 +199,11 @@ def install_error_handlers(app: FastAPI) -> None:
         code = _HTTP_CODES.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, str(exc.detail))
 
-    @app.exception_handler(redis.exceptions.ConnectionError)
-    @app.exception_handler(redis.exceptions.TimeoutError)
     async def _redis_down(_: Request, exc: Exception) -> JSONResponse:
         return store_down_response(exc)
+
+    for kind in STORE_DOWN:
+        app.add_exception_handler(kind, _redis_down)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-import redis.exceptions
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -14,6 +13,7 @@ from app.auth import PrincipalDep, authenticate
 from app.deps import ServiceDep
 from app.errors import (
     COMMON_RESPONSES,
+    STORE_DOWN,
     ErrorResponse,
     ServiceError,
     service_error_response,
@@ -91,7 +91,12 @@ async def get_generation(
     ] = 0,
 ) -> Response:
     view = await (service.wait(job_id, caller.owner, wait) if wait else service.get(job_id, caller.owner))
-    # Serialised here: FastAPI would validate the returned model against response_model again.
+    return status_response(view)
+
+
+def status_response(view: Generation) -> Response:
+    """A status read's answer, from the route and from `StatusReads` alike. Serialised here:
+    FastAPI would validate the returned model against response_model again."""
     return Response(view.model_dump_json(), media_type="application/json")
 
 
@@ -172,9 +177,9 @@ class StatusReads:
         try:
             caller = await authenticate(request)
             view = await service.get(match.group(1), caller.owner)
-            response = Response(view.model_dump_json(), media_type="application/json")
+            response = status_response(view)
         except ServiceError as exc:
             response = service_error_response(exc)
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        except STORE_DOWN as exc:
             response = store_down_response(exc)
         await response(scope, receive, send)
