@@ -3,6 +3,7 @@ completed exactly once; a stopped worker finishes its job first."""
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -13,7 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Proc, RedisServer, start_api, start_worker, wait_until
+from latentd.contract import Keys
+from tests.conftest import TINY_MODEL, Proc, RedisServer, base_env, spawn, start_api, start_worker, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -158,6 +160,40 @@ def test_sigterm_finishes_the_current_job_takes_no_new_one_and_exits_0(cluster: 
     assert worker.proc.wait(90) == 0
     assert cluster.status(running)["status"] == "succeeded"
     assert cluster.status(waiting)["status"] == "queued"
+
+
+def test_sigterm_the_moment_the_worker_says_ready_still_exits_0(cluster: Cluster) -> None:
+    # The ready file is a FIFO: the worker blocks while opening it, so SIGTERM lands exactly as
+    # it announces readiness, before RQ has installed its own handlers (that used to be exit -15).
+    ready = cluster.tmp / "early.ready"
+    os.mkfifo(ready)
+    env = base_env(
+        cluster.redis.url,
+        LATENTD_MODEL=str(cluster.model_dir),
+        LATENTD_MODEL_NAME=TINY_MODEL,
+        LATENTD_READY_FILE=str(ready),
+        LATENTD_WORKER_NAME="early",
+        LATENTD_CACHE_DIR=str(cluster.tmp / "cache"),
+    )
+    worker = spawn(["worker"], env, cluster.tmp / "early.log")
+    try:
+        # Registered (the step just before the ready file), so now blocked opening the FIFO.
+        wait_until(
+            lambda: cluster.redis.client().exists(Keys.worker("early")) or worker.proc.poll() is not None,
+            120,
+            what="the worker's registration",
+        )
+        worker.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        assert worker.proc.poll() is None, (
+            f"SIGTERM killed the worker as it said ready: {worker.proc.returncode}"
+        )
+        assert ready.read_text() == "early"  # lets the worker's open() complete
+        assert worker.proc.wait(30) == 0, worker.output()[-3000:]
+    finally:
+        worker.stop()
+    assert not ready.exists(), "the ready file goes when the worker exits"
+    assert "worker_stopped" in worker.output()
 
 
 def test_redis_restart_keeps_every_accepted_job(cluster: Cluster) -> None:

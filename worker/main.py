@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -71,8 +72,21 @@ class LatentdWorker(SimpleWorker):
         # helps); RQ's default would add a traceback for every canceled or failed job.
         self.on_abandoned(job, *exc_info)
 
+    def stop_on_signals(self) -> None:
+        """Take SIGTERM and SIGINT as a stop request from now on. RQ installs its own handlers
+        only once `work()` has registered the worker; a signal before that would kill the
+        process outright (exit -15, its ready file left behind). Set here, the request is kept
+        and RQ's loop ends before its first dequeue."""
+
+        def early_stop(signum: int, frame: Any) -> None:
+            self._stop_requested = True
+
+        signal.signal(signal.SIGTERM, early_stop)
+        signal.signal(signal.SIGINT, early_stop)
+
     def request_stop(self, signum: Any, frame: Any) -> None:
         # RQ's warm shutdown: finish the current job, take no new one. Bound the wait.
+        self._stop_requested = True  # kept even where RQ's StopRequested is raised and caught
         if self.execution is not None and not getattr(self, "_grace_timer", None):
             self._grace_timer = threading.Timer(self.shutdown_grace, self._grace_expired)
             self._grace_timer.daemon = True
@@ -307,6 +321,7 @@ def run(settings: WorkerSettings | None = None) -> int:
     worker.shutdown_grace = settings.shutdown_grace
     worker.max_batch_images = settings.max_batch_images
     worker.batch_wait = settings.batch_wait_ms / 1000
+    worker.stop_on_signals()  # before anyone is told the worker is ready
     heartbeat = Heartbeat(worker, info, settings.heartbeat_interval, queue)
     heartbeat.beat()
     heartbeat.start()
