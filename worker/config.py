@@ -43,6 +43,13 @@ class WorkerSettings(CommonSettings):
     batch_wait_ms: float = Field(
         default=5, ge=0, le=1000, description="How long a worker waits for more compatible jobs to batch."
     )
+    progress_interval_ms: float = Field(
+        default=100,
+        ge=0,
+        le=60_000,
+        description="After the first denoising step, a job's progress is written and its cancel flag "
+        "read once this long has passed, at the end of a step (0: after every step).",
+    )
     shutdown_grace: float = Field(
         default=600,
         ge=0,

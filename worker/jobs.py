@@ -137,8 +137,9 @@ def _device_is_broken(exc: BaseException) -> bool:
     )
 
 
-# One round trip per denoising step: refuse if another worker now owns the job (our lease
-# lapsed and it was re-queued), else record progress and report the cancel flag.
+# Run for each job of a batch after a denoising step (one round trip for the batch): refuse if
+# another worker now owns the job (our lease lapsed and it was re-queued), else record progress
+# and report the cancel flag.
 _STEP = """
 local owner = redis.call('HMGET', KEYS[1], 'status', 'worker_name')
 if owner[1] ~= 'started' or owner[2] ~= ARGV[1] then return -1 end
@@ -243,18 +244,26 @@ def _run(rt: Runtime, members: list[tuple[str, JobPayload]]) -> dict[str, Outcom
     step_script = r.register_script(_STEP)
     lost: set[str] = set()
     canceled: set[str] = set()
+    interval = rt.settings.progress_interval_ms / 1000
+    last_check = -interval
 
     def on_step(done: int, total: int) -> bool:
-        for job_id, _ in active:
-            if job_id in lost or job_id in canceled:
-                continue
-            args: list[str | int] = [rt.worker_name, done]
-            answer = int(
-                step_script(keys=[_rq_key(job_id), Keys.state(job_id), Keys.cancel(job_id)], args=args)
-            )
-            if answer < 0:
+        # Redis is asked after the first step, then once `interval` has passed: inline after
+        # every step the round trip cost 4-5 % of a 64x64 CPU job (cold caches, not the wire).
+        nonlocal last_check
+        now = time.monotonic()
+        if now - last_check < interval:
+            return False
+        last_check = now
+        pipe = r.pipeline(transaction=False)
+        asked = [job_id for job_id, _ in active if job_id not in lost and job_id not in canceled]
+        for job_id in asked:
+            keys = [_rq_key(job_id), Keys.state(job_id), Keys.cancel(job_id)]
+            step_script(keys=keys, args=[rt.worker_name, done], client=pipe)
+        for job_id, answer in zip(asked, pipe.execute(), strict=True):
+            if int(answer) < 0:
                 lost.add(job_id)
-            elif answer > 0:
+            elif int(answer) > 0:
                 canceled.add(job_id)
         # Stop early only when no member still wants its images.
         return len(lost) + len(canceled) == len(active)

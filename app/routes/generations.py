@@ -106,7 +106,10 @@ def status_response(view: Generation) -> Response:
     responses={
         **COMMON_RESPONSES,
         **NOT_FOUND,
-        202: {"model": Generation, "description": "Running: it stops within one denoising step."},
+        202: {
+            "model": Generation,
+            "description": "Running: it stops within about 0.1 s plus one denoising step.",
+        },
         409: {"model": ErrorResponse, "description": "The generation already ended (`not_cancelable`)."},
     },
     summary="Cancel a queued or running generation",
