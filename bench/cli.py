@@ -30,6 +30,13 @@ def _levels(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
+def _setting(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.startswith("LATENTD_"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not LATENTD_NAME=VALUE")
+    return name, value
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument(
@@ -51,6 +58,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="worker processes (throughput)")
     p.add_argument(
         "--max-batch-images", type=int, help="LATENTD_MAX_BATCH_IMAGES for the workers (micro-batching)"
+    )
+    p.add_argument(
+        "--worker-env",
+        type=_setting,
+        action="append",
+        default=[],
+        metavar="LATENTD_NAME=VALUE",
+        help="a setting for the workers, for A/B runs: LATENTD_PROGRESS_INTERVAL_MS=0 (repeatable)",
     )
     p.add_argument("--torch-threads", type=int, default=1, help="per worker, and for the direct loop")
     p.add_argument("--steps", type=int, help="denoising steps per image (default 20, quick 2)")
@@ -121,6 +136,7 @@ def run_service(args: argparse.Namespace, benches: list[str]) -> dict[str, dict[
         "quick": quick,
         "profiled": args.profile,
         "max_batch_images": args.max_batch_images or "worker default",
+        "worker_env": dict(args.worker_env),
     }
     results: dict[str, dict[str, Any]] = {}
     names = {
@@ -139,6 +155,7 @@ def run_service(args: argparse.Namespace, benches: list[str]) -> dict[str, dict[
             model,
             workers=args.workers,
             max_batch_images=args.max_batch_images,
+            worker_settings=dict(args.worker_env),
             torch_threads=args.torch_threads,
             # Front-end submits go to a model no worker drains; the run's length bounds the queue.
             api_env={"LATENTD_MAX_QUEUE_DEPTH": "1000000"},

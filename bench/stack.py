@@ -107,6 +107,8 @@ class Stack:
     workers: int = 1
     # LATENTD_MAX_BATCH_IMAGES for the workers (micro-batching); None: the worker's default.
     max_batch_images: int | None = None
+    # Any other LATENTD_ settings for the workers (A/B runs).
+    worker_settings: dict[str, str] = field(default_factory=dict)
     torch_threads: int = 1
     api_env: dict[str, str] = field(default_factory=dict)
     profile_dir: Path | None = None
@@ -121,11 +123,15 @@ class Stack:
         return base_env(self.redis.url)
 
     def worker_env(self) -> dict[str, str]:
-        return {
-            "LATENTD_MODEL_NAME": self.model.name,
-            "LATENTD_TORCH_THREADS": str(self.torch_threads),
-            "LATENTD_HEARTBEAT_INTERVAL": "2",
-        } | ({"LATENTD_MAX_BATCH_IMAGES": str(self.max_batch_images)} if self.max_batch_images else {})
+        return (
+            {
+                "LATENTD_MODEL_NAME": self.model.name,
+                "LATENTD_TORCH_THREADS": str(self.torch_threads),
+                "LATENTD_HEARTBEAT_INTERVAL": "2",
+            }
+            | ({"LATENTD_MAX_BATCH_IMAGES": str(self.max_batch_images)} if self.max_batch_images else {})
+            | self.worker_settings
+        )
 
     @contextlib.contextmanager
     def running(self) -> Iterator[Stack]:

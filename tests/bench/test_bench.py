@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from bench import report
+from bench.stack import Model, Stack
 from tests.conftest import ROOT
 
 OTHER_SECTION = "## Built-in model\n\nWritten by someone else; must survive.\n"
@@ -19,8 +20,9 @@ def test_quick_run_writes_results_and_docs(tiny_model_dir: Path, tmp_path: Path)
     out, docs = tmp_path / "bench", tmp_path / "benchmarks.md"
     docs.write_text("# Benchmarks\n\n" + OTHER_SECTION)
     command = [sys.executable, "-m", "bench", "--quick", "--model-dir", str(tiny_model_dir)]
+    setting = "LATENTD_PROGRESS_INTERVAL_MS=0"
     run = subprocess.run(
-        [*command, "--out", str(out), "--docs", str(docs)],
+        [*command, "--out", str(out), "--docs", str(docs), "--worker-env", setting],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -32,6 +34,8 @@ def test_quick_run_writes_results_and_docs(tiny_model_dir: Path, tmp_path: Path)
     assert overhead["result"]["failed"] == 0
     assert overhead["result"]["ratio_mean"] > 0
     assert overhead["machine"]["nproc"] and overhead["model"]["kind"] == "path"
+    assert overhead["worker_env"] == {"LATENTD_PROGRESS_INTERVAL_MS": "0"}
+    assert setting in overhead["machine"]["command"]
     levels = json.loads((out / "throughput.json").read_text())["result"]["levels"]
     assert [level["clients"] for level in levels] == [1, 4]
     assert all(level["failed"] == 0 and level["images_per_s"] > 0 for level in levels)
@@ -49,6 +53,21 @@ def test_quick_run_writes_results_and_docs(tiny_model_dir: Path, tmp_path: Path)
     # A second render replaces the generated block in place instead of adding another.
     report.update_docs(docs, out)
     assert docs.read_text() == text
+
+
+def test_worker_settings_reach_the_workers_and_bad_ones_are_refused(tiny_model_dir: Path) -> None:
+    stack = Stack(
+        Model(tiny_model_dir, "tiny", "path"), worker_settings={"LATENTD_PROGRESS_INTERVAL_MS": "0"}
+    )
+    assert stack.worker_env()["LATENTD_PROGRESS_INTERVAL_MS"] == "0"
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", "overhead", "--worker-env", "PROGRESS=0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 2 and "is not LATENTD_NAME=VALUE" in run.stderr
 
 
 def test_gpu_script_cpu_smoke_path(tmp_path: Path) -> None:
