@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -91,3 +92,25 @@ def test_canceling_one_job_of_a_batch_spares_the_others(batching: tuple[Cluster,
     kept = cluster.wait_terminal(keep)
     assert kept["status"] == "succeeded" and len(kept["images"]) == 1
     assert state(cluster, keep, "batch_jobs") == "2"
+
+
+@pytest.fixture
+def long_wait(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Cluster]:
+    for cluster in make_cluster(tmp_path, tiny_model_dir):
+        # A wait longer than the jobs themselves: a worker that held a job for it would show it.
+        worker = start_worker(
+            cluster.redis.url, tiny_model_dir, tmp_path, name="w", LATENTD_BATCH_WAIT_MS="1000"
+        )
+        try:
+            yield cluster
+        finally:
+            worker.stop()
+
+
+def test_a_lone_client_never_waits_for_company(long_wait: Cluster) -> None:
+    for seed in range(3):  # one after another, as a lone client sends them
+        view = long_wait.wait_terminal(long_wait.submit({"prompt": "alone", "steps": 2, "seed": seed}))
+        assert view["status"] == "succeeded"
+        t = view["timings"]
+        queued = datetime.fromisoformat(t["started_at"]) - datetime.fromisoformat(t["created_at"])
+        assert queued.total_seconds() < 1.0, f"job {seed} was held for company: {t}"

@@ -41,7 +41,11 @@ class WorkerSettings(CommonSettings):
         "depend on the jobs batched with it; a lone job then costs a full batch of compute.",
     )
     batch_wait_ms: float = Field(
-        default=5, ge=0, le=1000, description="How long a worker waits for more compatible jobs to batch."
+        default=5,
+        ge=0,
+        le=1000,
+        description="How long a worker waits for more compatible jobs to batch, when other jobs are "
+        "queued as it takes one or were at its pickup before.",
     )
     progress_interval_ms: float = Field(
         default=100,

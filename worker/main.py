@@ -55,6 +55,7 @@ class LatentdWorker(SimpleWorker):
     shutdown_grace = 600.0
     max_batch_images = 1
     batch_wait = 0.005
+    _had_company = False  # whether other jobs were queued at the last pickup that looked
 
     def __init__(self, *args: Any, model: str, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -168,17 +169,25 @@ class LatentdWorker(SimpleWorker):
 
     def _claim_batch(self, first: Any, queue: Queue) -> list[jobs.Claimed]:
         """Take queued jobs that can share `first`'s pipeline call, up to `max_batch_images`
-        images, waiting at most `batch_wait` seconds for more. Others keep their place."""
+        images, waiting at most `batch_wait` seconds for more. Others keep their place.
+
+        The wait is only for company that is likely to come: when other jobs are queued at this
+        pickup or were at the one before. A lone client's jobs, which find the queue empty each
+        time, start at once."""
         try:
             payload = payload_of(first)
         except ValueError:
             return []
         key = batch_key(payload)
         budget = self.max_batch_images - payload.num_images
+        if budget <= 0:
+            return []
         deadline = time.monotonic() + self.batch_wait
         claimed: list[jobs.Claimed] = []
+        company = False
         while budget > 0:
             ids = [as_text(i) for i in self.connection.lrange(queue.key, 0, 4 * self.max_batch_images)]
+            company = company or bool(ids)
             for candidate in Job.fetch_many(ids, connection=self.connection, serializer=self.serializer):
                 if candidate is None or budget <= 0:
                     continue
@@ -194,9 +203,10 @@ class LatentdWorker(SimpleWorker):
                 self.prepare_job_execution(candidate)
                 claimed.append(jobs.Claimed(job=candidate, payload=other, execution=execution))
                 budget -= other.num_images
-            if budget <= 0 or time.monotonic() >= deadline:
+            if budget <= 0 or time.monotonic() >= deadline or not (company or self._had_company):
                 break
             time.sleep(0.002)
+        self._had_company = company
         return claimed
 
     def _renew_lease(self, held: list[Any], done: threading.Event) -> None:
