@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -245,7 +246,7 @@ def _run(rt: Runtime, members: list[tuple[str, JobPayload]]) -> dict[str, Outcom
     lost: set[str] = set()
     canceled: set[str] = set()
     interval = rt.settings.progress_interval_ms / 1000
-    last_check = -interval
+    last_check = -math.inf  # the first step always reports
 
     def on_step(done: int, total: int) -> bool:
         # Redis is asked after the first step, then once `interval` has passed. After every step,
