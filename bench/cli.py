@@ -90,7 +90,8 @@ def parser() -> argparse.ArgumentParser:
         "--concurrent-poll",
         type=float,
         default=0.2,
-        help="throughput: poll interval (s), 0 to long-poll; 0.2 is what `latentd generate` uses",
+        help="throughput: each status read is held up to this long (s, `?wait=`), as `latentd generate` "
+        "does (0.2); 0: up to 30 s",
     )
     p.add_argument("--seconds", type=float, help="frontend: seconds per wrk run (default 10, quick 1)")
     p.add_argument("--connections", type=int, default=16, help="frontend: wrk's open connections")

@@ -155,7 +155,8 @@ def service_markdown(out: Path) -> str:
         lines += [
             "",
             f"Throughput, {_n(data['workers'], 'worker')}{_batching(data)}, "
-            f"{_polling(data['result']['poll_s'], 'clients')} (`{path.name}`):",
+            f"{_polling(data['result']['poll_s'], 'clients', data['result'].get('held_reads', False))} "
+            f"(`{path.name}`):",
             "",
             "| clients | jobs | failed | images/s | direct images/s | ratio | latency p50 | p95 | p99 (s) "
             "| status polls/s | some job running | pipeline s per job in worker / direct |",
@@ -212,7 +213,9 @@ def service_markdown(out: Path) -> str:
     return "\n".join(lines)
 
 
-def _polling(poll_s: float, who: str) -> str:
+def _polling(poll_s: float, who: str, held: bool = False) -> str:
+    if held and poll_s > 0:
+        return f"{who}' status reads held up to {poll_s} s (`?wait=`, as `latentd generate` makes them)"
     if poll_s <= 0:
         return f"{who} long-polling the status (`?wait=`)"
     return f"{who} polling every {poll_s} s"

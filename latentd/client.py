@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,9 @@ def generate(
         job_id = job["id"]
         print(f"submitted {job_id}", file=sys.stderr)
         while True:
-            view = _check(http.get(f"/v1/generations/{job_id}"))
+            # A held read: answered as soon as the generation ends, else after `poll` seconds with
+            # its progress then, so the bar moves and the end is seen at once.
+            view = _check(http.get(f"/v1/generations/{job_id}", params={"wait": poll}))
             status = view["status"]
             if status == "queued":
                 msg = f"queued (position {view.get('queue_position')})"
@@ -53,7 +54,6 @@ def generate(
             if status in ("succeeded", "failed", "canceled"):
                 print(file=sys.stderr)
                 break
-            time.sleep(poll)
         if status != "succeeded":
             err = view.get("error") or {}
             raise ClientError(f"generation {status}: {err.get('code', '')} {err.get('message', '')}".strip())

@@ -3,6 +3,7 @@ limit, a model that cannot load, a full queue."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import httpx
 import pytest
 import redis
 
+from latentd.client import generate
 from latentd.embedded import free_port
 from tests.conftest import (
     TINY_MODEL,
@@ -168,6 +170,16 @@ def test_cli_generate_writes_the_images(service: Service, tmp_path: Path) -> Non
     files = sorted((tmp_path / "out").glob("*.png"))
     assert len(files) == 2 and all(f.stat().st_size > 100 for f in files)
     assert "succeeded" in proc.output()
+
+
+def test_client_sees_the_end_at_once_not_at_its_next_poll(service: Service, tmp_path: Path) -> None:
+    # Its status reads are held (`?wait=`) up to `poll` seconds: a client that slept `poll`
+    # between plain reads would take 20 s here, for a job that ends within a second or two.
+    started = time.monotonic()
+    body = {"prompt": "a red circle", "steps": 20, "seed": 1, "model": TINY_MODEL}
+    paths = generate(service.url, body, tmp_path / "out", poll=20)
+    assert len(paths) == 1 and paths[0].stat().st_size > 100
+    assert time.monotonic() - started < 10
 
 
 def test_embedded_redis_is_persistent_and_never_evicts(tmp_path: Path) -> None:
