@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import faulthandler
 import logging
+import signal
 import sys
 from typing import Any
 
@@ -17,6 +19,8 @@ def configure(level: str = "info") -> None:
     # Per-request access lines and RQ's chatter are noise at info level.
     for noisy in ("uvicorn.access", "rq.worker", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    # `kill -USR1 PID` writes every thread's stack to stderr, for a process that seems stuck.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
 def _format_value(value: Any) -> str:

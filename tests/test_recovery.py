@@ -196,6 +196,30 @@ def test_sigterm_the_moment_the_worker_says_ready_still_exits_0(cluster: Cluster
     assert "worker_stopped" in worker.output()
 
 
+def test_sigusr1_writes_every_threads_stack_and_the_processes_go_on(cluster: Cluster) -> None:
+    worker = cluster.worker("a")
+    api, url = start_api(cluster.redis.url, cluster.tmp, name="api-2")
+    try:
+        for proc in (worker, api):
+            proc.proc.send_signal(signal.SIGUSR1)
+        # The worker's main thread (in RQ's dequeue), its heartbeat and RQ's pubsub thread at least.
+        wait_until(
+            lambda: (
+                (out := worker.output()).count("(most recent call first)") >= 3
+                and "rq/queue.py" in out
+                and "worker/main.py" in out
+            ),
+            10,
+            what="the worker's stack dump",
+        )
+        wait_until(lambda: "(most recent call first)" in api.output(), 10, what="the API's stack dump")
+        job_id = httpx.post(f"{url}/v1/generations", json={"prompt": "after", "steps": 1}).json()["id"]
+        assert cluster.wait_terminal(job_id)["status"] == "succeeded"
+    finally:
+        api.stop()
+        worker.stop()
+
+
 def test_redis_restart_keeps_every_accepted_job(cluster: Cluster) -> None:
     # Register a worker so submits are accepted, then stop it: jobs wait in the queue.
     worker = cluster.worker("a")

@@ -49,9 +49,12 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 30) -> int:
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)  # latentd's processes write every thread's stack to stderr
+        time.sleep(1)
         proc.kill()
         proc.wait()
-        raise
+        stacks = proc.stderr.read().decode(errors="replace")[-8000:] if proc.stderr else ""
+        raise AssertionError(f"still running {timeout} s after SIGTERM; its stderr:\n{stacks}") from None
 
 
 def start_redis(args: list[str], tmp: Path) -> tuple[subprocess.Popen[bytes], redis.Redis]:
