@@ -47,7 +47,7 @@ def cmd_worker(_: argparse.Namespace) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     """Embedded Redis (unless LATENTD_REDIS_URL is set), one worker and the API, supervised together."""
-    from latentd.embedded import start_redis
+    from latentd.embedded import start_redis, url_file
 
     settings = CommonSettings()
     env = dict(os.environ)
@@ -56,6 +56,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         redis_proc, url = start_redis(Path(args.data_dir) / "redis", port=args.redis_port)
         children.append(("redis", redis_proc))
         env["LATENTD_REDIS_URL"] = url
+        url_file(Path(args.data_dir)).write_text(url)
         print(f"latentd up: embedded Redis at {url} (data in {args.data_dir}/redis, AOF on)", file=sys.stderr)
     if "LATENTD_DEFAULT_MODEL" not in env:  # requests that name no model get the one this worker serves
         from worker.config import WorkerSettings
@@ -91,6 +92,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
+    url_file(Path(args.data_dir)).unlink(missing_ok=True)
     return code
 
 
@@ -128,12 +130,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_keys(args: argparse.Namespace) -> int:
     import redis
 
-    from latentd import keys
+    from latentd.embedded import url_file
 
     if args.action != "list" and not args.name.strip():
         print(f"latentd keys {args.action}: a NAME is required", file=sys.stderr)
         return 2
-    connection = redis.Redis.from_url(args.redis_url or CommonSettings().effective_redis_url)
+    settings = CommonSettings()
+    url = args.redis_url or settings.redis_url
+    embedded = url_file(Path(args.data_dir))
+    if url is None and embedded.exists():  # `latentd up` is running here: its Redis, on a free port
+        url = embedded.read_text().strip()
+        print(f"latentd keys: using the embedded Redis of `latentd up` at {url}", file=sys.stderr)
+    url = url or settings.effective_redis_url
+    try:
+        return _keys(args, redis.Redis.from_url(url, socket_connect_timeout=5))
+    except redis.RedisError as exc:
+        print(f"latentd keys: cannot reach Redis at {url}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _keys(args: argparse.Namespace, connection: Any) -> int:
+    from latentd import keys
+
     if args.action == "create":
         try:
             key = keys.create(connection, args.name)
@@ -172,7 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     keys = sub.add_parser("keys", help="API keys: create NAME (prints the key once), list, revoke NAME")
     keys.add_argument("action", choices=["create", "list", "revoke"])
     keys.add_argument("name", nargs="?", default="")
-    keys.add_argument("--redis-url", help="the Redis the API uses (default: LATENTD_REDIS_URL)")
+    keys.add_argument(
+        "--redis-url",
+        help="the Redis the API uses (default: LATENTD_REDIS_URL, else that of a `latentd up` running with "
+        "--data-dir, else redis://127.0.0.1:6379/0)",
+    )
+    keys.add_argument("--data-dir", default=".latentd", help="the data directory of `latentd up`")
     keys.set_defaults(func=cmd_keys)
 
     gen = sub.add_parser("generate", help="submit a prompt, show progress, save the images")

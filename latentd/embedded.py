@@ -15,6 +15,11 @@ from pathlib import Path
 import redis
 
 
+def url_file(data_dir: Path) -> Path:
+    """Where `latentd up` keeps its embedded Redis's URL while it runs, for `latentd keys`."""
+    return data_dir / "redis" / "url"
+
+
 def find_redis_server() -> str:
     found = shutil.which("redis-server")
     if found:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -44,7 +46,32 @@ def test_up_serves_a_generation_and_stops_cleanly(tmp_path: Path, tiny_model_dir
         image = httpx.get(url + view["images"][0]["url"])
         assert image.status_code == 200 and image.content[:8] == b"\x89PNG\r\n\x1a\n"
         assert (tmp_path / "data" / "redis").is_dir()  # the embedded Redis keeps its AOF there
+
+        # `latentd keys`, given no Redis, finds the embedded one on its free port.
+        keys = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "latentd.cli",
+                "keys",
+                "create",
+                "my-app",
+                "--data-dir",
+                str(tmp_path / "data"),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert keys.returncode == 0, keys.stderr
+        assert "embedded Redis" in keys.stderr
+        key = keys.stdout.strip()
+        wait_until(lambda: httpx.get(f"{url}/v1/models").status_code == 401, 30, what="keys required")
+        authorized = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"})
+        assert authorized.status_code == 200
     finally:
         up.proc.send_signal(signal.SIGINT)
         code = up.proc.wait(90)
     assert code == 0, up.output()[-3000:]
+    assert not (tmp_path / "data" / "redis" / "url").exists(), "the URL goes when `up` stops"
