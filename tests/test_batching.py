@@ -16,27 +16,17 @@ from PIL import Image
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from tests.conftest import Proc, start_worker
-from tests.test_recovery import LONG_JOB, Cluster, make_cluster
+from tests.conftest import Proc
+from tests.test_recovery import LONG_JOB, Cluster, cluster_with_worker
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 def batching(tmp_path: Path, tiny_model_dir: Path) -> Iterator[tuple[Cluster, Proc]]:
-    for cluster in make_cluster(tmp_path, tiny_model_dir):
-        worker = start_worker(
-            cluster.redis.url,
-            tiny_model_dir,
-            tmp_path,
-            name="batcher",
-            LATENTD_MAX_BATCH_IMAGES="8",
-            LATENTD_BATCH_WAIT_MS="50",
-        )
-        try:
-            yield cluster, worker
-        finally:
-            worker.stop()
+    yield from cluster_with_worker(
+        tmp_path, tiny_model_dir, "batcher", LATENTD_MAX_BATCH_IMAGES="8", LATENTD_BATCH_WAIT_MS="50"
+    )
 
 
 def pixels(cluster: Cluster, view: dict[str, Any], index: int = 0) -> np.ndarray:
@@ -95,21 +85,15 @@ def test_canceling_one_job_of_a_batch_spares_the_others(batching: tuple[Cluster,
 
 
 @pytest.fixture
-def long_wait(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Cluster]:
-    for cluster in make_cluster(tmp_path, tiny_model_dir):
-        # A wait longer than the jobs themselves: a worker that held a job for it would show it.
-        worker = start_worker(
-            cluster.redis.url, tiny_model_dir, tmp_path, name="w", LATENTD_BATCH_WAIT_MS="1000"
-        )
-        try:
-            yield cluster
-        finally:
-            worker.stop()
+def long_wait(tmp_path: Path, tiny_model_dir: Path) -> Iterator[tuple[Cluster, Proc]]:
+    # A wait longer than the jobs themselves: a worker that held a job for it would show it.
+    yield from cluster_with_worker(tmp_path, tiny_model_dir, "w", LATENTD_BATCH_WAIT_MS="1000")
 
 
-def test_a_lone_client_never_waits_for_company(long_wait: Cluster) -> None:
+def test_a_lone_client_never_waits_for_company(long_wait: tuple[Cluster, Proc]) -> None:
+    cluster, _ = long_wait
     for seed in range(3):  # one after another, as a lone client sends them
-        view = long_wait.wait_terminal(long_wait.submit({"prompt": "alone", "steps": 2, "seed": seed}))
+        view = cluster.wait_terminal(cluster.submit({"prompt": "alone", "steps": 2, "seed": seed}))
         assert view["status"] == "succeeded"
         t = view["timings"]
         queued = datetime.fromisoformat(t["started_at"]) - datetime.fromisoformat(t["created_at"])

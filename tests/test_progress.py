@@ -9,23 +9,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Proc, start_worker, wait_until
-from tests.test_recovery import LONG_JOB, Cluster, make_cluster
+from tests.conftest import Proc, wait_until
+from tests.test_recovery import LONG_JOB, Cluster, cluster_with_worker
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 def rare_checks(tmp_path: Path, tiny_model_dir: Path) -> Iterator[tuple[Cluster, Proc]]:
-    for cluster in make_cluster(tmp_path, tiny_model_dir):
-        # An interval longer than any job: Redis hears of a job after its first step, then not again.
-        worker = start_worker(
-            cluster.redis.url, tiny_model_dir, tmp_path, name="w", LATENTD_PROGRESS_INTERVAL_MS="60000"
-        )
-        try:
-            yield cluster, worker
-        finally:
-            worker.stop()
+    # An interval longer than any job: Redis hears of a job after its first step, then not again.
+    yield from cluster_with_worker(tmp_path, tiny_model_dir, "w", LATENTD_PROGRESS_INTERVAL_MS="60000")
 
 
 def test_progress_and_cancel_are_read_once_per_interval(rare_checks: tuple[Cluster, Proc]) -> None:

@@ -75,6 +75,18 @@ def make_cluster(tmp_path: Path, model_dir: Path, **api_env: str) -> Iterator[Cl
         server.stop()
 
 
+def cluster_with_worker(
+    tmp_path: Path, model_dir: Path, name: str, **worker_env: str
+) -> Iterator[tuple[Cluster, Proc]]:
+    """A cluster plus one worker started with these settings, for fixtures."""
+    for cluster in make_cluster(tmp_path, model_dir):
+        worker = start_worker(cluster.redis.url, model_dir, tmp_path, name=name, **worker_env)
+        try:
+            yield cluster, worker
+        finally:
+            worker.stop()
+
+
 @pytest.fixture
 def cluster(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Cluster]:
     yield from make_cluster(tmp_path, tiny_model_dir)
