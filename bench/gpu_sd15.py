@@ -8,7 +8,9 @@ under `torch.compile`, it reports:
 - denoising steps/s: UNet steps (classifier-free guidance on, so the UNet sees 2 × batch),
   timed between the ends of the first and the last step, so text encoding, warm-up and VAE
   decoding are outside it;
-- images/s: batch / the whole pipeline call (text encoding, all steps, VAE decode, tensor out).
+- images/s: batch / the whole pipeline call (text encoding, all steps, VAE decode, tensor out);
+- with `--profile`, first one eager batch-1 call under torch.profiler: kernels per step and how
+  much of the call the GPU is busy, which tells a launch-bound step from a compute-bound one.
 
     python -m bench gpu                    # or: python bench/gpu_sd15.py --out docs/bench/gpu_sd15.json
     python bench/gpu_sd15.py --device cpu --tiny --modes eager   # the CPU smoke path the tests run
@@ -34,6 +36,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
+
+from worker.compiled import compile_pipeline
 
 EXIT_NO_CUDA = 2
 
@@ -107,7 +111,9 @@ TEXT_TINY: dict[str, Any] = {
 }
 
 
-def build_pipeline(device: torch.device, dtype: torch.dtype, tiny: bool, workdir: Path) -> Any:
+def build_pipeline(
+    device: torch.device, dtype: torch.dtype, tiny: bool, workdir: Path, channels_last: bool = False
+) -> Any:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -129,6 +135,9 @@ def build_pipeline(device: torch.device, dtype: torch.dtype, tiny: bool, workdir
         )
     pipe = assemble_pipeline(unet, vae, text_encoder, tokenizer)
     pipe = pipe.to(device=device, dtype=dtype)
+    if channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -170,21 +179,87 @@ def time_call(
     return {"seconds": total, "steps_per_s": steps_per_s}
 
 
-def compile_pipeline(pipe: Any, mode: str, backend: str) -> None:
-    pipe.unet = torch.compile(pipe.unet, mode=mode, backend=backend, fullgraph=True)
-    pipe.vae.decode = torch.compile(pipe.vae.decode, mode=mode, backend=backend)
+def profile_call(pipe: Any, device: torch.device, steps: int, size: int, guidance: float) -> dict[str, Any]:
+    """One batch-1 call under torch.profiler: how busy the GPU is and how many kernels a step costs.
+
+    The profiler slows the host side, so the fractions it gives are a lower bound for the GPU's
+    share; the kernel count and the kernel times are what it measures exactly.
+    """
+    from torch.autograd import DeviceType  # type: ignore[attr-defined]
+    from torch.profiler import ProfilerActivity, profile
+
+    time_call(pipe, device, 1, steps, size, guidance)  # warm: allocator, cuDNN/cuBLAS choices
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        call = time_call(pipe, device, 1, steps, size, guidance)
+    events = prof.events()
+    kernels = sorted(
+        (e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA
+    )
+    busy_us, reach = 0.0, float("-inf")
+    for start, end in kernels:  # the union of the kernels' intervals
+        busy_us += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    span_us = kernels[-1][1] - kernels[0][0] if kernels else 0.0
+    top = sorted(
+        (a for a in prof.key_averages() if a.device_type == DeviceType.CUDA),
+        key=lambda a: a.self_device_time_total,
+        reverse=True,
+    )[:8]
+    return {
+        "batch": 1,
+        "steps": steps,
+        "call_s_under_profiler": round(call["seconds"], 3),
+        "aten_ops_per_step": round(sum(e.name.startswith("aten::") for e in events) / steps, 1),
+        "kernels_per_step": round(len(kernels) / steps, 1),
+        "gpu_busy_ms": round(busy_us / 1000, 1),
+        "gpu_span_ms": round(span_us / 1000, 1),
+        "gpu_busy_fraction": round(busy_us / span_us, 3) if span_us else None,
+        "top_kernels": [
+            {"name": a.key[:90], "count": a.count, "ms": round(a.self_device_time_total / 1000, 2)}
+            for a in top
+        ],
+    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    import diffusers
+
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     results: list[dict[str, Any]] = []
+    result: dict[str, Any] = {
+        "benchmark": "gpu_sd15",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "command": "python bench/gpu_sd15.py " + shlex.join(args.argv),
+        "architecture": "tiny (smoke)"
+        if args.tiny
+        else "SD 1.5 (UNet 860M, VAE, CLIP ViT-L/14 text), random",
+        "dtype": args.dtype,
+        "size": args.size,
+        "steps": args.steps,
+        "guidance_scale": args.guidance,
+        "compile_mode": args.compile_mode if "compile" in args.modes else None,
+        "memory_format": "channels_last" if args.channels_last else "contiguous",
+        "results": results,
+    }
     with tempfile.TemporaryDirectory(prefix="sd15-bench-") as tmp:
+        if args.profile:
+            pipe = build_pipeline(device, dtype, args.tiny, Path(tmp), args.channels_last)
+            result["profile"] = profile_call(pipe, device, args.steps, args.size, args.guidance)
+            print(json.dumps(result["profile"]), file=sys.stderr, flush=True)
+            write(args.out, result)
+            del pipe
         for mode in args.modes:
             # A fresh pipeline per mode, so compiled graphs never leak into the eager figures.
-            pipe = build_pipeline(device, dtype, args.tiny, Path(tmp))
+            pipe = build_pipeline(device, dtype, args.tiny, Path(tmp), args.channels_last)
             if mode == "compile":
-                compile_pipeline(pipe, args.compile_mode, args.compile_backend)
+                compile_pipeline(pipe, args.compile_mode, args.compile_backend, fullgraph=True)
             base: float | None = None
             for batch in args.batches:
                 started = time.perf_counter()
@@ -211,31 +286,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
                 results.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
+                write(args.out, result)  # row by row, so a run cut short keeps what it measured
             del pipe
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
-    import diffusers
+    return result
 
-    return {
-        "benchmark": "gpu_sd15",
-        "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "command": "python bench/gpu_sd15.py " + shlex.join(args.argv),
-        "architecture": "tiny (smoke)"
-        if args.tiny
-        else "SD 1.5 (UNet 860M, VAE, CLIP ViT-L/14 text), random",
-        "dtype": args.dtype,
-        "size": args.size,
-        "steps": args.steps,
-        "guidance_scale": args.guidance,
-        "compile_mode": args.compile_mode if "compile" in args.modes else None,
-        "results": results,
-    }
+
+def write(out: Path | None, result: dict[str, Any]) -> None:
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def _ints(text: str) -> list[int]:
@@ -259,9 +321,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", type=lambda s: s.split(","), default=["eager", "compile"])
     p.add_argument("--compile-mode", default="default", help="torch.compile mode (e.g. max-autotune)")
     p.add_argument("--compile-backend", default="inductor")
+    p.add_argument(
+        "--channels-last", action="store_true", help="UNet and VAE weights in channels-last (NHWC) layout"
+    )
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, help="timed calls per row, median taken (default 5, tiny 1)")
-    p.add_argument("--out", type=Path, help="write the results as JSON here")
+    p.add_argument("--out", type=Path, help="write the results as JSON here (after each row)")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="first profile one eager batch-1 call: kernels per step, how busy the GPU is",
+    )
     return p
 
 
@@ -286,11 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"gpu_sd15: unknown mode(s) {', '.join(sorted(unknown))}")
     result = run(args)
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    write(args.out, result)
+    print(json.dumps(result, indent=2))
     return 0
 
 

@@ -248,6 +248,22 @@ def gpu_markdown(out: Path) -> str:
         f"Targets (H100): ≥ {TARGETS['h100_steps_per_s_b1_eager']:.0f} steps/s at batch 1 eager; "
         f"batch-8 images/s ≥ {TARGETS['batch8_over_batch1']}× batch 1.",
     ]
+    profile = data.get("profile")
+    if profile and profile.get("gpu_busy_fraction") is not None:
+        top = ", ".join(
+            f"{k['name'].split('<')[0].split('::')[-1].removeprefix('void ')} "
+            f"{k['ms'] / profile['steps']:.1f} ms"
+            for k in profile["top_kernels"][:3]
+        )
+        lines += [
+            "",
+            f"Profile of one eager batch-{profile['batch']} call (torch.profiler): "
+            f"{profile['kernels_per_step']:.0f} kernels and {profile['aten_ops_per_step']:.0f} aten ops "
+            f"per denoising step; the GPU was busy {profile['gpu_busy_ms']:.0f} ms of the "
+            f"{profile['gpu_span_ms']:.0f} ms between the first and the last kernel "
+            f"({profile['gpu_busy_fraction']:.0%}). Longest kernels, their time in the whole call / "
+            f"steps: {top}.",
+        ]
     if data.get("notes"):
         lines += ["", str(data["notes"])]
     return "\n".join(lines)

@@ -156,8 +156,10 @@ def start_worker(redis_url: str, model_dir: Path, tmp: Path, name: str = "w1", *
     }
     env = base_env(redis_url, **{**settings, **extra})
     worker = spawn(["worker"], env, tmp / f"{name}.log")
+    # A compiling worker runs its warm-up first: 146 s cold for the tiny model on two CPU cores.
+    timeout = 480 if extra.get("LATENTD_TORCH_COMPILE") == "true" else 120
     try:
-        wait_until(lambda: ready.exists() or worker.proc.poll() is not None, 120, what="worker ready")
+        wait_until(lambda: ready.exists() or worker.proc.poll() is not None, timeout, what="worker ready")
     except AssertionError:
         worker.stop()
         raise

@@ -75,6 +75,12 @@ class WorkerSettings(CommonSettings):
         default=None,
         description="Written once the model is loaded, removed on exit (a readiness probe for containers).",
     )
+    torch_compile: bool = Field(
+        default=False,
+        description="torch.compile the UNet and the VAE decoder (for GPU hosts; about 2x the denoising "
+        "steps/s at batch 1 on an H100). Each new image size or batch size compiles first, about a "
+        "minute; the model's native size is compiled before the worker says ready.",
+    )
     torch_threads: int | None = Field(
         default=None, ge=1, description="CPU threads for torch; torch's default when unset."
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from PIL import Image
 from latentd.contract import JobPayload
 from latentd.logs import event
 from latentd.settings import BUILTIN_MODEL
+from worker.compiled import compile_pipeline
 from worker.config import WorkerSettings
 
 log = logging.getLogger("latentd.worker")
@@ -221,6 +223,29 @@ class Runner:
         return list(result.images)[: len(slots)], interrupted
 
 
+def warm_up(runner: Runner) -> None:
+    """Run one short call at the model's native size, so its graphs compile before the first job."""
+    from torch._dynamo.utils import counters
+
+    pipe = runner.pipe
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    images = runner.pad_to or 1
+    warm = JobPayload(
+        job_id="warm-up", model=runner.model, prompt="warm-up", width=size, height=size, steps=2,
+        guidance_scale=7.5, seed=0, num_images=images,
+    )  # fmt: skip
+    started = time.perf_counter()
+    runner.generate([warm], lambda done, total: False)
+    event(
+        log,
+        "pipeline_compiled",
+        size=size,
+        images=images,
+        seconds=round(time.perf_counter() - started, 1),
+        graphs=counters["stats"]["unique_graphs"],
+    )
+
+
 def batch_key(payload: JobPayload) -> tuple[object, ...]:
     """Jobs with equal keys can run as one pipeline call."""
     return (
@@ -248,4 +273,8 @@ def load_runner(settings: WorkerSettings) -> Runner:
     pipe = load_pipeline(source, device, dtype, settings.cache_dir)
     event(log, "model_loaded", model=settings.served_name(), source=source, device=device, dtype=dtype)
     pad_to = settings.max_batch_images if settings.batch_invariant and settings.max_batch_images > 1 else None
-    return Runner(pipe=pipe, device=device, model=settings.served_name(), pad_to=pad_to)
+    runner = Runner(pipe=pipe, device=device, model=settings.served_name(), pad_to=pad_to)
+    if settings.torch_compile:
+        compile_pipeline(pipe)
+        warm_up(runner)
+    return runner

@@ -72,7 +72,7 @@ def test_worker_settings_reach_the_workers_and_bad_ones_are_refused(tiny_model_d
 
 def test_gpu_script_cpu_smoke_path(tmp_path: Path) -> None:
     out = tmp_path / "gpu_sd15.json"
-    flags = ["--device", "cpu", "--tiny", "--batches", "1,2", "--warmup", "1", "--threads", "1"]
+    flags = ["--device", "cpu", "--tiny", "--batches", "1,2", "--warmup", "1", "--threads", "1", "--profile"]
     run = subprocess.run(
         [sys.executable, "bench/gpu_sd15.py", *flags, "--modes", "eager", "--out", str(out)],
         cwd=ROOT,
@@ -84,6 +84,8 @@ def test_gpu_script_cpu_smoke_path(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     assert [(r["mode"], r["batch"]) for r in result["results"]] == [("eager", 1), ("eager", 2)]
     assert all(r["steps_per_s"] > 0 and r["images_per_s"] > 0 for r in result["results"])
+    # No GPU here: the profile counts the ops a step costs, and finds no kernels to time.
+    assert result["profile"]["aten_ops_per_step"] > 100 and result["profile"]["kernels_per_step"] == 0
     assert "| eager | 2 |" in report.gpu_markdown(tmp_path)
 
 
