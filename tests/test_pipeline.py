@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from latentd.contract import JobPayload
-from worker.pipeline import Runner, load_pipeline
+from worker.pipeline import Runner, load_pipeline, warm_up
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +94,12 @@ def test_padded_batches_give_the_same_bytes_as_a_lone_run(runner: Runner) -> Non
         alone, _ = padded.generate([mate], never)
         for i, (a, b) in enumerate(zip(images, alone[0], strict=True)):
             assert encode(a, mate, i)[0] == encode(b, mate, i)[0]
+
+
+def test_a_warm_up_that_runs_out_of_memory_leaves_the_worker_serving(
+    runner: Runner, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    limit_unet_batch(runner, monkeypatch, max_batch=0)  # not even one image fits
+    with caplog.at_level("WARNING", logger="latentd.worker"):
+        warm_up(runner)
+    assert "pipeline_warm_up_out_of_memory size=64" in caplog.text

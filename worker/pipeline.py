@@ -235,7 +235,14 @@ def warm_up(runner: Runner) -> None:
         guidance_scale=7.5, seed=0, num_images=images,
     )  # fmt: skip
     started = time.perf_counter()
-    runner.generate([warm], lambda done, total: False)
+    try:
+        runner.generate([warm], lambda done, total: False)
+    except torch.OutOfMemoryError:
+        # Not even one image of the native size fits: jobs of that size will fail with
+        # out_of_memory, smaller ones may still run, and each shape compiles in its first job.
+        free_accelerator_memory()
+        event(log, "pipeline_warm_up_out_of_memory", logging.WARNING, size=size)
+        return
     event(
         log,
         "pipeline_compiled",
