@@ -84,9 +84,12 @@ RUN /opt/venv/bin/pip install --no-deps /tmp/dist/*.whl \
 FROM ${CUDA_IMAGE} AS worker
 ARG UID=10001
 ENV DEBIAN_FRONTEND=noninteractive
+# gcc and the Python headers: Triton builds a small C launcher the first time LATENTD_TORCH_COMPILE
+# compiles (roughly 200 MB beside several GB of CUDA wheels, not measured; without them the worker
+# falls back to eager).
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3.12 ca-certificates \
+    && apt-get install -y --no-install-recommends python3.12 python3.12-dev gcc libc6-dev ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid "${UID}" --user-group --create-home --home-dir /home/latentd \
         --shell /usr/sbin/nologin latentd \

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from latentd.contract import JobPayload
-from worker.pipeline import Runner, load_pipeline, warm_up
+from worker.pipeline import Runner, compile_runner, load_pipeline, warm_up
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +103,23 @@ def test_a_warm_up_that_runs_out_of_memory_leaves_the_worker_serving(
     with caplog.at_level("WARNING", logger="latentd.worker"):
         warm_up(runner)
     assert "pipeline_warm_up_out_of_memory size=64" in caplog.text
+
+
+def test_a_compile_that_fails_is_logged_and_the_pipeline_serves_eager(
+    tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    pipe = load_pipeline(str(tiny_model_dir), torch.device("cpu"), torch.float32, tiny_model_dir)
+    fresh = Runner(pipe=pipe, device=torch.device("cpu"), model="tiny")
+    unet, decode = pipe.unet, pipe.vae.decode
+
+    def no_compiler(graph: Any, example_inputs: Any) -> Any:  # what an image without gcc gives
+        raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+
+    with caplog.at_level("ERROR", logger="latentd.worker"):
+        compile_runner(fresh, backend=no_compiler)
+    assert (
+        'pipeline_compile_failed running=eager error="RuntimeError: Failed to find C compiler' in caplog.text
+    )
+    assert pipe.unet is unet and pipe.vae.decode == decode
+    [images], interrupted = fresh.generate([payload(2)], never)
+    assert not interrupted and len(images) == 2

@@ -223,6 +223,23 @@ class Runner:
         return list(result.images)[: len(slots)], interrupted
 
 
+def compile_runner(runner: Runner, backend: str | Callable[..., Any] = "inductor") -> None:
+    """Compile the runner's pipeline and warm it up. A compile that fails (an image without the C
+    compiler Triton or inductor needs, say) is logged and leaves the pipeline eager, still serving."""
+    undo = compile_pipeline(runner.pipe, backend=backend)
+    try:
+        warm_up(runner)
+    except Exception as exc:
+        undo()
+        free_accelerator_memory()
+        root: BaseException = exc
+        # dynamo wraps the backend's own error (BackendCompilerFailed.inner_exception)
+        while (inner := getattr(root, "inner_exception", None) or root.__cause__) is not None:
+            root = inner
+        reason = f"{type(root).__name__}: {(str(root).splitlines() or [''])[0]}"[:300]
+        event(log, "pipeline_compile_failed", logging.ERROR, running="eager", error=reason)
+
+
 def warm_up(runner: Runner) -> None:
     """Run one short call at the model's native size, so its graphs compile before the first job."""
     from torch._dynamo.utils import counters
@@ -282,6 +299,5 @@ def load_runner(settings: WorkerSettings) -> Runner:
     pad_to = settings.max_batch_images if settings.batch_invariant and settings.max_batch_images > 1 else None
     runner = Runner(pipe=pipe, device=device, model=settings.served_name(), pad_to=pad_to)
     if settings.torch_compile:
-        compile_pipeline(pipe)
-        warm_up(runner)
+        compile_runner(runner)
     return runner
