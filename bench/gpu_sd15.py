@@ -9,6 +9,10 @@ under `torch.compile`, it reports:
   timed between the ends of the first and the last step, so text encoding, warm-up and VAE
   decoding are outside it;
 - images/s: batch / the whole pipeline call (text encoding, all steps, VAE decode, tensor out);
+- modes `worker` and `worker-compile` time the worker's own Runner instead (one job of `batch`
+  images, PNG-ready PIL images out), the latter after the compile and warm-up that
+  `LATENTD_TORCH_COMPILE` runs; they need the worker's dependencies (pydantic), the others torch,
+  diffusers and transformers only;
 - with `--profile`, first one eager batch-1 call under torch.profiler: kernels per step and how
   much of the call the GPU is busy, which tells a launch-bound step from a compute-bound one.
 
@@ -28,6 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +45,8 @@ import torch
 from worker.compiled import compile_pipeline
 
 EXIT_NO_CUDA = 2
+PROMPT = "a photograph of an astronaut riding a horse"
+MODES = ("eager", "compile", "worker", "worker-compile")
 
 # SD 1.5's UNet (runwayml/stable-diffusion-v1-5 unet/config.json), written out.
 UNET_SD15: dict[str, Any] = {
@@ -164,7 +171,7 @@ def time_call(
     start = time.perf_counter()
     with torch.inference_mode():
         pipe(
-            prompt=["a photograph of an astronaut riding a horse"] * batch,
+            prompt=[PROMPT] * batch,
             height=size,
             width=size,
             num_inference_steps=steps,
@@ -174,6 +181,32 @@ def time_call(
             callback_on_step_end=on_step,
         )
     _sync(device)
+    total = time.perf_counter() - start
+    steps_per_s = (steps - 1) / (marks[-1] - marks[0]) if len(marks) == 2 and marks[-1] > marks[0] else 0.0
+    return {"seconds": total, "steps_per_s": steps_per_s}
+
+
+def worker_call(
+    runner: Any, device: torch.device, batch: int, steps: int, size: int, guidance: float
+) -> dict[str, float]:
+    """One job of `batch` images through the worker's own Runner: per-image generators, PIL out."""
+    from latentd.contract import JobPayload
+
+    marks: list[float] = []
+
+    def on_step(done: int, total: int) -> bool:
+        if done in (1, total):
+            _sync(device)
+            marks.append(time.perf_counter())
+        return False
+
+    job = JobPayload(
+        job_id="bench", model=runner.model, prompt=PROMPT, width=size, height=size, steps=steps,
+        guidance_scale=guidance, seed=0, num_images=batch,
+    )  # fmt: skip
+    _sync(device)
+    start = time.perf_counter()
+    runner.generate([job], on_step)
     total = time.perf_counter() - start
     steps_per_s = (steps - 1) / (marks[-1] - marks[0]) if len(marks) == 2 and marks[-1] > marks[0] else 0.0
     return {"seconds": total, "steps_per_s": steps_per_s}
@@ -258,16 +291,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for mode in args.modes:
             # A fresh pipeline per mode, so compiled graphs never leak into the eager figures.
             pipe = build_pipeline(device, dtype, args.tiny, Path(tmp), args.channels_last)
+            call: Callable[..., dict[str, float]] = time_call
+            target: Any = pipe
+            extra: dict[str, float] = {}
             if mode == "compile":
                 compile_pipeline(pipe, args.compile_mode, args.compile_backend, fullgraph=True)
+            elif mode.startswith("worker"):  # the worker's Runner, and LATENTD_TORCH_COMPILE's path
+                from worker.pipeline import Runner, compile_runner
+
+                call, target = worker_call, Runner(pipe=pipe, device=device, model="sd15")
+                if mode == "worker-compile":
+                    started = time.perf_counter()
+                    compile_runner(target)  # compiles and warms up the native size, as the worker does
+                    extra = {"compile_runner_s": round(time.perf_counter() - started, 1)}
             base: float | None = None
             for batch in args.batches:
                 started = time.perf_counter()
                 for _ in range(args.warmup):  # the first calls compile (once per batch size)
-                    time_call(pipe, device, batch, args.steps, args.size, args.guidance)
+                    call(target, device, batch, args.steps, args.size, args.guidance)
                 warmup_s = time.perf_counter() - started
                 calls = [
-                    time_call(pipe, device, batch, args.steps, args.size, args.guidance)
+                    call(target, device, batch, args.steps, args.size, args.guidance)
                     for _ in range(args.repeats)
                 ]
                 seconds = statistics.median(c["seconds"] for c in calls)
@@ -281,13 +325,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "images_per_s_vs_batch1": round(images_per_s / base, 3),
                     "seconds_per_call": round(seconds, 4),
                     "warmup_s": round(warmup_s, 1),
+                    **extra,
                 }
                 if device.type == "cuda":
                     row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
                 results.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
                 write(args.out, result)  # row by row, so a run cut short keeps what it measured
-            del pipe
+            del pipe, target
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
@@ -318,7 +363,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch CPU threads (default torch's)")
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--batches", type=_ints, default=[1, 4, 8])
-    p.add_argument("--modes", type=lambda s: s.split(","), default=["eager", "compile"])
+    p.add_argument(
+        "--modes",
+        type=lambda s: s.split(","),
+        default=["eager", "compile"],
+        help="eager, compile: the pipeline called directly; worker, worker-compile: the worker's Runner "
+        "(one job per call), the latter after LATENTD_TORCH_COMPILE's compile and warm-up",
+    )
     p.add_argument("--compile-mode", default="default", help="torch.compile mode (e.g. max-autotune)")
     p.add_argument("--compile-backend", default="inductor")
     p.add_argument(
@@ -352,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.repeats = args.repeats or (1 if args.tiny else 5)
-    unknown = set(args.modes) - {"eager", "compile"}
+    unknown = set(args.modes) - set(MODES)
     if unknown:
         raise SystemExit(f"gpu_sd15: unknown mode(s) {', '.join(sorted(unknown))}")
     result = run(args)
