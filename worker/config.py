@@ -77,7 +77,7 @@ class WorkerSettings(CommonSettings):
     )
     torch_compile: bool = Field(
         default=False,
-        description="torch.compile the UNet and the VAE decoder (for GPU hosts; about 2x the denoising "
+        description="torch.compile the UNet and the VAE decoder (for GPU hosts; 1.7-2x the denoising "
         "steps/s at batch 1 on an H100). Each new image size or batch size compiles first, about a "
         "minute; the model's native size is compiled before the worker says ready.",
     )
