@@ -1,7 +1,7 @@
 """LATENTD_TORCH_COMPILE: the worker compiles its UNet and VAE decoder and runs one call at the model's
 native size before it says ready; jobs then get the image eager PyTorch gives.
 
-On the CPU, inductor compiles C++ (about 90 s for the tiny model here); the speed it buys is a
+On the CPU, inductor compiles C++ (74 s cold for the tiny model here); the speed it buys is a
 GPU matter, measured by `bench/gpu_sd15.py` with the same `compile_pipeline`."""
 
 from __future__ import annotations
