@@ -154,6 +154,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _rate(marks: list[float], steps: int) -> float:
+    """Denoising steps/s between the ends of the first and the last step."""
+    return (steps - 1) / (marks[-1] - marks[0]) if len(marks) == 2 and marks[-1] > marks[0] else 0.0
+
+
 def time_call(
     pipe: Any, device: torch.device, batch: int, steps: int, size: int, guidance: float
 ) -> dict[str, float]:
@@ -182,8 +187,7 @@ def time_call(
         )
     _sync(device)
     total = time.perf_counter() - start
-    steps_per_s = (steps - 1) / (marks[-1] - marks[0]) if len(marks) == 2 and marks[-1] > marks[0] else 0.0
-    return {"seconds": total, "steps_per_s": steps_per_s}
+    return {"seconds": total, "steps_per_s": _rate(marks, steps)}
 
 
 def worker_call(
@@ -208,8 +212,7 @@ def worker_call(
     start = time.perf_counter()
     runner.generate([job], on_step)
     total = time.perf_counter() - start
-    steps_per_s = (steps - 1) / (marks[-1] - marks[0]) if len(marks) == 2 and marks[-1] > marks[0] else 0.0
-    return {"seconds": total, "steps_per_s": steps_per_s}
+    return {"seconds": total, "steps_per_s": _rate(marks, steps)}
 
 
 def profile_call(pipe: Any, device: torch.device, steps: int, size: int, guidance: float) -> dict[str, Any]:

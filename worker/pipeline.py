@@ -254,10 +254,9 @@ def warm_up(runner: Runner) -> None:
     started = time.perf_counter()
     try:
         runner.generate([warm], lambda done, total: False)
-    except torch.OutOfMemoryError:
+    except torch.OutOfMemoryError:  # generate() has freed what it could
         # Not even one image of the native size fits: jobs of that size will fail with
         # out_of_memory, smaller ones may still run, and each shape compiles in its first job.
-        free_accelerator_memory()
         event(log, "pipeline_warm_up_out_of_memory", logging.WARNING, size=size)
         return
     event(
