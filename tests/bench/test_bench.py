@@ -74,7 +74,7 @@ def test_gpu_script_cpu_smoke_path(tmp_path: Path) -> None:
     out = tmp_path / "gpu_sd15.json"
     flags = ["--device", "cpu", "--tiny", "--batches", "1,2", "--warmup", "1", "--threads", "1", "--profile"]
     run = subprocess.run(
-        [sys.executable, "bench/gpu_sd15.py", *flags, "--modes", "eager", "--out", str(out)],
+        [sys.executable, "bench/gpu_sd15.py", *flags, "--modes", "eager,worker", "--out", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -82,7 +82,8 @@ def test_gpu_script_cpu_smoke_path(tmp_path: Path) -> None:
     )
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert [(r["mode"], r["batch"]) for r in result["results"]] == [("eager", 1), ("eager", 2)]
+    rows = [(r["mode"], r["batch"]) for r in result["results"]]
+    assert rows == [("eager", 1), ("eager", 2), ("worker", 1), ("worker", 2)]
     assert all(r["steps_per_s"] > 0 and r["images_per_s"] > 0 for r in result["results"])
     # No GPU here: the profile counts the ops a step costs, and finds no kernels to time.
     assert result["profile"]["aten_ops_per_step"] > 100 and result["profile"]["kernels_per_step"] == 0
