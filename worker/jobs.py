@@ -262,10 +262,10 @@ def _run(rt: Runtime, members: list[tuple[str, JobPayload]]) -> dict[str, Outcom
         for job_id in asked:
             keys = [_rq_key(job_id), Keys.state(job_id), Keys.cancel(job_id)]
             step_script(keys=keys, args=[rt.worker_name, done], client=pipe)
-        for job_id, answer in zip(asked, pipe.execute(), strict=True):
-            if int(answer) < 0:
+        for job_id, answer in zip(asked, map(int, pipe.execute()), strict=True):
+            if answer < 0:
                 lost.add(job_id)
-            elif int(answer) > 0:
+            elif answer > 0:
                 canceled.add(job_id)
         # Stop early only when no member still wants its images.
         return len(lost) + len(canceled) == len(active)
