@@ -87,6 +87,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", type=_levels, help="throughput: client counts (default 1,4,16,32; quick 1,4)")
     p.add_argument("--min-jobs", type=int, help="throughput: jobs per level at least (default 16, quick 2)")
     p.add_argument(
+        "--rounds", type=int, default=8, help="throughput: jobs each client runs in turn, at least (quick 1)"
+    )
+    p.add_argument(
         "--concurrent-poll",
         type=float,
         default=0.2,
@@ -192,7 +195,7 @@ def run_service(args: argparse.Namespace, benches: list[str]) -> dict[str, dict[
                         min_jobs,
                         2 if quick else 5,
                         0.05 if quick else args.concurrent_poll,
-                        1 if quick else 2,
+                        1 if quick else args.rounds,
                     )
                     results["throughput"] = {**common, "direct": direct.wait_ready(), "workers": args.workers}
                     results["throughput"]["result"] = result
