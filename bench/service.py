@@ -237,8 +237,8 @@ def throughput(
         # machine's speed during the level moves both figures alike.
         before = direct.run([params.pipeline(seed) for seed in range(direct_block)])["generate_s"]
         # Several rounds per client, so the level is measured in steady state: the first batch
-        # starts with the first job alone and the last one is partial, and with two rounds those
-        # two cost the 16-client figure ~10 % (1.87 against 2.08, docs/benchmarks.md).
+        # starts with the first job alone and the last one is partial; with two rounds those two
+        # cost the 16-client figure 8-15 % (docs/benchmarks.md).
         per_client = max(min_per_client, math.ceil(min_jobs / clients))
         started, rows = asyncio.run(_clients(url, model, params, clients, per_client, poll))
         after = direct.run([params.pipeline(seed) for seed in range(direct_block)])["generate_s"]
