@@ -123,3 +123,35 @@ def test_a_compile_that_fails_is_logged_and_the_pipeline_serves_eager(
     assert pipe.unet is unet and pipe.vae.decode == decode
     [images], interrupted = fresh.generate([payload(2)], never)
     assert not interrupted and len(images) == 2
+
+
+def test_a_compile_that_fails_for_a_later_shape_runs_that_job_eager_and_stops_compiling(
+    tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A job whose new shape does not compile still gets its images, and later shapes do not retry."""
+    pipe = load_pipeline(str(tiny_model_dir), torch.device("cpu"), torch.float32, tiny_model_dir)
+    fresh = Runner(pipe=pipe, device=torch.device("cpu"), model="tiny")
+    unet, decode = pipe.unet, pipe.vae.decode
+    eager = [np.asarray(image) for image in fresh.generate([payload(2)], never)[0][0]]
+    compiles: list[bool] = []
+    warm_up_done = False
+
+    def fails_after_warm_up(graph: Any, example_inputs: Any) -> Any:  # no compile: dynamo's graph
+        compiles.append(warm_up_done)
+        if warm_up_done:
+            raise RuntimeError("triton: out of shared memory for this shape")
+        return graph.forward
+
+    with caplog.at_level("INFO", logger="latentd.worker"):
+        compile_runner(fresh, backend=fails_after_warm_up)
+        assert "pipeline_compiled size=64 images=1" in caplog.text and pipe.unet is not unet
+        warm_up_done = True
+        [images], interrupted = fresh.generate([payload(2)], never)  # batch 2: a new shape
+    assert 'pipeline_compile_failed running=eager error="RuntimeError: triton: out of shared' in caplog.text
+    assert not interrupted and len(images) == 2
+    for got, want in zip(images, eager, strict=True):
+        assert np.array_equal(np.asarray(got), want)
+    assert pipe.unet is unet and pipe.vae.decode == decode
+    tried = len(compiles)
+    fresh.generate([payload(3)], never)
+    assert len(compiles) == tried and compiles.count(True) == 1

@@ -30,6 +30,7 @@ from diffusers import (
     StableDiffusionXLPipeline,
 )
 from PIL import Image
+from torch._dynamo.exc import TorchDynamoException
 
 from latentd.contract import JobPayload
 from latentd.logs import event
@@ -139,6 +140,8 @@ class Runner:
     # give results that depend on the batch size (not on an image's place in the batch), so
     # a fixed size makes an image's bytes independent of the jobs it ran with.
     pad_to: int | None = None
+    # Set while the UNet and VAE decoder run compiled: puts the eager modules back.
+    uncompile: Callable[[], None] | None = None
 
     def __post_init__(self) -> None:
         self._default_scheduler = self.pipe.scheduler
@@ -180,11 +183,32 @@ class Runner:
                 )
                 pending[:0] = [chunk_slots[:half], chunk_slots[half:]]
                 continue
+            except TorchDynamoException as exc:
+                # A new shape's compile failed (in the job that brought it): eager from now on.
+                if self.uncompile is None:
+                    raise
+                self.run_eager(exc)
+                pending.insert(0, chunk_slots)
+                continue
             if interrupted:
                 return images, True
             for (j, _), image in zip(chunk_slots, chunk, strict=True):
                 images[j].append(image)
         return images, False
+
+    def run_eager(self, cause: BaseException) -> None:
+        """After a failed compile: the eager modules back, for the rest of this process."""
+        if self.uncompile is None:
+            return
+        self.uncompile()
+        self.uncompile = None
+        free_accelerator_memory()
+        root: BaseException = cause
+        # dynamo wraps the backend's own error (BackendCompilerFailed.inner_exception)
+        while (inner := getattr(root, "inner_exception", None) or root.__cause__) is not None:
+            root = inner
+        reason = f"{type(root).__name__}: {(str(root).splitlines() or [''])[0]}"[:300]
+        event(log, "pipeline_compile_failed", logging.ERROR, running="eager", error=reason)
 
     def _run(
         self, payloads: list[JobPayload], slots: list[tuple[int, int]], on_step: StepCallback
@@ -224,20 +248,14 @@ class Runner:
 
 
 def compile_runner(runner: Runner, backend: str | Callable[..., Any] = "inductor") -> None:
-    """Compile the runner's pipeline and warm it up. A compile that fails (an image without the C
-    compiler Triton or inductor needs, say) is logged and leaves the pipeline eager, still serving."""
-    undo = compile_pipeline(runner.pipe, backend=backend)
+    """Compile the runner's pipeline and warm it up. A compile that fails, now or for a later job's
+    new shape (an image without the C compiler Triton or inductor needs, say), is logged and leaves
+    the pipeline eager, still serving; the job that met it runs eager."""
+    runner.uncompile = compile_pipeline(runner.pipe, backend=backend)
     try:
         warm_up(runner)
-    except Exception as exc:
-        undo()
-        free_accelerator_memory()
-        root: BaseException = exc
-        # dynamo wraps the backend's own error (BackendCompilerFailed.inner_exception)
-        while (inner := getattr(root, "inner_exception", None) or root.__cause__) is not None:
-            root = inner
-        reason = f"{type(root).__name__}: {(str(root).splitlines() or [''])[0]}"[:300]
-        event(log, "pipeline_compile_failed", logging.ERROR, running="eager", error=reason)
+    except Exception as exc:  # the warm-up failed other than as a compile error `generate` handles
+        runner.run_eager(exc)
 
 
 def warm_up(runner: Runner) -> None:
@@ -258,6 +276,8 @@ def warm_up(runner: Runner) -> None:
         # Not even one image of the native size fits: jobs of that size will fail with
         # out_of_memory, smaller ones may still run, and each shape compiles in its first job.
         event(log, "pipeline_warm_up_out_of_memory", logging.WARNING, size=size)
+        return
+    if runner.uncompile is None:  # the compile failed and the warm-up ran eager
         return
     event(
         log,
