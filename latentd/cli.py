@@ -58,15 +58,20 @@ def cmd_up(args: argparse.Namespace) -> int:
         env["LATENTD_REDIS_URL"] = url
         url_file(Path(args.data_dir)).write_text(url)
         print(f"latentd up: embedded Redis at {url} (data in {args.data_dir}/redis, AOF on)", file=sys.stderr)
-    if "LATENTD_DEFAULT_MODEL" not in env:  # requests that name no model get the one this worker serves
-        from worker.config import WorkerSettings
+    from worker.config import WorkerSettings
 
-        env["LATENTD_DEFAULT_MODEL"] = WorkerSettings().served_name()
+    served = WorkerSettings().served_name()
+    env.setdefault("LATENTD_DEFAULT_MODEL", served)  # requests that name no model get this worker's
+    # The worker writes this once its model is loaded: until then a submit is refused
+    # (model_unavailable), so say when it is there.
+    ready = Path(env.setdefault("LATENTD_READY_FILE", str(Path(args.data_dir) / "worker.ready")))
+    ready.unlink(missing_ok=True)  # left by a worker that was killed
     me = [sys.executable, "-m", "latentd.cli"]
     children.append(("worker", subprocess.Popen([*me, "worker"], env=env)))
     children.append(("api", subprocess.Popen([*me, "api"], env=env)))
     port = env.get("LATENTD_PORT", "8000")
     print(f"latentd up: API on http://127.0.0.1:{port} (docs at /docs); Ctrl-C stops", file=sys.stderr)
+    print("latentd up: the worker is loading its model ...", file=sys.stderr)
 
     stopping = False
 
@@ -77,7 +82,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     code = 0
+    loading = True
     while not stopping:
+        if loading and ready.exists():
+            print(f"latentd up: ready: the worker serves model '{served}'", file=sys.stderr)
+            loading = False
         for name, proc in children:
             if proc.poll() is not None:
                 print(f"latentd up: {name} exited with {proc.returncode}; stopping", file=sys.stderr)

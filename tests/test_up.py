@@ -32,6 +32,12 @@ def test_up_serves_a_generation_and_stops_cleanly(tmp_path: Path, tiny_model_dir
                 return False
 
         wait_until(serving, 120, interval=0.5, what="latentd up serving")
+        # Said once the worker has its model, so a quickstart user knows when to submit.
+        wait_until(
+            lambda: f"latentd up: ready: the worker serves model '{tiny_model_dir.name}'" in up.output(),
+            60,
+            what="the ready line",
+        )
         job = httpx.post(
             f"{url}/v1/generations", json={"prompt": "a red circle on a blue background", "seed": 7}
         )
