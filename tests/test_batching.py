@@ -98,3 +98,35 @@ def test_a_lone_client_never_waits_for_company(long_wait: tuple[Cluster, Proc]) 
         t = view["timings"]
         queued = datetime.fromisoformat(t["started_at"]) - datetime.fromisoformat(t["created_at"])
         assert queued.total_seconds() < 1.0, f"job {seed} was held for company: {t}"
+
+
+@pytest.fixture
+def invariant(tmp_path: Path, tiny_model_dir: Path) -> Iterator[tuple[Cluster, Proc]]:
+    yield from cluster_with_worker(
+        tmp_path,
+        tiny_model_dir,
+        "invariant",
+        LATENTD_BATCH_INVARIANT="true",
+        LATENTD_MAX_BATCH_IMAGES="4",
+        LATENTD_BATCH_WAIT_MS="50",
+    )
+
+
+def test_with_batch_invariance_a_batched_image_is_the_same_file_as_a_lone_one(
+    invariant: tuple[Cluster, Proc],
+) -> None:
+    cluster, _ = invariant
+    blocker = cluster.submit(LONG_JOB)
+    cluster.running_on(blocker)
+    bodies = [  # mixed seeds, prompts, negative prompts and image counts: 4 images in all
+        {"prompt": "a red circle", "seed": 1, "steps": 4},
+        {"prompt": "a blue square", "seed": 20, "steps": 4, "negative_prompt": "blurry"},
+        {"prompt": "a green triangle", "seed": 300, "steps": 4, "num_images": 2},
+    ]
+    batched = [cluster.wait_terminal(job_id) for job_id in [cluster.submit(body) for body in bodies]]
+    assert [state(cluster, v["id"], "batch_jobs") for v in batched] == ["3", "3", "3"], batched
+    for body, together in zip(bodies, batched, strict=True):
+        alone = cluster.wait_terminal(cluster.submit(body))
+        assert state(cluster, alone["id"], "batch_jobs") == "1"
+        for a, b in zip(together["images"], alone["images"], strict=True):
+            assert httpx.get(cluster.url + a["url"]).content == httpx.get(cluster.url + b["url"]).content
