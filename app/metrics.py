@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from latentd.contract import DURATION_BUCKETS, Keys
+from latentd.contract import BATCH_BUCKETS, DURATION_BUCKETS, Keys
 from latentd.store import as_text
 
 if TYPE_CHECKING:
@@ -72,6 +72,25 @@ class RedisCollector(Collector):
             buckets.append(("+Inf", raw.get("count", 0.0)))
             hist.add_metric([name], buckets, raw.get("sum", 0.0))
         yield hist
+
+        batches = HistogramMetricFamily(
+            "latentd_batch_images", "Images per pipeline call (micro-batching).", labels=["model"]
+        )
+        splits = CounterMetricFamily(
+            "latentd_out_of_memory_splits",
+            "Pipeline calls split in two after an out-of-memory error.",
+            labels=["model"],
+        )
+        for name in names:
+            raw = {as_text(k): float(v) for k, v in r.hgetall(Keys.batches(name)).items()}
+            if not raw:
+                continue
+            buckets = [(str(float(b)), raw.get(str(b), 0.0)) for b in BATCH_BUCKETS]
+            buckets.append(("+Inf", raw.get("count", 0.0)))
+            batches.add_metric([name], buckets, raw.get("sum", 0.0))
+            splits.add_metric([name], raw.get("oom_splits", 0.0))
+        yield batches
+        yield splits
 
         up = GaugeMetricFamily("latentd_redis_up", "1 when Redis answered this scrape.")
         up.add_metric([], 1)

@@ -26,6 +26,8 @@ MAX_SEED = 2**32 - 1
 
 # Bounds (seconds) of the job-duration histogram the workers keep in Redis.
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+# Bounds of the images-per-pipeline-call histogram (micro-batching) the workers keep in Redis.
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
 class JobStatus(enum.StrEnum):
@@ -160,6 +162,12 @@ class Keys:
     def durations(model: str) -> str:
         """Hash of a histogram of job run times: one field per bucket bound, plus sum and count."""
         return f"{Keys.PREFIX}:stats:durations:{model}"
+
+    @staticmethod
+    def batches(model: str) -> str:
+        """Hash of a histogram of images per pipeline call (one field per bucket bound, sum, count),
+        plus `oom_splits`: calls split in two after an out-of-memory error."""
+        return f"{Keys.PREFIX}:stats:batches:{model}"
 
     @staticmethod
     def queue_name(model: str) -> str:

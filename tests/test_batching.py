@@ -68,6 +68,12 @@ def test_compatible_jobs_share_a_call_and_others_keep_their_place(batching: tupl
         for i in range(len(alone["images"])):
             assert np.abs(pixels(cluster, views[name], i) - pixels(cluster, alone, i)).max() <= 2
 
+    # Operators see how full the calls were: 6 calls (blocker, batch, x, three alone), 10 images.
+    text = httpx.get(f"{cluster.url}/metrics").text
+    assert 'latentd_batch_images_count{model="tiny"} 6.0' in text
+    assert 'latentd_batch_images_sum{model="tiny"} 10.0' in text
+    assert 'latentd_batch_images_bucket{le="2.0",model="tiny"} 5.0' in text  # all but the batch of 4
+
 
 def test_canceling_one_job_of_a_batch_spares_the_others(batching: tuple[Cluster, Proc]) -> None:
     cluster, _ = batching

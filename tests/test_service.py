@@ -238,6 +238,8 @@ def test_health_ready_and_metrics(service: Service) -> None:
     assert f'latentd_queue_depth{{model="{TINY_MODEL}"}}' in text
     assert f'latentd_jobs_total{{code="",model="{TINY_MODEL}",status="succeeded"}}' in text
     assert f'latentd_job_duration_seconds_count{{model="{TINY_MODEL}"}}' in text
+    assert f'latentd_batch_images_bucket{{le="1.0",model="{TINY_MODEL}"}}' in text
+    assert f'latentd_out_of_memory_splits_total{{model="{TINY_MODEL}"}} 0.0' in text
     assert 'latentd_http_requests_total{method="POST",route="/v1/generations",status="202"}' in text
     assert "latentd_redis_up 1.0" in text
 

@@ -19,7 +19,16 @@ from pydantic import ValidationError
 from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 
-from latentd.contract import DURATION_BUCKETS, ErrorCode, JobError, JobPayload, JobStatus, Keys, StateField
+from latentd.contract import (
+    BATCH_BUCKETS,
+    DURATION_BUCKETS,
+    ErrorCode,
+    JobError,
+    JobPayload,
+    JobStatus,
+    Keys,
+    StateField,
+)
 from latentd.logs import event
 from worker.config import WorkerSettings
 from worker.encode import encode
@@ -111,6 +120,16 @@ def _record_outcome(
         pipe.hincrby(key, "count", 1)
         pipe.hincrbyfloat(key, "sum", seconds)
     pipe.execute()
+
+
+def _count_batch(pipe: Any, model: str, images: int) -> None:
+    """Add one pipeline call of `images` images to the model's histogram (queued on `pipe`)."""
+    key = Keys.batches(model)
+    for bound in BATCH_BUCKETS:
+        if images <= bound:
+            pipe.hincrby(key, str(bound), 1)
+    pipe.hincrby(key, "count", 1)
+    pipe.hincrby(key, "sum", images)
 
 
 def _classify(exc: BaseException, payload: JobPayload) -> JobFailure:
@@ -247,22 +266,29 @@ def _run(rt: Runtime, members: list[tuple[str, JobPayload]]) -> dict[str, Outcom
     canceled: set[str] = set()
     interval = rt.settings.progress_interval_ms / 1000
     last_check = -math.inf  # the first step always reports
+    images_asked = sum(p.num_images for _, p in active)
+    counted = False  # the call in the batch histogram: with the first step's round trip
+    splits_before = rt.runner.oom_splits
 
     def on_step(done: int, total: int) -> bool:
         # Redis is asked after the first step, then once `interval` has passed. After every step,
         # the round trip (0.14 ms in a tight loop) slowed each step by ~0.7 ms: 4-5 % of a 64x64
         # CPU job (docs/benchmarks.md).
-        nonlocal last_check
+        nonlocal last_check, counted
         now = time.monotonic()
         if now - last_check < interval:
             return False
         last_check = now
         pipe = r.pipeline(transaction=False)
+        if not counted:
+            _count_batch(pipe, model, images_asked)
+            counted = True
         asked = [job_id for job_id, _ in active if job_id not in lost and job_id not in canceled]
         for job_id in asked:
             keys = [_rq_key(job_id), Keys.state(job_id), Keys.cancel(job_id)]
             step_script(keys=keys, args=[rt.worker_name, done], client=pipe)
-        for job_id, answer in zip(asked, map(int, pipe.execute()), strict=True):
+        replies = pipe.execute()
+        for job_id, answer in zip(asked, map(int, replies[len(replies) - len(asked) :]), strict=True):
             if answer < 0:
                 lost.add(job_id)
             elif answer > 0:
@@ -275,6 +301,7 @@ def _run(rt: Runtime, members: list[tuple[str, JobPayload]]) -> dict[str, Outcom
     except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt | SystemExit):
             raise
+        _count_rare(rt, counted, images_asked, rt.runner.oom_splits - splits_before)
         if _device_is_broken(exc):
             rt.fatal = True
         for job_id, payload in active:
@@ -282,6 +309,7 @@ def _run(rt: Runtime, members: list[tuple[str, JobPayload]]) -> dict[str, Outcom
             outcomes[job_id] = _record_failure(rt, job_id, payload, failure, exc, started)
         return outcomes
     finished = time.time()
+    _count_rare(rt, counted, images_asked, rt.runner.oom_splits - splits_before)
     for (job_id, payload), job_images in zip(active, images, strict=True):
         if job_id in lost:
             outcomes[job_id] = _record_lost(job_id)
@@ -294,6 +322,19 @@ def _run(rt: Runtime, members: list[tuple[str, JobPayload]]) -> dict[str, Outcom
         else:
             outcomes[job_id] = _record_lost(job_id)
     return outcomes
+
+
+def _count_rare(rt: Runtime, counted: bool, images: int, splits: int) -> None:
+    """What the first step's round trip did not count: a call that failed before its first step,
+    and out-of-memory splits."""
+    if counted and not splits:
+        return
+    pipe = rt.connection.pipeline(transaction=False)
+    if not counted:
+        _count_batch(pipe, rt.runner.model, images)
+    if splits:
+        pipe.hincrby(Keys.batches(rt.runner.model), "oom_splits", splits)
+    pipe.execute()
 
 
 def _rq_key(job_id: str) -> str:

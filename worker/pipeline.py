@@ -146,6 +146,7 @@ class Runner:
     def __post_init__(self) -> None:
         self._default_scheduler = self.pipe.scheduler
         self._schedulers: dict[str, Any] = {}
+        self.oom_splits = 0  # calls split in two after an out-of-memory error, since start
 
     def _scheduler(self, name: str | None) -> Any:
         if name is None:
@@ -178,6 +179,7 @@ class Runner:
                 if len(chunk_slots) == 1:
                     raise
                 half = len(chunk_slots) // 2
+                self.oom_splits += 1
                 event(
                     log, "out_of_memory_split", logging.WARNING, job_id=first.job_id, images=len(chunk_slots)
                 )
