@@ -69,6 +69,22 @@ def test_a_single_image_that_does_not_fit_raises(runner: Runner, monkeypatch: py
         runner.generate([payload(2)], never)
 
 
+def test_a_padded_call_that_does_not_fit_is_not_split(
+    runner: Runner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under LATENTD_BATCH_INVARIANT each half would be padded back to the same size: no retries."""
+    from worker.jobs import _classify
+
+    padded = Runner(pipe=runner.pipe, device=runner.device, model="tiny", pad_to=4)
+    seen = limit_unet_batch(runner, monkeypatch, max_batch=4)  # 2 padded images fit, 4 do not
+    with pytest.raises(torch.OutOfMemoryError) as raised:
+        padded.generate([payload(2)], never)
+    assert seen == [8]  # one try at 4 images (guidance doubles the UNet batch), no split
+    failure = _classify(raised.value, payload(2), pad_to=4)
+    assert failure.code == "out_of_memory"
+    assert "64x64" in failure.message and "pads every call to 4 images" in failure.message
+
+
 def test_out_of_memory_fails_the_job_with_a_message_naming_the_size() -> None:
     from worker.jobs import _classify
 

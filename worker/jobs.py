@@ -132,11 +132,17 @@ def _count_batch(pipe: Any, model: str, images: int) -> None:
     pipe.hincrby(key, "sum", images)
 
 
-def _classify(exc: BaseException, payload: JobPayload) -> JobFailure:
+def _classify(exc: BaseException, payload: JobPayload, pad_to: int | None = None) -> JobFailure:
     if isinstance(exc, JobFailure):
         return exc
     if isinstance(exc, JobTimeoutException):
         return JobFailure(ErrorCode.TIMEOUT, "the job ran past its time limit")
+    if isinstance(exc, torch.OutOfMemoryError) and pad_to:
+        return JobFailure(
+            ErrorCode.OUT_OF_MEMORY,
+            f"out of accelerator memory for {payload.width}x{payload.height} images: this worker pads "
+            f"every call to {pad_to} images (LATENTD_BATCH_INVARIANT); try a smaller size",
+        )
     if isinstance(exc, torch.OutOfMemoryError):
         return JobFailure(
             ErrorCode.OUT_OF_MEMORY,
@@ -305,7 +311,7 @@ def _run(rt: Runtime, members: list[tuple[str, JobPayload]]) -> dict[str, Outcom
         if _device_is_broken(exc):
             rt.fatal = True
         for job_id, payload in active:
-            failure = _classify(exc, payload)
+            failure = _classify(exc, payload, rt.runner.pad_to)
             outcomes[job_id] = _record_failure(rt, job_id, payload, failure, exc, started)
         return outcomes
     finished = time.time()

@@ -163,7 +163,8 @@ class Runner:
         Returns each job's images, and whether the run was interrupted. Every image has its
         own generator seeded from its job. On an accelerator out-of-memory error the images
         are split in two halves, each run on its own; a single image that still does not fit
-        raises `torch.OutOfMemoryError` to the caller.
+        raises `torch.OutOfMemoryError` to the caller, and so does any call padded to `pad_to`
+        (each half would be padded back to the same size).
         """
         first = payloads[0]
         self.pipe.scheduler = self._scheduler(first.scheduler)
@@ -176,7 +177,7 @@ class Runner:
                 chunk, interrupted = self._run(payloads, chunk_slots, on_step)
             except torch.OutOfMemoryError:
                 free_accelerator_memory()
-                if len(chunk_slots) == 1:
+                if len(chunk_slots) == 1 or self.pad_to:
                     raise
                 half = len(chunk_slots) // 2
                 self.oom_splits += 1
