@@ -121,11 +121,17 @@ def test_a_warm_up_that_runs_out_of_memory_leaves_the_worker_serving(
     assert "pipeline_warm_up_out_of_memory size=64" in caplog.text
 
 
-def test_a_compile_that_fails_is_logged_and_the_pipeline_serves_eager(
-    tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+@pytest.fixture
+def fresh(tiny_model_dir: Path) -> Runner:
+    """A runner of its own, for tests that compile its modules."""
     pipe = load_pipeline(str(tiny_model_dir), torch.device("cpu"), torch.float32, tiny_model_dir)
-    fresh = Runner(pipe=pipe, device=torch.device("cpu"), model="tiny")
+    return Runner(pipe=pipe, device=torch.device("cpu"), model="tiny")
+
+
+def test_a_compile_that_fails_is_logged_and_the_pipeline_serves_eager(
+    fresh: Runner, caplog: pytest.LogCaptureFixture
+) -> None:
+    pipe = fresh.pipe
     unet, decode = pipe.unet, pipe.vae.decode
 
     def no_compiler(graph: Any, example_inputs: Any) -> Any:  # what an image without gcc gives
@@ -142,11 +148,10 @@ def test_a_compile_that_fails_is_logged_and_the_pipeline_serves_eager(
 
 
 def test_a_compile_that_fails_for_a_later_shape_runs_that_job_eager_and_stops_compiling(
-    tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
+    fresh: Runner, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A job whose new shape does not compile still gets its images, and later shapes do not retry."""
-    pipe = load_pipeline(str(tiny_model_dir), torch.device("cpu"), torch.float32, tiny_model_dir)
-    fresh = Runner(pipe=pipe, device=torch.device("cpu"), model="tiny")
+    pipe = fresh.pipe
     unet, decode = pipe.unet, pipe.vae.decode
     eager = [np.asarray(image) for image in fresh.generate([payload(2)], never)[0][0]]
     compiles: list[bool] = []

@@ -113,23 +113,18 @@ def _record_outcome(
     pipe = r.pipeline(transaction=False)
     pipe.hincrby(Keys.OUTCOMES, f"{model}|{status.value}|{code}", 1)
     if seconds is not None:
-        key = Keys.durations(model)
-        for bound in DURATION_BUCKETS:
-            if seconds <= bound:
-                pipe.hincrby(key, str(bound), 1)
-        pipe.hincrby(key, "count", 1)
-        pipe.hincrbyfloat(key, "sum", seconds)
+        _observe(pipe, Keys.durations(model), DURATION_BUCKETS, seconds)
     pipe.execute()
 
 
-def _count_batch(pipe: Any, model: str, images: int) -> None:
-    """Add one pipeline call of `images` images to the model's histogram (queued on `pipe`)."""
-    key = Keys.batches(model)
-    for bound in BATCH_BUCKETS:
-        if images <= bound:
+def _observe(pipe: Any, key: str, bounds: tuple[float, ...], value: float) -> None:
+    """Queue on `pipe` one observation of a histogram kept as a Redis hash: a field per bucket
+    bound, plus count and sum (app/metrics.py reads it)."""
+    for bound in bounds:
+        if value <= bound:
             pipe.hincrby(key, str(bound), 1)
     pipe.hincrby(key, "count", 1)
-    pipe.hincrby(key, "sum", images)
+    pipe.hincrbyfloat(key, "sum", value)
 
 
 def _classify(exc: BaseException, payload: JobPayload, pad_to: int | None = None) -> JobFailure:
@@ -287,7 +282,7 @@ def _run(rt: Runtime, members: list[tuple[str, JobPayload]]) -> dict[str, Outcom
         last_check = now
         pipe = r.pipeline(transaction=False)
         if not counted:
-            _count_batch(pipe, model, images_asked)
+            _observe(pipe, Keys.batches(model), BATCH_BUCKETS, images_asked)
             counted = True
         asked = [job_id for job_id, _ in active if job_id not in lost and job_id not in canceled]
         for job_id in asked:
@@ -337,7 +332,7 @@ def _count_rare(rt: Runtime, counted: bool, images: int, splits: int) -> None:
         return
     pipe = rt.connection.pipeline(transaction=False)
     if not counted:
-        _count_batch(pipe, rt.runner.model, images)
+        _observe(pipe, Keys.batches(rt.runner.model), BATCH_BUCKETS, images)
     if splits:
         pipe.hincrby(Keys.batches(rt.runner.model), "oom_splits", splits)
     pipe.execute()
