@@ -182,6 +182,28 @@ def test_client_sees_the_end_at_once_not_at_its_next_poll(service: Service, tmp_
     assert time.monotonic() - started < 10
 
 
+def test_the_worker_announces_each_ended_job_with_its_final_status(service: Service) -> None:
+    """Long-polls wake on `Keys.ENDED`; the worker publishes it in the transaction that ends the
+    job, so a waiter that re-reads on the message sees the end (else it waits for its re-read)."""
+    from latentd.contract import Keys
+
+    pubsub = service.redis.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(Keys.ENDED)
+    try:
+        ok, bad = service.submit(steps=2)["id"], service.submit(steps=2, width=72)["id"]
+        service.http.post(f"/v1/generations/{bad}/cancel")  # queued or running: it ends canceled
+        seen: dict[str, str] = {}
+        deadline = time.monotonic() + 60
+        while {ok, bad} - seen.keys() and time.monotonic() < deadline:
+            message = pubsub.get_message(timeout=1.0)
+            if message is not None:
+                job_id = message["data"].decode()
+                seen[job_id] = service.redis.hget(f"rq:job:{job_id}", "status").decode()
+    finally:
+        pubsub.close()
+    assert seen.get(ok) == "finished" and seen.get(bad) in ("canceled", "stopped"), seen
+
+
 def test_embedded_redis_is_persistent_and_never_evicts(tmp_path: Path) -> None:
     from latentd.embedded import start_redis
 

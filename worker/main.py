@@ -150,22 +150,17 @@ class LatentdWorker(SimpleWorker):
             done.set()
             lease.join()
             self.set_state(WorkerStatus.IDLE)
-            self._announce_ended(held)
         if rt.fatal:
             event(log, "device_broken_exiting", logging.ERROR, job_id=job.id)
             self.register_death()
             raise SystemExit(EXIT_DEVICE_BROKEN)
 
-    def _announce_ended(self, held: list[Any]) -> None:
-        """Wake the API's long-polls for these jobs (a hint: they re-read each job's record, so a
-        job handed to another worker meanwhile is not mistaken for ended)."""
-        try:
-            with self.connection.pipeline(transaction=False) as pipeline:
-                for job in held:
-                    pipeline.publish(Keys.ENDED, job.id)
-                pipeline.execute()
-        except redis.RedisError:
-            pass  # waiters re-read on their own within a second
+    def cleanup_execution(self, job: Any, pipeline: Any, execution: Any = None) -> None:
+        """RQ calls this in the transaction that ends a job (success, failure, retry, stop): wake the
+        API's long-polls in it, so they answer as the job's status changes. A hint only: they
+        re-read the job's record, so a job handed to another worker is not mistaken for ended."""
+        super().cleanup_execution(job, pipeline=pipeline, execution=execution)
+        pipeline.publish(Keys.ENDED, job.id)
 
     def _claim_batch(self, first: Any, queue: Queue) -> list[jobs.Claimed]:
         """Take queued jobs that can share `first`'s pipeline call, up to `max_batch_images`
