@@ -510,15 +510,21 @@ class GenerationService:
             links=self.links(job.id),
         )
 
-    def image(self, job_id: str, index: int, owner: str | None = None) -> ImageBlob:
-        status = self.read(job_id, owner).status
+    async def image(self, job_id: str, index: int, owner: str | None = None) -> ImageBlob:
+        # The record and the bytes at once (one round trip's wait); the bytes count only if the
+        # record says the caller may have them.
+        reply, data = await asyncio.gather(
+            self._read_async(self._read_keys(job_id), self._read_args(job_id)),
+            self.aredis.get(Keys.image(job_id, index)),
+        )
+        status = self._from_read(job_id, reply, owner).status
         if status is not JobStatus.SUCCEEDED:
             raise NotFound(f"generation '{job_id}' has no images (status {status.value})", param="id")
-        raw = self.redis.hget(Keys.state(job_id), StateField.IMAGES)
+        state = {as_text(k): as_text(v) for k, v in _pairs(reply[1]).items()}
+        raw = state.get(StateField.IMAGES)
         metas = [ImageMeta.model_validate(m) for m in json.loads(raw)] if raw else []
         if not 0 <= index < len(metas):
             raise NotFound(f"generation '{job_id}' has no image {index}", param="index")
-        data = self.redis.get(Keys.image(job_id, index))
         if data is None:
             raise Expired(
                 f"image {index} of generation '{job_id}' has expired (kept {self.settings.results_ttl} s)",

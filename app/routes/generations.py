@@ -133,14 +133,14 @@ def cancel_generation(job_id: JobId, service: ServiceDep, caller: PrincipalDep) 
     },
     summary="Download one image of a generation",
 )
-def get_image(
+async def get_image(
     job_id: JobId,
     index: Annotated[int, Path(ge=0, le=63)],
     request: Request,
     service: ServiceDep,
     caller: PrincipalDep,
 ) -> Response:
-    blob = service.image(job_id, index, caller.owner)
+    blob = await service.image(job_id, index, caller.owner)
     headers = {
         "ETag": blob.etag,
         # Content never changes for a given id and index, but it expires with the results TTL.

@@ -6,7 +6,6 @@ import base64
 import time
 
 from fastapi import APIRouter, Request
-from starlette.concurrency import run_in_threadpool
 
 from app.auth import PrincipalDep
 from app.deps import ServiceDep, SettingsDep
@@ -77,7 +76,7 @@ async def create_image(
         data = []
         for image in view.images:
             if body.response_format == "b64_json":
-                blob = await run_in_threadpool(service.image, view.id, image.index, caller.owner)
+                blob = await service.image(view.id, image.index, caller.owner)
                 data.append(
                     OpenAIImage(b64_json=base64.b64encode(blob.data).decode(), revised_prompt=body.prompt)
                 )
