@@ -61,18 +61,9 @@ class RedisCollector(Collector):
             outcomes.add_metric([model, status, code], float(count))
         yield outcomes
 
-        hist = HistogramMetricFamily(
+        durations = HistogramMetricFamily(
             "latentd_job_duration_seconds", "Time jobs spent running in a worker.", labels=["model"]
         )
-        for name in names:
-            raw = {as_text(k): float(v) for k, v in r.hgetall(Keys.durations(name)).items()}
-            if not raw:
-                continue
-            buckets = [(str(b), raw.get(str(b), 0.0)) for b in DURATION_BUCKETS]
-            buckets.append(("+Inf", raw.get("count", 0.0)))
-            hist.add_metric([name], buckets, raw.get("sum", 0.0))
-        yield hist
-
         batches = HistogramMetricFamily(
             "latentd_batch_images", "Images per pipeline call (micro-batching).", labels=["model"]
         )
@@ -82,19 +73,32 @@ class RedisCollector(Collector):
             labels=["model"],
         )
         for name in names:
-            raw = {as_text(k): float(v) for k, v in r.hgetall(Keys.batches(name)).items()}
-            if not raw:
-                continue
-            buckets = [(str(float(b)), raw.get(str(b), 0.0)) for b in BATCH_BUCKETS]
-            buckets.append(("+Inf", raw.get("count", 0.0)))
-            batches.add_metric([name], buckets, raw.get("sum", 0.0))
-            splits.add_metric([name], raw.get("oom_splits", 0.0))
+            pipe = r.pipeline(transaction=False)
+            pipe.hgetall(Keys.durations(name))
+            pipe.hgetall(Keys.batches(name))
+            timed, batched = ({as_text(k): float(v) for k, v in h.items()} for h in pipe.execute())
+            _add_histogram(durations, name, timed, DURATION_BUCKETS)
+            if _add_histogram(batches, name, batched, BATCH_BUCKETS):
+                splits.add_metric([name], batched.get("oom_splits", 0.0))
+        yield durations
         yield batches
         yield splits
 
         up = GaugeMetricFamily("latentd_redis_up", "1 when Redis answered this scrape.")
         up.add_metric([], 1)
         yield up
+
+
+def _add_histogram(
+    family: HistogramMetricFamily, model: str, raw: dict[str, float], bounds: tuple[float, ...]
+) -> bool:
+    """Add a histogram the workers keep as a Redis hash (worker/jobs.py `_observe`); False when empty."""
+    if not raw:
+        return False
+    buckets = [(str(float(b)), raw.get(str(b), 0.0)) for b in bounds]
+    buckets.append(("+Inf", raw.get("count", 0.0)))
+    family.add_metric([model], buckets, raw.get("sum", 0.0))
+    return True
 
 
 class Metrics:

@@ -132,17 +132,15 @@ def _classify(exc: BaseException, payload: JobPayload, pad_to: int | None = None
         return exc
     if isinstance(exc, JobTimeoutException):
         return JobFailure(ErrorCode.TIMEOUT, "the job ran past its time limit")
-    if isinstance(exc, torch.OutOfMemoryError) and pad_to:
-        return JobFailure(
-            ErrorCode.OUT_OF_MEMORY,
-            f"out of accelerator memory for {payload.width}x{payload.height} images: this worker pads "
-            f"every call to {pad_to} images (LATENTD_BATCH_INVARIANT); try a smaller size",
-        )
     if isinstance(exc, torch.OutOfMemoryError):
+        size = f"{payload.width}x{payload.height}"
+        what = (
+            f"{size} images: this worker pads every call to {pad_to} images (LATENTD_BATCH_INVARIANT)"
+            if pad_to
+            else f"even one {size} image (the request asked for {payload.num_images})"
+        )
         return JobFailure(
-            ErrorCode.OUT_OF_MEMORY,
-            f"out of accelerator memory for even one {payload.width}x{payload.height} image "
-            f"(the request asked for {payload.num_images}); try a smaller size",
+            ErrorCode.OUT_OF_MEMORY, f"out of accelerator memory for {what}; try a smaller size"
         )
     if isinstance(exc, ValueError):
         # diffusers raises ValueError for parameters a model cannot take; its message is for users.
