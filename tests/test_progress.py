@@ -32,3 +32,19 @@ def test_progress_and_cancel_are_read_once_per_interval(rare_checks: tuple[Clust
     assert seen <= {1}, f"progress was written after later steps too: {sorted(seen)}"
     # The cancel is still honoured: the flag is read once more when the pipeline returns.
     assert view["status"] == "canceled" and view["images"] == []
+
+
+@pytest.fixture
+def every_step(tmp_path: Path, tiny_model_dir: Path) -> Iterator[tuple[Cluster, Proc]]:
+    yield from cluster_with_worker(tmp_path, tiny_model_dir, "w", LATENTD_PROGRESS_INTERVAL_MS="0")
+
+
+def test_each_progress_check_is_one_round_trip(every_step: tuple[Cluster, Proc]) -> None:
+    cluster, _ = every_step
+    job_id = cluster.submit({"prompt": "a red circle", "steps": 6})
+    assert cluster.wait_terminal(job_id)["status"] == "succeeded"
+    stats = cluster.redis.client().info("commandstats")
+    # One EVAL per step; redis-py would precede each pipeline holding a registered script with
+    # SCRIPT EXISTS, a second round trip inside the denoising loop.
+    assert stats.get("cmdstat_eval", {}).get("calls", 0) >= 6, stats.keys()
+    assert "cmdstat_script|exists" not in stats, stats["cmdstat_script|exists"]

@@ -260,7 +260,6 @@ def _run(rt: Runtime, members: list[tuple[str, JobPayload]]) -> dict[str, Outcom
         images=sum(p.num_images for _, p in active), batch_jobs=len(active),
     )  # fmt: skip
 
-    step_script = r.register_script(_STEP)
     lost: set[str] = set()
     canceled: set[str] = set()
     interval = rt.settings.progress_interval_ms / 1000
@@ -285,7 +284,9 @@ def _run(rt: Runtime, members: list[tuple[str, JobPayload]]) -> dict[str, Outcom
         asked = [job_id for job_id, _ in active if job_id not in lost and job_id not in canceled]
         for job_id in asked:
             keys = [_rq_key(job_id), Keys.state(job_id), Keys.cancel(job_id)]
-            step_script(keys=keys, args=[rt.worker_name, done], client=pipe)
+            # EVAL, not a registered script: redis-py sends SCRIPT EXISTS before each pipeline
+            # that holds one, a second round trip inside the denoising loop.
+            pipe.eval(_STEP, len(keys), *keys, rt.worker_name, done)
         replies = pipe.execute()
         for job_id, answer in zip(asked, map(int, replies[len(replies) - len(asked) :]), strict=True):
             if answer < 0:
