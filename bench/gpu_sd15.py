@@ -14,7 +14,11 @@ under `torch.compile`, it reports:
   `LATENTD_TORCH_COMPILE` runs; they need the worker's dependencies (pydantic), the others torch,
   diffusers and transformers only;
 - with `--profile`, first one eager batch-1 call under torch.profiler: kernels per step and how
-  much of the call the GPU is busy, which tells a launch-bound step from a compute-bound one.
+  much of the call the GPU is busy, which tells a launch-bound step from a compute-bound one;
+- mode `identity` checks `LATENTD_BATCH_INVARIANT` on this device: jobs of mixed seeds and prompts
+  (as many as the largest of `--batches`, eager, through the worker's Runner) run alone and then as
+  one call, padded to that size and not; it reports how many images came out pixel-identical and
+  the largest difference in 0-255 steps.
 
     python -m bench gpu                    # or: python bench/gpu_sd15.py --out docs/bench/gpu_sd15.json
     python bench/gpu_sd15.py --device cpu --tiny --modes eager   # the CPU smoke path the tests run
@@ -46,7 +50,7 @@ from worker.compiled import compile_pipeline
 
 EXIT_NO_CUDA = 2
 PROMPT = "a photograph of an astronaut riding a horse"
-MODES = ("eager", "compile", "worker", "worker-compile")
+MODES = ("eager", "compile", "worker", "worker-compile", "identity")
 
 # SD 1.5's UNet (runwayml/stable-diffusion-v1-5 unet/config.json), written out.
 UNET_SD15: dict[str, Any] = {
@@ -215,6 +219,49 @@ def worker_call(
     return {"seconds": total, "steps_per_s": _rate(marks, steps)}
 
 
+def identity_check(
+    pipe: Any, device: torch.device, size: int, steps: int, guidance: float, jobs: int
+) -> dict[str, Any]:
+    """Each image of a batch against the same job run alone, with every call padded to `jobs`
+    images (what `LATENTD_BATCH_INVARIANT` does) and without padding."""
+    import numpy as np
+
+    from latentd.contract import JobPayload
+    from worker.pipeline import Runner
+
+    prompts = [PROMPT, "a red circle on a blue background", "a lighthouse at dusk, watercolor"]
+    payloads = [
+        JobPayload(
+            job_id=f"identity-{i}",
+            model="sd15",
+            prompt=prompts[i % len(prompts)],
+            negative_prompt="blurry" if i % 2 else "",
+            width=size,
+            height=size,
+            steps=steps,
+            guidance_scale=guidance,
+            seed=1000 + 7 * i,
+            num_images=1,
+        )
+        for i in range(jobs)
+    ]
+    result: dict[str, Any] = {"jobs": jobs}
+    for label, pad_to in (("padded", jobs), ("unpadded", None)):
+        runner = Runner(pipe=pipe, device=device, model="sd15", pad_to=pad_to)
+
+        def pixels(batch: list[JobPayload]) -> list[Any]:
+            images, _ = runner.generate(batch, lambda done, total: False)  # noqa: B023
+            return [np.asarray(job_images[0], dtype=int) for job_images in images]
+
+        alone = [pixels([p])[0] for p in payloads]
+        pairs = list(zip(alone, pixels(payloads), strict=True))
+        result[f"{label}_identical"] = sum(np.array_equal(a, b) for a, b in pairs)
+        result[f"{label}_max_diff"] = max(int(np.abs(a - b).max()) for a, b in pairs)
+        # Flat images (a random model's fp16 overflow, say) would be identical and prove nothing.
+        result.setdefault("pixel_std", round(float(np.mean([a.std() for a in alone])), 2))
+    return result
+
+
 def profile_call(pipe: Any, device: torch.device, steps: int, size: int, guidance: float) -> dict[str, Any]:
     """One batch-1 call under torch.profiler: how busy the GPU is and how many kernels a step costs.
 
@@ -292,6 +339,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             write(args.out, result)
             del pipe
         for mode in args.modes:
+            if mode == "identity":
+                pipe = build_pipeline(device, dtype, args.tiny, Path(tmp), args.channels_last)
+                jobs = max(args.batches)
+                result["identity"] = identity_check(pipe, device, args.size, args.steps, args.guidance, jobs)
+                print(json.dumps(result["identity"]), file=sys.stderr, flush=True)
+                write(args.out, result)
+                del pipe
+                continue
             # A fresh pipeline per mode, so compiled graphs never leak into the eager figures.
             pipe = build_pipeline(device, dtype, args.tiny, Path(tmp), args.channels_last)
             call: Callable[..., dict[str, float]] = time_call
@@ -371,7 +426,8 @@ def parser() -> argparse.ArgumentParser:
         type=lambda s: s.split(","),
         default=["eager", "compile"],
         help="eager, compile: the pipeline called directly; worker, worker-compile: the worker's Runner "
-        "(one job per call), the latter after LATENTD_TORCH_COMPILE's compile and warm-up",
+        "(one job per call), the latter after LATENTD_TORCH_COMPILE's compile and warm-up; identity: "
+        "batched images against lone runs, padded and not",
     )
     p.add_argument("--compile-mode", default="default", help="torch.compile mode (e.g. max-autotune)")
     p.add_argument("--compile-backend", default="inductor")

@@ -264,6 +264,17 @@ def gpu_markdown(out: Path) -> str:
             f"({profile['gpu_busy_fraction']:.0%}). Longest kernels, their time in the whole call / "
             f"steps: {top}.",
         ]
+    identity = data.get("identity")
+    if identity:
+        lines += [
+            "",
+            f"Batch invariance (mode `identity`, {identity['jobs']} jobs of mixed seeds and prompts, eager, "
+            f"the worker's Runner): padded to {identity['jobs']} images as `LATENTD_BATCH_INVARIANT` does, "
+            f"{identity['padded_identical']} of {identity['jobs']} batched images were pixel-identical to "
+            f"their lone runs (largest difference {identity['padded_max_diff']} of 255); unpadded, "
+            f"{identity['unpadded_identical']} (largest difference {identity['unpadded_max_diff']}); mean "
+            f"pixel standard deviation {identity['pixel_std']}.",
+        ]
     if data.get("notes"):
         lines += ["", str(data["notes"])]
     return "\n".join(lines)

@@ -74,7 +74,7 @@ def test_gpu_script_cpu_smoke_path(tmp_path: Path) -> None:
     out = tmp_path / "gpu_sd15.json"
     flags = ["--device", "cpu", "--tiny", "--batches", "1,2", "--warmup", "1", "--threads", "1", "--profile"]
     run = subprocess.run(
-        [sys.executable, "bench/gpu_sd15.py", *flags, "--modes", "eager,worker", "--out", str(out)],
+        [sys.executable, "bench/gpu_sd15.py", *flags, "--modes", "eager,worker,identity", "--out", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -87,7 +87,12 @@ def test_gpu_script_cpu_smoke_path(tmp_path: Path) -> None:
     assert all(r["steps_per_s"] > 0 and r["images_per_s"] > 0 for r in result["results"])
     # No GPU here: the profile counts the ops a step costs, and finds no kernels to time.
     assert result["profile"]["aten_ops_per_step"] > 100 and result["profile"]["kernels_per_step"] == 0
-    assert "| eager | 2 |" in report.gpu_markdown(tmp_path)
+    # Padded calls keep every image's pixels; the images are not flat (which would prove nothing).
+    identity = result["identity"]
+    assert identity["jobs"] == 2 and identity["padded_identical"] == 2 and identity["padded_max_diff"] == 0
+    assert identity["pixel_std"] > 1
+    markdown = report.gpu_markdown(tmp_path)
+    assert "| eager | 2 |" in markdown and "2 of 2 batched images were pixel-identical" in markdown
 
 
 def test_gpu_script_without_cuda_says_so() -> None:
