@@ -88,6 +88,9 @@ return {job, redis.call('HGETALL', KEYS[2]), redis.call('EXISTS', KEYS[3]), posi
 """
 
 # SET NX that returns the value already there (SET NX GET needs Redis 7; this runs on 6).
+# How long a replayed Idempotency-Key waits for the first request's job to be enqueued.
+IDEMPOTENT_WAIT_S = 2.0
+
 _CLAIM = """
 local earlier = redis.call('GET', KEYS[1])
 if earlier then return earlier end
@@ -324,15 +327,30 @@ class GenerationService:
         scoped = f"{owner or ''}\x00{idempotency_key}"  # one caller's key never reaches another's job
         key = Keys.idempotency(hashlib.sha256(scoped.encode()).hexdigest())
         digest = hashlib.sha256(req.model_dump_json().encode()).hexdigest()
-        earlier = await self.aredis.eval(_CLAIM, 1, key, f"{job_id}:{digest}", self.settings.job_ttl)
-        if isinstance(earlier, bytes | str):
+        deadline = time.monotonic() + IDEMPOTENT_WAIT_S
+        while isinstance(
+            earlier := await self.aredis.eval(_CLAIM, 1, key, f"{job_id}:{digest}", self.settings.job_ttl),
+            bytes | str,
+        ):
             earlier_id, _, earlier_digest = as_text(earlier).partition(":")
             if earlier_digest != digest:
                 raise IdempotencyConflict(
                     "this Idempotency-Key was already used with a different request body",
                     param="Idempotency-Key",
                 )
-            view = await self.get(earlier_id, owner)
+            try:
+                view = await self.get(earlier_id, owner)
+            except NotFound:
+                # The first request with this key is still being accepted, or has just failed
+                # and released the key (the next claim is then ours).
+                if time.monotonic() > deadline:
+                    raise IdempotencyConflict(
+                        "a request with this Idempotency-Key is still being accepted; retry",
+                        param="Idempotency-Key",
+                        retry_after=1,
+                    ) from None
+                await asyncio.sleep(0.02)
+                continue
             return SubmitResponse(
                 id=view.id,
                 status=view.status,

@@ -287,6 +287,28 @@ def test_idempotency_key_returns_the_same_job(service: Service) -> None:
     assert fresh.json()["id"] != first.json()["id"]
 
 
+def test_concurrent_replays_of_an_idempotency_key_all_get_the_one_job(service: Service) -> None:
+    # Replays that arrive while the first request is still being enqueued wait for its job,
+    # rather than answering 404 for it.
+    body = {"prompt": "a double-clicked submit", "steps": 1}
+    headers = {"Idempotency-Key": "double-click"}
+    start = threading.Barrier(8)
+    answers: list[httpx.Response] = []
+
+    def submit() -> None:
+        with httpx.Client(base_url=str(service.http.base_url), timeout=30) as client:
+            start.wait()
+            answers.append(client.post("/v1/generations", json=body, headers=headers))
+
+    threads = [threading.Thread(target=submit) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [a.status_code for a in answers] == [202] * 8, [a.text for a in answers]
+    assert len({a.json()["id"] for a in answers}) == 1
+
+
 def test_oversized_bodies_are_refused_over_real_http(service: Service) -> None:
     def chunked() -> Iterator[bytes]:
         yield b'{"prompt": "'
