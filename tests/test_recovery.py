@@ -163,6 +163,46 @@ def test_frozen_worker_late_result_is_discarded(cluster: Cluster) -> None:
             w.stop()
 
 
+def test_frozen_worker_gives_up_a_whole_batch_and_leaves_its_jobs_alone(cluster: Cluster) -> None:
+    # A frozen worker's batch is re-run by another worker; thawed, the first worker must not take
+    # the claimed jobs back (RQ's perform_job would mark them started again, for good).
+    frozen = cluster.worker("a")
+    other: Proc | None = None
+    try:
+        blocker = cluster.submit(LONG_JOB)
+        cluster.running_on(blocker)
+        batch = [cluster.submit({**LONG_JOB, "seed": seed}) for seed in (11, 12)]
+        wait_until(
+            lambda: (
+                all(cluster.status(j)["status"] == "running" for j in batch)
+                and cluster.status(batch[0])["progress"]["step"] > 0
+            ),
+            60,
+            what="the two jobs running as one batch",
+        )
+        frozen.proc.send_signal(signal.SIGSTOP)
+        other = cluster.worker("b")
+        views = [cluster.wait_terminal(j) for j in batch]
+        assert [v["status"] for v in views] == ["succeeded", "succeeded"]
+        assert [v["attempts"] for v in views] == [2, 2]
+
+        frozen.proc.send_signal(signal.SIGCONT)
+        wait_until(
+            lambda: frozen.output().count("job_lease_lost") >= 2, 30, what="the thawed worker to give up"
+        )
+        time.sleep(0.5)  # what it would wrongly write, it writes as it settles each job
+        for job_id in batch:
+            after = cluster.status(job_id)
+            assert after["status"] == "succeeded" and after["attempts"] == 2, after
+            assert cluster.redis.client().hget(f"latentd:job:{job_id}", "completions") == b"1"
+        assert cluster.wait_terminal(blocker)["status"] == "succeeded"
+    finally:
+        frozen.proc.send_signal(signal.SIGCONT)
+        frozen.stop()
+        if other is not None:
+            other.stop()
+
+
 def test_sigterm_finishes_the_current_job_takes_no_new_one_and_exits_0(cluster: Cluster) -> None:
     worker = cluster.worker("a")
     running = cluster.submit(LONG_JOB)
@@ -172,6 +212,66 @@ def test_sigterm_finishes_the_current_job_takes_no_new_one_and_exits_0(cluster: 
     assert worker.proc.wait(90) == 0
     assert cluster.status(running)["status"] == "succeeded"
     assert cluster.status(waiting)["status"] == "queued"
+
+
+# SIGTERM sent by the worker to itself at a chosen point of a batch, by a `sitecustomize` on its
+# PYTHONPATH: while it claims queued jobs into the batch, or while RQ settles a claimed job.
+SIGNAL_AT = {
+    "claim": """
+import os, signal
+from rq.job import Job
+
+_fetch_many = Job.fetch_many.__func__
+
+
+def fetch_many(cls, job_ids, connection, serializer=None):
+    found = _fetch_many(cls, job_ids, connection, serializer)
+    if not os.environ.get("SIGNALLED") and any(j is not None and "stop-here" in str(j.args) for j in found):
+        os.environ["SIGNALLED"] = "1"
+        os.kill(os.getpid(), signal.SIGTERM)
+    return found
+
+
+Job.fetch_many = classmethod(fetch_many)
+""",
+    "settle": """
+import os, signal
+from rq.worker.base import BaseWorker
+
+_perform_job = BaseWorker.perform_job
+
+
+def perform_job(self, job, queue, execution):
+    if not os.environ.get("SIGNALLED") and "stop-here" in str(job.args):
+        os.environ["SIGNALLED"] = "1"
+        os.kill(os.getpid(), signal.SIGTERM)
+    return _perform_job(self, job, queue, execution)
+
+
+BaseWorker.perform_job = perform_job
+""",
+}
+
+
+@pytest.mark.parametrize("point", sorted(SIGNAL_AT))
+def test_sigterm_inside_a_batch_finishes_the_whole_batch(cluster: Cluster, point: str) -> None:
+    inject = cluster.tmp / f"inject-{point}"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(SIGNAL_AT[point])
+    worker = start_worker(cluster.redis.url, cluster.model_dir, cluster.tmp, name="w", PYTHONPATH=str(inject))
+    try:
+        blocker = cluster.submit({**LONG_JOB, "steps": 20})
+        cluster.running_on(blocker)
+        first = cluster.submit({"prompt": "a red circle", "steps": 2, "seed": 1})
+        claimed = cluster.submit({"prompt": "stop-here", "steps": 2, "seed": 2})
+        later = cluster.submit({"prompt": "another size", "steps": 2, "width": 72})
+        assert worker.proc.wait(90) == 0, worker.output()[-3000:]
+    finally:
+        worker.stop()
+    for job_id in (blocker, first, claimed):
+        assert cluster.status(job_id)["status"] == "succeeded", cluster.status(job_id)
+    assert cluster.redis.client().hget(f"latentd:job:{claimed}", "batch_jobs") == b"2"
+    assert cluster.status(later)["status"] == "queued"  # no new job after the stop request
 
 
 def test_sigterm_the_moment_the_worker_says_ready_still_exits_0(cluster: Cluster) -> None:

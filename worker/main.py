@@ -117,9 +117,7 @@ class LatentdWorker(SimpleWorker):
         if rt.lost_job_id == job.id:
             # Another worker owns the job now: drop only our own execution record.
             rt.lost_job_id = None
-            with self.connection.pipeline() as pipeline:
-                self.cleanup_execution(job, pipeline=pipeline, execution=execution)
-                pipeline.execute()
+            self._drop_execution(job, execution)
             return
         if rt.stopped_job_id == job.id:
             self._stopped_job_id = job.id  # RQ then marks it STOPPED, never retried
@@ -130,7 +128,12 @@ class LatentdWorker(SimpleWorker):
         )
 
     def execute_job(self, job: Any, queue: Any) -> None:
+        """SimpleWorker's execute_job, for a batch: the job, then each job claimed into its call.
+        The worker is BUSY from before the claim until every job is settled, so a stop request
+        (SIGTERM) anywhere in between waits for the batch; RQ would raise it in an IDLE worker,
+        inside whatever runs, and fail a job it interrupts."""
         rt = jobs.current()
+        execution = self.prepare_execution(job)  # the worker is BUSY from here
         claimed = self._claim_batch(job, queue) if self.max_batch_images > 1 else []
         rt.batch = claimed
         done = threading.Event()
@@ -140,9 +143,15 @@ class LatentdWorker(SimpleWorker):
         )
         lease.start()
         try:
-            super().execute_job(job, queue)  # runs the batch; each claimed job's outcome is recorded
+            self.perform_job(job, queue, execution)  # runs the batch; each claimed job's outcome is recorded
             rt.batch = []
             for c in claimed:  # RQ settles each as if it had run alone
+                if isinstance(rt.settled.get(c.job.id), jobs.Lost):
+                    # Another worker owns it now: RQ's perform_job would mark it started again,
+                    # ours, for good. Drop only our own execution record.
+                    del rt.settled[c.job.id]
+                    self._drop_execution(c.job, c.execution)
+                    continue
                 self.perform_job(c.job, queue, c.execution)
         finally:
             rt.batch = []
@@ -154,6 +163,11 @@ class LatentdWorker(SimpleWorker):
             event(log, "device_broken_exiting", logging.ERROR, job_id=job.id)
             self.register_death()
             raise SystemExit(EXIT_DEVICE_BROKEN)
+
+    def _drop_execution(self, job: Any, execution: Any) -> None:
+        with self.connection.pipeline() as pipeline:
+            self.cleanup_execution(job, pipeline=pipeline, execution=execution)
+            pipeline.execute()
 
     def cleanup_execution(self, job: Any, pipeline: Any, execution: Any = None) -> None:
         """RQ calls this in the transaction that ends a job (success, failure, retry, stop): wake the
