@@ -36,11 +36,6 @@ class JobStatus(enum.StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELED = "canceled"
-    PAYLOAD_TOO_LARGE = "payload_too_large"
-    IDEMPOTENCY_CONFLICT = "idempotency_conflict"
-    UNAUTHORIZED = "unauthorized"
-    RATE_LIMITED = "rate_limited"
-    TOO_MANY_JOBS = "too_many_jobs"
 
     def is_terminal(self) -> bool:
         return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)

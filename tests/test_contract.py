@@ -55,3 +55,8 @@ def test_payload_round_trips_as_json() -> None:
     )
     assert JobPayload.model_validate_json(payload.model_dump_json()) == payload
     assert payload.schema_version == 1
+
+
+def test_a_job_status_is_one_of_the_five_a_job_can_have() -> None:
+    # Error codes once leaked into this enum, and so into the OpenAPI schema's status values.
+    assert [s.value for s in JobStatus] == ["queued", "running", "succeeded", "failed", "canceled"]
