@@ -162,7 +162,8 @@ def _param(loc: Sequence[Any]) -> str | None:
 
 def _validation_message(err: dict[str, Any]) -> str:
     if err.get("type") == "json_invalid":
-        return "request body is not valid JSON"
+        at = [p for p in err.get("loc", ()) if isinstance(p, int)]
+        return "request body is not valid JSON" + (f" (at character {at[0]})" if at else "")
     if err.get("type") == "extra_forbidden":
         return f"unknown field '{_param(err.get('loc', ()))}'"
     field = _param(err.get("loc", ()))
@@ -186,16 +187,33 @@ def install_error_handlers(app: FastAPI) -> None:
         return service_error_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = list(exc.errors())
         first = errors[0] if errors else {}
+        if tuple(first.get("loc", ())) == ("body",):  # the body as a whole: absent, or not JSON
+            if "json" not in request.headers.get("content-type", ""):
+                return error_response(
+                    422,
+                    ErrorCode.INVALID_REQUEST,
+                    "send the request body as JSON, with the header Content-Type: application/json",
+                    "Content-Type",
+                )
+            if first.get("type") == "missing":
+                return error_response(
+                    422, ErrorCode.INVALID_REQUEST, "the request body (a JSON object) is missing"
+                )
         message = "; ".join(_validation_message(e) for e in errors[:5]) or "invalid request"
-        return error_response(422, ErrorCode.INVALID_REQUEST, message, _param(first.get("loc", ())))
+        param = None if first.get("type") == "json_invalid" else _param(first.get("loc", ()))
+        return error_response(422, ErrorCode.INVALID_REQUEST, message, param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 400:  # FastAPI's answer to a body it cannot decode
-            return error_response(422, ErrorCode.INVALID_REQUEST, "request body is not UTF-8 encoded JSON")
+            return error_response(
+                422,
+                ErrorCode.INVALID_REQUEST,
+                "request body cannot be read as JSON: not UTF-8, nested too deeply, or a number too long",
+            )
         code = _HTTP_CODES.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, str(exc.detail))
 

@@ -151,7 +151,7 @@ class Health(BaseModel):
 
 
 class OpenAIImageRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: Prompt
     model: Annotated[str, Field(min_length=1, max_length=200)] | None = None

@@ -108,8 +108,10 @@ def test_malformed_bodies(client: TestClient, redis_client: redis.Redis, body: s
         ("size", "100x100"),
         ("size", "big"),
         ("size", "64x4096"),
+        ("size", "1792x1024"),  # each side allowed, the pixels over LATENTD_MAX_PIXELS
         ("n", 0),
         ("n", 5),
+        ("n", True),  # strict, as the native route is
         ("response_format", "xml"),
     ],
 )
@@ -210,4 +212,36 @@ def test_unicode_and_number_edge_cases(
     assert response.status_code == 422, response.text
     assert response.json()["error"]["code"] == "invalid_request"
     assert response.json()["error"]["param"] == param
+    assert nothing_enqueued(redis_client)
+
+
+JSON = {"content-type": "application/json"}
+FORM = {"content-type": "application/x-www-form-urlencoded"}
+
+
+@pytest.mark.parametrize(
+    ("content", "headers", "message", "param"),
+    [
+        # curl -d sends a form's Content-Type; some clients send none.
+        (b'{"prompt": "a"}', FORM, "Content-Type: application/json", "Content-Type"),
+        (b'{"prompt": "a"}', {}, "Content-Type: application/json", "Content-Type"),
+        (b"", JSON, "request body (a JSON object) is missing", None),
+        (b'{"prompt": "a red circle", "seed": 7', JSON, "not valid JSON (at character", None),
+        (b'{"prompt": "x", "steps": ' + b"1" * 4301 + b"}", JSON, "cannot be read as JSON", None),
+        (b'{"prompt": ' + b"[" * 3000 + b"]" * 3000 + b"}", JSON, "cannot be read as JSON", None),
+    ],
+)  # fmt: skip
+def test_bodies_that_are_not_a_json_object_say_why(
+    client: TestClient,
+    redis_client: redis.Redis,
+    content: bytes,
+    headers: dict[str, str],
+    message: str,
+    param: str | None,
+) -> None:
+    response = client.post("/v1/generations", content=content, headers=headers)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request"
+    assert message in error["message"] and error["param"] == param, error
     assert nothing_enqueued(redis_client)
