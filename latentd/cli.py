@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import subprocess
@@ -105,6 +106,13 @@ def cmd_up(args: argparse.Namespace) -> int:
     return code
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from latentd.client import ClientError, generate
 
@@ -126,11 +134,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
         value = getattr(args, field)
         if value is not None:
             body[field] = value
+    for field in ("prompt", "negative_prompt"):
+        try:
+            (getattr(args, field) or "").encode()
+        except UnicodeEncodeError:
+            print(f"latentd generate: the {field} is not valid UTF-8 text", file=sys.stderr)
+            return 2
     try:
         paths = generate(args.url, body, Path(args.out), api_key=os.environ.get("LATENTD_API_KEY"))
     except (ClientError, OSError) as exc:
         print(f"latentd generate: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
     for path in paths:
         print(path)
     return 0
@@ -217,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=int)
     gen.add_argument("--height", type=int)
     gen.add_argument("--steps", type=int)
-    gen.add_argument("--guidance-scale", type=float)
+    gen.add_argument("--guidance-scale", type=_finite)
     gen.add_argument("--seed", type=int)
     gen.add_argument("--scheduler")
     gen.add_argument("--format", default="png", choices=["png", "jpeg", "webp"])

@@ -3,6 +3,10 @@ limit, a model that cannot load, a full queue."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +18,7 @@ import redis
 from latentd.client import generate
 from latentd.embedded import free_port
 from tests.conftest import (
+    ROOT,
     TINY_MODEL,
     RedisServer,
     Service,
@@ -170,6 +175,41 @@ def test_cli_generate_writes_the_images(service: Service, tmp_path: Path) -> Non
     files = sorted((tmp_path / "out").glob("*.png"))
     assert len(files) == 2 and all(f.stat().st_size > 100 for f in files)
     assert "succeeded" in proc.output()
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "says"),
+    [
+        (["--url", "http://127.0.0.1:1"], 1, "cannot talk to http://127.0.0.1:1: ConnectError"),
+        (["--url", "localhost:8791"], 1, "cannot talk to localhost:8791"),
+        (["--guidance-scale", "nan"], 2, "'nan' is not a finite number"),
+        ([os.fsdecode(b"caf\xe9")], 2, "the prompt is not valid UTF-8 text"),
+    ],
+)
+def test_cli_generate_answers_bad_input_in_one_line(args: list[str], code: int, says: str) -> None:
+    if len(args) == 1:  # a prompt that is not text
+        argv = ["generate", *args, "--url", "http://127.0.0.1:1"]
+    else:
+        argv = ["generate", "a red circle", *args]
+    run = subprocess.run(
+        [sys.executable, "-m", "latentd.cli", *argv], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert run.returncode == code, run.stderr
+    assert says in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
+def test_ctrl_c_in_cli_generate_cancels_its_job(service: Service, tmp_path: Path) -> None:
+    long = ["--steps", "150", "--width", "256", "--height", "256", "--model", TINY_MODEL]
+    proc = spawn(
+        ["generate", "a long one", "--url", service.url, *long], base_env(service.url), tmp_path / "g.log"
+    )
+    wait_until(lambda: "running [" in proc.output(), 60, what="the job running")
+    job_id = proc.output().split("submitted ")[1].split()[0]
+    proc.proc.send_signal(signal.SIGINT)
+    assert proc.proc.wait(30) == 130, proc.output()
+    assert f"interrupted: generation {job_id} canceled" in proc.output()
+    assert "Traceback" not in proc.output()
+    assert service.wait_terminal(job_id)["status"] == "canceled"
 
 
 def test_client_sees_the_end_at_once_not_at_its_next_poll(service: Service, tmp_path: Path) -> None:
