@@ -34,6 +34,7 @@ from app.errors import (
     ModelUnavailable,
     NotCancelable,
     NotFound,
+    NotReady,
     QueueFull,
     TooManyJobs,
 )
@@ -536,6 +537,11 @@ class GenerationService:
             self.aredis.get(Keys.image(job_id, index)),
         )
         status = self._from_read(job_id, reply, owner).status
+        if not status.is_terminal():
+            raise NotReady(
+                f"generation '{job_id}' is {status.value}; its images can be fetched once it has succeeded",
+                param="id",
+            )
         if status is not JobStatus.SUCCEEDED:
             raise NotFound(f"generation '{job_id}' has no images (status {status.value})", param="id")
         state = {as_text(k): as_text(v) for k, v in _pairs(reply[1]).items()}

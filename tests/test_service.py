@@ -148,6 +148,10 @@ def test_cancel_queued_and_running(service: Service) -> None:
     wait_until(lambda: service.status(running["id"])["progress"]["step"] > 0, 60, what="first job running")
     assert service.status(queued["id"])["status"] == "queued"
     assert service.status(queued["id"])["queue_position"] == 0
+    # Images of a job still queued or running: not yet (409), rather than never (404).
+    for job in (queued, running):
+        early = service.http.get(f"/v1/generations/{job['id']}/images/0")
+        assert early.status_code == 409 and early.json()["error"]["code"] == "not_ready", early.text
 
     response = service.http.post(f"/v1/generations/{queued['id']}/cancel")
     assert response.status_code == 200
@@ -164,6 +168,8 @@ def test_cancel_queued_and_running(service: Service) -> None:
     # The canceled queued job never ran, and the worker serves the next job.
     never_ran = service.status(queued["id"])
     assert never_ran["status"] == "canceled" and never_ran["timings"]["started_at"] is None
+    gone = service.http.get(f"/v1/generations/{queued['id']}/images/0")
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "not_found"
     after = service.wait_terminal(service.submit(steps=2)["id"])
     assert after["status"] == "succeeded"
     assert service.status(queued["id"])["status"] == "canceled"

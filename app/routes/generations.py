@@ -128,8 +128,10 @@ def cancel_generation(job_id: JobId, service: ServiceDep, caller: PrincipalDep) 
         304: {"description": "Not modified (If-None-Match matched the ETag)."},
         404: {
             "model": ErrorResponse,
-            "description": "Unknown id or index (`not_found`) or expired (`expired`).",
+            "description": "Unknown id or index, or a job that failed or was canceled (`not_found`); "
+            "expired (`expired`).",
         },
+        409: {"model": ErrorResponse, "description": "The job is still queued or running (`not_ready`)."},
     },
     summary="Download one image of a generation",
 )
