@@ -30,14 +30,19 @@ def payload(n: int) -> JobPayload:
     )  # fmt: skip
 
 
-def limit_unet_batch(runner: Runner, monkeypatch: pytest.MonkeyPatch, max_batch: int) -> list[int]:
+def limit_unet_batch(
+    runner: Runner,
+    monkeypatch: pytest.MonkeyPatch,
+    max_batch: int,
+    error: Exception = torch.OutOfMemoryError("CUDA out of memory (injected)"),
+) -> list[int]:
     seen: list[int] = []
     real = runner.pipe.unet.forward
 
     def forward(sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         seen.append(sample.shape[0])
         if sample.shape[0] > max_batch:
-            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+            raise error
         return real(sample, *args, **kwargs)
 
     monkeypatch.setattr(runner.pipe.unet, "forward", forward)
@@ -61,6 +66,31 @@ def test_out_of_memory_splits_the_batch_and_keeps_each_images_seed(
     assert 8 in seen and 4 in seen and seen[-1] == 2  # 4 images, then 2, then 1 at a time
     for got, want in zip(images, alone, strict=True):
         assert np.abs(np.asarray(got).astype(int) - want.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported",
+        "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+    ],
+)
+def test_what_cuda_libraries_raise_for_memory_counts_as_out_of_memory(
+    runner: Runner, monkeypatch: pytest.MonkeyPatch, message: str
+) -> None:
+    """Allocations outside PyTorch's caching allocator fail as a plain RuntimeError: split, then
+    `out_of_memory`, and the device is not taken for broken (which would stop the worker)."""
+    from worker.jobs import _classify, _device_is_broken
+
+    seen = limit_unet_batch(runner, monkeypatch, max_batch=2, error=RuntimeError(message))
+    [images], _ = runner.generate([payload(2)], never)
+    assert len(images) == 2 and seen[0] == 4 and set(seen[1:]) == {2}  # split, one image a call
+    limit_unet_batch(runner, monkeypatch, max_batch=1, error=RuntimeError(message))
+    with pytest.raises(RuntimeError) as raised:
+        runner.generate([payload(1)], never)
+    assert _classify(raised.value, payload(1)).code == "out_of_memory"
+    assert not _device_is_broken(raised.value)
+    assert _device_is_broken(RuntimeError("CUDA error: an illegal memory access was encountered"))
 
 
 def test_a_single_image_that_does_not_fit_raises(runner: Runner, monkeypatch: pytest.MonkeyPatch) -> None:

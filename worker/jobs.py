@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
-import torch
 from pydantic import ValidationError
 from rq import get_current_job
 from rq.timeouts import JobTimeoutException
@@ -32,7 +31,7 @@ from latentd.contract import (
 from latentd.logs import event
 from worker.config import WorkerSettings
 from worker.encode import encode
-from worker.pipeline import Runner, free_accelerator_memory
+from worker.pipeline import Runner, free_accelerator_memory, is_out_of_memory
 
 log = logging.getLogger("latentd.worker")
 
@@ -132,7 +131,7 @@ def _classify(exc: BaseException, payload: JobPayload, pad_to: int | None = None
         return exc
     if isinstance(exc, JobTimeoutException):
         return JobFailure(ErrorCode.TIMEOUT, "the job ran past its time limit")
-    if isinstance(exc, torch.OutOfMemoryError):
+    if is_out_of_memory(exc):
         size = f"{payload.width}x{payload.height}"
         what = (
             f"{size} images: this worker pads every call to {pad_to} images (LATENTD_BATCH_INVARIANT)"
@@ -151,7 +150,7 @@ def _classify(exc: BaseException, payload: JobPayload, pad_to: int | None = None
 def _device_is_broken(exc: BaseException) -> bool:
     return (
         isinstance(exc, RuntimeError)
-        and not isinstance(exc, torch.OutOfMemoryError)
+        and not is_out_of_memory(exc)
         and ("CUDA error" in str(exc) or "device-side assert" in str(exc))
     )
 

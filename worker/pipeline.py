@@ -161,10 +161,10 @@ class Runner:
         """Run jobs that share their pipeline parameters (see `batch_key`) as one pipeline call.
 
         Returns each job's images, and whether the run was interrupted. Every image has its
-        own generator seeded from its job. On an accelerator out-of-memory error the images
-        are split in two halves, each run on its own; a single image that still does not fit
-        raises `torch.OutOfMemoryError` to the caller, and so does any call padded to `pad_to`
-        (each half would be padded back to the same size).
+        own generator seeded from its job. On an accelerator out-of-memory error (`is_out_of_memory`)
+        the images are split in two halves, each run on its own; a single image that still does
+        not fit raises that error to the caller, and so does any call padded to `pad_to` (each
+        half would be padded back to the same size).
         """
         first = payloads[0]
         self.pipe.scheduler = self._scheduler(first.scheduler)
@@ -175,7 +175,16 @@ class Runner:
             chunk_slots = pending.pop(0)
             try:
                 chunk, interrupted = self._run(payloads, chunk_slots, on_step)
-            except torch.OutOfMemoryError:
+            except TorchDynamoException as exc:
+                # A new shape's compile failed (in the job that brought it): eager from now on.
+                if self.uncompile is None:
+                    raise
+                self.run_eager(exc)
+                pending.insert(0, chunk_slots)
+                continue
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
                 free_accelerator_memory()
                 if len(chunk_slots) == 1 or self.pad_to:
                     raise
@@ -185,13 +194,6 @@ class Runner:
                     log, "out_of_memory_split", logging.WARNING, job_id=first.job_id, images=len(chunk_slots)
                 )
                 pending[:0] = [chunk_slots[:half], chunk_slots[half:]]
-                continue
-            except TorchDynamoException as exc:
-                # A new shape's compile failed (in the job that brought it): eager from now on.
-                if self.uncompile is None:
-                    raise
-                self.run_eager(exc)
-                pending.insert(0, chunk_slots)
                 continue
             if interrupted:
                 return images, True
@@ -275,9 +277,12 @@ def warm_up(runner: Runner) -> None:
     started = time.perf_counter()
     try:
         runner.generate([warm], lambda done, total: False)
-    except torch.OutOfMemoryError:  # generate() has freed what it could
-        # Not even one image of the native size fits: jobs of that size will fail with
-        # out_of_memory, smaller ones may still run, and each shape compiles in its first job.
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        # generate() has freed what it could. Not even one image of the native size fits: jobs of
+        # that size will fail with out_of_memory, smaller ones may still run, and each shape
+        # compiles in its first job.
         event(log, "pipeline_warm_up_out_of_memory", logging.WARNING, size=size)
         return
     if runner.uncompile is None:  # the compile failed and the warm-up ran eager
@@ -301,6 +306,18 @@ def batch_key(payload: JobPayload) -> tuple[object, ...]:
         payload.steps,
         payload.guidance_scale,
         payload.scheduler,
+    )
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch's OutOfMemoryError, or the plain RuntimeError CUDA libraries raise when an allocation
+    outside PyTorch's caching allocator fails (a cuBLAS handle or workspace, say). Neither leaves
+    the device unusable."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    message = str(exc)
+    return isinstance(exc, RuntimeError) and (
+        "CUDA error: out of memory" in message or "CUBLAS_STATUS_ALLOC_FAILED" in message
     )
 
 
