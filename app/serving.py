@@ -88,10 +88,10 @@ end
 return {job, redis.call('HGETALL', KEYS[2]), redis.call('EXISTS', KEYS[3]), position}
 """
 
-# SET NX that returns the value already there (SET NX GET needs Redis 7; this runs on 6).
 # How long a replayed Idempotency-Key waits for the first request's job to be enqueued.
 IDEMPOTENT_WAIT_S = 2.0
 
+# SET NX that returns the value already there (SET NX GET needs Redis 7; this runs on 6).
 _CLAIM = """
 local earlier = redis.call('GET', KEYS[1])
 if earlier then return earlier end
