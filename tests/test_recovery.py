@@ -274,6 +274,53 @@ def test_sigterm_inside_a_batch_finishes_the_whole_batch(cluster: Cluster, point
     assert cluster.status(later)["status"] == "queued"  # no new job after the stop request
 
 
+# RQ's time limit, as it would fire while a batch's results are recorded: the first job's
+# images are committed, the claimed job's are not yet.
+CUT_SHORT = """
+import os
+
+from rq.timeouts import JobTimeoutException
+
+import worker.jobs as jobs
+
+_record_outcome = jobs._record_outcome
+
+
+def record_outcome(r, model, status, code="", seconds=None):
+    if status == "succeeded":
+        os.environ["SUCCEEDED"] = str(int(os.environ.get("SUCCEEDED", "0")) + 1)
+        if os.environ["SUCCEEDED"] == "2":  # the blocker was the first
+            raise JobTimeoutException("injected by a test")
+    return _record_outcome(r, model, status, code, seconds)
+
+
+jobs._record_outcome = record_outcome
+"""
+
+
+def test_a_batch_cut_short_as_it_commits_keeps_what_it_committed(cluster: Cluster) -> None:
+    inject = cluster.tmp / "inject-cut"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(CUT_SHORT)
+    path = os.pathsep.join([str(inject), str(Path(__file__).resolve().parent.parent)])
+    worker = start_worker(cluster.redis.url, cluster.model_dir, cluster.tmp, name="w", PYTHONPATH=path)
+    try:
+        blocker = cluster.submit({**LONG_JOB, "steps": 20})
+        cluster.running_on(blocker)
+        first = cluster.submit({"prompt": "a red circle", "steps": 2, "seed": 1})
+        claimed = cluster.submit({"prompt": "a blue square", "steps": 2, "seed": 2})
+        views = {job_id: cluster.wait_terminal(job_id) for job_id in (blocker, first, claimed)}
+    finally:
+        worker.stop()
+    assert cluster.redis.client().hget(f"latentd:job:{first}", "batch_jobs") == b"2"  # one call
+    # The first job's images were committed before the cut: it succeeded, once. The claimed
+    # job had committed nothing: it ran again on its own, and succeeded once.
+    for job_id, view in views.items():
+        assert view["status"] == "succeeded", view
+        assert cluster.redis.client().hget(f"latentd:job:{job_id}", "completions") == b"1"
+    assert views[claimed]["attempts"] == 2
+
+
 def test_sigterm_the_moment_the_worker_says_ready_still_exits_0(cluster: Cluster) -> None:
     # The ready file is a FIFO: the worker blocks while opening it, so SIGTERM lands exactly as
     # it announces readiness, before RQ has installed its own handlers (that used to be exit -15).

@@ -6,6 +6,7 @@ no fork), so it reaches that pipeline through the process's `Runtime`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -201,9 +202,22 @@ def generate(raw_payload: dict[str, Any]) -> dict[str, Any]:
         _record_failure(rt, job_id, _fallback(raw_payload), failure, failure, time.time())
         raise failure from exc
     members = [(job_id, payload), *((c.job.id, c.payload) for c in batch)]
-    outcomes = _run(rt, members)
+    started = time.time()
+    outcomes: dict[str, Outcome] = {}
+    try:
+        _run(rt, members, outcomes)
+    except Exception as exc:
+        # Cut short outside the pipeline call (RQ's time limit as results were committed, Redis
+        # gone). A member with no outcome has committed nothing: a claimed one runs again on its
+        # own when RQ settles it; this one fails with what cut it short.
+        if job_id not in outcomes:
+            failure = _classify(exc, payload, rt.runner.pad_to)
+            with contextlib.suppress(redis.RedisError):
+                _record_failure(rt, job_id, payload, failure, exc, started)
+            outcomes[job_id] = failure
     for member_id, _ in members[1:]:
-        rt.settled[member_id] = outcomes[member_id]
+        if member_id in outcomes:
+            rt.settled[member_id] = outcomes[member_id]
     return _settle(rt, job_id, outcomes[job_id])
 
 
@@ -219,12 +233,12 @@ def _settle(rt: Runtime, job_id: str, outcome: Outcome) -> dict[str, Any]:
     raise outcome
 
 
-def _run(rt: Runtime, members: list[tuple[str, JobPayload]]) -> dict[str, Outcome]:
-    """One pipeline call for all members; every member gets its own outcome."""
+def _run(rt: Runtime, members: list[tuple[str, JobPayload]], outcomes: dict[str, Outcome]) -> None:
+    """One pipeline call for all members; each member's outcome goes into `outcomes` as soon as it
+    is settled in Redis."""
     r = rt.connection
     model = rt.runner.model
     started = time.time()
-    outcomes: dict[str, Outcome] = {}
     active: list[tuple[str, JobPayload]] = []
     for job_id, payload in members:
         if payload.model != model:
@@ -252,7 +266,7 @@ def _run(rt: Runtime, members: list[tuple[str, JobPayload]]) -> dict[str, Outcom
         else:
             active.append((job_id, payload))
     if not active:
-        return outcomes
+        return
     first = active[0][1]
     event(
         log, "job_started", job_id=active[0][0], model=model, steps=first.steps,
@@ -306,7 +320,7 @@ def _run(rt: Runtime, members: list[tuple[str, JobPayload]]) -> dict[str, Outcom
         for job_id, payload in active:
             failure = _classify(exc, payload, rt.runner.pad_to)
             outcomes[job_id] = _record_failure(rt, job_id, payload, failure, exc, started)
-        return outcomes
+        return
     finished = time.time()
     _count_rare(rt, counted, images_asked, rt.runner.oom_splits - splits_before)
     for (job_id, payload), job_images in zip(active, images, strict=True):
@@ -315,12 +329,11 @@ def _run(rt: Runtime, members: list[tuple[str, JobPayload]]) -> dict[str, Outcom
         elif job_id in canceled or r.exists(Keys.cancel(job_id)):
             outcomes[job_id] = _record_canceled(rt, job_id)
         elif _commit(rt, job_id, payload, job_images, finished):
+            outcomes[job_id] = Succeeded(len(job_images))  # before anything else can cut us short
             _record_outcome(r, model, JobStatus.SUCCEEDED, seconds=finished - started)
             event(log, "job_succeeded", job_id=job_id, seconds=round(finished - started, 3))
-            outcomes[job_id] = Succeeded(len(job_images))
         else:
             outcomes[job_id] = _record_lost(job_id)
-    return outcomes
 
 
 def _count_rare(rt: Runtime, counted: bool, images: int, splits: int) -> None:
