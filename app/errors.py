@@ -156,6 +156,8 @@ def store_down_response(exc: Exception) -> JSONResponse:
 
 
 def _param(loc: Sequence[Any]) -> str | None:
+    if len(loc) == 2 and loc[0] == "header":  # as the header is written: Idempotency-Key
+        return "-".join(word.capitalize() for word in str(loc[1]).split("-"))
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
     return ".".join(parts) or None
 

@@ -245,3 +245,10 @@ def test_bodies_that_are_not_a_json_object_say_why(
     assert error["code"] == "invalid_request"
     assert message in error["message"] and error["param"] == param, error
     assert nothing_enqueued(redis_client)
+
+
+def test_a_bad_header_is_named_as_it_is_written(client: TestClient, redis_client: redis.Redis) -> None:
+    response = client.post("/v1/generations", json=VALID, headers={"Idempotency-Key": "k" * 256})
+    assert response.status_code == 422
+    assert response.json()["error"]["param"] == "Idempotency-Key"  # as the 409 for a reused key names it
+    assert nothing_enqueued(redis_client)
