@@ -89,8 +89,13 @@ def test_submit_progress_succeed_download(service: Service) -> None:
     meta = json.loads(png.text["latentd"])
     assert meta["seed"] == 7 and meta["guidance_scale"] == 5.0 and meta["negative_prompt"] == ""
 
-    again = service.http.get(image["url"], headers={"If-None-Match": response.headers["etag"]})
-    assert again.status_code == 304
+    etag = response.headers["etag"]
+    # A cache may send the tag weakened, or among others (RFC 9110's weak comparison).
+    for sent in (etag, f"W/{etag}", f'"other", {etag}', "*"):
+        again = service.http.get(image["url"], headers={"If-None-Match": sent})
+        assert again.status_code == 304, sent
+    changed = service.http.get(image["url"], headers={"If-None-Match": '"other", W/"another"'})
+    assert changed.status_code == 200 and changed.content == response.content
     missing = service.http.get(f"/v1/generations/{job_id}/images/1")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
 

@@ -252,3 +252,11 @@ def test_a_bad_header_is_named_as_it_is_written(client: TestClient, redis_client
     assert response.status_code == 422
     assert response.json()["error"]["param"] == "Idempotency-Key"  # as the 409 for a reused key names it
     assert nothing_enqueued(redis_client)
+
+
+@pytest.mark.parametrize(("wait", "says"), [("nan", "finite number"), ("-1", "greater than or equal to 0")])
+def test_a_bad_wait_says_what_is_wrong_with_it(client: TestClient, wait: str, says: str) -> None:
+    response = client.get(f"/v1/generations/0123abcd?wait={wait}")
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["param"] == "wait" and says in error["message"], error

@@ -85,6 +85,7 @@ async def get_generation(
         Query(
             ge=0,
             le=MAX_WAIT,
+            allow_inf_nan=False,
             description="Long-poll: answer as soon as the generation ends, or after this many seconds "
             "with its state then. 0 (the default) answers at once.",
         ),
@@ -148,9 +149,17 @@ async def get_image(
         # Content never changes for a given id and index, but it expires with the results TTL.
         "Cache-Control": f"private, max-age={service.settings.results_ttl}, immutable",
     }
-    if request.headers.get("if-none-match") == blob.etag:
+    if _matches(request.headers.get("if-none-match"), blob.etag):
         return Response(status_code=304, headers=headers)
     return Response(blob.data, media_type=blob.content_type, headers=headers)
+
+
+def _matches(if_none_match: str | None, etag: str) -> bool:
+    """RFC 9110's weak comparison, which If-None-Match uses: any listed tag, W/ or not, or *."""
+    if not if_none_match:
+        return False
+    tags = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
+    return "*" in tags or etag in tags
 
 
 class StatusReads:
