@@ -245,16 +245,16 @@ def identity_check(
         )
         for i in range(jobs)
     ]
+
+    def pixels(runner: Runner, batch: list[JobPayload]) -> list[Any]:
+        images, _ = runner.generate(batch, lambda done, total: False)
+        return [np.asarray(job_images[0], dtype=int) for job_images in images]
+
     result: dict[str, Any] = {"jobs": jobs}
     for label, pad_to in (("padded", jobs), ("unpadded", None)):
         runner = Runner(pipe=pipe, device=device, model="sd15", pad_to=pad_to)
-
-        def pixels(batch: list[JobPayload]) -> list[Any]:
-            images, _ = runner.generate(batch, lambda done, total: False)  # noqa: B023
-            return [np.asarray(job_images[0], dtype=int) for job_images in images]
-
-        alone = [pixels([p])[0] for p in payloads]
-        pairs = list(zip(alone, pixels(payloads), strict=True))
+        alone = [pixels(runner, [p])[0] for p in payloads]
+        pairs = list(zip(alone, pixels(runner, payloads), strict=True))
         result[f"{label}_identical"] = sum(np.array_equal(a, b) for a, b in pairs)
         result[f"{label}_max_diff"] = max(int(np.abs(a - b).max()) for a, b in pairs)
         # Flat images (a random model's fp16 overflow, say) would be identical and prove nothing.

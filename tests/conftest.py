@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -133,6 +134,14 @@ class Proc:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
+
+
+def sitecustomize(tmp: Path, source: str) -> str:
+    """A PYTHONPATH whose `sitecustomize` runs `source` as a process starts (a worker, given it, gets
+    a failure injected where the product has no hook), with the repository importable from it."""
+    folder = Path(tempfile.mkdtemp(prefix="inject-", dir=tmp))
+    (folder / "sitecustomize.py").write_text(source)
+    return os.pathsep.join([str(folder), str(ROOT)])
 
 
 def spawn(args: list[str], env: dict[str, str], log: Path) -> Proc:

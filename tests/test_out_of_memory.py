@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Proc
+from tests.conftest import Proc, sitecustomize
 from tests.test_batching import pixels
 from tests.test_recovery import Cluster, cluster_with_worker
 
@@ -43,10 +43,9 @@ UNet2DConditionModel.forward = _forward_that_runs_out_of_memory
 
 @pytest.fixture
 def small_gpu(tmp_path: Path, tiny_model_dir: Path) -> Iterator[tuple[Cluster, Proc]]:
-    inject = tmp_path / "inject"
-    inject.mkdir()
-    (inject / "sitecustomize.py").write_text(INJECT)
-    yield from cluster_with_worker(tmp_path, tiny_model_dir, "small-gpu", PYTHONPATH=str(inject))
+    yield from cluster_with_worker(
+        tmp_path, tiny_model_dir, "small-gpu", PYTHONPATH=sitecustomize(tmp_path, INJECT)
+    )
 
 
 def test_out_of_memory_splits_or_fails_the_job_and_the_worker_serves_on(

@@ -15,7 +15,17 @@ import httpx
 import pytest
 
 from latentd.contract import Keys
-from tests.conftest import TINY_MODEL, Proc, RedisServer, base_env, spawn, start_api, start_worker, wait_until
+from tests.conftest import (
+    TINY_MODEL,
+    Proc,
+    RedisServer,
+    base_env,
+    sitecustomize,
+    spawn,
+    start_api,
+    start_worker,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -214,6 +224,16 @@ def test_sigterm_finishes_the_current_job_takes_no_new_one_and_exits_0(cluster: 
     assert cluster.status(waiting)["status"] == "queued"
 
 
+def batch_behind_a_blocker(cluster: Cluster, second_prompt: str) -> tuple[str, str, str]:
+    """A job running, and two compatible ones queued behind it: when the running one ends, the
+    worker takes the first and claims the second into the same pipeline call."""
+    blocker = cluster.submit({**LONG_JOB, "steps": 20})
+    cluster.running_on(blocker)
+    first = cluster.submit({"prompt": "a red circle", "steps": 2, "seed": 1})
+    claimed = cluster.submit({"prompt": second_prompt, "steps": 2, "seed": 2})
+    return blocker, first, claimed
+
+
 # SIGTERM sent by the worker to itself at a chosen point of a batch, by a `sitecustomize` on its
 # PYTHONPATH: while it claims queued jobs into the batch, or while RQ settles a claimed job.
 SIGNAL_AT = {
@@ -255,15 +275,10 @@ BaseWorker.perform_job = perform_job
 
 @pytest.mark.parametrize("point", sorted(SIGNAL_AT))
 def test_sigterm_inside_a_batch_finishes_the_whole_batch(cluster: Cluster, point: str) -> None:
-    inject = cluster.tmp / f"inject-{point}"
-    inject.mkdir()
-    (inject / "sitecustomize.py").write_text(SIGNAL_AT[point])
-    worker = start_worker(cluster.redis.url, cluster.model_dir, cluster.tmp, name="w", PYTHONPATH=str(inject))
+    path = sitecustomize(cluster.tmp, SIGNAL_AT[point])
+    worker = start_worker(cluster.redis.url, cluster.model_dir, cluster.tmp, name="w", PYTHONPATH=path)
     try:
-        blocker = cluster.submit({**LONG_JOB, "steps": 20})
-        cluster.running_on(blocker)
-        first = cluster.submit({"prompt": "a red circle", "steps": 2, "seed": 1})
-        claimed = cluster.submit({"prompt": "stop-here", "steps": 2, "seed": 2})
+        blocker, first, claimed = batch_behind_a_blocker(cluster, "stop-here")
         later = cluster.submit({"prompt": "another size", "steps": 2, "width": 72})
         assert worker.proc.wait(90) == 0, worker.output()[-3000:]
     finally:
@@ -299,16 +314,10 @@ jobs._record_outcome = record_outcome
 
 
 def test_a_batch_cut_short_as_it_commits_keeps_what_it_committed(cluster: Cluster) -> None:
-    inject = cluster.tmp / "inject-cut"
-    inject.mkdir()
-    (inject / "sitecustomize.py").write_text(CUT_SHORT)
-    path = os.pathsep.join([str(inject), str(Path(__file__).resolve().parent.parent)])
+    path = sitecustomize(cluster.tmp, CUT_SHORT)
     worker = start_worker(cluster.redis.url, cluster.model_dir, cluster.tmp, name="w", PYTHONPATH=path)
     try:
-        blocker = cluster.submit({**LONG_JOB, "steps": 20})
-        cluster.running_on(blocker)
-        first = cluster.submit({"prompt": "a red circle", "steps": 2, "seed": 1})
-        claimed = cluster.submit({"prompt": "a blue square", "steps": 2, "seed": 2})
+        blocker, first, claimed = batch_behind_a_blocker(cluster, "a blue square")
         views = {job_id: cluster.wait_terminal(job_id) for job_id in (blocker, first, claimed)}
     finally:
         worker.stop()
