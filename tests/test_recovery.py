@@ -330,6 +330,69 @@ def test_a_batch_cut_short_as_it_commits_keeps_what_it_committed(cluster: Cluste
     assert views[claimed]["attempts"] == 2
 
 
+# The pipeline call fails at the step where a member of its batch is found lost (as if another
+# worker had taken it over).
+CALL_FAILS = """
+import worker.jobs as jobs
+from worker.pipeline import Runner
+
+_generate = Runner.generate
+
+
+def generate(self, payloads, on_step):
+    def step(done, total):
+        stop = on_step(done, total)  # it asks Redis at every step (LATENTD_PROGRESS_INTERVAL_MS=0)
+        r = jobs.current().connection
+        if any(r.hget(f"rq:job:{p.job_id}", "worker_name") == b"elsewhere" for p in payloads):
+            raise RuntimeError("injected by a test")
+        return stop
+
+    return _generate(self, payloads, step)
+
+
+Runner.generate = generate
+"""
+
+
+@pytest.mark.parametrize("cut", ["as_it_commits", "in_the_call"])
+def test_a_batch_cut_short_leaves_a_member_it_lost_to_its_new_owner(cluster: Cluster, cut: str) -> None:
+    # A claimed job is taken over by another worker during the steps (the test writes what that
+    # worker's RQ would: the job's record names it), then the batch is cut short. The first
+    # worker must leave the job alone: not run it again as its own, not write a failure into it.
+    source = CUT_SHORT if cut == "as_it_commits" else CALL_FAILS
+    path = sitecustomize(cluster.tmp, source)
+    worker = start_worker(
+        cluster.redis.url, cluster.model_dir, cluster.tmp, name="w", PYTHONPATH=path,
+        LATENTD_LEASE_SECONDS=LEASE, LATENTD_PROGRESS_INTERVAL_MS="0",
+    )  # fmt: skip
+    try:
+        blocker = cluster.submit({**LONG_JOB, "steps": 20})
+        cluster.running_on(blocker)
+        first, claimed = (cluster.submit({**LONG_JOB, "seed": seed}) for seed in (11, 12))
+        wait_until(
+            lambda: (
+                cluster.status(claimed)["status"] == "running"
+                and cluster.status(first)["progress"]["step"] > 0
+            ),
+            60,
+            what="the two jobs running as one batch",
+        )
+        r = cluster.redis.client()
+        r.hset(f"rq:job:{claimed}", "worker_name", "elsewhere")
+        view = cluster.wait_terminal(first)
+        assert view["status"] == ("succeeded" if cut == "as_it_commits" else "failed"), view
+        # The worker settles the claimed job before it takes the next one.
+        assert cluster.wait_terminal(cluster.submit({"prompt": "next", "steps": 1}))["status"] == "succeeded"
+        assert r.hget(f"rq:job:{claimed}", "worker_name") == b"elsewhere"
+        assert r.hget(f"rq:job:{claimed}", "status") == b"started"
+        state = r.hgetall(f"latentd:job:{claimed}")
+        assert state[b"attempts"] == b"1" and b"error" not in state and b"completions" not in state, state
+        assert cluster.status(claimed)["status"] == "running"
+        assert "job_lease_lost" in worker.output()
+    finally:
+        worker.stop()
+
+
 def test_sigterm_the_moment_the_worker_says_ready_still_exits_0(cluster: Cluster) -> None:
     # The ready file is a FIFO: the worker blocks while opening it, so SIGTERM lands exactly as
     # it announces readiness, before RQ has installed its own handlers (that used to be exit -15).

@@ -304,6 +304,9 @@ def _run(rt: Runtime, members: list[tuple[str, JobPayload]], outcomes: dict[str,
         for job_id, answer in zip(asked, map(int, replies[len(replies) - len(asked) :]), strict=True):
             if answer < 0:
                 lost.add(job_id)
+                # Kept now: should the batch be cut short before its commits, RQ must not settle
+                # (and so take back) a job that another worker owns.
+                outcomes[job_id] = _record_lost(job_id)
             elif answer > 0:
                 canceled.add(job_id)
         # Stop early only when no member still wants its images.
@@ -318,6 +321,11 @@ def _run(rt: Runtime, members: list[tuple[str, JobPayload]], outcomes: dict[str,
         if _device_is_broken(exc):
             rt.fatal = True
         for job_id, payload in active:
+            if job_id in lost:  # another worker's now: its state is not ours to write
+                continue
+            if job_id in canceled:
+                outcomes[job_id] = _record_canceled(rt, job_id)
+                continue
             failure = _classify(exc, payload, rt.runner.pad_to)
             outcomes[job_id] = _record_failure(rt, job_id, payload, failure, exc, started)
         return
@@ -325,8 +333,8 @@ def _run(rt: Runtime, members: list[tuple[str, JobPayload]], outcomes: dict[str,
     _count_rare(rt, counted, images_asked, rt.runner.oom_splits - splits_before)
     for (job_id, payload), job_images in zip(active, images, strict=True):
         if job_id in lost:
-            outcomes[job_id] = _record_lost(job_id)
-        elif job_id in canceled or r.exists(Keys.cancel(job_id)):
+            continue
+        if job_id in canceled or r.exists(Keys.cancel(job_id)):
             outcomes[job_id] = _record_canceled(rt, job_id)
         elif _commit(rt, job_id, payload, job_images, finished):
             outcomes[job_id] = Succeeded(len(job_images))  # before anything else can cut us short
