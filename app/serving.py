@@ -99,6 +99,21 @@ redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 return false
 """
 
+# RQ's enqueue commands, run only while the queue is under its depth limit: the check and the
+# push in one step, so concurrent submits cannot all pass the check and overfill the queue.
+# KEYS: the queue; ARGV: the limit, then for each command its argument count and its arguments.
+# Returns the queue's length after the push, or -1 (full: nothing written).
+_ENQUEUE = """
+if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[1]) then return -1 end
+local i = 2
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  redis.call(unpack(ARGV, i + 1, i + n))
+  i = i + n + 1
+end
+return redis.call('LLEN', KEYS[1])
+"""
+
 # Reserve an in-flight slot for an owner: drop members whose job has ended (or that
 # never became a job within a minute), then add this one if the owner is under its limit.
 # KEYS: the owner's in-flight set; ARGV: limit, job id, now, ttl.
@@ -238,6 +253,7 @@ class GenerationService:
         self._served_at = 0.0
         self._read_sync = connection.register_script(_READ)
         self._read_async = aconnection.register_script(_READ)
+        self._enqueue_script = aconnection.register_script(_ENQUEUE)
         self.ended = EndedJobs(aconnection)
 
     # -- queues and workers -------------------------------------------------
@@ -388,15 +404,16 @@ class GenerationService:
                 param="model",
             )
         queue = self.queue(payload.model)
-        if await self.aredis.llen(queue.key) >= self.settings.max_queue_depth:
-            raise QueueFull(
-                f"the queue for '{payload.model}' holds {self.settings.max_queue_depth} jobs; retry later",
-                retry_after=QUEUE_FULL_RETRY_AFTER,
-            )
         if owner is not None:
             await self._reserve_slot(owner, job_id)
         try:
             job, length = await self._rq_enqueue(queue, payload, owner)
+            if length < 0:
+                depth = self.settings.max_queue_depth
+                raise QueueFull(
+                    f"the queue for '{payload.model}' holds {depth} jobs; retry later",
+                    retry_after=QUEUE_FULL_RETRY_AFTER,
+                )
         except BaseException:
             if owner is not None:
                 await self.aredis.zrem(Keys.in_flight(owner), job_id)
@@ -411,8 +428,9 @@ class GenerationService:
 
     async def _rq_enqueue(self, queue: Queue, payload: JobPayload, owner: str | None) -> tuple[Job, int]:
         """RQ's own enqueue, sent over the asyncio client: RQ writes its commands into a blocking
-        pipeline that is never executed, and the same commands go out in one MULTI/EXEC here.
-        Returns the job and the queue's length right after the push."""
+        pipeline that is never executed, and the same commands run here in one script, only if
+        the queue is under its depth limit. Returns the job and the queue's length right after
+        the push, or -1 if the queue was full and nothing was written."""
         job = queue.create_job(
             JOB_FUNCTION,
             args=(payload.model_dump(mode="json"),),
@@ -428,14 +446,13 @@ class GenerationService:
         staged = self.redis.pipeline(transaction=True)
         try:
             queue.enqueue_job(job, pipeline=staged)
-            async with self.aredis.pipeline(transaction=True) as pipe:
-                for args, options in staged.command_stack:
-                    pipe.execute_command(*args, **options)
-                pipe.llen(queue.key)
-                replies = await pipe.execute()
+            flat: list[str | bytes | int | float] = []
+            for args, _ in staged.command_stack:
+                flat += [len(args), *args]
         finally:
             staged.reset()
-        return job, int(replies[-1])
+        length = await self._enqueue_script(keys=[queue.key], args=[self.settings.max_queue_depth, *flat])
+        return job, int(length)
 
     # -- read ------------------------------------------------------------------
 

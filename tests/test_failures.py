@@ -3,6 +3,7 @@ limit, a model that cannot load, a full queue."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -125,6 +126,12 @@ def test_model_that_cannot_load_stops_the_worker_with_a_clear_message(
     assert "someorg/not-cached-model" in hub.output()
 
 
+async def submit_together(url: str, n: int) -> list[int]:
+    async with httpx.AsyncClient() as client:
+        replies = await asyncio.gather(*(client.post(url, json={"prompt": "x"}) for _ in range(n)))
+    return [reply.status_code for reply in replies]
+
+
 def test_full_queue_answers_429(redis_server: RedisServer, tmp_path: Path) -> None:
     """Queue depth limit: a worker registration without a worker, so nothing drains the queue."""
     r = redis_server.client()
@@ -137,8 +144,10 @@ def test_full_queue_answers_429(redis_server: RedisServer, tmp_path: Path) -> No
     r.sadd("latentd:workers", "ghost")
     api, url = start_api(redis_server.url, tmp_path, LATENTD_MAX_QUEUE_DEPTH="2", LATENTD_DEFAULT_MODEL=model)
     try:
-        codes = [httpx.post(f"{url}/v1/generations", json={"prompt": "x"}).status_code for _ in range(3)]
-        assert codes == [202, 202, 429]
+        # Concurrent submits: the depth check and the push are one step, so no two pass the check
+        # together (they all did, when the check was a round trip of its own).
+        codes = asyncio.run(submit_together(f"{url}/v1/generations", 16))
+        assert sorted(codes) == [202] * 2 + [429] * 14
         full = httpx.post(f"{url}/v1/generations", json={"prompt": "x"})
         assert full.json()["error"]["code"] == "queue_full"
         assert int(full.headers["retry-after"]) > 0
