@@ -14,7 +14,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from app.errors import RateLimited, Unauthorized
+from app.errors import STORE_REFUSES, RateLimited, Unauthorized
 from app.serving import GenerationService
 from latentd import keys
 from latentd.contract import Keys
@@ -77,7 +77,10 @@ async def authenticate(request: Request) -> Principal:
     limit = service.settings.rate_limit_per_minute
     if limit:
         window = int(time.time() // 60)
-        count = int(await service.aredis.eval(_COUNT, 1, Keys.rate(owner, window), 120))
+        try:
+            count = int(await service.aredis.eval(_COUNT, 1, Keys.rate(owner, window), 120))
+        except STORE_REFUSES:
+            count = 0  # a store that takes no writes cannot count: reads still work, writes say why
         if count > limit:
             retry_after = max(1, 60 - int(time.time()) % 60)
             event(log, "rate_limited", owner=owner, limit=limit)

@@ -145,14 +145,22 @@ def service_error_response(exc: ServiceError) -> JSONResponse:
 STORE_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 
+# What a job store that refuses writes raises: full (maxmemory, with the noeviction policy
+# latentd requires) or a read-only replica. Also 503: the request was fine, the store is not.
+STORE_REFUSES = (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError)
+
+
 def store_down_response(exc: Exception) -> JSONResponse:
-    event(log, "redis_unavailable", logging.WARNING, error=type(exc).__name__)
-    return error_response(
-        503,
-        ErrorCode.SERVICE_UNAVAILABLE,
-        "the job store (Redis) is unreachable; retry shortly",
-        retry_after=RETRY_AFTER_UNAVAILABLE,
-    )
+    if isinstance(exc, redis.exceptions.OutOfMemoryError):
+        event(log, "redis_full", logging.ERROR, error=type(exc).__name__)
+        message = "the job store (Redis) is full (maxmemory reached) and takes no writes; retry later"
+    elif isinstance(exc, redis.exceptions.ReadOnlyError):
+        event(log, "redis_read_only", logging.ERROR, error=type(exc).__name__)
+        message = "the job store (Redis) is a read-only replica and takes no writes; retry later"
+    else:
+        event(log, "redis_unavailable", logging.WARNING, error=type(exc).__name__)
+        message = "the job store (Redis) is unreachable; retry shortly"
+    return error_response(503, ErrorCode.SERVICE_UNAVAILABLE, message, retry_after=RETRY_AFTER_UNAVAILABLE)
 
 
 def _param(loc: Sequence[Any]) -> str | None:
@@ -179,7 +187,10 @@ _HTTP_CODES = {404: ErrorCode.NOT_FOUND, 405: "method_not_allowed", 413: ErrorCo
 COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "API keys exist and this request has none, or a wrong one."},
     422: {"model": ErrorResponse, "description": "Invalid request; `param` names the field."},
-    503: {"model": ErrorResponse, "description": "Redis unreachable; retry after `Retry-After` seconds."},
+    503: {
+        "model": ErrorResponse,
+        "description": "Redis unreachable or refusing writes; retry after `Retry-After` seconds.",
+    },
 }
 
 
@@ -222,7 +233,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _redis_down(_: Request, exc: Exception) -> JSONResponse:
         return store_down_response(exc)
 
-    for kind in STORE_DOWN:
+    for kind in (*STORE_DOWN, *STORE_REFUSES):
         app.add_exception_handler(kind, _redis_down)
 
     @app.exception_handler(Exception)

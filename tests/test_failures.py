@@ -71,6 +71,44 @@ def test_redis_outage_gives_503_then_recovers(private_redis: RedisServer, tmp_pa
         api.stop()
 
 
+def test_a_full_redis_refuses_writes_with_503_and_reads_go_on(
+    private_redis: RedisServer, tmp_path: Path
+) -> None:
+    # maxmemory reached, under the noeviction policy latentd requires: Redis refuses writes with
+    # an OOM error. Submits and cancels say so (they were 500 internal_error), and reads, which
+    # spend a write on the per-key rate limit, still work.
+    r = private_redis.client()
+    r.set(
+        "latentd:worker:ghost",
+        '{"name":"ghost","model":"tiny","device":"cpu","pid":1,"hostname":"h","started_at":0}',
+        ex=120,
+    )
+    r.sadd("latentd:workers", "ghost")
+    key = "ops-key-0123456789abcdef"
+    auth = {"Authorization": f"Bearer {key}"}
+    api, url = start_api(
+        private_redis.url, tmp_path, LATENTD_API_KEYS=f"ops:{key}", LATENTD_RATE_LIMIT_PER_MINUTE="100"
+    )
+    try:
+        job_id = httpx.post(f"{url}/v1/generations", json={"prompt": "x"}, headers=auth).json()["id"]
+        r.config_set("maxmemory", r.info("memory")["used_memory"])
+        submit = httpx.post(f"{url}/v1/generations", json={"prompt": "x"}, headers=auth)
+        cancel = httpx.post(f"{url}/v1/generations/{job_id}/cancel", headers=auth)
+        for response in (submit, cancel):
+            assert response.status_code == 503, response.text
+            assert response.json()["error"]["code"] == "service_unavailable"
+            assert "full" in response.json()["error"]["message"]
+            assert response.headers["retry-after"].isdigit()
+        assert httpx.get(f"{url}/v1/generations/{job_id}", headers=auth).json()["status"] == "queued"
+        assert httpx.get(f"{url}/v1/models", headers=auth).status_code == 200
+        r.config_set("maxmemory", 0)
+        assert httpx.post(f"{url}/v1/generations", json={"prompt": "x"}, headers=auth).status_code == 202
+        assert r.llen("rq:queue:latentd:tiny") == 2  # the refused submit left nothing behind
+        assert "Traceback" not in api.output()
+    finally:
+        api.stop()
+
+
 def test_job_over_its_time_limit_fails_with_timeout(
     redis_server: RedisServer, tiny_model_dir: Path, tmp_path: Path
 ) -> None:

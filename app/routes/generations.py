@@ -14,6 +14,7 @@ from app.deps import ServiceDep
 from app.errors import (
     COMMON_RESPONSES,
     STORE_DOWN,
+    STORE_REFUSES,
     ErrorResponse,
     ServiceError,
     service_error_response,
@@ -194,6 +195,6 @@ class StatusReads:
             response = status_response(view)
         except ServiceError as exc:
             response = service_error_response(exc)
-        except STORE_DOWN as exc:
+        except (*STORE_DOWN, *STORE_REFUSES) as exc:
             response = store_down_response(exc)
         await response(scope, receive, send)
