@@ -588,23 +588,33 @@ class GenerationService:
         return self.read(job_id, owner)
 
     def _cancel_queued(self, job_id: str) -> None:
-        """Cancel a job still in its queue, unless a worker takes it meanwhile."""
+        """Cancel a job still in its queue, unless a worker takes it meanwhile: then the flag
+        stops it, before its first step or at its next one."""
         try:
             job = Job.fetch(job_id, connection=self.redis, serializer=JSONSerializer)
         except NoSuchJobError:
             return  # expired meanwhile
-        with self.redis.pipeline() as pipe:
-            try:
-                pipe.watch(job.key)  # type: ignore[no-untyped-call]
-                if pipe.hget(job.key, "status") != b"queued":
-                    return  # a worker took it; the flag stops it at its next step
-                pipe.multi()
-                job.cancel(pipeline=pipe)
-                pipe.expire(job.key, self.settings.job_ttl)
-                pipe.publish(Keys.ENDED, job_id)
-                pipe.execute()
-            except (redis.WatchError, InvalidJobOperation):
-                return
+        queue_key = Queue.redis_queue_namespace_prefix + job.origin
+        model = str(job.args[0].get("model", "?")) if job.args else "?"
+        for _ in range(5):  # other jobs entering or leaving the queue meanwhile: look again
+            with self.redis.pipeline() as pipe:
+                try:
+                    # The queue too: RQ moves a job off its queue before it marks it started, and
+                    # a job canceled in between would be started anyway, and canceled twice.
+                    pipe.watch(job.key, queue_key)  # type: ignore[no-untyped-call]
+                    if pipe.hget(job.key, "status") != b"queued" or pipe.lpos(queue_key, job_id) is None:
+                        return  # a worker took it
+                    pipe.multi()
+                    job.cancel(pipeline=pipe)
+                    pipe.expire(job.key, self.settings.job_ttl)
+                    pipe.hincrby(Keys.OUTCOMES, f"{model}|{JobStatus.CANCELED.value}|", 1)
+                    pipe.publish(Keys.ENDED, job_id)
+                    pipe.execute()
+                    return
+                except redis.WatchError:
+                    continue
+                except InvalidJobOperation:
+                    return
 
     # -- waiting (OpenAI-style endpoint) -----------------------------------------
 

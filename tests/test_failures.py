@@ -196,6 +196,35 @@ def test_full_queue_answers_429(redis_server: RedisServer, tmp_path: Path) -> No
         r.srem("latentd:workers", "ghost")
 
 
+def test_a_queued_job_canceled_is_counted_once_and_a_job_being_taken_is_left_to_its_flag(
+    private_redis: RedisServer, tmp_path: Path
+) -> None:
+    r = private_redis.client()
+    r.set(
+        "latentd:worker:ghost",
+        '{"name":"ghost","model":"tiny","device":"cpu","pid":1,"hostname":"h","started_at":0}',
+        ex=120,
+    )
+    r.sadd("latentd:workers", "ghost")
+    api, url = start_api(private_redis.url, tmp_path, LATENTD_DEFAULT_MODEL="tiny")
+    counted = 'latentd_jobs_total{code="",model="tiny",status="canceled"} 1.0'
+    try:
+        queued = httpx.post(f"{url}/v1/generations", json={"prompt": "x"}).json()["id"]
+        assert httpx.post(f"{url}/v1/generations/{queued}/cancel").json()["status"] == "canceled"
+        assert counted in httpx.get(f"{url}/metrics").text  # no worker ever sees it: the API counts it
+        # A job a worker is taking: RQ moves it off its queue, then marks it started. A cancel in
+        # between must not end it in RQ, or it would go canceled, then running, then canceled.
+        taken = httpx.post(f"{url}/v1/generations", json={"prompt": "x"}).json()["id"]
+        r.lmove("rq:queue:latentd:tiny", "rq:intermediate:latentd:tiny", "LEFT", "RIGHT")
+        reply = httpx.post(f"{url}/v1/generations/{taken}/cancel").json()
+        assert reply["status"] == "queued" and reply["cancel_requested"], reply
+        r.hset(f"rq:job:{taken}", "status", "started")  # the worker then sees the flag
+        assert httpx.get(f"{url}/v1/generations/{taken}").json()["status"] == "running"
+        assert counted in httpx.get(f"{url}/metrics").text
+    finally:
+        api.stop()
+
+
 def test_cli_generate_writes_the_images(service: Service, tmp_path: Path) -> None:
     env = base_env(service.url)
     proc = spawn(
