@@ -15,6 +15,7 @@ import redis
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from rq import Queue
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -42,13 +43,21 @@ class RedisCollector(Collector):
 
     def _collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
         r = self.service.redis
-        models = self.service.models()
-        names = sorted({m.id for m in models} | {self.service.settings.default_model})
+        live = {m.id: m.workers for m in self.service.models()}
+        # Every model with jobs waiting, served or not: one whose last worker is gone must show
+        # `latentd_workers 0` beside its queue (the LatentdNoWorkers alert), not vanish.
+        prefix = Queue.redis_queue_namespace_prefix + Keys.queue_name("")
+        queued = [as_text(k).removeprefix(prefix) for k in r.smembers(Queue.redis_queues_keys)]
+        candidates = sorted({*live, self.service.settings.default_model, *(q for q in queued if q)})
+        pipe = r.pipeline(transaction=False)
+        for name in candidates:
+            pipe.llen(self.service.queue(name).key)
+        lengths = dict(zip(candidates, pipe.execute(), strict=True))
+        names = [n for n in candidates if n in live or n == self.service.settings.default_model or lengths[n]]
         depth = GaugeMetricFamily("latentd_queue_depth", "Jobs waiting per model.", labels=["model"])
         workers = GaugeMetricFamily("latentd_workers", "Live workers per model.", labels=["model"])
-        live = {m.id: m.workers for m in models}
         for name in names:
-            depth.add_metric([name], self.service.queue(name).count)
+            depth.add_metric([name], lengths[name])
             workers.add_metric([name], live.get(name, 0))
         yield depth
         yield workers

@@ -225,6 +225,27 @@ def test_a_queued_job_canceled_is_counted_once_and_a_job_being_taken_is_left_to_
         api.stop()
 
 
+def test_a_model_whose_workers_are_gone_stays_in_the_metrics_while_its_jobs_wait(
+    private_redis: RedisServer, tmp_path: Path
+) -> None:
+    r = private_redis.client()
+    r.set(
+        "latentd:worker:ghost",
+        '{"name":"ghost","model":"other","device":"cpu","pid":1,"hostname":"h","started_at":0}',
+        ex=120,
+    )
+    r.sadd("latentd:workers", "ghost")
+    api, url = start_api(private_redis.url, tmp_path, LATENTD_DEFAULT_MODEL="tiny")
+    try:
+        assert httpx.post(f"{url}/v1/generations", json={"prompt": "x", "model": "other"}).status_code == 202
+        r.delete("latentd:worker:ghost")  # its heartbeat lapses
+        text = httpx.get(f"{url}/metrics").text
+        assert 'latentd_workers{model="other"} 0.0' in text  # LatentdNoWorkers fires for it
+        assert 'latentd_queue_depth{model="other"} 1.0' in text
+    finally:
+        api.stop()
+
+
 def test_cli_generate_writes_the_images(service: Service, tmp_path: Path) -> None:
     env = base_env(service.url)
     proc = spawn(
