@@ -314,9 +314,11 @@ class GenerationService:
         steps = req.steps or s.default_steps
         work = width * height * req.num_images * steps
         if work > s.max_work:
+            # Blame a field the client sent: the OpenAI route has no steps.
+            sent = [f for f in ("steps", "num_images", "width", "height") if getattr(req, f) not in (None, 1)]
             raise InvalidRequest(
                 f"width × height × num_images × steps = {work} exceeds the limit of {s.max_work}",
-                param="steps",
+                param=(sent or ["steps"])[0],
             )
         return JobPayload(
             job_id=job_id,

@@ -124,6 +124,32 @@ def test_openai_endpoint_bounds(
     assert nothing_enqueued(redis_client)
 
 
+@pytest.mark.parametrize(
+    ("route", "body", "param"),
+    [
+        ("/v1/generations", {"steps": 21}, "steps"),
+        ("/v1/generations", {"num_images": 2}, "num_images"),
+        ("/v1/generations", {"width": 512}, "width"),
+        ("/v1/images/generations", {"n": 2}, "n"),  # the OpenAI route has no steps to blame
+        ("/v1/images/generations", {"size": "512x512"}, "size"),
+    ],
+)
+def test_work_over_the_limit_names_a_field_the_request_sent(
+    redis_server: RedisServer, redis_client: redis.Redis, route: str, body: dict[str, Any], param: str
+) -> None:
+    # One 64x64 image at the default 20 steps fits, and nothing more.
+    settings = ApiSettings(
+        redis_url=redis_server.url_for(PRIVATE_DB), default_model="tiny", max_work=64 * 64 * 20
+    )
+    with TestClient(create_app(settings)) as client:
+        response = client.post(route, json={**VALID, **body})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["param"] == param
+    if route == "/v1/images/generations":  # in the caller's terms
+        assert "num_images" not in response.json()["error"]["message"]
+    assert nothing_enqueued(redis_client)
+
+
 def test_unknown_model_is_refused_at_submit(client: TestClient, redis_client: redis.Redis) -> None:
     response = client.post("/v1/generations", json={**VALID, "model": "nobody-serves-this"})
     assert response.status_code == 400

@@ -67,10 +67,11 @@ async def create_image(
     try:
         accepted = await service.submit(req, caller.owner)
     except InvalidRequest as exc:  # speak the caller's dialect: name the field it sent
+        message = exc.message.replace("num_images", "n")
         if exc.param == "num_images":
-            raise InvalidRequest(exc.message.replace("num_images", "n"), param="n") from None
+            raise InvalidRequest(message, param="n") from None
         if exc.param in ("width", "height"):
-            raise InvalidRequest(f"size {body.size}: {exc.message}", param="size") from None
+            raise InvalidRequest(f"size {body.size}: {message}", param="size") from None
         raise
     view = await service.wait(accepted.id, caller.owner, settings.sync_timeout)
     if view.status is JobStatus.SUCCEEDED:
