@@ -9,7 +9,7 @@ a bare `internal_error`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import redis.exceptions
@@ -194,7 +194,19 @@ COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI, authenticate: Callable[[Request], Awaitable[object]]) -> None:
+    """`authenticate` is run for a body that cannot be decoded: FastAPI decodes the body before it
+    runs a route's dependencies, and a caller without a valid key must get 401 either way."""
+
+    async def _refused(request: Request) -> JSONResponse | None:
+        if not request.url.path.startswith("/v1/"):
+            return None
+        try:
+            await authenticate(request)
+        except ServiceError as exc:
+            return service_error_response(exc)
+        return None
+
     @app.exception_handler(ServiceError)
     async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
         return service_error_response(exc)
@@ -203,6 +215,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = list(exc.errors())
         first = errors[0] if errors else {}
+        if first.get("type") == "json_invalid" and (refused := await _refused(request)):
+            return refused
         if tuple(first.get("loc", ())) == ("body",):  # the body as a whole: absent, or not JSON
             if "json" not in request.headers.get("content-type", ""):
                 return error_response(
@@ -220,8 +234,10 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(422, ErrorCode.INVALID_REQUEST, message, param)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 400:  # FastAPI's answer to a body it cannot decode
+            if refused := await _refused(request):
+                return refused
             return error_response(
                 422,
                 ErrorCode.INVALID_REQUEST,

@@ -16,7 +16,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
 import latentd
-from app.auth import AuthState
+from app.auth import AuthState, authenticate
 from app.config import ApiSettings, get_settings
 from app.errors import install_error_handlers
 from app.limits import BodySizeLimit
@@ -109,7 +109,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         summary="Self-hosted image generation: submit a prompt, poll the job, download the picture.",
         lifespan=lifespan,
     )
-    install_error_handlers(app)
+    install_error_handlers(app, authenticate)
     app.add_middleware(generations.StatusReads)  # innermost: inside the metrics and the body limit
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)

@@ -85,6 +85,20 @@ def test_every_api_route_requires_a_valid_key(secured: Secured) -> None:
             assert response.status_code == 401, (method, path, auth, response.text)
             assert response.json()["error"]["code"] == "unauthorized"
             assert response.headers["www-authenticate"] == "Bearer"
+        # A body that cannot be decoded (FastAPI decodes it before it asks for the key).
+        for path in ("/v1/generations", "/v1/images/generations"):
+            for raw in (b"{bad", b'{"prompt": "\xff"}'):
+                response = httpx.post(
+                    secured.url + path, content=raw, headers={**auth, "Content-Type": "application/json"}
+                )
+                assert response.status_code == 401, (path, raw, auth, response.text)
+    for raw in (b"{bad", b'{"prompt": "\xff"}'):  # with a key: the body's own error
+        response = httpx.post(
+            secured.url + "/v1/generations",
+            content=raw,
+            headers={**secured.alice, "Content-Type": "application/json"},
+        )
+        assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_request"
     for open_path in ("/healthz", "/readyz", "/metrics"):
         assert httpx.get(secured.url + open_path).status_code == 200
     assert httpx.get(secured.url + "/v1/models", headers=secured.alice).status_code == 200
