@@ -101,9 +101,12 @@ return false
 
 # RQ's enqueue commands, run only while the queue is under its depth limit: the check and the
 # push in one step, so concurrent submits cannot all pass the check and overfill the queue.
-# KEYS: the queue; ARGV: the limit, then for each command its argument count and its arguments.
-# Returns the queue's length after the push, or -1 (full: nothing written).
+# A job whose record exists is not pushed again: the client resends a command whose reply was
+# lost (a timeout, a dropped connection), and the job would run twice.
+# KEYS: the queue, the job's record; ARGV: the limit, then for each command its argument count
+# and its arguments. Returns the queue's length after the push, or -1 (full: nothing written).
 _ENQUEUE = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return redis.call('LLEN', KEYS[1]) end
 if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[1]) then return -1 end
 local i = 2
 while i <= #ARGV do
@@ -453,7 +456,9 @@ class GenerationService:
                 flat += [len(args), *args]
         finally:
             staged.reset()
-        length = await self._enqueue_script(keys=[queue.key], args=[self.settings.max_queue_depth, *flat])
+        length = await self._enqueue_script(
+            keys=[queue.key, job.key], args=[self.settings.max_queue_depth, *flat]
+        )
         return job, int(length)
 
     # -- read ------------------------------------------------------------------

@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 
 from app.config import ApiSettings
 from app.main import create_app
+from app.protocol import GenerationRequest
 from tests.conftest import PRIVATE_DB, RedisServer
 
 VALID = {"prompt": "a red circle"}
@@ -148,6 +149,21 @@ def test_work_over_the_limit_names_a_field_the_request_sent(
     if route == "/v1/images/generations":  # in the caller's terms
         assert "num_images" not in response.json()["error"]["message"]
     assert nothing_enqueued(redis_client)
+
+
+def test_an_enqueue_sent_again_pushes_the_job_once(
+    redis_server: RedisServer, redis_client: redis.Redis
+) -> None:
+    # What redis-py's retry does when a reply is lost (a timeout, a dropped connection) after
+    # Redis ran the enqueue: it sends it again. The job must not be queued, and run, twice.
+    settings = ApiSettings(redis_url=redis_server.url_for(PRIVATE_DB), default_model="tiny")
+    with TestClient(create_app(settings)) as client:
+        service = client.app.state.service  # type: ignore[attr-defined]
+        payload = service.resolve(GenerationRequest(prompt="x"), "resent-job")
+        queue = service.queue("tiny")
+        for _ in range(2):
+            client.portal.call(service._rq_enqueue, queue, payload, None)  # type: ignore[union-attr]
+    assert redis_client.lrange(queue.key, 0, -1) == [b"resent-job"]
 
 
 def test_unknown_model_is_refused_at_submit(client: TestClient, redis_client: redis.Redis) -> None:
