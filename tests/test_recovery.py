@@ -213,6 +213,30 @@ def test_frozen_worker_gives_up_a_whole_batch_and_leaves_its_jobs_alone(cluster:
             other.stop()
 
 
+def test_a_queued_job_that_cannot_be_read_does_not_stop_the_worker(cluster: Cluster) -> None:
+    # Something other than the API put a job RQ cannot deserialize in the queue. The worker reads
+    # it looking for jobs to batch with the one before it, then takes it on its own (it quit, exit
+    # code 0, leaving the queue to stand).
+    worker = cluster.worker("w")
+    try:
+        blocker = cluster.submit({**LONG_JOB, "steps": 20})
+        cluster.running_on(blocker)
+        before = cluster.submit({"prompt": "before", "steps": 2})
+        r = cluster.redis.client()
+        r.hset(
+            "rq:job:garbled",
+            mapping={"status": "queued", "origin": "latentd:tiny", "data": b"\x00garbled", "created_at": ""},
+        )
+        r.rpush("rq:queue:latentd:tiny", "garbled")
+        after = cluster.submit({"prompt": "after", "steps": 2})
+        for job_id in (blocker, before, after):  # the first job's batch skipped it
+            assert cluster.wait_terminal(job_id)["status"] == "succeeded"
+        assert worker.proc.poll() is None, worker.output()[-2000:]
+        assert r.hget("rq:job:garbled", "status") == b"failed"  # it ran, alone, and failed
+    finally:
+        worker.stop()
+
+
 def test_sigterm_finishes_the_current_job_takes_no_new_one_and_exits_0(cluster: Cluster) -> None:
     worker = cluster.worker("a")
     running = cluster.submit(LONG_JOB)

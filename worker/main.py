@@ -14,7 +14,7 @@ from typing import Any
 
 import redis
 from rq import Queue, SimpleWorker
-from rq.exceptions import AbandonedJobError
+from rq.exceptions import AbandonedJobError, DeserializationError
 from rq.job import Job
 from rq.serializers import JSONSerializer
 from rq.worker import WorkerStatus
@@ -37,7 +37,7 @@ def payload_of(job: Any) -> JobPayload:
     """The job's payload; ValueError (pydantic's ValidationError is one) when unreadable."""
     try:
         return JobPayload.model_validate(job.args[0])
-    except (IndexError, TypeError) as exc:
+    except (IndexError, TypeError, DeserializationError) as exc:
         raise ValueError(f"job {job.id} carries no payload") from exc
 
 
