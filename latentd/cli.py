@@ -48,61 +48,79 @@ def cmd_worker(_: argparse.Namespace) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     """Embedded Redis (unless LATENTD_REDIS_URL is set), one worker and the API, supervised together."""
-    from latentd.embedded import start_redis, url_file
-
-    settings = CommonSettings()
-    env = dict(os.environ)
-    children: list[tuple[str, subprocess.Popen[bytes]]] = []
-    if settings.redis_url is None:
-        redis_proc, url = start_redis(Path(args.data_dir) / "redis", port=args.redis_port)
-        children.append(("redis", redis_proc))
-        env["LATENTD_REDIS_URL"] = url
-        url_file(Path(args.data_dir)).write_text(url)
-        print(f"latentd up: embedded Redis at {url} (data in {args.data_dir}/redis, AOF on)", file=sys.stderr)
+    from app.config import ApiSettings
+    from latentd.embedded import child_options, lock_data_dir, start_redis, url_file
     from worker.config import WorkerSettings
 
-    served = WorkerSettings().served_name()
+    # Every setting is checked before anything starts: a bad one must not leave a Redis behind.
+    settings = CommonSettings()
+    worker_settings = WorkerSettings()
+    ApiSettings()
+    data_dir = Path(args.data_dir)
+    lock = lock_data_dir(data_dir)
+    served = worker_settings.served_name()
+    env = dict(os.environ)
     env.setdefault("LATENTD_DEFAULT_MODEL", served)  # requests that name no model get this worker's
     # The worker writes this once its model is loaded: until then a submit is refused
     # (model_unavailable), so say when it is there.
-    ready = Path(env.setdefault("LATENTD_READY_FILE", str(Path(args.data_dir) / "worker.ready")))
+    ready = Path(env.setdefault("LATENTD_READY_FILE", str(data_dir / "worker.ready")))
     ready.unlink(missing_ok=True)  # left by a worker that was killed
     me = [sys.executable, "-m", "latentd.cli"]
-    children.append(("worker", subprocess.Popen([*me, "worker"], env=env)))
-    children.append(("api", subprocess.Popen([*me, "api"], env=env)))
-    port = env.get("LATENTD_PORT", "8000")
-    print(f"latentd up: API on http://127.0.0.1:{port} (docs at /docs); Ctrl-C stops", file=sys.stderr)
-    print("latentd up: the worker is loading its model ...", file=sys.stderr)
-
-    stopping = False
+    children: list[tuple[str, subprocess.Popen[bytes]]] = []
+    signals = 0
 
     def stop(signum: int, _: Any) -> None:
-        nonlocal stopping
-        stopping = True
+        nonlocal signals
+        signals += 1
+        if signals > 1:  # asked again: stop now; a running job goes back to the queue
+            for name, proc in children:
+                if name != "redis" and proc.poll() is None:
+                    proc.kill()
 
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stop)
     code = 0
-    loading = True
-    while not stopping:
-        if loading and ready.exists():
-            print(f"latentd up: ready: the worker serves model '{served}'", file=sys.stderr)
-            loading = False
-        for name, proc in children:
-            if proc.poll() is not None:
-                print(f"latentd up: {name} exited with {proc.returncode}; stopping", file=sys.stderr)
-                code = proc.returncode or 1
-                stopping = True
-        time.sleep(0.2)
-    # API and worker first (the worker finishes its job), Redis last.
-    for _, proc in reversed(children):
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-    url_file(Path(args.data_dir)).unlink(missing_ok=True)
+    try:
+        if settings.redis_url is None:
+            redis_proc, url = start_redis(data_dir / "redis", port=args.redis_port, **child_options())
+            children.append(("redis", redis_proc))
+            env["LATENTD_REDIS_URL"] = url
+            url_file(data_dir).write_text(url)
+            print(f"latentd up: embedded Redis at {url} (data in {data_dir}/redis, AOF on)", file=sys.stderr)
+        children.append(("worker", subprocess.Popen([*me, "worker"], env=env, **child_options())))
+        children.append(("api", subprocess.Popen([*me, "api"], env=env, **child_options())))
+        port = env.get("LATENTD_PORT", "8000")
+        print(f"latentd up: API on http://127.0.0.1:{port} (docs at /docs); Ctrl-C stops", file=sys.stderr)
+        print("latentd up: the worker is loading its model ...", file=sys.stderr)
+        loading = True
+        while not signals and not code:
+            if loading and ready.exists():
+                print(f"latentd up: ready: the worker serves model '{served}'", file=sys.stderr)
+                loading = False
+            for name, proc in children:
+                if proc.poll() is not None:
+                    print(f"latentd up: {name} exited with {proc.returncode}; stopping", file=sys.stderr)
+                    # killed by a signal: 128 + its number, as a shell reports it
+                    code = proc.returncode if proc.returncode > 0 else 128 - proc.returncode
+                    break
+            time.sleep(0.2)
+    finally:
+        if signals:
+            print(
+                "latentd up: stopping (the worker finishes its job; Ctrl-C again to stop now)",
+                file=sys.stderr,
+            )
+        # API and worker first (the worker finishes its job), Redis last.
+        for name, proc in reversed(children):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=worker_settings.shutdown_grace + 30 if name == "worker" else 60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        url_file(data_dir).unlink(missing_ok=True)
+        lock.close()
     return code
 
 
@@ -245,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
+    from latentd.embedded import StartError
+
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
@@ -253,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
             where = "LATENTD_" + "_".join(str(p) for p in err["loc"]).upper() + ": " if err["loc"] else ""
             print(f"latentd: invalid configuration: {where}{err['msg']}", file=sys.stderr)
         return 2
+    except StartError as exc:
+        print(f"latentd: {exc}", file=sys.stderr)
+        return 1
     return code
 
 

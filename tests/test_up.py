@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -11,17 +12,39 @@ import httpx
 import pytest
 
 from latentd.embedded import free_port
-from tests.conftest import base_env, spawn, wait_until
+from tests.conftest import RedisServer, base_env, spawn, wait_until
 
 pytestmark = pytest.mark.integration
 
 
-def test_up_serves_a_generation_and_stops_cleanly(tmp_path: Path, tiny_model_dir: Path) -> None:
-    port = free_port()
-    env = base_env("", LATENTD_MODEL=str(tiny_model_dir), LATENTD_PORT=str(port), LATENTD_TORCH_THREADS="1")
+def up_env(model_dir: Path, port: int, **extra: str) -> dict[str, str]:
+    env = base_env(
+        "", LATENTD_MODEL=str(model_dir), LATENTD_PORT=str(port), LATENTD_TORCH_THREADS="1", **extra
+    )
     del env["LATENTD_REDIS_URL"]  # no Redis given: `up` starts its own
-    up = spawn(["up", "--data-dir", str(tmp_path / "data")], env, tmp_path / "up.log")
+    return env
+
+
+def processes_using(path: Path) -> list[str]:
+    """Command lines of running processes that name `path` (an orphaned redis-server would)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(path) in text and "pytest" not in text:
+            found.append(text)
+    return found
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGHUP], ids=["ctrl-c", "hangup"])
+def test_up_serves_a_generation_and_stops_cleanly(tmp_path: Path, tiny_model_dir: Path, stop: int) -> None:
+    port = free_port()
+    env = up_env(tiny_model_dir, port)
+    up = spawn(["up", "--data-dir", str(tmp_path / "data")], env, tmp_path / "up.log", new_session=True)
     url = f"http://127.0.0.1:{port}"
+    job_id = ""
     try:
 
         def serving() -> bool:
@@ -76,8 +99,55 @@ def test_up_serves_a_generation_and_stops_cleanly(tmp_path: Path, tiny_model_dir
         wait_until(lambda: httpx.get(f"{url}/v1/models").status_code == 401, 30, what="keys required")
         authorized = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"})
         assert authorized.status_code == 200
+
+        # One `up` per data directory: a second one would run a second Redis on the same AOF.
+        second = subprocess.run(
+            [sys.executable, "-m", "latentd.cli", "up", "--data-dir", str(tmp_path / "data")],
+            env=up_env(tiny_model_dir, free_port()), capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert second.returncode == 1 and "another `latentd up`" in second.stderr, second.stderr
+        assert "Traceback" not in second.stderr
+
+        # Stopped as a terminal stops it, with a job running: the signal reaches the whole
+        # process group. The worker finishes the job before Redis goes.
+        headers = {"Authorization": f"Bearer {key}"}
+        job_id = httpx.post(
+            f"{url}/v1/generations",
+            json={"prompt": "a long one", "steps": 150, "width": 128, "height": 128},
+            headers=headers,
+        ).json()["id"]
+        wait_until(
+            lambda: (
+                httpx.get(f"{url}/v1/generations/{job_id}", headers=headers).json()["progress"]["step"] > 0
+            ),
+            60,
+            what="the job running",
+        )
     finally:
-        up.proc.send_signal(signal.SIGINT)
-        code = up.proc.wait(90)
+        os.killpg(up.proc.pid, stop)
+        code = up.proc.wait(120)
     assert code == 0, up.output()[-3000:]
+    assert f"job_succeeded job_id={job_id}" in up.output(), up.output()[-3000:]
     assert not (tmp_path / "data" / "redis" / "url").exists(), "the URL goes when `up` stops"
+    assert not processes_using(tmp_path / "data"), "`up` left a process behind"
+
+
+def test_up_with_a_bad_setting_starts_nothing(tmp_path: Path, tiny_model_dir: Path) -> None:
+    env = up_env(tiny_model_dir, free_port(), LATENTD_MAX_BATCH_IMAGES="0")
+    up = spawn(["up", "--data-dir", str(tmp_path / "data")], env, tmp_path / "up.log")
+    assert up.proc.wait(60) == 2
+    assert "LATENTD_MAX_BATCH_IMAGES" in up.output() and "Traceback" not in up.output()
+    assert not processes_using(tmp_path / "data"), "a Redis was left running"
+    assert not (tmp_path / "data" / "redis" / "url").exists()
+
+
+def test_up_says_when_its_redis_port_is_taken(
+    tmp_path: Path, tiny_model_dir: Path, redis_server: RedisServer
+) -> None:
+    env = up_env(tiny_model_dir, free_port())
+    args = ["up", "--data-dir", str(tmp_path / "data"), "--redis-port", str(redis_server.port)]
+    up = spawn(args, env, tmp_path / "up.log")
+    assert up.proc.wait(60) == 1, up.output()
+    assert "is the port in use" in up.output() and "Traceback" not in up.output()
+    assert not processes_using(tmp_path / "data")
+    assert redis_server.client().ping()  # the Redis already there is untouched
