@@ -26,15 +26,18 @@ def up_env(model_dir: Path, port: int, **extra: str) -> dict[str, str]:
 
 
 def processes_using(path: Path) -> list[str]:
-    """Command lines of running processes that name `path` (an orphaned redis-server would)."""
+    """Running processes that name `path` in their command line or environment, or work in it
+    (redis-server rewrites its command line, but works in its data directory)."""
     found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+    for proc in Path("/proc").glob("[0-9]*"):
         try:
-            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if proc.name == str(os.getpid()):
+                continue
+            named = str(path).encode() in (proc / "cmdline").read_bytes() + (proc / "environ").read_bytes()
+            if named or Path(os.readlink(proc / "cwd")).is_relative_to(path):
+                found.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
         except OSError:
             continue
-        if str(path) in text and "pytest" not in text:
-            found.append(text)
     return found
 
 
@@ -151,3 +154,14 @@ def test_up_says_when_its_redis_port_is_taken(
     assert "is the port in use" in up.output() and "Traceback" not in up.output()
     assert not processes_using(tmp_path / "data")
     assert redis_server.client().ping()  # the Redis already there is untouched
+
+
+def test_what_up_started_stops_if_up_is_killed(tmp_path: Path, tiny_model_dir: Path) -> None:
+    up = spawn(
+        ["up", "--data-dir", str(tmp_path / "data")], up_env(tiny_model_dir, free_port()), tmp_path / "up.log"
+    )
+    wait_until(lambda: "the worker is loading" in up.output(), 60, what="up to start its children")
+    assert processes_using(tmp_path / "data")  # the embedded Redis
+    up.proc.kill()  # the OOM killer, say: no chance to stop anything
+    up.proc.wait()
+    wait_until(lambda: not processes_using(tmp_path / "data"), 30, what="the children to stop")
