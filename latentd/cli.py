@@ -16,13 +16,22 @@ from latentd.settings import CommonSettings
 
 
 def cmd_api(args: argparse.Namespace) -> int:
+    import redis
     import uvicorn
 
     from app.config import get_settings
     from latentd.logs import configure
+    from latentd.store import UnsafeRedis, check_eviction_policy
 
     settings = get_settings()
     configure(settings.log_level)
+    try:  # as the worker does: refuse, in one line, a Redis that may evict jobs
+        check_eviction_policy(redis.Redis.from_url(settings.effective_redis_url, socket_connect_timeout=1.0))
+    except UnsafeRedis as exc:
+        print(f"latentd api: {exc}", file=sys.stderr)
+        return 4
+    except redis.RedisError:
+        pass  # unreachable: the API starts anyway, and /readyz answers 503 until Redis is there
     if settings.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"latentd api: listening on {settings.host}:{settings.port}", file=sys.stderr)
     uvicorn.run(

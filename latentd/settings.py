@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Literal
+
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -10,7 +12,11 @@ BUILTIN_MODEL = "builtin"
 
 
 class CommonSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="LATENTD_", extra="ignore")
+    # An empty variable is an unset one (`LATENTD_REDIS_URL=` in a compose file, say); no setting
+    # takes inf or nan.
+    model_config = SettingsConfigDict(
+        env_prefix="LATENTD_", extra="ignore", env_ignore_empty=True, allow_inf_nan=False
+    )
 
     redis_url: str | None = Field(
         default=None,
@@ -24,7 +30,21 @@ class CommonSettings(BaseSettings):
         description="Seconds a finished job's record (status, parameters, error) is kept; "
         "longer than results_ttl so an expired image answers `expired`, not `not_found`.",
     )
-    log_level: str = Field(default="info", description="debug, info, warning or error.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="debug, info, warning or error."
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_case(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix:// (e.g. redis://127.0.0.1:6379/0)")
+        return value
 
     @property
     def effective_redis_url(self) -> str:

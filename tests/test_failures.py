@@ -363,12 +363,46 @@ def test_redis_that_may_evict_jobs_is_refused(private_redis: RedisServer, tmp_pa
     assert worker.proc.wait(120) == 4
     assert "noeviction" in worker.output()
     api = spawn(["api"], {**env, "LATENTD_PORT": str(free_port())}, tmp_path / "api.log")
-    assert api.proc.wait(60) != 0
-    assert "noeviction" in api.output()
+    assert api.proc.wait(60) == 4
+    assert "noeviction" in api.output() and "Traceback" not in api.output()
 
 
-def test_bad_configuration_is_named_without_a_traceback(tmp_path: Path) -> None:
-    env = base_env("redis://127.0.0.1:1/0", LATENTD_PORT="0")
-    api = spawn(["api"], env, tmp_path / "api.log")
-    assert api.proc.wait(60) == 2
-    assert "LATENTD_PORT" in api.output() and "Traceback" not in api.output()
+@pytest.mark.parametrize(
+    ("command", "variable", "value"),
+    [
+        ("api", "LATENTD_PORT", "0"),
+        ("api", "LATENTD_LOG_LEVEL", "verbose"),
+        ("worker", "LATENTD_LOG_LEVEL", "trace"),
+        ("api", "LATENTD_REDIS_URL", "localhost:6379"),
+        ("worker", "LATENTD_REDIS_URL", "localhost:6379"),
+        ("worker", "LATENTD_DEVICE", "bogus"),
+        ("worker", "LATENTD_HEARTBEAT_INTERVAL", "inf"),
+        ("api", "LATENTD_SYNC_TIMEOUT", "nan"),
+    ],
+)
+def test_bad_configuration_is_named_without_a_traceback(
+    tmp_path: Path, command: str, variable: str, value: str
+) -> None:
+    proc = spawn([command], {**base_env("redis://127.0.0.1:1/0"), variable: value}, tmp_path / "out.log")
+    assert proc.proc.wait(60) == 2, proc.output()
+    assert f"invalid configuration: {variable}" in proc.output() and "Traceback" not in proc.output()
+
+
+def test_a_log_level_in_capitals_is_taken_and_an_empty_variable_is_unset() -> None:
+    from latentd.settings import CommonSettings
+
+    env = {"LATENTD_LOG_LEVEL": "WARNING", "LATENTD_REDIS_URL": ""}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        settings = CommonSettings()
+    assert settings.log_level == "warning" and settings.redis_url is None  # `up` embeds its own Redis
+
+
+def test_a_device_this_host_lacks_stops_the_worker_in_one_line(
+    private_redis: RedisServer, tmp_path: Path
+) -> None:
+    env = base_env(private_redis.url, LATENTD_DEVICE="cuda:7")  # no host here has eight GPUs
+    worker = spawn(["worker"], env, tmp_path / "worker.log")
+    assert worker.proc.wait(120) == 3, worker.output()  # the model cannot load
+    assert "LATENTD_DEVICE=cuda:7" in worker.output() and "Traceback" not in worker.output()

@@ -21,8 +21,10 @@ class WorkerSettings(CommonSettings):
     model_name: str | None = Field(
         default=None, description="Name clients use for this model; derived from `model` when unset."
     )
-    device: Literal["auto", "cuda", "mps", "cpu"] | str = Field(
-        default="auto", description="auto picks CUDA, then MPS, then CPU; `cuda:1` pins a GPU."
+    device: str = Field(
+        default="auto",
+        pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$",
+        description="auto picks CUDA, then MPS, then CPU; `cuda:1` pins a GPU.",
     )
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
         default="auto", description="auto: float16 on a GPU, float32 on the CPU."

@@ -61,7 +61,14 @@ class ModelLoadError(RuntimeError):
 
 def pick_device(requested: str) -> torch.device:
     if requested != "auto":
-        return torch.device(requested)
+        device = torch.device(requested)
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise ModelLoadError(
+                f"LATENTD_DEVICE={requested}: this host has {torch.cuda.device_count()} CUDA devices"
+            )
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise ModelLoadError(f"LATENTD_DEVICE={requested}: MPS is not available on this host")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
