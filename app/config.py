@@ -66,7 +66,10 @@ class ApiSettings(CommonSettings):
     @model_validator(mode="after")
     def _check(self) -> ApiSettings:
         if self.default_size * self.default_size > self.max_pixels:
-            raise ValueError("default_size squared exceeds max_pixels")
+            raise ValueError(
+                f"LATENTD_DEFAULT_SIZE squared ({self.default_size**2}) exceeds "
+                f"LATENTD_MAX_PIXELS ({self.max_pixels})"
+            )
         self.static_key_digests()  # refuse malformed or placeholder keys at startup
         return self
 
@@ -79,8 +82,8 @@ class ApiSettings(CommonSettings):
             name, _, key = pair.partition(":")
             if not name or len(key) < 16 or key.lower() in PLACEHOLDER_KEYS:
                 raise ValueError(
-                    "api_keys: each entry must be NAME:KEY with a KEY of at least 16 characters that is not "
-                    "a placeholder (generate one with `latentd keys create NAME`)"
+                    "LATENTD_API_KEYS: each entry must be NAME:KEY with a KEY of at least 16 characters "
+                    "that is not a placeholder (generate one with `latentd keys create NAME`)"
                 )
             digests[keys.digest(key)] = name
         return digests

@@ -280,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:  # a bad LATENTD_* value: say which, without a traceback
         for err in exc.errors():
             where = "LATENTD_" + "_".join(str(p) for p in err["loc"]).upper() + ": " if err["loc"] else ""
-            print(f"latentd: invalid configuration: {where}{err['msg']}", file=sys.stderr)
+            message = str(err["msg"]).removeprefix("Value error, ")
+            print(f"latentd: invalid configuration: {where}{message}", file=sys.stderr)
         return 2
     except StartError as exc:
         print(f"latentd: {exc}", file=sys.stderr)

@@ -201,4 +201,4 @@ def test_keys_from_the_environment(tmp_path: Path) -> None:
         server.stop()
     placeholder = spawn(["api"], base_env(server.url, LATENTD_API_KEYS="ops:changeme"), tmp_path / "bad.log")
     assert placeholder.proc.wait(60) == 2
-    assert "api_keys" in placeholder.output() and "Traceback" not in placeholder.output()
+    assert "LATENTD_API_KEYS" in placeholder.output() and "Traceback" not in placeholder.output()
