@@ -98,6 +98,11 @@ def test_submit_progress_succeed_download(service: Service) -> None:
     assert changed.status_code == 200 and changed.content == response.content
     missing = service.http.get(f"/v1/generations/{job_id}/images/1")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    head = service.http.head(image["url"])  # the headers a GET has, without the bytes
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-length"] == str(len(response.content))
+    assert head.headers["etag"] == etag and head.headers["content-type"] == "image/png"
+    assert service.http.head(f"/v1/generations/{job_id}/images/1").status_code == 404
 
 
 @pytest.mark.parametrize(

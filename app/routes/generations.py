@@ -121,6 +121,8 @@ def cancel_generation(job_id: JobId, service: ServiceDep, caller: PrincipalDep) 
     return JSONResponse(view.model_dump(mode="json"), status_code=200 if view.status.is_terminal() else 202)
 
 
+# HEAD: the headers alone (size, type, ETag), e.g. before a download; documented with the GET.
+@router.head("/{job_id}/images/{index}", response_class=Response, include_in_schema=False)
 @router.get(
     "/{job_id}/images/{index}",
     response_class=Response,
