@@ -34,7 +34,10 @@ class ApiSettings(CommonSettings):
         default=1000, ge=1, description="Queued jobs per model before submits get 429."
     )
     job_timeout: int = Field(
-        default=600, ge=1, description="Seconds one job may run before it fails with `timeout`."
+        default=600,
+        ge=1,
+        description="Seconds one job may run before it fails with `timeout` "
+        "(a batch of n jobs: n times that).",
     )
     max_attempts: int = Field(
         default=3,

@@ -24,6 +24,7 @@ from tests.conftest import (
     RedisServer,
     Service,
     base_env,
+    sitecustomize,
     spawn,
     start_api,
     start_worker,
@@ -136,6 +137,58 @@ def test_job_over_its_time_limit_fails_with_timeout(
             # The worker carries on.
             ok = http.post("/v1/generations", json={"prompt": "quick", "steps": 1}).json()["id"]
             wait_until(lambda: http.get(f"/v1/generations/{ok}").json()["status"] == "succeeded", 60)
+    finally:
+        api.stop()
+        worker.stop()
+
+
+# Every pipeline call takes 2 s per job in it, whatever its size: a lone job fits a 3 s limit,
+# two jobs in one call take 4 s.
+SLOW_CALLS = """
+import time
+
+from worker.pipeline import Runner
+
+_generate = Runner.generate
+
+
+def generate(self, payloads, on_step):
+    time.sleep(2 * len(payloads))
+    return _generate(self, payloads, on_step)
+
+
+Runner.generate = generate
+"""
+
+
+def test_a_batch_has_the_time_its_jobs_would_have_had_one_after_another(
+    redis_server: RedisServer, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    worker = start_worker(
+        redis_server.url, tiny_model_dir, tmp_path, name="batcher", LATENTD_MODEL_NAME="tiny-batch-limit",
+        PYTHONPATH=sitecustomize(tmp_path, SLOW_CALLS), LATENTD_BATCH_WAIT_MS="1000",
+    )  # fmt: skip
+    api, url = start_api(
+        redis_server.url, tmp_path, LATENTD_JOB_TIMEOUT="3", LATENTD_DEFAULT_MODEL="tiny-batch-limit"
+    )
+    try:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            blocker = http.post("/v1/generations", json={"prompt": "first", "steps": 1}).json()["id"]
+            wait_until(lambda: http.get(f"/v1/generations/{blocker}").json()["status"] == "running", 30)
+            pair = [http.post("/v1/generations", json={"prompt": p, "steps": 2}).json()["id"] for p in "ab"]
+            views = [
+                wait_until(
+                    lambda j=j: (
+                        (v := http.get(f"/v1/generations/{j}").json())["status"] not in ("queued", "running")
+                        and v
+                    ),
+                    60,
+                    what="the batch to end",
+                )
+                for j in pair
+            ]
+        assert redis_server.client().hget(f"latentd:job:{pair[0]}", "batch_jobs") == b"2"  # one call
+        assert [v["status"] for v in views] == ["succeeded", "succeeded"], views
     finally:
         api.stop()
         worker.stop()

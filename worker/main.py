@@ -17,6 +17,7 @@ from rq import Queue, SimpleWorker
 from rq.exceptions import AbandonedJobError, DeserializationError
 from rq.job import Job
 from rq.serializers import JSONSerializer
+from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
 from rq.worker import WorkerStatus
 
 from latentd.contract import JobPayload, Keys, WorkerInfo
@@ -41,6 +42,16 @@ def payload_of(job: Any) -> JobPayload:
         raise ValueError(f"job {job.id} carries no payload") from exc
 
 
+class BatchTimeLimit(UnixSignalDeathPenalty):
+    """RQ's time limit on the job it performs. A batch runs inside its first job, so it gets the
+    time its `jobs` would have had, run one after another: that many times the job time limit."""
+
+    jobs = 1
+
+    def __init__(self, timeout: int, exception: Any = JobTimeoutException, **kwargs: Any) -> None:
+        super().__init__(timeout * self.jobs if timeout > 0 else timeout, exception, **kwargs)
+
+
 class LatentdWorker(SimpleWorker):
     """RQ's in-process worker, plus what it lacks for GPU jobs.
 
@@ -48,9 +59,11 @@ class LatentdWorker(SimpleWorker):
       StartedJobRegistry every third of `lease_seconds`; a killed or frozen worker stops
       renewing it and another worker's `Heartbeat.reap` re-queues the job (RQ's retry) or fails it;
     - cancellation recorded the way RQ records a stopped job;
-    - real job errors are not retried: retries are for lost workers only.
+    - real job errors are not retried: retries are for lost workers only;
+    - a batch: jobs claimed into the call of the job it performs (`execute_job`).
     """
 
+    death_penalty_class = BatchTimeLimit
     lease_seconds = 30
     shutdown_grace = 600.0
     max_batch_images = 1
@@ -143,7 +156,9 @@ class LatentdWorker(SimpleWorker):
         )
         lease.start()
         try:
+            BatchTimeLimit.jobs = 1 + len(claimed)
             self.perform_job(job, queue, execution)  # runs the batch; each claimed job's outcome is recorded
+            BatchTimeLimit.jobs = 1
             rt.batch = []
             for c in claimed:  # RQ settles each as if it had run alone
                 if isinstance(rt.settled.get(c.job.id), jobs.Lost):
@@ -154,6 +169,7 @@ class LatentdWorker(SimpleWorker):
                     continue
                 self.perform_job(c.job, queue, c.execution)
         finally:
+            BatchTimeLimit.jobs = 1
             rt.batch = []
             rt.settled.clear()
             done.set()
