@@ -126,6 +126,31 @@ def test_killed_worker_job_is_requeued_and_completed(cluster: Cluster) -> None:
     assert cluster.redis.client().hget(f"latentd:job:{job_id}", "completions") == b"1"
 
 
+def test_a_job_whose_models_last_worker_died_is_requeued_by_another_models_worker(cluster: Cluster) -> None:
+    other = start_worker(
+        cluster.redis.url, cluster.model_dir, cluster.tmp, name="other",
+        LATENTD_LEASE_SECONDS=LEASE, LATENTD_MODEL_NAME="other-model",
+    )  # fmt: skip
+    first = cluster.worker("a")
+    try:
+        job_id = cluster.submit(LONG_JOB)
+        assert cluster.running_on(job_id) == "a"
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait()
+        # No worker serves its model now; the other model's worker finds the lapsed lease.
+        view = wait_until(
+            lambda: (v := cluster.status(job_id))["status"] == "queued" and v, 30, what="the job re-queued"
+        )
+        assert view["queue_position"] == 0 and view["attempts"] == 1
+        second = cluster.worker("b")  # the model is served again: the job runs
+        try:
+            assert cluster.wait_terminal(job_id)["status"] == "succeeded"
+        finally:
+            second.stop()
+    finally:
+        other.stop()
+
+
 def test_job_whose_attempts_run_out_fails_with_worker_lost(one_attempt_cluster: Cluster) -> None:
     cluster = one_attempt_cluster
     first = cluster.worker("a")

@@ -79,7 +79,9 @@ class LatentdWorker(SimpleWorker):
     def on_abandoned(self, job: Any, exc_type: Any, *_: Any) -> None:
         if exc_type is AbandonedJobError:
             will_retry = bool(job.retries_left and job.retries_left > 0)
-            jobs.record_abandoned(self.connection, job.id, self.model, will_retry)
+            # The job's own model: a worker reaps every model's queue.
+            model = (job.origin or "").removeprefix(Keys.queue_name("")) or self.model
+            jobs.record_abandoned(self.connection, job.id, model, will_retry)
 
     def handle_exception(self, job: Any, *exc_info: Any) -> None:
         # The job function already logged one structured line (and a traceback where it
@@ -251,7 +253,8 @@ class LatentdWorker(SimpleWorker):
 
 class Heartbeat(threading.Thread):
     """Keeps this worker's registration alive (the API routes and lists models from it) and
-    re-queues the abandoned jobs of its queue: jobs whose worker stopped renewing their lease."""
+    re-queues abandoned jobs, those whose worker stopped renewing their lease: of every model's
+    queue, so the job of a model whose last worker died is not left `running` for good."""
 
     def __init__(self, worker: LatentdWorker, info: WorkerInfo, interval: float, queue: Queue) -> None:
         super().__init__(name="latentd-heartbeat", daemon=True)
@@ -260,6 +263,7 @@ class Heartbeat(threading.Thread):
         self.info = info
         self.interval = interval
         self.queue = queue
+        self._queues: dict[str, Queue] = {}
         self.stopped = threading.Event()
 
     def beat(self) -> None:
@@ -269,13 +273,24 @@ class Heartbeat(threading.Thread):
         p.execute()
 
     def reap(self) -> None:
-        """One worker at a time hands RQ the queue's expired executions: RQ retries them while
-        retries are left, else fails them; we record why for the client."""
-        lock = Keys.reaper_lock(self.queue.name)
-        if not self.connection.set(lock, self.info.name, nx=True, px=max(1000, int(self.interval * 1000))):
-            return
+        """For each queue, one worker at a time hands RQ its expired executions: RQ retries them
+        while retries are left, else fails them; we record why for the client."""
+        prefix = Queue.redis_queue_namespace_prefix + Keys.queue_name("")
+        others = {as_text(k) for k in self.connection.smembers(Queue.redis_queues_keys)} - {self.queue.key}
+        queues = [self.queue, *(self._queue(k) for k in sorted(others) if k.startswith(prefix))]
+        for queue in queues:
+            lock = Keys.reaper_lock(queue.name)
+            if self.connection.set(lock, self.info.name, nx=True, px=max(1000, int(self.interval * 1000))):
+                queue.started_job_registry.cleanup(exception_handlers=[self.worker.on_abandoned])
 
-        self.queue.started_job_registry.cleanup(exception_handlers=[self.worker.on_abandoned])
+    def _queue(self, key: str) -> Queue:
+        queue = self._queues.get(key)
+        if queue is None:  # kept: a Queue reads the server's version once
+            name = key.removeprefix(Queue.redis_queue_namespace_prefix)
+            queue = self._queues[key] = Queue(
+                name, connection=self.connection, serializer=self.queue.serializer
+            )
+        return queue
 
     def run(self) -> None:
         failing = False
