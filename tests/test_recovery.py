@@ -151,6 +151,32 @@ def test_a_job_whose_models_last_worker_died_is_requeued_by_another_models_worke
         other.stop()
 
 
+def test_a_killed_worker_restarted_under_its_name_serves_and_a_live_name_is_refused(cluster: Cluster) -> None:
+    # RQ keeps a killed worker's record for minutes and refused a new worker of the same name
+    # (a restarted container has it: the same host name, pid 1) with a traceback, for 8 minutes.
+    first = cluster.worker("same")
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait()
+    again = cluster.worker("same")
+    try:
+        assert cluster.wait_terminal(cluster.submit({"prompt": "x", "steps": 1}))["status"] == "succeeded"
+        assert "stale_worker_record_cleared" in again.output()
+        twin = spawn(
+            ["worker"],
+            base_env(
+                cluster.redis.url, LATENTD_MODEL=str(cluster.model_dir), LATENTD_MODEL_NAME=TINY_MODEL,
+                LATENTD_WORKER_NAME="same", LATENTD_HEARTBEAT_INTERVAL="0.5", LATENTD_TORCH_THREADS="1",
+            ),
+            cluster.tmp / "twin.log",
+        )  # fmt: skip
+        assert twin.proc.wait(120) == 5
+        assert "a live worker is named 'same'" in twin.output() and "Traceback" not in twin.output()
+        assert again.proc.poll() is None  # the live one serves on, still registered
+        assert cluster.redis.client().exists("latentd:worker:same")
+    finally:
+        again.stop()
+
+
 def test_job_whose_attempts_run_out_fails_with_worker_lost(one_attempt_cluster: Cluster) -> None:
     cluster = one_attempt_cluster
     first = cluster.worker("a")

@@ -18,6 +18,7 @@ from rq.exceptions import AbandonedJobError, DeserializationError
 from rq.job import Job
 from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
+from rq.utils import now, utcformat
 from rq.worker import WorkerStatus
 
 from latentd.contract import JobPayload, Keys, WorkerInfo
@@ -32,6 +33,7 @@ log = logging.getLogger("latentd.worker")
 EXIT_MODEL_LOAD_FAILED = 3
 EXIT_REDIS_UNREACHABLE = 4  # or unsafe: it may evict jobs
 EXIT_DEVICE_BROKEN = 70
+EXIT_NAME_TAKEN = 5
 
 
 def payload_of(job: Any) -> JobPayload:
@@ -330,6 +332,27 @@ def _connect(url: str, wait: float = 30.0) -> redis.Redis:
             time.sleep(0.5)
 
 
+def _take_name(connection: redis.Redis, name: str, interval: float) -> bool:
+    """Whether this process may register as worker `name`. A worker killed without a goodbye
+    (SIGKILL, the OOM killer) leaves RQ's record of it alive for minutes, and RQ refuses a new
+    worker of the same name, which a restarted container (the same host name, pid 1) has. That
+    record is stale once the worker's own heartbeat has lapsed, or if the heartbeat names this
+    very host and pid. False if a live worker holds the name."""
+    rq_key = LatentdWorker.redis_worker_namespace_prefix + name
+    deadline = time.monotonic() + max(2, interval * 3)  # the heartbeat's lifetime
+    while connection.exists(rq_key) and not connection.hexists(rq_key, "death"):
+        raw = connection.get(Keys.worker(name))
+        mine = raw is not None and (info := WorkerInfo.model_validate_json(raw)).pid == os.getpid()
+        if raw is None or (mine and info.hostname == socket.gethostname()):
+            connection.hset(rq_key, "death", utcformat(now()))  # as RQ marks a death
+            event(log, "stale_worker_record_cleared", logging.WARNING, worker=name)
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
+
+
 def run(settings: WorkerSettings | None = None) -> int:
     settings = settings or get_settings()
     configure(settings.log_level)
@@ -353,6 +376,12 @@ def run(settings: WorkerSettings | None = None) -> int:
     # of the collector: a full collection walked them for ~250 ms, inside some job's time.
     gc.collect()
     gc.freeze()
+    if not _take_name(connection, name, settings.heartbeat_interval):
+        print(
+            f"latentd worker: a live worker is named {name!r}; give this one another LATENTD_WORKER_NAME",
+            file=sys.stderr,
+        )
+        return EXIT_NAME_TAKEN
     runtime = jobs.Runtime(runner=runner, connection=connection, settings=settings, worker_name=name)
     jobs.install(runtime)
     info = WorkerInfo(
