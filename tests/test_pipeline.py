@@ -206,3 +206,21 @@ def test_a_compile_that_fails_for_a_later_shape_runs_that_job_eager_and_stops_co
     tried = len(compiles)
     fresh.generate([payload(3)], never)
     assert len(compiles) == tried and compiles.count(True) == 1
+
+
+@pytest.mark.parametrize("scheduler", ["pndm", "ddim", "euler", "dpmpp_2m"])
+@pytest.mark.parametrize("steps", [1, 3, 10])
+def test_progress_counts_the_steps_the_client_asked_for(runner: Runner, scheduler: str, steps: int) -> None:
+    # PNDM ran steps + 9 model calls (progress reached 145 %), and failed below 4 steps.
+    seen: list[tuple[int, int]] = []
+
+    def record(done: int, total: int) -> bool:
+        seen.append((done, total))
+        return False
+
+    job = payload(1).model_copy(update={"scheduler": scheduler, "steps": steps})
+    images, _ = runner.generate([job], record)
+    assert len(images[0]) == 1
+    assert {total for _, total in seen} == {steps}
+    done = [d for d, _ in seen]
+    assert done == sorted(done) and done[0] >= 1 and done[-1] == steps, done

@@ -51,6 +51,10 @@ SCHEDULER_CLASSES: dict[str, Any] = {
     "pndm": PNDMScheduler,
 }
 
+# PNDM as Stable Diffusion ships it: without the Runge-Kutta warm-up steps, which ran steps + 9
+# denoising steps (progress past 100 %) and failed below 4 steps.
+SCHEDULER_OPTIONS: dict[str, dict[str, Any]] = {"pndm": {"skip_prk_steps": True}}
+
 # Called after each denoising step with (step_done, total_steps); returns True to interrupt.
 StepCallback = Callable[[int, int], bool]
 
@@ -159,7 +163,9 @@ class Runner:
         if name is None:
             return self._default_scheduler
         if name not in self._schedulers:
-            self._schedulers[name] = SCHEDULER_CLASSES[name].from_config(self._default_scheduler.config)
+            self._schedulers[name] = SCHEDULER_CLASSES[name].from_config(
+                self._default_scheduler.config, **SCHEDULER_OPTIONS.get(name, {})
+            )
         return self._schedulers[name]
 
     def generate(
@@ -175,6 +181,10 @@ class Runner:
         """
         first = payloads[0]
         self.pipe.scheduler = self._scheduler(first.scheduler)
+        most = self.pipe.scheduler.config.get("original_inference_steps")
+        if isinstance(self.pipe.scheduler, LCMScheduler) and most and first.steps > most:
+            # diffusers' own message speaks of `original_steps x strength`, fields clients never see
+            raise ValueError(f"steps: the lcm scheduler takes at most {most} steps with this model")
         slots = [(j, i) for j, p in enumerate(payloads) for i in range(p.num_images)]
         images: list[list[Image.Image]] = [[] for _ in payloads]
         pending = [slots]
@@ -239,7 +249,9 @@ class Runner:
 
         def step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             nonlocal interrupted
-            if on_step(step + 1, first.steps):
+            # In the client's steps: a scheduler may take a few more model calls (PNDM: one).
+            calls = max(first.steps, getattr(pipe, "num_timesteps", 0) or 0)
+            if on_step(-(-(step + 1) * first.steps // calls), first.steps):
                 interrupted = True
                 pipe._interrupt = True
             return kwargs
