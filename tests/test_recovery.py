@@ -177,6 +177,42 @@ def test_a_killed_worker_restarted_under_its_name_serves_and_a_live_name_is_refu
         again.stop()
 
 
+# The worker dies after RQ took the job off its queue, before it starts it.
+DIE_AFTER_TAKING = """
+import os
+
+from rq.worker.base import BaseWorker
+
+_prepare_execution = BaseWorker.prepare_execution
+
+
+def prepare_execution(self, job):
+    if "die-here" in str(job.args):
+        os._exit(9)
+    return _prepare_execution(self, job)
+
+
+BaseWorker.prepare_execution = prepare_execution
+"""
+
+
+def test_a_job_taken_by_a_worker_that_died_before_starting_it_runs(cluster: Cluster) -> None:
+    path = sitecustomize(cluster.tmp, DIE_AFTER_TAKING)
+    doomed = start_worker(cluster.redis.url, cluster.model_dir, cluster.tmp, name="doomed", PYTHONPATH=path)
+    job_id = cluster.submit({"prompt": "die-here", "steps": 2})
+    assert doomed.proc.wait(60) == 9
+    r = cluster.redis.client()
+    assert r.lrange("rq:queue:latentd:tiny:intermediate", 0, -1) == [job_id.encode()]
+    # As if it had sat there for two minutes (RQ waits one before it acts).
+    r.set(f"rq:queue:latentd:tiny:intermediate:first_seen:{job_id}", time.time() - 120)
+    worker = cluster.worker("b")
+    try:
+        view = cluster.wait_terminal(job_id, timeout=60)
+    finally:
+        worker.stop()
+    assert view["status"] == "succeeded", view  # RQ's maintenance failed it, as generation_failed
+
+
 def test_job_whose_attempts_run_out_fails_with_worker_lost(one_attempt_cluster: Cluster) -> None:
     cluster = one_attempt_cluster
     first = cluster.worker("a")

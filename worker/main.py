@@ -34,6 +34,8 @@ EXIT_MODEL_LOAD_FAILED = 3
 EXIT_REDIS_UNREACHABLE = 4  # or unsafe: it may evict jobs
 EXIT_DEVICE_BROKEN = 70
 EXIT_NAME_TAKEN = 5
+# What RQ's maintenance says of a job left in a queue's intermediate list for over a minute.
+STUCK_IN_INTERMEDIATE_QUEUE = "Job was stuck in intermediate queue."
 
 
 def payload_of(job: Any) -> JobPayload:
@@ -130,6 +132,12 @@ class LatentdWorker(SimpleWorker):
         exc_string: str = "",
         execution: Any = None,
     ) -> None:
+        if exc_string == STUCK_IN_INTERMEDIATE_QUEUE:
+            # Its worker died between taking it off the queue and starting it: it never ran. RQ
+            # would fail it (and we allow no retries); it goes back to the head of its queue.
+            queue.enqueue_job(job, at_front=True)
+            event(log, "job_requeued", logging.WARNING, job_id=job.id, reason="taken_but_never_started")
+            return
         rt = jobs.current()
         if rt.lost_job_id == job.id:
             # Another worker owns the job now: drop only our own execution record.
@@ -284,6 +292,9 @@ class Heartbeat(threading.Thread):
             lock = Keys.reaper_lock(queue.name)
             if self.connection.set(lock, self.info.name, nx=True, px=max(1000, int(self.interval * 1000))):
                 queue.started_job_registry.cleanup(exception_handlers=[self.worker.on_abandoned])
+                # Jobs a dead worker had taken off the queue but not started (RQ does this only
+                # in its maintenance, every 10 minutes): back to their queue after a minute.
+                queue.intermediate_queue.cleanup(self.worker, queue)
 
     def _queue(self, key: str) -> Queue:
         queue = self._queues.get(key)
