@@ -215,6 +215,15 @@ def test_model_that_cannot_load_stops_the_worker_with_a_clear_message(
     hub = spawn(["worker"], {**env, "LATENTD_MODEL": "someorg/not-cached-model"}, tmp_path / "hub.log")
     assert hub.proc.wait(120) == 3  # HF_HUB_OFFLINE=1: no download is tried
     assert "someorg/not-cached-model" in hub.output()
+    assert "not in the cache" in hub.output() and "HF_HUB_OFFLINE is set" in hub.output()
+
+    weights = tmp_path / "weights.bin"  # a file, but no checkpoint format the worker loads
+    weights.write_bytes(b"\0" * 16)
+    unsupported = spawn(["worker"], {**env, "LATENTD_MODEL": str(weights)}, tmp_path / "bin.log")
+    assert unsupported.proc.wait(120) == 3
+    assert "is not a .safetensors or .ckpt checkpoint" in unsupported.output()  # it said: does not exist
+    for each in (proc, missing, hub, unsupported):
+        assert "Traceback" not in each.output()
 
 
 async def submit_together(url: str, n: int) -> list[int]:

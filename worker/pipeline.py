@@ -114,6 +114,11 @@ def load_pipeline(
             pipe = _load_single_file(path, dtype)
         elif path.is_dir():
             pipe = AutoPipelineForText2Image.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+        elif path.is_file():
+            raise ModelLoadError(
+                f"model file {source} is not a .safetensors or .ckpt checkpoint; "
+                "give one of those, a diffusers directory or a hub id"
+            )
         elif path.is_absolute() or source.startswith("."):
             raise ModelLoadError(f"model path {source} does not exist")
         else:  # a hub id
@@ -123,6 +128,14 @@ def load_pipeline(
     except ModelLoadError:
         raise
     except Exception as exc:
+        if not path.exists() and not path.is_absolute():
+            where = (
+                "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached or has no such model"
+            )
+            raise ModelLoadError(
+                f"cannot load model {source!r}: not a local path, not in the cache {cache_dir / 'hub'}, "
+                f"and {where} ({type(exc).__name__})"
+            ) from exc
         raise ModelLoadError(f"cannot load model {source!r}: {type(exc).__name__}: {exc}") from exc
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
