@@ -3,19 +3,47 @@
 from __future__ import annotations
 
 import sys
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
+# How long a read of a queued job is held (its end still answers at once).
+QUEUED_POLL_S = 2.0
 
 
 class ClientError(RuntimeError):
     pass
 
 
+# A 429 or 503 says "later", with Retry-After: the client waits and asks again, this long at most.
+PATIENCE_S = 600.0
+
+
+def _send(http: httpx.Client, method: str, url: str, **kwargs: Any) -> httpx.Response:
+    """The request, asked again while the service answers 429 or 503 (rate limit, full queue,
+    Redis away), as long as `PATIENCE_S` allows."""
+    deadline = time.monotonic() + PATIENCE_S
+    while True:
+        response = http.request(method, url, **kwargs)
+        if response.status_code not in (429, 503) or time.monotonic() > deadline:
+            return response
+        retry_after = response.headers.get("retry-after", "")
+        pause = min(30.0, float(retry_after)) if retry_after.isdigit() else 1.0
+        print(
+            f"\r{f'HTTP {response.status_code}: waiting {pause:.0f} s':60s}",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
+        time.sleep(pause)
+
+
 def _check(response: httpx.Response) -> dict[str, Any]:
+    """The reply's JSON object; ClientError for an error, or for a reply that is not the service's."""
     if response.status_code >= 400:
         try:
             err = response.json()["error"]
@@ -23,7 +51,16 @@ def _check(response: httpx.Response) -> dict[str, Any]:
         except Exception:
             detail = response.text[:200]
         raise ClientError(f"HTTP {response.status_code} {detail}")
-    body: dict[str, Any] = response.json()
+    try:
+        body = response.json() if 200 <= response.status_code < 300 else None
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        kind = response.headers.get("content-type", "no content type")
+        raise ClientError(
+            f"unexpected reply from {response.request.url} (HTTP {response.status_code}, {kind}): "
+            f"{response.text[:100]!r}; is --url a latentd API?"
+        )
     return body
 
 
@@ -40,13 +77,19 @@ def generate(
     try:
         with httpx.Client(base_url=base_url, headers=headers, timeout=30) as http:
             return _generate(http, body, out_dir, poll)
+    except httpx.InvalidURL as exc:
+        raise ClientError(f"invalid URL {base_url!r}: {exc}") from None
     except httpx.HTTPError as exc:
         raise ClientError(f"cannot talk to {base_url}: {type(exc).__name__}: {exc}") from None
 
 
 def _generate(http: httpx.Client, body: dict[str, Any], out_dir: Path, poll: float) -> list[Path]:
-    job = _check(http.post("/v1/generations", json=body))
-    job_id = job["id"]
+    # The key makes the submit safe to send again (after a 503, say): one job, whatever happens.
+    key = {"Idempotency-Key": uuid.uuid4().hex}
+    job = _check(_send(http, "POST", "/v1/generations", json=body, headers=key))
+    job_id = job.get("id")
+    if not isinstance(job_id, str):
+        raise ClientError(f"unexpected reply to the submit: {str(job)[:100]}; is --url a latentd API?")
     print(f"submitted {job_id}", file=sys.stderr)
     try:
         return _follow(http, job_id, out_dir, poll)
@@ -58,11 +101,17 @@ def _generate(http: httpx.Client, body: dict[str, Any], out_dir: Path, poll: flo
 
 
 def _follow(http: httpx.Client, job_id: str, out_dir: Path, poll: float) -> list[Path]:
+    status = "queued"
     while True:
-        # A held read: answered as soon as the generation ends, else after `poll` seconds with
-        # its progress then, so the bar moves and the end is seen at once.
-        view = _check(http.get(f"/v1/generations/{job_id}", params={"wait": poll}))
-        status = view["status"]
+        # A held read: answered as soon as the generation ends, else after a while with its
+        # progress then, so the bar moves and the end is seen at once. A queued job has no
+        # progress to show: asked less often, it spends less of the key's rate limit.
+        wait = max(poll, QUEUED_POLL_S) if status == "queued" else poll
+        try:
+            view = _check(_send(http, "GET", f"/v1/generations/{job_id}", params={"wait": wait}))
+            status = view["status"]
+        except ClientError as exc:
+            raise ClientError(f"{exc} (generation {job_id}: GET /v1/generations/{job_id})") from None
         if status == "queued":
             msg = f"queued (position {view.get('queue_position')})"
         else:
@@ -76,7 +125,7 @@ def _follow(http: httpx.Client, job_id: str, out_dir: Path, poll: float) -> list
         raise ClientError(f"generation {status}: {err.get('code', '')} {err.get('message', '')}".strip())
     paths = []
     for image in view["images"]:
-        response = http.get(image["url"])
+        response = _send(http, "GET", image["url"])
         if response.status_code != 200:
             _check(response)
         ext = EXTENSIONS.get(image["content_type"], "bin")

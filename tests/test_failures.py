@@ -4,10 +4,12 @@ limit, a model that cannot load, a full queue."""
 from __future__ import annotations
 
 import asyncio
+import http.server
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -341,6 +343,7 @@ def test_cli_generate_writes_the_images(service: Service, tmp_path: Path) -> Non
     [
         (["--url", "http://127.0.0.1:1"], 1, "cannot talk to http://127.0.0.1:1: ConnectError"),
         (["--url", "localhost:8791"], 1, "cannot talk to localhost:8791"),
+        (["--url", "http://[::1"], 1, "invalid URL 'http://[::1'"),
         (["--guidance-scale", "nan"], 2, "'nan' is not a finite number"),
         ([os.fsdecode(b"caf\xe9")], 2, "the prompt is not valid UTF-8 text"),
     ],
@@ -355,6 +358,37 @@ def test_cli_generate_answers_bad_input_in_one_line(args: list[str], code: int, 
     )
     assert run.returncode == code, run.stderr
     assert says in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
+class NotLatentd(http.server.BaseHTTPRequestHandler):
+    """Some other web server, at the URL a user gave by mistake: a page for everything."""
+
+    def _page(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.end_headers()
+        self.wfile.write(b"<html>hello</html>")
+
+    do_GET = do_POST = _page
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_cli_generate_against_a_server_that_is_not_latentd_says_so() -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotLatentd)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        run = subprocess.run(
+            [sys.executable, "-m", "latentd.cli", "generate", "x", "--url", url],
+            capture_output=True, text=True, timeout=60, cwd=ROOT,
+        )  # fmt: skip
+    finally:
+        server.shutdown()
+    assert run.returncode == 1, run.stderr
+    assert "unexpected reply" in run.stderr and "text/html" in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr
 
 
 def test_ctrl_c_in_cli_generate_cancels_its_job(service: Service, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ completed exactly once; a stopped worker finishes its job first."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -30,6 +31,7 @@ from tests.conftest import (
 pytestmark = pytest.mark.integration
 
 LEASE = "3"
+GHOST = {"name": "ghost", "device": "cpu", "pid": 1, "hostname": "h", "started_at": 0}
 LONG_JOB = {"prompt": "a long job", "steps": 40, "width": 96, "height": 96, "seed": 3}
 
 
@@ -605,6 +607,29 @@ def test_workers_ride_out_a_redis_outage(cluster: Cluster) -> None:
         assert worker.proc.poll() is None
     finally:
         worker.stop()
+
+
+def test_latentd_generate_rides_out_a_redis_outage_and_saves_its_image(cluster: Cluster) -> None:
+    # A worker's registration without the worker, so the job waits in its queue through the outage.
+    r = cluster.redis.client()
+    r.set("latentd:worker:ghost", json.dumps({**GHOST, "model": TINY_MODEL}), ex=120)
+    r.sadd("latentd:workers", "ghost")
+    out = cluster.tmp / "out"
+    client = spawn(
+        ["generate", "a red circle", "--url", cluster.url, "--out", str(out), "--steps", "2"],
+        base_env(cluster.redis.url),
+        cluster.tmp / "generate.log",
+    )
+    wait_until(lambda: "queued" in client.output(), 30, what="the job queued")
+    cluster.redis.stop()  # every read answers 503 with Retry-After: the client waits, and asks again
+    wait_until(lambda: "HTTP 503: waiting" in client.output(), 30, what="the client to wait")
+    cluster.redis.start()
+    worker = cluster.worker("a")
+    try:
+        assert client.proc.wait(120) == 0, client.output()
+    finally:
+        worker.stop()
+    assert len(list(out.glob("*.png"))) == 1  # it gave up at the first 503, the job going on unseen
 
 
 def test_sigterm_past_the_grace_period_hands_the_job_to_another_worker(cluster: Cluster) -> None:
