@@ -310,6 +310,31 @@ def test_a_model_whose_workers_are_gone_stays_in_the_metrics_while_its_jobs_wait
         api.stop()
 
 
+def test_openai_route_tells_openais_clients_not_to_resend_an_accepted_job(
+    private_redis: RedisServer, tmp_path: Path
+) -> None:
+    # OpenAI's SDKs resend a request that got a 409, 429 or 5xx: each resend queued the job again.
+    r = private_redis.client()
+    r.set(
+        "latentd:worker:ghost",
+        '{"name":"ghost","model":"tiny","device":"cpu","pid":1,"hostname":"h","started_at":0}',
+        ex=120,
+    )
+    r.sadd("latentd:workers", "ghost")  # nothing runs the job: the wait runs out
+    api, url = start_api(private_redis.url, tmp_path, LATENTD_DEFAULT_MODEL="tiny", LATENTD_SYNC_TIMEOUT="1")
+    try:
+        response = httpx.post(
+            f"{url}/v1/images/generations", json={"prompt": "x", "size": "64x64"}, timeout=30
+        )
+        assert response.status_code == 504 and response.json()["error"]["code"] == "wait_timeout"
+        assert response.headers["x-should-retry"] == "false"
+        assert r.llen("rq:queue:latentd:tiny") == 1
+        refused = httpx.post(f"{url}/v1/images/generations", json={"prompt": "x", "model": "nobody"})
+        assert refused.status_code == 400 and "x-should-retry" not in refused.headers  # nothing accepted
+    finally:
+        api.stop()
+
+
 def test_cli_generate_writes_the_images(service: Service, tmp_path: Path) -> None:
     env = base_env(service.url)
     proc = spawn(

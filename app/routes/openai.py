@@ -5,12 +5,23 @@ from __future__ import annotations
 import base64
 import time
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 
 from app.auth import PrincipalDep
+from app.config import ApiSettings
 from app.deps import ServiceDep, SettingsDep
-from app.errors import COMMON_RESPONSES, ErrorResponse, InvalidRequest, ServiceError, WaitTimeout
+from app.errors import (
+    COMMON_RESPONSES,
+    STORE_DOWN,
+    ErrorResponse,
+    InvalidRequest,
+    ServiceError,
+    WaitTimeout,
+    service_error_response,
+    store_down_response,
+)
 from app.protocol import GenerationRequest, OpenAIImage, OpenAIImageRequest, OpenAIImageResponse
+from app.serving import GenerationService
 from latentd.contract import ErrorCode, JobStatus
 
 router = APIRouter(tags=["openai"])
@@ -53,7 +64,7 @@ async def create_image(
     service: ServiceDep,
     settings: SettingsDep,
     caller: PrincipalDep,
-) -> OpenAIImageResponse:
+) -> OpenAIImageResponse | Response:
     width, height = _parse_size(body.size) if body.size else (None, None)
     req = GenerationRequest.model_validate(
         {
@@ -73,13 +84,34 @@ async def create_image(
         if exc.param in ("width", "height"):
             raise InvalidRequest(f"size {body.size}: {message}", param="size") from None
         raise
-    view = await service.wait(accepted.id, caller.owner, settings.sync_timeout)
+    # The job is accepted. OpenAI's SDKs send a request again on a 409, a 429 or any status from
+    # 500 (twice, by default), and each time would queue the job again, or undo its cancel. Their
+    # header says not to.
+    try:
+        return await _answer(accepted.id, body, request, service, settings, caller.owner)
+    except ServiceError as exc:
+        response = service_error_response(exc)
+    except STORE_DOWN as exc:
+        response = store_down_response(exc)
+    response.headers["x-should-retry"] = "false"
+    return response
+
+
+async def _answer(
+    job_id: str,
+    body: OpenAIImageRequest,
+    request: Request,
+    service: GenerationService,
+    settings: ApiSettings,
+    owner: str | None,
+) -> OpenAIImageResponse:
+    view = await service.wait(job_id, owner, settings.sync_timeout)
     if view.status is JobStatus.SUCCEEDED:
         base = (settings.public_url or str(request.base_url)).rstrip("/")
         data = []
         for image in view.images:
             if body.response_format == "b64_json":
-                blob = await service.image(view.id, image.index, caller.owner)
+                blob = await service.image(view.id, image.index, owner)
                 data.append(
                     OpenAIImage(b64_json=base64.b64encode(blob.data).decode(), revised_prompt=body.prompt)
                 )
