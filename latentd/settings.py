@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -45,6 +45,14 @@ class CommonSettings(BaseSettings):
         if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix:// (e.g. redis://127.0.0.1:6379/0)")
         return value
+
+    @model_validator(mode="after")
+    def _records_outlive_results(self) -> CommonSettings:
+        if self.job_ttl < self.results_ttl:  # an image would outlive the record that finds it
+            raise ValueError(
+                f"LATENTD_JOB_TTL ({self.job_ttl}) must be at least LATENTD_RESULTS_TTL ({self.results_ttl})"
+            )
+        return self
 
     @property
     def effective_redis_url(self) -> str:

@@ -500,6 +500,7 @@ def test_redis_that_may_evict_jobs_is_refused(private_redis: RedisServer, tmp_pa
         ("worker", "LATENTD_HEARTBEAT_INTERVAL", "inf"),
         ("api", "LATENTD_SYNC_TIMEOUT", "nan"),
         ("api", "LATENTD_DEFAULT_SIZE", "2048"),  # over LATENTD_MAX_PIXELS
+        ("worker", "LATENTD_JOB_TTL", "60"),  # under LATENTD_RESULTS_TTL
     ],
 )
 def test_bad_configuration_is_named_without_a_traceback(
