@@ -109,13 +109,21 @@ def test_submit_progress_succeed_download(service: Service) -> None:
     ("fmt", "content_type", "pil"), [("jpeg", "image/jpeg", "JPEG"), ("webp", "image/webp", "WEBP")]
 )
 def test_output_formats(service: Service, fmt: str, content_type: str, pil: str) -> None:
-    job = service.submit(output_format=fmt, steps=2, width=72, height=80)
+    prompt = "café ☕ 日本"  # the parameters keep text that is not ASCII
+    job = service.submit(output_format=fmt, steps=2, width=72, height=80, prompt=prompt)
     view = service.wait_terminal(job["id"])
     assert view["status"] == "succeeded"
     response = download(service, view["images"][0]["url"])
     assert response.headers["content-type"] == content_type
     img = Image.open(io.BytesIO(response.content))
     assert img.format == pil and img.size == (72, 80)
+    if fmt == "jpeg":
+        text = img.info["comment"].decode()
+    else:
+        comment = img.getexif().get_ifd(0x8769)[0x9286]
+        assert comment.startswith(b"UNICODE\0")
+        text = comment[8:].decode("utf-16-be")
+    assert text.startswith(prompt + "\nSteps: 2,"), text
 
 
 def pixels(data: bytes) -> np.ndarray:

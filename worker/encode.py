@@ -10,6 +10,8 @@ from PIL import Image, PngImagePlugin
 
 from latentd.contract import CONTENT_TYPES, ImageMeta, JobPayload
 
+EXIF_IFD, USER_COMMENT, IMAGE_DESCRIPTION = 0x8769, 0x9286, 0x010E
+
 
 def parameters_text(payload: JobPayload, index: int) -> str:
     """The parameters in the widely read `parameters` convention (prompt first, then key: value)."""
@@ -52,8 +54,14 @@ def encode(image: Image.Image, payload: JobPayload, index: int) -> tuple[bytes, 
             buf, format="JPEG", quality=92, comment=parameters_text(payload, index).encode()
         )
     else:
+        text = parameters_text(payload, index)
         exif = Image.Exif()
-        exif[0x010E] = parameters_text(payload, index)  # ImageDescription
+        # UserComment, as UTF-16 under the UNICODE charset (where other tools put `parameters`);
+        # ImageDescription only when the text is ASCII: that field holds nothing else ("café" was
+        # written "caf?").
+        exif.get_ifd(EXIF_IFD)[USER_COMMENT] = b"UNICODE\0" + text.encode("utf-16-be")
+        if text.isascii():
+            exif[IMAGE_DESCRIPTION] = text
         image.save(buf, format="WEBP", quality=90, exif=exif)
     data = buf.getvalue()
     meta = ImageMeta(
