@@ -155,11 +155,14 @@ class OpenAIImageRequest(BaseModel):
 
     prompt: Prompt
     model: Annotated[str, Field(min_length=1, max_length=200)] | None = None
-    n: Annotated[int, Field(ge=1)] = 1
-    size: Annotated[str, Field(pattern=r"^\d{2,4}x\d{2,4}$")] | None = Field(
-        default=None, description='"WIDTHxHEIGHT", e.g. "512x512".'
+    n: Annotated[int, Field(ge=1)] | None = Field(default=1, description="null: 1, as OpenAI's API has it.")
+    size: Annotated[str, Field(pattern=r"^(\d{2,4}x\d{2,4}|auto)$")] | None = Field(
+        default=None, description='"WIDTHxHEIGHT", e.g. "512x512"; "auto" (or none): the default size.'
     )
     response_format: Literal["url", "b64_json"] = "url"
+    output_format: Literal["png", "jpeg", "webp"] | None = Field(
+        default=None, description="The image format (OpenAI's newer models take it too); none: png."
+    )
     # Accepted for compatibility with OpenAI clients; they do not change the output.
     quality: str | None = None
     style: str | None = None

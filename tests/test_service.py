@@ -234,6 +234,17 @@ def test_openai_endpoint_b64_and_url(service: Service) -> None:
     fetched = httpx.get(item["url"])
     assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
 
+    # What newer OpenAI clients send: a size of "auto", n of null, an output format.
+    response = service.http.post(
+        "/v1/images/generations",
+        json={"prompt": "a yellow triangle", "size": "auto", "n": None, "output_format": "webp"},
+    )
+    assert response.status_code == 200, response.text
+    [item] = response.json()["data"]
+    fetched = httpx.get(item["url"])
+    assert fetched.headers["content-type"] == "image/webp"
+    assert Image.open(io.BytesIO(fetched.content)).size == (64, 64)  # LATENTD_DEFAULT_SIZE
+
 
 def test_images_expire_with_the_results_ttl(service: Service) -> None:
     view = service.wait_terminal(service.submit(steps=1)["id"])

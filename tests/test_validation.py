@@ -114,6 +114,8 @@ def test_malformed_bodies(client: TestClient, redis_client: redis.Redis, body: s
         ("n", 5),
         ("n", True),  # strict, as the native route is
         ("response_format", "xml"),
+        ("output_format", "gif"),
+        ("size", "automatic"),
     ],
 )
 def test_openai_endpoint_bounds(

@@ -65,14 +65,15 @@ async def create_image(
     settings: SettingsDep,
     caller: PrincipalDep,
 ) -> OpenAIImageResponse | Response:
-    width, height = _parse_size(body.size) if body.size else (None, None)
+    width, height = _parse_size(body.size) if body.size and body.size != "auto" else (None, None)
     req = GenerationRequest.model_validate(
         {
             "prompt": body.prompt,
             "model": body.model,
-            "num_images": body.n,
+            "num_images": body.n or 1,
             "width": width,
             "height": height,
+            "output_format": body.output_format or "png",
         }
     )
     try:
