@@ -109,6 +109,10 @@ class ImageInfo(BaseModel):
     seed: int
     content_type: str
     url: str
+    withheld: bool = Field(
+        default=False,
+        description="The model's own safety checker flagged this image: the file is black.",
+    )
 
 
 class JobErrorInfo(BaseModel):

@@ -522,6 +522,7 @@ class GenerationService:
                         seed=m.seed,
                         content_type=m.content_type,
                         url=f"/v1/generations/{job.id}/images/{m.index}",
+                        withheld=m.withheld,
                     )
                 )
         error = None

@@ -212,6 +212,8 @@ class ImageMeta(BaseModel):
     content_type: str
     bytes: int
     etag: str
+    # The model's safety checker flagged the image, and the pipeline blacked it out.
+    withheld: bool = False
 
 
 class JobError(BaseModel):

@@ -9,6 +9,7 @@ import json
 from PIL import Image, PngImagePlugin
 
 from latentd.contract import CONTENT_TYPES, ImageMeta, JobPayload
+from worker.pipeline import WITHHELD
 
 EXIF_IFD, USER_COMMENT, IMAGE_DESCRIPTION = 0x8769, 0x9286, 0x010E
 
@@ -70,5 +71,6 @@ def encode(image: Image.Image, payload: JobPayload, index: int) -> tuple[bytes, 
         content_type=CONTENT_TYPES[fmt],
         bytes=len(data),
         etag='"' + hashlib.sha256(data).hexdigest()[:32] + '"',
+        withheld=bool(image.info.get(WITHHELD)),
     )
     return data, meta

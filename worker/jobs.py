@@ -364,6 +364,8 @@ def _rq_key(job_id: str) -> str:
 def _commit(rt: Runtime, job_id: str, payload: JobPayload, images: list[Any], finished: float) -> bool:
     """Write a job's images and state at once, if this worker still owns the job."""
     encoded = [encode(image, payload, i) for i, image in enumerate(images)]
+    if withheld := [m.index for _, m in encoded if m.withheld]:
+        event(log, "images_withheld", logging.WARNING, job_id=job_id, images=withheld, by="safety_checker")
     fields = {
         StateField.STEP: payload.steps,
         StateField.IMAGES: json.dumps([m.model_dump() for _, m in encoded]),

@@ -55,6 +55,9 @@ SCHEDULER_CLASSES: dict[str, Any] = {
 # denoising steps (progress past 100 %) and failed below 4 steps.
 SCHEDULER_OPTIONS: dict[str, dict[str, Any]] = {"pndm": {"skip_prk_steps": True}}
 
+# Set in a PIL image's `info` when the model's safety checker blacked it out.
+WITHHELD = "latentd_withheld"
+
 # Called after each denoising step with (step_done, total_steps); returns True to interrupt.
 StepCallback = Callable[[int, int], bool]
 
@@ -281,7 +284,13 @@ class Runner:
                 callback_on_step_end=step_end,
                 output_type="pil",
             )
-        return list(result.images)[: len(slots)], interrupted
+        images = list(result.images)[: len(slots)]
+        # A model that ships a safety checker (Stable Diffusion 1.5's does) returns a flagged
+        # image black; the image says so, for its job to tell the client.
+        for image, flagged in zip(images, getattr(result, "nsfw_content_detected", None) or [], strict=False):
+            if flagged:
+                image.info[WITHHELD] = True
+        return images, interrupted
 
 
 def compile_runner(runner: Runner, backend: str | Callable[..., Any] = "inductor") -> None:
