@@ -69,6 +69,7 @@ def test_submit_progress_succeed_download(service: Service) -> None:
         "seed": 7,
         "content_type": "image/png",
         "url": f"/v1/generations/{job_id}/images/0",
+        "withheld": False,
     }
 
     response = download(service, image["url"])
