@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import signal
@@ -25,13 +26,16 @@ def cmd_api(args: argparse.Namespace) -> int:
 
     settings = get_settings()
     configure(settings.log_level)
+    probe = redis.Redis.from_url(settings.effective_redis_url, socket_connect_timeout=1.0, socket_timeout=2.0)
     try:  # as the worker does: refuse, in one line, a Redis that may evict jobs
-        check_eviction_policy(redis.Redis.from_url(settings.effective_redis_url, socket_connect_timeout=1.0))
+        check_eviction_policy(probe)
     except UnsafeRedis as exc:
         print(f"latentd api: {exc}", file=sys.stderr)
         return 4
     except redis.RedisError:
         pass  # unreachable: the API starts anyway, and /readyz answers 503 until Redis is there
+    finally:
+        probe.close()
     if settings.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"latentd api: listening on {settings.host}:{settings.port}", file=sys.stderr)
     uvicorn.run(
@@ -91,34 +95,34 @@ def cmd_up(args: argparse.Namespace) -> int:
     code = 0
     try:
         if settings.redis_url is None:
-            redis_proc, url = start_redis(data_dir / "redis", port=args.redis_port, **child_options())
+            # Redis holds the data directory's lock too: until it has stopped, no other `up` starts.
+            redis_proc, url = start_redis(
+                data_dir / "redis", port=args.redis_port, pass_fds=(lock.fileno(),), **child_options()
+            )
             children.append(("redis", redis_proc))
             env["LATENTD_REDIS_URL"] = url
             url_file(data_dir).write_text(url)
-            print(f"latentd up: embedded Redis at {url} (data in {data_dir}/redis, AOF on)", file=sys.stderr)
+            _say(f"embedded Redis at {url} (data in {data_dir}/redis, AOF on)")
         children.append(("worker", subprocess.Popen([*me, "worker"], env=env, **child_options())))
         children.append(("api", subprocess.Popen([*me, "api"], env=env, **child_options())))
         port = env.get("LATENTD_PORT", "8000")
-        print(f"latentd up: API on http://127.0.0.1:{port} (docs at /docs); Ctrl-C stops", file=sys.stderr)
-        print("latentd up: the worker is loading its model ...", file=sys.stderr)
+        _say(f"API on http://127.0.0.1:{port} (docs at /docs); Ctrl-C stops")
+        _say("the worker is loading its model ...")
         loading = True
         while not signals and not code:
             if loading and ready.exists():
-                print(f"latentd up: ready: the worker serves model '{served}'", file=sys.stderr)
+                _say(f"ready: the worker serves model '{served}'")
                 loading = False
             for name, proc in children:
                 if proc.poll() is not None:
-                    print(f"latentd up: {name} exited with {proc.returncode}; stopping", file=sys.stderr)
-                    # killed by a signal: 128 + its number, as a shell reports it
-                    code = proc.returncode if proc.returncode > 0 else 128 - proc.returncode
+                    _say(f"{name} exited with {proc.returncode}; stopping")
+                    # killed by a signal: 128 + its number, as a shell reports it; ended of its own: 1
+                    code = 128 - proc.returncode if proc.returncode < 0 else proc.returncode or 1
                     break
             time.sleep(0.2)
     finally:
         if signals:
-            print(
-                "latentd up: stopping (the worker finishes its job; Ctrl-C again to stop now)",
-                file=sys.stderr,
-            )
+            _say("stopping (the worker finishes its job; Ctrl-C again to stop now)")
         # API and worker first (the worker finishes its job), Redis last.
         for name, proc in reversed(children):
             if proc.poll() is None:
@@ -131,6 +135,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         url_file(data_dir).unlink(missing_ok=True)
         lock.close()
     return code
+
+
+def _say(message: str) -> None:
+    """A line from `latentd up`. Its terminal may be gone (the hangup that stops it): the line is
+    lost then, and the stop goes on."""
+    with contextlib.suppress(OSError):
+        print(f"latentd up: {message}", file=sys.stderr, flush=True)
 
 
 def _finite(text: str) -> float:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import os
 import shutil
 import signal
 import socket
@@ -45,13 +46,16 @@ def child_options() -> dict[str, Any]:
     last); and SIGTERM should `up` itself die (Linux), so none is left running without it."""
     options: dict[str, Any] = {"start_new_session": True}
     if sys.platform == "linux":
-        options["preexec_fn"] = _terminate_with_parent
+        parent = os.getpid()
+
+        def terminate_with_parent() -> None:
+            pr_set_pdeathsig = 1
+            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+            if os.getppid() != parent:  # `up` died before the request was in place
+                os._exit(1)
+
+        options["preexec_fn"] = terminate_with_parent
     return options
-
-
-def _terminate_with_parent() -> None:
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def url_file(data_dir: Path) -> Path:

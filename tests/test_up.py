@@ -165,3 +165,32 @@ def test_what_up_started_stops_if_up_is_killed(tmp_path: Path, tiny_model_dir: P
     up.proc.kill()  # the OOM killer, say: no chance to stop anything
     up.proc.wait()
     wait_until(lambda: not processes_using(tmp_path / "data"), 30, what="the children to stop")
+
+
+def child_of_up(data_dir: Path, kind: str) -> int:
+    """The pid of `up`'s `latentd KIND` child, found by the ready file its environment names."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            started_by_up = str(data_dir).encode() in (proc / "environ").read_bytes()
+            if started_by_up and (proc / "cmdline").read_bytes().endswith(f"latentd.cli\0{kind}\0".encode()):
+                return int(proc.name)
+        except OSError:
+            continue
+    raise AssertionError(f"no {kind} child of up")
+
+
+@pytest.mark.parametrize(
+    ("kind", "stop", "code"), [("worker", signal.SIGTERM, 1), ("api", signal.SIGKILL, 137)]
+)
+def test_up_stops_when_a_child_ends_and_says_how(
+    tmp_path: Path, tiny_model_dir: Path, kind: str, stop: int, code: int
+) -> None:
+    # A child that ends of its own is a failure (1, where 0 gave 128); one killed by signal N
+    # gives 128 + N, as a shell reports it.
+    data = tmp_path / "data"
+    up = spawn(["up", "--data-dir", str(data)], up_env(tiny_model_dir, free_port()), tmp_path / "up.log")
+    wait_until(lambda: "latentd up: ready" in up.output(), 120, what="up ready")
+    os.kill(child_of_up(data, kind), stop)  # a worker asked to stop, stops: exit status 0
+    assert up.proc.wait(60) == code, up.output()[-2000:]
+    assert f"latentd up: {kind} exited with" in up.output()
+    assert not processes_using(data)
