@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pty
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import httpx
 import pytest
 
 from latentd.embedded import free_port
-from tests.conftest import RedisServer, base_env, spawn, wait_until
+from tests.conftest import ROOT, RedisServer, base_env, spawn, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -193,4 +194,26 @@ def test_up_stops_when_a_child_ends_and_says_how(
     os.kill(child_of_up(data, kind), stop)  # a worker asked to stop, stops: exit status 0
     assert up.proc.wait(60) == code, up.output()[-2000:]
     assert f"latentd up: {kind} exited with" in up.output()
+    assert not processes_using(data)
+
+
+def test_up_whose_terminal_closes_still_stops_in_order(tmp_path: Path, tiny_model_dir: Path) -> None:
+    # A closed terminal (an ssh session dropped): SIGHUP, and every line written to it fails.
+    data = tmp_path / "data"
+    master, terminal = pty.openpty()
+    up = subprocess.Popen(
+        [sys.executable, "-m", "latentd.cli", "up", "--data-dir", str(data)],
+        env=up_env(tiny_model_dir, free_port()), stdout=terminal, stderr=terminal, cwd=ROOT,
+        start_new_session=True,
+    )  # fmt: skip
+    os.close(terminal)
+    seen = b""
+    try:
+        while b"latentd up: ready" not in seen:
+            seen += os.read(master, 4096)
+    finally:
+        os.close(master)  # the terminal is gone: writes to it now fail with EIO
+    os.killpg(up.pid, signal.SIGHUP)
+    assert up.wait(60) == 0
+    assert not (data / "redis" / "url").exists(), "the stop was cut short"
     assert not processes_using(data)
