@@ -224,7 +224,21 @@ def test_model_that_cannot_load_stops_the_worker_with_a_clear_message(
     unsupported = spawn(["worker"], {**env, "LATENTD_MODEL": str(weights)}, tmp_path / "bin.log")
     assert unsupported.proc.wait(120) == 3
     assert "is not a .safetensors or .ckpt checkpoint" in unsupported.output()  # it said: does not exist
-    for each in (proc, missing, hub, unsupported):
+    # In the cache, but broken: the cause is what is wrong with it, not that it is not there.
+    snapshot = tmp_path / "cache" / "hub" / "models--someorg--cached-model" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("a" * 40)
+    (snapshot / "model_index.json").write_text(
+        '{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}'
+    )
+    broken_cache = spawn(
+        ["worker"], {**env, "LATENTD_MODEL": "someorg/cached-model"}, tmp_path / "cached.log"
+    )
+    assert broken_cache.proc.wait(120) == 3
+    assert "no file named config.json" in broken_cache.output()
+    assert "not in the cache" not in broken_cache.output()
+    for each in (proc, missing, hub, unsupported, broken_cache):
         assert "Traceback" not in each.output()
 
 

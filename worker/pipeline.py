@@ -131,7 +131,7 @@ def load_pipeline(
     except ModelLoadError:
         raise
     except Exception as exc:
-        if not path.exists() and not path.is_absolute():
+        if _not_on_this_host(exc):
             where = (
                 "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached or has no such model"
             )
@@ -143,6 +143,20 @@ def load_pipeline(
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _not_on_this_host(exc: BaseException) -> bool:
+    """Whether loading failed because the files are not in the cache and the hub did not give
+    them (offline, unreachable, no such repository), rather than for what is in them."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError
+
+    missing = (LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError, ConnectionError)
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, missing):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _load_single_file(path: Path, dtype: torch.dtype) -> DiffusionPipeline:
