@@ -205,14 +205,18 @@ def test_a_job_taken_by_a_worker_that_died_before_starting_it_runs(cluster: Clus
     assert doomed.proc.wait(60) == 9
     r = cluster.redis.client()
     assert r.lrange("rq:queue:latentd:tiny:intermediate", 0, -1) == [job_id.encode()]
-    # As if it had sat there for two minutes (RQ waits one before it acts).
-    r.set(f"rq:queue:latentd:tiny:intermediate:first_seen:{job_id}", time.time() - 120)
     worker = cluster.worker("b")
     try:
+        # RQ's maintenance runs as a worker starts, then every 10 minutes: past that first run,
+        # what finds the job is the worker's heartbeat. As if the job had sat there for two
+        # minutes (RQ waits one before it acts):
+        wait_until(lambda: "cleaning registries for queue" in worker.output(), 30, what="RQ's maintenance")
+        r.set(f"rq:queue:latentd:tiny:intermediate:first_seen:{job_id}", time.time() - 120)
         view = cluster.wait_terminal(job_id, timeout=60)
     finally:
         worker.stop()
     assert view["status"] == "succeeded", view  # RQ's maintenance failed it, as generation_failed
+    assert worker.output().count("job_requeued") == 1
 
 
 def test_job_whose_attempts_run_out_fails_with_worker_lost(one_attempt_cluster: Cluster) -> None:

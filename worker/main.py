@@ -134,9 +134,12 @@ class LatentdWorker(SimpleWorker):
     ) -> None:
         if exc_string == STUCK_IN_INTERMEDIATE_QUEUE:
             # Its worker died between taking it off the queue and starting it: it never ran. RQ
-            # would fail it (and we allow no retries); it goes back to the head of its queue.
-            queue.enqueue_job(job, at_front=True)
-            event(log, "job_requeued", logging.WARNING, job_id=job.id, reason="taken_but_never_started")
+            # would fail it (and we allow no retries); it goes back to the head of its queue. Taken
+            # off the intermediate list first: RQ's maintenance and a heartbeat may both find it.
+            if self.connection.lrem(queue.intermediate_queue_key, 1, job.id) == 1:
+                self.connection.delete(queue.intermediate_queue.get_first_seen_key(job.id))
+                queue.enqueue_job(job, at_front=True)
+                event(log, "job_requeued", logging.WARNING, job_id=job.id, reason="taken_but_never_started")
             return
         rt = jobs.current()
         if rt.lost_job_id == job.id:
