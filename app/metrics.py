@@ -47,7 +47,8 @@ class RedisCollector(Collector):
         # Every model with jobs waiting, served or not: one whose last worker is gone must show
         # `latentd_workers 0` beside its queue (the LatentdNoWorkers alert), not vanish.
         prefix = Queue.redis_queue_namespace_prefix + Keys.queue_name("")
-        queued = [as_text(k).removeprefix(prefix) for k in r.smembers(Queue.redis_queues_keys)]
+        keys = [as_text(k) for k in r.smembers(Queue.redis_queues_keys)]
+        queued = [k.removeprefix(prefix) for k in keys if k.startswith(prefix)]  # not other apps' queues
         candidates = sorted({*live, self.service.settings.default_model, *(q for q in queued if q)})
         pipe = r.pipeline(transaction=False)
         for name in candidates:

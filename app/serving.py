@@ -603,26 +603,24 @@ class GenerationService:
         except NoSuchJobError:
             return  # expired meanwhile
         queue_key = Queue.redis_queue_namespace_prefix + job.origin
+        # Off its queue first, which settles the race with a worker: one that took the job before
+        # has it (RQ moves a job off its queue before it marks it started, so the status alone
+        # cannot tell), and none can take it after.
+        if self.redis.lrem(queue_key, 1, job_id) != 1:
+            return
         model = str(job.args[0].get("model", "?")) if job.args else "?"
-        for _ in range(5):  # other jobs entering or leaving the queue meanwhile: look again
-            with self.redis.pipeline() as pipe:
-                try:
-                    # The queue too: RQ moves a job off its queue before it marks it started, and
-                    # a job canceled in between would be started anyway, and canceled twice.
-                    pipe.watch(job.key, queue_key)  # type: ignore[no-untyped-call]
-                    if pipe.hget(job.key, "status") != b"queued" or pipe.lpos(queue_key, job_id) is None:
-                        return  # a worker took it
-                    pipe.multi()
-                    job.cancel(pipeline=pipe)
-                    pipe.expire(job.key, self.settings.job_ttl)
-                    pipe.hincrby(Keys.OUTCOMES, f"{model}|{JobStatus.CANCELED.value}|", 1)
-                    pipe.publish(Keys.ENDED, job_id)
-                    pipe.execute()
-                    return
-                except redis.WatchError:
-                    continue
-                except InvalidJobOperation:
-                    return
+        with self.redis.pipeline() as pipe:
+            try:
+                pipe.watch(job.key)  # type: ignore[no-untyped-call]
+                pipe.multi()
+                job.cancel(pipeline=pipe)
+                pipe.expire(job.key, self.settings.job_ttl)
+                pipe.hincrby(Keys.OUTCOMES, f"{model}|{JobStatus.CANCELED.value}|", 1)
+                pipe.publish(Keys.ENDED, job_id)
+                pipe.execute()
+            except (redis.WatchError, InvalidJobOperation):
+                # Changed meanwhile: back at the head of its queue, where the flag stops it.
+                self.redis.lpush(queue_key, job_id)
 
     # -- waiting (OpenAI-style endpoint) -----------------------------------------
 

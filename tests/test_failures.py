@@ -144,8 +144,8 @@ def test_job_over_its_time_limit_fails_with_timeout(
         worker.stop()
 
 
-# Every pipeline call takes 2 s per job in it, whatever its size: a lone job fits a 3 s limit,
-# two jobs in one call take 4 s.
+# Every pipeline call takes 3 s per job in it, whatever its size: a lone job fits a 5 s limit,
+# two jobs in one call take 6 s (under twice 5 s).
 SLOW_CALLS = """
 import time
 
@@ -155,7 +155,7 @@ _generate = Runner.generate
 
 
 def generate(self, payloads, on_step):
-    time.sleep(2 * len(payloads))
+    time.sleep(3 * len(payloads))
     return _generate(self, payloads, on_step)
 
 
@@ -171,7 +171,7 @@ def test_a_batch_has_the_time_its_jobs_would_have_had_one_after_another(
         PYTHONPATH=sitecustomize(tmp_path, SLOW_CALLS), LATENTD_BATCH_WAIT_MS="1000",
     )  # fmt: skip
     api, url = start_api(
-        redis_server.url, tmp_path, LATENTD_JOB_TIMEOUT="3", LATENTD_DEFAULT_MODEL="tiny-batch-limit"
+        redis_server.url, tmp_path, LATENTD_JOB_TIMEOUT="5", LATENTD_DEFAULT_MODEL="tiny-batch-limit"
     )
     try:
         with httpx.Client(base_url=url, timeout=30) as http:
@@ -293,7 +293,7 @@ def test_a_queued_job_canceled_is_counted_once_and_a_job_being_taken_is_left_to_
         # A job a worker is taking: RQ moves it off its queue, then marks it started. A cancel in
         # between must not end it in RQ, or it would go canceled, then running, then canceled.
         taken = httpx.post(f"{url}/v1/generations", json={"prompt": "x"}).json()["id"]
-        r.lmove("rq:queue:latentd:tiny", "rq:intermediate:latentd:tiny", "LEFT", "RIGHT")
+        r.lmove("rq:queue:latentd:tiny", "rq:queue:latentd:tiny:intermediate", "LEFT", "RIGHT")
         reply = httpx.post(f"{url}/v1/generations/{taken}/cancel").json()
         assert reply["status"] == "queued" and reply["cancel_requested"], reply
         r.hset(f"rq:job:{taken}", "status", "started")  # the worker then sees the flag
