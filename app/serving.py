@@ -104,9 +104,10 @@ return false
 # A job whose record exists is not pushed again: the client resends a command whose reply was
 # lost (a timeout, a dropped connection), and the job would run twice.
 # KEYS: the queue, the job's record; ARGV: the limit, then for each command its argument count
-# and its arguments. Returns the queue's length after the push, or -1 (full: nothing written).
+# and its arguments. Returns the queue's length after the push; -1: full, nothing written; -2:
+# the job was enqueued already.
 _ENQUEUE = """
-if redis.call('EXISTS', KEYS[2]) == 1 then return redis.call('LLEN', KEYS[1]) end
+if redis.call('EXISTS', KEYS[2]) == 1 then return -2 end
 if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[1]) then return -1 end
 local i = 2
 while i <= #ARGV do
@@ -435,7 +436,7 @@ class GenerationService:
         """RQ's own enqueue, sent over the asyncio client: RQ writes its commands into a blocking
         pipeline that is never executed, and the same commands run here in one script, only if
         the queue is under its depth limit. Returns the job and the queue's length right after
-        the push, or -1 if the queue was full and nothing was written."""
+        the push (its place plus one), or -1 if the queue was full and nothing was written."""
         job = queue.create_job(
             JOB_FUNCTION,
             args=(payload.model_dump(mode="json"),),
@@ -456,10 +457,13 @@ class GenerationService:
                 flat += [len(args), *args]
         finally:
             staged.reset()
-        length = await self._enqueue_script(
-            keys=[queue.key, job.key], args=[self.settings.max_queue_depth, *flat]
+        length = int(
+            await self._enqueue_script(keys=[queue.key, job.key], args=[self.settings.max_queue_depth, *flat])
         )
-        return job, int(length)
+        if length == -2:  # sent again: where it stands now (taken by a worker already: first)
+            position = await self.aredis.lpos(queue.key, job.id)
+            length = (position if isinstance(position, int) else 0) + 1
+        return job, length
 
     # -- read ------------------------------------------------------------------
 

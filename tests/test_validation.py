@@ -163,9 +163,12 @@ def test_an_enqueue_sent_again_pushes_the_job_once(
         service = client.app.state.service  # type: ignore[attr-defined]
         payload = service.resolve(GenerationRequest(prompt="x"), "resent-job")
         queue = service.queue("tiny")
-        for _ in range(2):
-            client.portal.call(service._rq_enqueue, queue, payload, None)  # type: ignore[union-attr]
+        lengths = [
+            client.portal.call(service._rq_enqueue, queue, payload, None)[1]  # type: ignore[union-attr]
+            for _ in range(2)
+        ]
     assert redis_client.lrange(queue.key, 0, -1) == [b"resent-job"]
+    assert lengths == [1, 1]  # and the job's place is told right
 
 
 def test_unknown_model_is_refused_at_submit(client: TestClient, redis_client: redis.Redis) -> None:
