@@ -17,6 +17,7 @@ import httpx
 import pytest
 import redis
 
+from latentd.contract import Keys, WorkerInfo
 from latentd.embedded import find_redis_server, free_port, redis_args
 
 TINY_MODEL = "tiny"
@@ -142,6 +143,14 @@ def sitecustomize(tmp: Path, source: str) -> str:
     folder = Path(tempfile.mkdtemp(prefix="inject-", dir=tmp))
     (folder / "sitecustomize.py").write_text(source)
     return os.pathsep.join([str(folder), str(ROOT)])
+
+
+def register_ghost(r: redis.Redis, model: str, name: str = "ghost", ttl: int = 120) -> None:
+    """A worker's registration without the worker: the API accepts jobs for `model`, and nothing
+    runs them."""
+    info = WorkerInfo(name=name, model=model, device="cpu", pid=1, hostname="h", started_at=0)
+    r.set(Keys.worker(name), info.model_dump_json(), ex=ttl)
+    r.sadd(Keys.WORKERS, name)
 
 
 def spawn(args: list[str], env: dict[str, str], log: Path, new_session: bool = False) -> Proc:

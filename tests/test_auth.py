@@ -12,7 +12,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Proc, RedisServer, base_env, spawn, start_api, start_worker, wait_until
+from tests.conftest import (
+    Proc,
+    RedisServer,
+    base_env,
+    register_ghost,
+    spawn,
+    start_api,
+    start_worker,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -147,12 +156,7 @@ def limited(tmp_path: Path) -> Iterator[tuple[RedisServer, str]]:
     server = RedisServer(tmp_path / "redis")
     server.start()
     r = server.client()
-    r.set(
-        "latentd:worker:ghost",
-        '{"name":"ghost","model":"tiny","device":"cpu","pid":1,"hostname":"h","started_at":0}',
-        ex=120,
-    )
-    r.sadd("latentd:workers", "ghost")
+    register_ghost(r, "tiny")
     api, url = start_api(
         server.url, tmp_path, LATENTD_RATE_LIMIT_PER_MINUTE="5", LATENTD_MAX_JOBS_IN_FLIGHT="2"
     )

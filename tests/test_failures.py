@@ -26,6 +26,7 @@ from tests.conftest import (
     RedisServer,
     Service,
     base_env,
+    register_ghost,
     sitecustomize,
     spawn,
     start_api,
@@ -81,12 +82,7 @@ def test_a_full_redis_refuses_writes_with_503_and_reads_go_on(
     # an OOM error. Submits and cancels say so (they were 500 internal_error), and reads, which
     # spend a write on the per-key rate limit, still work.
     r = private_redis.client()
-    r.set(
-        "latentd:worker:ghost",
-        '{"name":"ghost","model":"tiny","device":"cpu","pid":1,"hostname":"h","started_at":0}',
-        ex=120,
-    )
-    r.sadd("latentd:workers", "ghost")
+    register_ghost(r, "tiny")
     key = "ops-key-0123456789abcdef"
     auth = {"Authorization": f"Bearer {key}"}
     api, url = start_api(
@@ -252,12 +248,7 @@ def test_full_queue_answers_429(redis_server: RedisServer, tmp_path: Path) -> No
     """Queue depth limit: a worker registration without a worker, so nothing drains the queue."""
     r = redis_server.client()
     model = "tiny-full"
-    r.set(
-        "latentd:worker:ghost",
-        f'{{"name":"ghost","model":"{model}","device":"cpu","pid":1,"hostname":"h","started_at":0}}',
-        ex=60,
-    )
-    r.sadd("latentd:workers", "ghost")
+    register_ghost(r, model, ttl=60)
     api, url = start_api(redis_server.url, tmp_path, LATENTD_MAX_QUEUE_DEPTH="2", LATENTD_DEFAULT_MODEL=model)
     try:
         # Concurrent submits: the depth check and the push are one step, so no two pass the check
@@ -278,12 +269,7 @@ def test_a_queued_job_canceled_is_counted_once_and_a_job_being_taken_is_left_to_
     private_redis: RedisServer, tmp_path: Path
 ) -> None:
     r = private_redis.client()
-    r.set(
-        "latentd:worker:ghost",
-        '{"name":"ghost","model":"tiny","device":"cpu","pid":1,"hostname":"h","started_at":0}',
-        ex=120,
-    )
-    r.sadd("latentd:workers", "ghost")
+    register_ghost(r, "tiny")
     api, url = start_api(private_redis.url, tmp_path, LATENTD_DEFAULT_MODEL="tiny")
     counted = 'latentd_jobs_total{code="",model="tiny",status="canceled"} 1.0'
     try:
@@ -307,12 +293,7 @@ def test_a_model_whose_workers_are_gone_stays_in_the_metrics_while_its_jobs_wait
     private_redis: RedisServer, tmp_path: Path
 ) -> None:
     r = private_redis.client()
-    r.set(
-        "latentd:worker:ghost",
-        '{"name":"ghost","model":"other","device":"cpu","pid":1,"hostname":"h","started_at":0}',
-        ex=120,
-    )
-    r.sadd("latentd:workers", "ghost")
+    register_ghost(r, "other")
     api, url = start_api(private_redis.url, tmp_path, LATENTD_DEFAULT_MODEL="tiny")
     try:
         assert httpx.post(f"{url}/v1/generations", json={"prompt": "x", "model": "other"}).status_code == 202
@@ -329,12 +310,7 @@ def test_openai_route_tells_openais_clients_not_to_resend_an_accepted_job(
 ) -> None:
     # OpenAI's SDKs resend a request that got a 409, 429 or 5xx: each resend queued the job again.
     r = private_redis.client()
-    r.set(
-        "latentd:worker:ghost",
-        '{"name":"ghost","model":"tiny","device":"cpu","pid":1,"hostname":"h","started_at":0}',
-        ex=120,
-    )
-    r.sadd("latentd:workers", "ghost")  # nothing runs the job: the wait runs out
+    register_ghost(r, "tiny")  # nothing runs the job: the wait runs out
     api, url = start_api(private_redis.url, tmp_path, LATENTD_DEFAULT_MODEL="tiny", LATENTD_SYNC_TIMEOUT="1")
     try:
         response = httpx.post(

@@ -3,7 +3,6 @@ completed exactly once; a stopped worker finishes its job first."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -21,6 +20,7 @@ from tests.conftest import (
     Proc,
     RedisServer,
     base_env,
+    register_ghost,
     sitecustomize,
     spawn,
     start_api,
@@ -31,7 +31,6 @@ from tests.conftest import (
 pytestmark = pytest.mark.integration
 
 LEASE = "3"
-GHOST = {"name": "ghost", "device": "cpu", "pid": 1, "hostname": "h", "started_at": 0}
 LONG_JOB = {"prompt": "a long job", "steps": 40, "width": 96, "height": 96, "seed": 3}
 
 
@@ -572,12 +571,7 @@ def test_redis_restart_keeps_every_accepted_job(cluster: Cluster) -> None:
     # Register a worker so submits are accepted, then stop it: jobs wait in the queue.
     worker = cluster.worker("a")
     worker.stop()
-    cluster.redis.client().set(
-        "latentd:worker:holder",
-        '{"name":"holder","model":"tiny","device":"cpu","pid":1,"hostname":"h","started_at":0}',
-        ex=30,
-    )
-    cluster.redis.client().sadd("latentd:workers", "holder")
+    register_ghost(cluster.redis.client(), TINY_MODEL, name="holder", ttl=30)
     accepted = [cluster.submit({"prompt": f"job {i}", "steps": 1}) for i in range(5)]
     cluster.redis.stop()  # SIGTERM: Redis flushes its AOF
     cluster.redis.start()  # same port, same directory
@@ -616,8 +610,7 @@ def test_workers_ride_out_a_redis_outage(cluster: Cluster) -> None:
 def test_latentd_generate_rides_out_a_redis_outage_and_saves_its_image(cluster: Cluster) -> None:
     # A worker's registration without the worker, so the job waits in its queue through the outage.
     r = cluster.redis.client()
-    r.set("latentd:worker:ghost", json.dumps({**GHOST, "model": TINY_MODEL}), ex=120)
-    r.sadd("latentd:workers", "ghost")
+    register_ghost(r, TINY_MODEL)
     out = cluster.tmp / "out"
     client = spawn(
         ["generate", "a red circle", "--url", cluster.url, "--out", str(out), "--steps", "2"],
