@@ -113,6 +113,11 @@ class ImageInfo(BaseModel):
         default=False,
         description="The model's own safety checker flagged this image: the file is black.",
     )
+    expires_at: datetime | None = Field(
+        default=None,
+        description="When the service drops the image (LATENTD_RESULTS_TTL after the job ended); "
+        "from then on `url` answers 404 `expired`.",
+    )
 
 
 class JobErrorInfo(BaseModel):

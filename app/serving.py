@@ -527,6 +527,9 @@ class GenerationService:
                         content_type=m.content_type,
                         url=f"/v1/generations/{job.id}/images/{m.index}",
                         withheld=m.withheld,
+                        expires_at=None
+                        if m.expires_at is None
+                        else datetime.fromtimestamp(m.expires_at, UTC),
                     )
                 )
         error = None

@@ -214,6 +214,8 @@ class ImageMeta(BaseModel):
     etag: str
     # The model's safety checker flagged the image, and the pipeline blacked it out.
     withheld: bool = False
+    # When the stored bytes lapse (unix seconds); None in records written before it was kept.
+    expires_at: float | None = None
 
 
 class JobError(BaseModel):

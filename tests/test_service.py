@@ -8,6 +8,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime
 
 import httpx
 import numpy as np
@@ -64,6 +65,7 @@ def test_submit_progress_succeed_download(service: Service) -> None:
     assert timings["started_at"] and timings["finished_at"]
     assert timings["queue_seconds"] >= 0 and timings["inference_seconds"] > 0
     [image] = view["images"]
+    assert image.pop("expires_at")  # when, in test_images_expire_with_the_results_ttl
     assert image == {
         "index": 0,
         "seed": 7,
@@ -251,6 +253,10 @@ def test_images_expire_with_the_results_ttl(service: Service) -> None:
     view = service.wait_terminal(service.submit(steps=1)["id"])
     key = f"latentd:image:{view['id']}:0"
     assert 0 < service.redis.ttl(key) <= 3600  # LATENTD_RESULTS_TTL's default
+    # The view says when: never later than the bytes actually lapse, and not much earlier.
+    stated = datetime.fromisoformat(view["images"][0]["expires_at"]).timestamp()
+    lapses = time.time() + service.redis.pttl(key) / 1000
+    assert lapses - 5 < stated <= lapses + 0.01
     assert service.redis.ttl(f"rq:job:{view['id']}") > 3600  # the record outlives the images
     service.redis.delete(key)  # what the TTL does when it runs out
     gone = service.http.get(view["images"][0]["url"])

@@ -363,7 +363,10 @@ def _rq_key(job_id: str) -> str:
 
 def _commit(rt: Runtime, job_id: str, payload: JobPayload, images: list[Any], finished: float) -> bool:
     """Write a job's images and state at once, if this worker still owns the job."""
+    # Stated before the images are stored, so it is never later than their actual lapse.
+    expires_at = time.time() + rt.settings.results_ttl
     encoded = [encode(image, payload, i) for i, image in enumerate(images)]
+    encoded = [(data, m.model_copy(update={"expires_at": expires_at})) for data, m in encoded]
     if withheld := [m.index for _, m in encoded if m.withheld]:
         event(log, "images_withheld", logging.WARNING, job_id=job_id, images=withheld, by="safety_checker")
     fields = {
