@@ -81,6 +81,7 @@ class ErrorCode(enum.StrEnum):
     RATE_LIMITED = "rate_limited"
     TOO_MANY_JOBS = "too_many_jobs"
     INTERNAL_ERROR = "internal_error"
+    CONTENT_POLICY_VIOLATION = "content_policy_violation"  # OpenAI's code, on its route only
     # Job failures (worker side)
     INVALID_PARAMETERS = "invalid_parameters"
     GENERATION_FAILED = "generation_failed"

@@ -103,6 +103,25 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_pipeline(tmp_path_factory.mktemp("models") / TINY_MODEL)
 
 
+def flag_everything_checker() -> tuple[Any, Any]:
+    """A tiny, random Stable Diffusion safety checker (diffusers' own) whose thresholds flag every
+    image, and the feature extractor it reads images through."""
+    import torch
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    tower = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 1}
+    config = CLIPConfig(
+        text_config={**tower, "projection_dim": 32},
+        vision_config={**tower, "projection_dim": 32, "image_size": 32, "patch_size": 8},
+        projection_dim=32,
+    )
+    checker = StableDiffusionSafetyChecker(config).eval()
+    with torch.no_grad():
+        checker.concept_embeds_weights.fill_(-10.0)
+    return checker, CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32)
+
+
 def base_env(redis_url: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LATENTD_")}
     env.update(

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from latentd.contract import JobPayload
+from tests.conftest import flag_everything_checker
 from worker.encode import encode
 from worker.pipeline import Runner, compile_runner, load_pipeline, warm_up
 
@@ -233,22 +234,9 @@ def test_an_image_the_models_safety_checker_blacks_out_is_marked_withheld(
     # Stable Diffusion 1.5 ships a safety checker: a flagged image comes back black, and the job
     # succeeded as if it were a picture. Here diffusers' own checker, tiny and random, with
     # thresholds that flag every image.
-    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-    from transformers import CLIPConfig, CLIPImageProcessor
-
-    tower = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 1}
-    config = CLIPConfig(
-        text_config={**tower, "projection_dim": 32},
-        vision_config={**tower, "projection_dim": 32, "image_size": 32, "patch_size": 8},
-        projection_dim=32,
-    )
-    checker = StableDiffusionSafetyChecker(config).eval()
-    with torch.no_grad():
-        checker.concept_embeds_weights.fill_(-10.0)
+    checker, feature_extractor = flag_everything_checker()
     monkeypatch.setattr(runner.pipe, "safety_checker", checker)
-    monkeypatch.setattr(
-        runner.pipe, "feature_extractor", CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32)
-    )
+    monkeypatch.setattr(runner.pipe, "feature_extractor", feature_extractor)
     [images], _ = runner.generate([payload(2)], never)
     metas = [encode(image, payload(2), i)[1] for i, image in enumerate(images)]
     assert [m.withheld for m in metas] == [True, True]

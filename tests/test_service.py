@@ -9,13 +9,14 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import TINY_MODEL, Service, wait_until
+from tests.conftest import TINY_MODEL, RedisServer, Service, flag_everything_checker, start_worker, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -247,6 +248,42 @@ def test_openai_endpoint_b64_and_url(service: Service) -> None:
     fetched = httpx.get(item["url"])
     assert fetched.headers["content-type"] == "image/webp"
     assert Image.open(io.BytesIO(fetched.content)).size == (64, 64)  # LATENTD_DEFAULT_SIZE
+
+
+def test_images_a_models_safety_checker_withholds(
+    service: Service, redis_server: RedisServer, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # A model directory that ships a safety checker, as Stable Diffusion 1.5's does; this one
+    # flags every image.
+    from diffusers import StableDiffusionPipeline
+
+    checker, feature_extractor = flag_everything_checker()
+    tiny = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
+    StableDiffusionPipeline(
+        **{**tiny.components, "safety_checker": checker, "feature_extractor": feature_extractor},
+        requires_safety_checker=True,
+    ).save_pretrained(tmp_path / "checked")
+    worker = start_worker(
+        redis_server.url, tmp_path / "checked", tmp_path, "checked", LATENTD_MODEL_NAME="checked"
+    )
+    try:
+        view = service.wait_terminal(service.submit(model="checked", steps=2, num_images=2)["id"])
+        assert view["status"] == "succeeded"
+        assert [i["withheld"] for i in view["images"]] == [True, True]
+        black = Image.open(io.BytesIO(download(service, view["images"][0]["url"]).content))
+        assert np.asarray(black).max() == 0
+
+        # OpenAI's route answers as OpenAI does, not with black pictures; the job is not sent again.
+        response = service.http.post(
+            "/v1/images/generations", json={"prompt": "x", "model": "checked", "size": "64x64"}
+        )
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["code"] == "content_policy_violation"
+        assert response.json()["error"]["param"] == "prompt"
+        assert response.headers["x-should-retry"] == "false"
+        assert "images_withheld" in worker.output()
+    finally:
+        worker.stop()
 
 
 def test_images_expire_with_the_results_ttl(service: Service) -> None:

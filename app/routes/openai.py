@@ -47,7 +47,11 @@ def _parse_size(size: str) -> tuple[int, int]:
     response_model=OpenAIImageResponse,
     responses={
         **COMMON_RESPONSES,
-        400: {"model": ErrorResponse, "description": "No live worker serves the model."},
+        400: {
+            "model": ErrorResponse,
+            "description": "No live worker serves the model (`model_unavailable`), or the model's "
+            "safety checker withheld every image (`content_policy_violation`).",
+        },
         409: {"model": ErrorResponse, "description": "The job was canceled while waiting."},
         429: {"model": ErrorResponse, "description": "Queue full."},
         500: {"model": ErrorResponse, "description": "The job failed in the worker."},
@@ -108,9 +112,19 @@ async def _answer(
 ) -> OpenAIImageResponse:
     view = await service.wait(job_id, owner, settings.sync_timeout)
     if view.status is JobStatus.SUCCEEDED:
+        # A black picture the model's safety checker withheld is no answer to an OpenAI client;
+        # OpenAI itself refuses such a prompt with this code.
+        shown = [image for image in view.images if not image.withheld]
+        if not shown:
+            raise ServiceError(
+                f"the model's safety checker withheld every image of generation '{view.id}'",
+                code=ErrorCode.CONTENT_POLICY_VIOLATION,
+                status_code=400,
+                param="prompt",
+            )
         base = (settings.public_url or str(request.base_url)).rstrip("/")
         data = []
-        for image in view.images:
+        for image in shown:
             if body.response_format == "b64_json":
                 blob = await service.image(view.id, image.index, owner)
                 data.append(
