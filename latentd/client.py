@@ -130,6 +130,10 @@ def _follow(http: httpx.Client, job_id: str, out_dir: Path, poll: float) -> list
             _check(response)
         ext = EXTENSIONS.get(image["content_type"], "bin")
         path = out_dir / f"{job_id}-{image['index']}.{ext}"
-        path.write_bytes(response.content)
+        partial = path.with_name(path.name + ".part")  # never a torn image under the real name
+        partial.write_bytes(response.content)
+        partial.replace(path)
         paths.append(path)
+        if image.get("withheld"):
+            print(f"{path}: withheld by the model's safety checker (the image is black)", file=sys.stderr)
     return paths

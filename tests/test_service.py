@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from latentd.client import generate
 from tests.conftest import TINY_MODEL, RedisServer, Service, flag_everything_checker, start_worker, wait_until
 
 pytestmark = pytest.mark.integration
@@ -251,7 +252,11 @@ def test_openai_endpoint_b64_and_url(service: Service) -> None:
 
 
 def test_images_a_models_safety_checker_withholds(
-    service: Service, redis_server: RedisServer, tiny_model_dir: Path, tmp_path: Path
+    service: Service,
+    redis_server: RedisServer,
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     # A model directory that ships a safety checker, as Stable Diffusion 1.5's does; this one
     # flags every image.
@@ -282,6 +287,12 @@ def test_images_a_models_safety_checker_withholds(
         assert response.json()["error"]["param"] == "prompt"
         assert response.headers["x-should-retry"] == "false"
         assert "images_withheld" in worker.output()
+
+        # The bundled client says so, beside the file it saved.
+        capsys.readouterr()
+        [saved] = generate(service.url, {"prompt": "x", "model": "checked", "steps": 2}, tmp_path / "out")
+        assert f"{saved}: withheld by the model's safety checker" in capsys.readouterr().err
+        assert [p.name for p in (tmp_path / "out").iterdir()] == [saved.name]  # no partial file left
     finally:
         worker.stop()
 
