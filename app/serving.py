@@ -90,6 +90,9 @@ return {job, redis.call('HGETALL', KEYS[2]), redis.call('EXISTS', KEYS[3]), posi
 
 # How long a replayed Idempotency-Key waits for the first request's job to be enqueued.
 IDEMPOTENT_WAIT_S = 2.0
+# How long a claim on an Idempotency-Key lasts before its job is enqueued; the enqueue extends it
+# to the job's lifetime. An API that dies in between holds the key no longer than this.
+IDEMPOTENT_PENDING_S = 10
 
 # SET NX that returns the value already there (SET NX GET needs Redis 7; this runs on 6).
 _CLAIM = """
@@ -103,13 +106,16 @@ return false
 # push in one step, so concurrent submits cannot all pass the check and overfill the queue.
 # A job whose record exists is not pushed again: the client resends a command whose reply was
 # lost (a timeout, a dropped connection), and the job would run twice.
-# KEYS: the queue, the job's record; ARGV: the limit, then for each command its argument count
-# and its arguments. Returns the queue's length after the push; -1: full, nothing written; -2:
-# the job was enqueued already.
+# The job's Idempotency-Key claim, if any, is made to last as long as the job, in the same step.
+# KEYS: the queue, the job's record[, the claim]; ARGV: the limit, the claim's lifetime, then for
+# each command its argument count and its arguments. Returns the queue's length after the push;
+# -1: full, nothing written; -2: the job was enqueued already.
 _ENQUEUE = """
-if redis.call('EXISTS', KEYS[2]) == 1 then return -2 end
-if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[1]) then return -1 end
-local i = 2
+local resent = redis.call('EXISTS', KEYS[2]) == 1
+if not resent and redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[1]) then return -1 end
+if KEYS[3] then redis.call('EXPIRE', KEYS[3], ARGV[2]) end
+if resent then return -2 end
+local i = 3
 while i <= #ARGV do
   local n = tonumber(ARGV[i])
   redis.call(unpack(ARGV, i + 1, i + n))
@@ -352,7 +358,7 @@ class GenerationService:
         digest = hashlib.sha256(req.model_dump_json().encode()).hexdigest()
         deadline = time.monotonic() + IDEMPOTENT_WAIT_S
         while isinstance(
-            earlier := await self.aredis.eval(_CLAIM, 1, key, f"{job_id}:{digest}", self.settings.job_ttl),
+            earlier := await self.aredis.eval(_CLAIM, 1, key, f"{job_id}:{digest}", IDEMPOTENT_PENDING_S),
             bytes | str,
         ):
             earlier_id, _, earlier_digest = as_text(earlier).partition(":")
@@ -382,7 +388,7 @@ class GenerationService:
                 links=view.links,
             )
         try:
-            return await self._enqueue(payload, owner)
+            return await self._enqueue(payload, owner, claim=key)
         except BaseException:
             await self.aredis.delete(key)  # nothing was accepted under this key
             raise
@@ -400,7 +406,9 @@ class GenerationService:
                 retry_after=QUEUE_FULL_RETRY_AFTER,
             )
 
-    async def _enqueue(self, payload: JobPayload, owner: str | None) -> SubmitResponse:
+    async def _enqueue(
+        self, payload: JobPayload, owner: str | None, claim: str | None = None
+    ) -> SubmitResponse:
         job_id = payload.job_id
         served = await self.served_models(payload.model)
         if payload.model not in served:
@@ -413,7 +421,7 @@ class GenerationService:
         if owner is not None:
             await self._reserve_slot(owner, job_id)
         try:
-            job, length = await self._rq_enqueue(queue, payload, owner)
+            job, length = await self._rq_enqueue(queue, payload, owner, claim)
             if length < 0:
                 depth = self.settings.max_queue_depth
                 raise QueueFull(
@@ -432,7 +440,9 @@ class GenerationService:
             links=self.links(job_id),
         )
 
-    async def _rq_enqueue(self, queue: Queue, payload: JobPayload, owner: str | None) -> tuple[Job, int]:
+    async def _rq_enqueue(
+        self, queue: Queue, payload: JobPayload, owner: str | None, claim: str | None = None
+    ) -> tuple[Job, int]:
         """RQ's own enqueue, sent over the asyncio client: RQ writes its commands into a blocking
         pipeline that is never executed, and the same commands run here in one script, only if
         the queue is under its depth limit. Returns the job and the queue's length right after
@@ -458,7 +468,10 @@ class GenerationService:
         finally:
             staged.reset()
         length = int(
-            await self._enqueue_script(keys=[queue.key, job.key], args=[self.settings.max_queue_depth, *flat])
+            await self._enqueue_script(
+                keys=[queue.key, job.key, *([claim] if claim else [])],
+                args=[self.settings.max_queue_depth, self.settings.job_ttl, *flat],
+            )
         )
         if length == -2:  # sent again: where it stands now (taken by a worker already: first)
             position = await self.aredis.lpos(queue.key, job.id)

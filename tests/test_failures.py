@@ -325,6 +325,53 @@ def test_openai_route_tells_openais_clients_not_to_resend_an_accepted_job(
         api.stop()
 
 
+DIE_BEFORE_ENQUEUE = """
+import os
+import app.serving
+
+async def die(*args, **kwargs):
+    os._exit(9)  # killed between claiming the Idempotency-Key and enqueueing its job
+
+app.serving.GenerationService._enqueue = die
+"""
+
+
+def test_an_idempotency_key_claimed_by_an_api_that_died_frees_itself(
+    private_redis: RedisServer, tmp_path: Path
+) -> None:
+    r = private_redis.client()
+    register_ghost(r, "tiny")
+    body, headers = {"prompt": "x", "steps": 1}, {"Idempotency-Key": "order-7"}
+    dying, url = start_api(
+        private_redis.url, tmp_path, "dying", PYTHONPATH=sitecustomize(tmp_path, DIE_BEFORE_ENQUEUE)
+    )
+    with pytest.raises(httpx.HTTPError):
+        httpx.post(f"{url}/v1/generations", json=body, headers=headers, timeout=10)
+    assert dying.proc.wait(10) == 9
+    api, url = start_api(private_redis.url, tmp_path)
+    try:
+        # Its claim stands only briefly; a replay then gets a job (it got 409 for a day).
+        replay = httpx.post(f"{url}/v1/generations", json=body, headers=headers, timeout=10)
+        if replay.status_code == 409:
+            assert replay.json()["error"]["code"] == "idempotency_conflict"
+            replay = wait_until(
+                lambda: (
+                    (a := httpx.post(f"{url}/v1/generations", json=body, headers=headers)).status_code == 202
+                    and a
+                ),
+                15,
+                what="the dead API's claim to lapse",
+            )
+        assert replay.status_code == 202, replay.text
+        [claim] = r.keys("latentd:idempotency:*")
+        assert r.ttl(claim) > 3600  # an accepted job holds its key as long as the job lives
+        again = httpx.post(f"{url}/v1/generations", json=body, headers=headers)
+        assert again.json()["id"] == replay.json()["id"]
+        assert r.llen("rq:queue:latentd:tiny") == 1
+    finally:
+        api.stop()
+
+
 def test_cli_generate_writes_the_images(service: Service, tmp_path: Path) -> None:
     env = base_env(service.url)
     proc = spawn(
