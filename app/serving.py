@@ -124,6 +124,15 @@ end
 return redis.call('LLEN', KEYS[1])
 """
 
+# Raise a job's cancel flag unless its worker has committed its images: Redis orders this against
+# the worker's commit, which refuses once the flag is up, so a job whose cancel was accepted
+# never ends succeeded. KEYS: the job's state, its cancel flag; ARGV: the flag's lifetime.
+_CANCEL = """
+if redis.call('HEXISTS', KEYS[1], 'images') == 1 then return 0 end
+redis.call('SET', KEYS[2], '1', 'EX', ARGV[1])
+return 1
+"""
+
 # Reserve an in-flight slot for an owner: drop members whose job has ended (or that
 # never became a job within a minute), then add this one if the owner is under its limit.
 # KEYS: the owner's in-flight set; ARGV: limit, job id, now, ttl.
@@ -609,8 +618,12 @@ class GenerationService:
         if status.is_terminal():
             raise NotCancelable(f"generation '{job_id}' already ended with status {status.value}", param="id")
         # The flag first: a worker that takes the job at this very moment sees it
-        # before its first step; one already running sees it at its next step.
-        self.redis.set(Keys.cancel(job_id), b"1", ex=self.settings.job_ttl)
+        # before its first step; one already running sees it at its next step, or at its commit.
+        if not self.redis.eval(_CANCEL, 2, Keys.state(job_id), Keys.cancel(job_id), self.settings.job_ttl):
+            raise NotCancelable(
+                f"generation '{job_id}' has finished: its images are stored, and it ends succeeded",
+                param="id",
+            )
         if status is JobStatus.QUEUED:
             self._cancel_queued(job_id)
         return self.read(job_id, owner)

@@ -223,7 +223,7 @@ def identity_check(
     pipe: Any, device: torch.device, size: int, steps: int, guidance: float, jobs: int
 ) -> dict[str, Any]:
     """Each image of a batch against the same job run alone, with every call padded to `jobs`
-    images (what `LATENTD_BATCH_INVARIANT` does) and without padding."""
+    images plus the trailing one (what `LATENTD_BATCH_INVARIANT` does) and without padding."""
     import numpy as np
 
     from latentd.contract import JobPayload

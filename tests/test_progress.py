@@ -9,8 +9,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Proc, wait_until
-from tests.test_recovery import LONG_JOB, Cluster, cluster_with_worker
+from tests.conftest import Proc, sitecustomize, start_worker, wait_until
+from tests.test_recovery import LONG_JOB, Cluster, cluster_with_worker, make_cluster
 
 pytestmark = pytest.mark.integration
 
@@ -48,3 +48,52 @@ def test_each_progress_check_is_one_round_trip(every_step: tuple[Cluster, Proc])
     # SCRIPT EXISTS, a second round trip inside the denoising loop.
     assert stats.get("cmdstat_eval", {}).get("calls", 0) >= 6, stats.keys()
     assert "cmdstat_script|exists" not in stats, stats["cmdstat_script|exists"]
+
+
+# A cancel that arrives as the worker commits the job's images: just before (past the worker's
+# last look at the flag) or just after (before RQ marks the job finished).
+CANCEL_AS_IT_COMMITS = """
+import os
+import httpx
+import worker.jobs
+
+commit = worker.jobs._commit
+
+def cancel():
+    job_id = os.environ["CANCEL_JOB_ID_FILE"]
+    answer = httpx.post(os.environ["CANCEL_URL"] + "/v1/generations/" + open(job_id).read() + "/cancel")
+    open(os.environ["CANCEL_ANSWER_FILE"], "w").write(str(answer.status_code))
+
+def _commit(*args, **kwargs):
+    if os.environ["CANCEL_AT"] == "before":
+        cancel()
+    committed = commit(*args, **kwargs)
+    if os.environ["CANCEL_AT"] == "after":
+        cancel()
+    return committed
+
+worker.jobs._commit = _commit
+"""
+
+
+@pytest.mark.parametrize(
+    ("point", "answer", "end"), [("before", 202, "canceled"), ("after", 409, "succeeded")]
+)
+def test_a_cancel_racing_the_commit_is_either_honoured_or_refused(
+    tmp_path: Path, tiny_model_dir: Path, point: str, answer: int, end: str
+) -> None:
+    # Before, both got 202 and the job ended succeeded.
+    for cluster in make_cluster(tmp_path, tiny_model_dir):
+        worker = start_worker(
+            cluster.redis.url, tiny_model_dir, tmp_path, "w",
+            PYTHONPATH=sitecustomize(tmp_path, CANCEL_AS_IT_COMMITS), CANCEL_AT=point, CANCEL_URL=cluster.url,
+            CANCEL_JOB_ID_FILE=str(tmp_path / "job"), CANCEL_ANSWER_FILE=str(tmp_path / "answer"),
+        )  # fmt: skip
+        try:
+            (tmp_path / "job").write_text(job_id := cluster.submit({"prompt": "x", "steps": 2}))
+            view = cluster.wait_terminal(job_id)
+            assert (tmp_path / "answer").read_text() == str(answer)
+            assert view["status"] == end, view
+            assert bool(view["images"]) == (end == "succeeded")
+        finally:
+            worker.stop()

@@ -39,8 +39,9 @@ class WorkerSettings(CommonSettings):
     )
     batch_invariant: bool = Field(
         default=False,
-        description="Pad every pipeline call to max_batch_images images, so an image's bytes never "
-        "depend on the jobs batched with it; a lone job then costs a full batch of compute.",
+        description="Pad every pipeline call to max_batch_images images plus a trailing one, so an "
+        "image's bytes never depend on the jobs batched with it or its place among them; a lone job "
+        "then costs a full batch of compute.",
     )
     batch_wait_ms: float = Field(
         default=5,

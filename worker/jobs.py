@@ -135,7 +135,7 @@ def _classify(exc: BaseException, payload: JobPayload, pad_to: int | None = None
     if is_out_of_memory(exc):
         size = f"{payload.width}x{payload.height}"
         what = (
-            f"{size} images: this worker pads every call to {pad_to} images (LATENTD_BATCH_INVARIANT)"
+            f"{size} images: this worker pads every call to {pad_to + 1} images (LATENTD_BATCH_INVARIANT)"
             if pad_to
             else f"even one {size} image (the request asked for {payload.num_images})"
         )
@@ -144,7 +144,9 @@ def _classify(exc: BaseException, payload: JobPayload, pad_to: int | None = None
         )
     if isinstance(exc, ValueError):
         # diffusers raises ValueError for parameters a model cannot take; its message is for users.
-        return JobFailure(ErrorCode.INVALID_PARAMETERS, str(exc).splitlines()[0][:500])
+        return JobFailure(
+            ErrorCode.INVALID_PARAMETERS, (str(exc).splitlines() or ["invalid parameters"])[0][:500]
+        )
     return JobFailure(ErrorCode.GENERATION_FAILED, f"generation failed ({type(exc).__name__})")
 
 
@@ -166,18 +168,22 @@ redis.call('HSET', KEYS[2], 'step', ARGV[2])
 return redis.call('EXISTS', KEYS[3])
 """
 
-# Results are written once, atomically, and only by the worker that still owns the job.
-# KEYS: job, state, image keys...; ARGV: worker, results_ttl, job_ttl, state json, image bytes...
+# Results are written once, atomically, only by the worker that still owns the job, and only if
+# its cancel flag is down (the API raises it only while no images are stored: one order or the
+# other, never both). KEYS: job, state, cancel flag, image keys...; ARGV: worker, results_ttl,
+# job_ttl, state json, image bytes... Returns COMMITTED, NOT_OURS or CANCELED.
 _COMMIT = """
 local owner = redis.call('HMGET', KEYS[1], 'status', 'worker_name')
 if owner[1] ~= 'started' or owner[2] ~= ARGV[1] then return 0 end
+if redis.call('EXISTS', KEYS[3]) == 1 then return 2 end
 local fields = cjson.decode(ARGV[4])
 for k, v in pairs(fields) do redis.call('HSET', KEYS[2], k, v) end
 redis.call('HINCRBY', KEYS[2], 'completions', 1)
 redis.call('EXPIRE', KEYS[2], ARGV[3])
-for i = 3, #KEYS do redis.call('SET', KEYS[i], ARGV[i + 2], 'EX', ARGV[2]) end
+for i = 4, #KEYS do redis.call('SET', KEYS[i], ARGV[i + 1], 'EX', ARGV[2]) end
 return 1
 """
+NOT_OURS, COMMITTED, CANCELED = 0, 1, 2
 
 
 class LeaseLost(Exception):
@@ -334,12 +340,13 @@ def _run(rt: Runtime, members: list[tuple[str, JobPayload]], outcomes: dict[str,
     for (job_id, payload), job_images in zip(active, images, strict=True):
         if job_id in lost:
             continue
-        if job_id in canceled or r.exists(Keys.cancel(job_id)):
-            outcomes[job_id] = _record_canceled(rt, job_id)
-        elif _commit(rt, job_id, payload, job_images, finished):
+        committed = CANCELED if job_id in canceled else _commit(rt, job_id, payload, job_images, finished)
+        if committed == COMMITTED:
             outcomes[job_id] = Succeeded(len(job_images))  # before anything else can cut us short
             _record_outcome(r, model, JobStatus.SUCCEEDED, seconds=finished - started)
             event(log, "job_succeeded", job_id=job_id, seconds=round(finished - started, 3))
+        elif committed == CANCELED:
+            outcomes[job_id] = _record_canceled(rt, job_id)
         else:
             outcomes[job_id] = _record_lost(job_id)
 
@@ -361,8 +368,9 @@ def _rq_key(job_id: str) -> str:
     return f"rq:job:{job_id}"
 
 
-def _commit(rt: Runtime, job_id: str, payload: JobPayload, images: list[Any], finished: float) -> bool:
-    """Write a job's images and state at once, if this worker still owns the job."""
+def _commit(rt: Runtime, job_id: str, payload: JobPayload, images: list[Any], finished: float) -> int:
+    """Write a job's images and state at once, if this worker still owns the job and its cancel
+    flag is down: COMMITTED, NOT_OURS or CANCELED."""
     # Stated before the images are stored, so it is never later than their actual lapse.
     expires_at = time.time() + rt.settings.results_ttl
     encoded = [encode(image, payload, i) for i, image in enumerate(images)]
@@ -375,7 +383,12 @@ def _commit(rt: Runtime, job_id: str, payload: JobPayload, images: list[Any], fi
         StateField.INFERENCE_FINISHED: finished,
     }
     committed = rt.connection.register_script(_COMMIT)(
-        keys=[_rq_key(job_id), Keys.state(job_id), *(Keys.image(job_id, i) for i in range(len(encoded)))],
+        keys=[
+            _rq_key(job_id),
+            Keys.state(job_id),
+            Keys.cancel(job_id),
+            *(Keys.image(job_id, i) for i in range(len(encoded))),
+        ],
         args=[
             rt.worker_name,
             rt.settings.results_ttl,
@@ -384,7 +397,7 @@ def _commit(rt: Runtime, job_id: str, payload: JobPayload, images: list[Any], fi
             *(data for data, _ in encoded),
         ],
     )
-    return bool(committed)
+    return int(committed)
 
 
 def _record_canceled(rt: Runtime, job_id: str) -> Canceled:

@@ -217,11 +217,23 @@ class Runner:
             raise ValueError(f"steps: the lcm scheduler takes at most {most} steps with this model")
         slots = [(j, i) for j, p in enumerate(payloads) for i in range(p.num_images)]
         images: list[list[Image.Image]] = [[] for _ in payloads]
-        pending = [slots]
+        # Padded calls take at most `pad_to` images: more run as several calls, progress spread
+        # over them.
+        pending = (
+            [slots[i : i + self.pad_to] for i in range(0, len(slots), self.pad_to)]
+            if self.pad_to
+            else [slots]
+        )
+        calls = len(pending)
         while pending:
             chunk_slots = pending.pop(0)
+            before = calls - len(pending) - 1
+
+            def chunk_step(done: int, total: int, before: int = before) -> bool:
+                return on_step((before * total + done) // calls, total)
+
             try:
-                chunk, interrupted = self._run(payloads, chunk_slots, on_step)
+                chunk, interrupted = self._run(payloads, chunk_slots, chunk_step if calls > 1 else on_step)
             except TorchDynamoException as exc:
                 # A new shape's compile failed (in the job that brought it): eager from now on.
                 if self.uncompile is None:
@@ -271,7 +283,10 @@ class Runner:
         prompts = [payloads[j].prompt for j, _ in slots]
         # An empty negative prompt is what diffusers uses when none is given.
         negatives = [payloads[j].negative_prompt for j, _ in slots]
-        padding = max(0, (self.pad_to or 0) - len(slots))
+        # Padded calls have one row more than `pad_to`, always padding, and always last: elementwise
+        # kernels finish a tensor's last few values on another code path (a scalar tail; seen in
+        # the text encoder's activation on an AVX2 host), so no image may sit at the batch's end.
+        padding = self.pad_to + 1 - len(slots) if self.pad_to else 0
         generators += [torch.Generator("cpu").manual_seed(0) for _ in range(padding)]
         prompts += [""] * padding
         negatives += [""] * padding
