@@ -267,3 +267,25 @@ def test_an_image_the_models_safety_checker_blacks_out_is_marked_withheld(
     monkeypatch.setattr(runner.pipe, "safety_checker", None)
     [images], _ = runner.generate([payload(1)], never)
     assert not encode(images[0], payload(1), 0)[1].withheld
+
+
+def test_a_call_its_jobs_no_longer_want_stops_at_once(
+    runner: Runner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A cancel is answered within a step: the half-denoised latents are not decoded (at 1024x1024
+    # on the CPU the decode had held the worker for another 25 s), and the next run is unchanged.
+    decoded: list[int] = []
+    real = runner.pipe.vae.decode
+
+    def decode(*args: Any, **kwargs: Any) -> Any:
+        decoded.append(1)
+        return real(*args, **kwargs)
+
+    job = payload(1).model_copy(update={"steps": 6})
+    before, _ = runner.generate([job], never)
+    monkeypatch.setattr(runner.pipe.vae, "decode", decode)
+    steps: list[int] = []
+    images, interrupted = runner.generate([job], lambda done, total: bool(steps.append(done)) or done >= 2)
+    assert interrupted and images == [[]] and steps == [1, 2] and decoded == []
+    after, _ = runner.generate([job], never)
+    assert np.array_equal(np.asarray(before[0][0]), np.asarray(after[0][0])) and decoded == [1]

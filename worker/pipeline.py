@@ -290,36 +290,42 @@ class Runner:
         generators += [torch.Generator("cpu").manual_seed(0) for _ in range(padding)]
         prompts += [""] * padding
         negatives += [""] * padding
-        interrupted = False
 
         def step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-            nonlocal interrupted
             # In the client's steps: a scheduler may take a few more model calls (PNDM: one).
             calls = max(first.steps, getattr(pipe, "num_timesteps", 0) or 0)
             if on_step(-(-(step + 1) * first.steps // calls), first.steps):
-                interrupted = True
-                pipe._interrupt = True
+                # Out of the call at once: diffusers' own `_interrupt` skips the remaining steps
+                # but still decodes the latents and runs the safety checker, for nothing.
+                raise _Stopped
             return kwargs
 
         with torch.inference_mode():
-            result = self.pipe(
-                prompt=prompts,
-                negative_prompt=negatives,
-                width=first.width,
-                height=first.height,
-                num_inference_steps=first.steps,
-                guidance_scale=first.guidance_scale,
-                generator=generators,
-                callback_on_step_end=step_end,
-                output_type="pil",
-            )
+            try:
+                result = self.pipe(
+                    prompt=prompts,
+                    negative_prompt=negatives,
+                    width=first.width,
+                    height=first.height,
+                    num_inference_steps=first.steps,
+                    guidance_scale=first.guidance_scale,
+                    generator=generators,
+                    callback_on_step_end=step_end,
+                    output_type="pil",
+                )
+            except _Stopped:
+                return [], True
         images = list(result.images)[: len(slots)]
         # A model that ships a safety checker (Stable Diffusion 1.5's does) returns a flagged
         # image black; the image says so, for its job to tell the client.
         for image, flagged in zip(images, getattr(result, "nsfw_content_detected", None) or [], strict=False):
             if flagged:
                 image.info[WITHHELD] = True
-        return images, interrupted
+        return images, False
+
+
+class _Stopped(Exception):
+    """Raised from the step callback to leave a pipeline call its jobs no longer want."""
 
 
 def compile_runner(runner: Runner, backend: str | Callable[..., Any] = "inductor") -> None:
