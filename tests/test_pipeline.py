@@ -289,3 +289,21 @@ def test_a_call_its_jobs_no_longer_want_stops_at_once(
     assert interrupted and images == [[]] and steps == [1, 2] and decoded == []
     after, _ = runner.generate([job], never)
     assert np.array_equal(np.asarray(before[0][0]), np.asarray(after[0][0])) and decoded == [1]
+
+
+def test_a_requested_scheduler_is_the_one_named_whatever_the_models_own_is(
+    runner: Runner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from diffusers import DPMSolverMultistepScheduler
+
+    shipped = DPMSolverMultistepScheduler.from_config(
+        runner.pipe.scheduler.config, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True
+    )
+    monkeypatch.setattr(runner.pipe, "scheduler", shipped)
+    own = Runner(pipe=runner.pipe, device=runner.device, model="tiny")
+    dpmpp = own._scheduler("dpmpp_2m").config
+    assert (dpmpp.algorithm_type, dpmpp.solver_order, dpmpp.use_karras_sigmas) == ("dpmsolver++", 2, False)
+    assert own._scheduler("euler").config.use_karras_sigmas is False
+    # The model's noise schedule is kept.
+    assert dpmpp.prediction_type == shipped.config.prediction_type
+    assert dpmpp.timestep_spacing == shipped.config.timestep_spacing

@@ -51,9 +51,24 @@ SCHEDULER_CLASSES: dict[str, Any] = {
     "pndm": PNDMScheduler,
 }
 
-# PNDM as Stable Diffusion ships it: without the Runge-Kutta warm-up steps, which ran steps + 9
-# denoising steps (progress past 100 %) and failed below 4 steps.
-SCHEDULER_OPTIONS: dict[str, dict[str, Any]] = {"pndm": {"skip_prk_steps": True}}
+# What each name means, whatever variant the model's own scheduler is: a requested scheduler takes
+# the model's noise schedule from its config, and these settings over it. A model that ships DPM++
+# 2M SDE Karras made `dpmpp_2m` stochastic and `euler` Karras. PNDM as Stable Diffusion ships
+# it: without the Runge-Kutta warm-up steps, which ran steps + 9 denoising steps (progress past
+# 100 %) and failed below 4 steps.
+_PLAIN_SIGMAS = {"use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False}
+SCHEDULER_OPTIONS: dict[str, dict[str, Any]] = {
+    "dpmpp_2m": {
+        **_PLAIN_SIGMAS,
+        "algorithm_type": "dpmsolver++",
+        "solver_order": 2,
+        "solver_type": "midpoint",
+        "use_lu_lambdas": False,
+        "euler_at_final": False,
+    },
+    "euler": _PLAIN_SIGMAS,
+    "pndm": {"skip_prk_steps": True},
+}
 
 # Set in a PIL image's `info` when the model's safety checker blacked it out.
 WITHHELD = "latentd_withheld"
