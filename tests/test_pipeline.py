@@ -16,7 +16,7 @@ import torch
 from latentd.contract import JobPayload
 from tests.conftest import flag_everything_checker
 from worker.encode import encode
-from worker.pipeline import Runner, compile_runner, load_pipeline, warm_up
+from worker.pipeline import ModelLoadError, Runner, compile_runner, load_pipeline, warm_up
 
 
 @pytest.fixture(scope="module")
@@ -307,3 +307,33 @@ def test_a_requested_scheduler_is_the_one_named_whatever_the_models_own_is(
     # The model's noise schedule is kept.
     assert dpmpp.prediction_type == shipped.config.prediction_type
     assert dpmpp.timestep_spacing == shipped.config.timestep_spacing
+
+
+def test_model_load_failures_past_reading_the_files_are_one_line_errors(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from diffusers import StableDiffusionPipeline
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    import worker.pipeline as pipeline
+
+    # A model too large for the card fails as it moves there: exit 3 with a message, not a traceback.
+    def too_big(self: Any, *args: Any, **kwargs: Any) -> Any:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(StableDiffusionPipeline, "to", too_big)
+        with pytest.raises(ModelLoadError, match=r"does not fit on cpu in torch.float32"):
+            load_pipeline(str(tiny_model_dir), torch.device("cpu"), torch.float32, tmp_path)
+
+    # A checkpoint whose base configuration diffusers cannot fetch: said so, not "not a local path".
+    checkpoint = tmp_path / "model.SAFETENSORS"  # the suffix in any case
+    checkpoint.write_bytes(b"\0")
+
+    def offline(path: Path, dtype: torch.dtype) -> Any:
+        raise LocalEntryNotFoundError("offline")
+
+    monkeypatch.setattr(pipeline, "_load_single_file", offline)
+    with pytest.raises(ModelLoadError, match=r"configuration of its base model") as raised:
+        load_pipeline(str(checkpoint), torch.device("cpu"), torch.float32, tmp_path)
+    assert "not a local path" not in str(raised.value)

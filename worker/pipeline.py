@@ -128,7 +128,7 @@ def load_pipeline(
     path = Path(source)
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     try:
-        if path.is_file() and path.suffix in (".safetensors", ".ckpt"):
+        if path.is_file() and path.suffix.lower() in (".safetensors", ".ckpt"):
             pipe = _load_single_file(path, dtype)
         elif path.is_dir():
             pipe = AutoPipelineForText2Image.from_pretrained(str(path), dtype=dtype, local_files_only=True)
@@ -146,6 +146,12 @@ def load_pipeline(
     except ModelLoadError:
         raise
     except Exception as exc:
+        if _not_on_this_host(exc) and path.is_file():
+            raise ModelLoadError(
+                f"cannot load checkpoint {source}: diffusers reads the configuration of its base model "
+                f"from the hub, which has not cached it in {cache_dir / 'hub'} and could not give it "
+                f"({type(exc).__name__}); serve a diffusers directory instead"
+            ) from exc
         if _not_on_this_host(exc):
             where = (
                 "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached or has no such model"
@@ -155,7 +161,16 @@ def load_pipeline(
                 f"and {where} ({type(exc).__name__})"
             ) from exc
         raise ModelLoadError(f"cannot load model {source!r}: {type(exc).__name__}: {exc}") from exc
-    pipe = pipe.to(device)
+    try:
+        pipe = pipe.to(device)
+    except Exception as exc:
+        free_accelerator_memory()
+        if is_out_of_memory(exc):
+            raise ModelLoadError(f"model {source!r} does not fit on {device} in {dtype}") from exc
+        raise ModelLoadError(
+            f"cannot move model {source!r} to {device}: {type(exc).__name__}: "
+            f"{(str(exc).splitlines() or [''])[0][:300]}"
+        ) from exc
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -178,7 +193,7 @@ def _load_single_file(path: Path, dtype: torch.dtype) -> DiffusionPipeline:
     from safetensors import safe_open
 
     is_xl = False
-    if path.suffix == ".safetensors":
+    if path.suffix.lower() == ".safetensors":
         with safe_open(str(path), framework="pt") as f:
             is_xl = any(k.startswith("conditioner.embedders.1") for k in f.keys())  # noqa: SIM118
     cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
