@@ -297,6 +297,13 @@ def test_images_a_models_safety_checker_withholds(
         worker.stop()
 
 
+def test_the_worker_log_holds_no_prompt(service: Service) -> None:
+    # Past the tokenizer's length, diffusers' truncation notice quoted the prompt's tail.
+    prompt = "a red circle " * 40 + "with a private detail"
+    assert service.wait_terminal(service.submit(prompt=prompt, steps=1)["id"])["status"] == "succeeded"
+    assert "private detail" not in service.worker.output()
+
+
 def test_images_expire_with_the_results_ttl(service: Service) -> None:
     view = service.wait_terminal(service.submit(steps=1)["id"])
     key = f"latentd:image:{view['id']}:0"

@@ -12,7 +12,9 @@ import threading
 import time
 from typing import Any
 
+import diffusers.utils.logging
 import redis
+import transformers.utils.logging
 from rq import Queue, SimpleWorker
 from rq.exceptions import AbandonedJobError, DeserializationError
 from rq.job import Job
@@ -386,6 +388,11 @@ def run(settings: WorkerSettings | None = None) -> int:
     except ModelLoadError as exc:
         print(f"latentd worker: {exc}", file=sys.stderr)
         return EXIT_MODEL_LOAD_FAILED
+    # From here on diffusers' and transformers' warnings are about jobs, and quote their prompts
+    # (the tokenizer's truncation notice: one batch of long prompts wrote a 700 kB line). Clients'
+    # text stays out of the log; what loading had to say is said by now.
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
     # torch, diffusers and the model are ~450,000 objects that live as long as the process. Kept out
     # of the collector: a full collection walked them for ~250 ms, inside some job's time.
     gc.collect()
