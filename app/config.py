@@ -27,8 +27,12 @@ class ApiSettings(CommonSettings):
     )
     default_steps: int = Field(default=20, ge=1, le=150)
     default_guidance_scale: float = Field(default=5.0, ge=0, le=30)
-    default_size: int = Field(
-        default=64, ge=64, le=2048, description="Width and height when a request omits them."
+    default_size: int | None = Field(
+        default=None,
+        ge=64,
+        le=2048,
+        description="Width and height when a request omits them; unset: the model's native size, "
+        "as its workers report it (64 for the built-in model, 512 for Stable Diffusion 1.5).",
     )
     max_queue_depth: int = Field(
         default=1000, ge=1, description="Queued jobs per model before submits get 429."
@@ -68,7 +72,7 @@ class ApiSettings(CommonSettings):
 
     @model_validator(mode="after")
     def _check(self) -> ApiSettings:
-        if self.default_size * self.default_size > self.max_pixels:
+        if self.default_size is not None and self.default_size * self.default_size > self.max_pixels:
             raise ValueError(
                 f"LATENTD_DEFAULT_SIZE squared ({self.default_size**2}) exceeds "
                 f"LATENTD_MAX_PIXELS ({self.max_pixels})"

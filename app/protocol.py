@@ -145,6 +145,9 @@ class ModelInfo(BaseModel):
     workers: int
     devices: list[str]
     queue_depth: int
+    native_size: int | None = Field(
+        default=None, description="The side of the images the model was made for: a request's default size."
+    )
 
 
 class ModelList(BaseModel):

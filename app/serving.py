@@ -268,7 +268,7 @@ class GenerationService:
         self.aredis = aconnection
         self.settings = settings
         self._queues: dict[str, Queue] = {}
-        self._served: set[str] = set()
+        self._served: dict[str, int | None] = {}
         self._served_at = 0.0
         self._read_sync = connection.register_script(_READ)
         self._read_async = aconnection.register_script(_READ)
@@ -285,15 +285,18 @@ class GenerationService:
             self._queues[model] = queue
         return queue
 
-    async def served_models(self, model: str) -> set[str]:
-        """Models with a live worker. Trusted for SERVED_TTL when it holds `model`, else re-read."""
+    async def served_models(self, model: str) -> dict[str, int | None]:
+        """Models with a live worker, with their native image size. Trusted for SERVED_TTL when it
+        holds `model`, else re-read."""
         if model in self._served and time.monotonic() - self._served_at < SERVED_TTL:
             return self._served
         names = sorted(as_text(n) for n in await self.aredis.smembers(Keys.WORKERS))
         blobs = await self.aredis.mget([Keys.worker(n) for n in names]) if names else []
-        self._served = {w.model for w in _registrations(names, blobs)[0]}
-        self._served_at = time.monotonic()
-        return self._served
+        served: dict[str, int | None] = {}
+        for w in _registrations(names, blobs)[0]:
+            served[w.model] = served.get(w.model) or w.native_size
+        self._served, self._served_at = served, time.monotonic()
+        return served
 
     def live_workers(self) -> list[WorkerInfo]:
         names = sorted(as_text(n) for n in self.redis.smembers(Keys.WORKERS))
@@ -313,20 +316,25 @@ class GenerationService:
                 workers=len(ws),
                 devices=sorted({w.device for w in ws}),
                 queue_depth=self.queue(model).count,
+                native_size=next((w.native_size for w in ws if w.native_size), None),
             )
             for model, ws in sorted(by_model.items())
         ]
 
     # -- submit ----------------------------------------------------------------
 
-    def resolve(self, req: GenerationRequest, job_id: str) -> JobPayload:
+    def resolve(self, req: GenerationRequest, job_id: str, native_size: int | None = None) -> JobPayload:
+        """The job a request asks for, its defaults filled in: a size left out is LATENTD_DEFAULT_SIZE,
+        else the model's native size (`native_size`, as its workers report it), else 512."""
         s = self.settings
-        width = req.width or s.default_size
-        height = req.height or s.default_size
+        size = s.default_size or native_size or 512
+        width = req.width or size
+        height = req.height or size
         if width * height > s.max_pixels:
+            defaulted = "" if req.width and req.height else f" ({size} where left out: the model's size)"
             raise InvalidRequest(
-                f"width × height = {width * height} pixels exceeds the limit of {s.max_pixels}",
-                param="width" if req.width else "height",
+                f"width × height = {width * height} pixels{defaulted} exceeds the limit of {s.max_pixels}",
+                param="height" if req.height and not req.width else "width",
             )
         if req.num_images > s.max_images:
             raise InvalidRequest(f"num_images must be at most {s.max_images}", param="num_images")
@@ -358,7 +366,10 @@ class GenerationService:
         self, req: GenerationRequest, owner: str | None = None, idempotency_key: str | None = None
     ) -> SubmitResponse:
         job_id = uuid.uuid4().hex
-        payload = self.resolve(req, job_id)
+        model = req.model or self.settings.default_model
+        # A model nobody serves is refused at enqueue; the smallest size keeps the limits on size
+        # and work from speaking first.
+        payload = self.resolve(req, job_id, (await self.served_models(model)).get(model, 64))
         if idempotency_key is None:
             return await self._enqueue(payload, owner)
         # Claim the key atomically; a replay finds the first claim and gets its job back.

@@ -124,6 +124,8 @@ class WorkerInfo(BaseModel):
     pid: int
     hostname: str
     started_at: float
+    # The side, in pixels, of the images the model was trained at: requests without a size get it.
+    native_size: int | None = None
 
 
 class Keys:

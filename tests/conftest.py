@@ -164,10 +164,14 @@ def sitecustomize(tmp: Path, source: str) -> str:
     return os.pathsep.join([str(folder), str(ROOT)])
 
 
-def register_ghost(r: redis.Redis, model: str, name: str = "ghost", ttl: int = 120) -> None:
+def register_ghost(
+    r: redis.Redis, model: str, name: str = "ghost", ttl: int = 120, native_size: int | None = None
+) -> None:
     """A worker's registration without the worker: the API accepts jobs for `model`, and nothing
     runs them."""
-    info = WorkerInfo(name=name, model=model, device="cpu", pid=1, hostname="h", started_at=0)
+    info = WorkerInfo(
+        name=name, model=model, device="cpu", pid=1, hostname="h", started_at=0, native_size=native_size
+    )
     r.set(Keys.worker(name), info.model_dump_json(), ex=ttl)
     r.sadd(Keys.WORKERS, name)
 

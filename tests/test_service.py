@@ -325,6 +325,7 @@ def test_models_lists_live_workers(service: Service) -> None:
     assert models["object"] == "list"
     [tiny] = [m for m in models["data"] if m["id"] == TINY_MODEL]
     assert tiny["workers"] == 1 and tiny["devices"] == ["cpu"] and tiny["queue_depth"] >= 0
+    assert tiny["native_size"] == 64  # what its worker reports: the size a request gets by default
 
 
 def test_health_ready_and_metrics(service: Service) -> None:

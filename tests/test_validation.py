@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from app.config import ApiSettings
 from app.main import create_app
 from app.protocol import GenerationRequest
-from tests.conftest import PRIVATE_DB, RedisServer
+from tests.conftest import PRIVATE_DB, RedisServer, register_ghost
 
 VALID = {"prompt": "a red circle"}
 
@@ -307,3 +307,28 @@ def test_a_bad_wait_says_what_is_wrong_with_it(client: TestClient, wait: str, sa
     assert response.status_code == 422
     error = response.json()["error"]
     assert error["param"] == "wait" and says in error["message"], error
+
+
+def test_a_size_left_out_is_the_models_own(redis_server: RedisServer, redis_client: redis.Redis) -> None:
+    # Stable Diffusion 1.5 makes noise at 64x64, what LATENTD_DEFAULT_SIZE gave every model.
+    register_ghost(redis_client, "sd15", "sd15-worker", native_size=512)
+    register_ghost(redis_client, "old", "old-worker")  # a worker that does not say
+    settings = ApiSettings(redis_url=redis_server.url_for(PRIVATE_DB), default_model="sd15", sync_timeout=0.2)
+    try:
+        with TestClient(create_app(settings)) as client:
+            client.post("/v1/generations", json={**VALID, "steps": 1})
+            client.post("/v1/generations", json={**VALID, "width": 64, "steps": 1})
+            client.post("/v1/images/generations", json={**VALID, "size": "auto"})  # 504: nobody runs it
+            client.post("/v1/generations", json={**VALID, "model": "old", "steps": 1})
+            jobs = [
+                j.decode()
+                for q in ("sd15", "old")
+                for j in redis_client.lrange(f"rq:queue:latentd:{q}", 0, -1)
+            ]
+            views = [client.get(f"/v1/generations/{j}").json()["request"] for j in jobs]
+        assert [(v["width"], v["height"]) for v in views] == [(512, 512), (64, 512), (512, 512), (512, 512)]
+        with TestClient(create_app(settings.model_copy(update={"default_size": 256}))) as client:
+            job = client.post("/v1/generations", json={**VALID, "steps": 1}).json()
+            assert client.get(f"/v1/generations/{job['id']}").json()["request"]["width"] == 256
+    finally:
+        redis_client.flushdb()

@@ -412,6 +412,7 @@ def run(settings: WorkerSettings | None = None) -> int:
         pid=os.getpid(),
         hostname=socket.gethostname(),
         started_at=time.time(),
+        native_size=runner.native_size,
     )
     queue = Queue(Keys.queue_name(runner.model), connection=connection, serializer=JSONSerializer)
     worker = LatentdWorker(

@@ -214,6 +214,13 @@ class Runner:
     # Set while the UNet and VAE decoder run compiled: puts the eager modules back.
     uncompile: Callable[[], None] | None = None
 
+    @property
+    def native_size(self) -> int | None:
+        """The side of the images the model was trained at (512 for Stable Diffusion 1.5)."""
+        sample = getattr(getattr(self.pipe, "unet", None), "config", {}).get("sample_size")
+        factor = getattr(self.pipe, "vae_scale_factor", None)
+        return sample * factor if isinstance(sample, int) and isinstance(factor, int) else None
+
     def __post_init__(self) -> None:
         self._default_scheduler = self.pipe.scheduler
         self._schedulers: dict[str, Any] = {}
@@ -373,8 +380,7 @@ def warm_up(runner: Runner) -> None:
     """Run one short call at the model's native size, so its graphs compile before the first job."""
     from torch._dynamo.utils import counters
 
-    pipe = runner.pipe
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    size = runner.native_size or 512
     images = runner.pad_to or 1
     warm = JobPayload(
         job_id="warm-up", model=runner.model, prompt="warm-up", width=size, height=size, steps=2,
