@@ -122,11 +122,34 @@ def test_worker_reserves_one_gpu_and_keeps_its_cache_on_a_named_volume() -> None
     assert target == "/var/cache/latentd"
 
 
-def test_worker_grace_period_outlasts_the_longest_job() -> None:
-    services = base()["services"]
-    minutes = re.fullmatch(r"(\d+)m", services["worker"]["stop_grace_period"])
-    assert minutes
-    assert int(minutes.group(1)) * 60 > int(services["api"]["environment"]["LATENTD_JOB_TIMEOUT"])
+def duration_seconds(text: str) -> float:
+    """A Compose (Go) duration: "11m", "11m0s", "1h30m", "90s"."""
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|m|s)", text)
+    assert parts and "".join(n + u for n, u in parts) == text, f"not a duration: {text!r}"
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+
+
+@pytest.mark.parametrize("env_file", [None, ROOT / ".env.example"], ids=["defaults", "env.example"])
+@pytest.mark.parametrize("files", VARIANTS, ids=variant_id)
+def test_worker_grace_period_outlasts_its_shutdown_grace_and_the_longest_job(
+    files: list[Path], env_file: Path | None
+) -> None:
+    """Docker waits longer than the worker's own SIGTERM grace, which lasts a whole job."""
+    services = compose_config(files, env_file)["services"]
+    job_timeout = float(services["api"]["environment"]["LATENTD_JOB_TIMEOUT"])
+    workers = [s for name, s in services.items() if name.startswith("worker")]
+    assert workers
+    for worker in workers:
+        shutdown_grace = float(worker["environment"]["LATENTD_SHUTDOWN_GRACE"])
+        assert duration_seconds(worker["stop_grace_period"]) > shutdown_grace >= job_timeout > 0
+
+
+def test_grace_settings_come_from_the_env_file() -> None:
+    env = {"LATENTD_JOB_TIMEOUT": "1200", "LATENTD_SHUTDOWN_GRACE": "1200", "WORKER_STOP_GRACE_PERIOD": "21m"}
+    services = interpolate(load_compose(COMPOSE_BASE), env)["services"]
+    assert services["api"]["environment"]["LATENTD_JOB_TIMEOUT"] == "1200"
+    assert services["worker"]["environment"]["LATENTD_SHUTDOWN_GRACE"] == "1200"
+    assert services["worker"]["stop_grace_period"] == "21m"
 
 
 def test_api_default_model_is_the_model_the_worker_serves() -> None:

@@ -188,7 +188,9 @@ def test_worker_requests_a_gpu_and_drains_before_it_is_killed(rendered: dict[str
         api = find(resources, "Deployment", "latentd-api")
         (api_container,) = api["spec"]["template"]["spec"]["containers"]
         job_timeout = int(container_env(resources, api_container)["LATENTD_JOB_TIMEOUT"] or 0)
-        assert spec["terminationGracePeriodSeconds"] > job_timeout > 0
+        # The kubelet waits longer than the worker's own SIGTERM grace, which lasts a whole job.
+        shutdown_grace = float(container_env(resources, container)["LATENTD_SHUTDOWN_GRACE"] or 0)
+        assert spec["terminationGracePeriodSeconds"] > shutdown_grace >= job_timeout > 0
 
 
 def test_worker_readiness_is_the_ready_file(rendered: dict[str, Resources]) -> None:
