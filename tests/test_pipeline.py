@@ -337,3 +337,71 @@ def test_model_load_failures_past_reading_the_files_are_one_line_errors(
     with pytest.raises(ModelLoadError, match=r"configuration of its base model") as raised:
         load_pipeline(str(checkpoint), torch.device("cpu"), torch.float32, tmp_path)
     assert "not a local path" not in str(raised.value)
+
+
+@pytest.fixture(scope="module")
+def tiny_xl(tmp_path_factory: pytest.TempPathFactory) -> Runner:
+    """A tiny SDXL pipeline, random weights, loaded as the worker loads a directory."""
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from worker.tiny import write_tokenizer
+
+    directory = tmp_path_factory.mktemp("tiny-xl")
+    torch.manual_seed(0)
+    tokenizer = write_tokenizer(directory / "tokenizer")
+    text = CLIPTextConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer), hidden_size=32,
+        intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, projection_dim=32,
+        max_position_embeddings=tokenizer.model_max_length,
+    )  # fmt: skip
+    StableDiffusionXLPipeline(
+        unet=UNet2DConditionModel(
+            block_out_channels=(32, 64), layers_per_block=1, sample_size=32,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=80, cross_attention_dim=64, norm_num_groups=1,
+        ),
+        vae=AutoencoderKL(
+            block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+        ),
+        text_encoder=CLIPTextModel(text),
+        text_encoder_2=CLIPTextModelWithProjection(text),
+        tokenizer=tokenizer,
+        tokenizer_2=write_tokenizer(directory / "tokenizer_2"),
+        scheduler=EulerDiscreteScheduler(
+            beta_schedule="scaled_linear", timestep_spacing="leading", steps_offset=1
+        ),
+    ).save_pretrained(directory)  # fmt: skip
+    pipe = load_pipeline(str(directory), torch.device("cpu"), torch.float32, directory)
+    return Runner(pipe=pipe, device=torch.device("cpu"), model="xl")
+
+
+def test_a_job_without_a_negative_prompt_runs_as_the_model_is_meant_to(
+    runner: Runner, tiny_xl: Runner
+) -> None:
+    # SDXL guides a prompt without a negative one against zeros; given the text "" it did not.
+    from worker.pipeline import batch_key
+
+    assert tiny_xl.zeros_empty_negatives and not runner.zeros_empty_negatives
+    for each in (runner, tiny_xl):
+        job = payload(1).model_copy(update={"steps": 3, "seed": 5})
+        [[ours]], _ = each.generate([job], never)
+        each.pipe.scheduler = each._scheduler(None)
+        [theirs] = each.pipe(
+            job.prompt, width=64, height=64, num_inference_steps=3, guidance_scale=job.guidance_scale,
+            generator=torch.Generator("cpu").manual_seed(5),
+        ).images  # fmt: skip
+        assert np.array_equal(np.asarray(ours), np.asarray(theirs)), each.model
+    # So on such a model, a job with a negative prompt and one without do not share a call.
+    plain, negative = payload(1), payload(1).model_copy(update={"negative_prompt": "blurry"})
+    assert batch_key(plain, True) != batch_key(negative, True)
+    assert batch_key(plain, False) == batch_key(negative, False)

@@ -220,7 +220,8 @@ class LatentdWorker(SimpleWorker):
             payload = payload_of(first)
         except ValueError:
             return []
-        key = batch_key(payload)
+        zeros = jobs.current().runner.zeros_empty_negatives
+        key = batch_key(payload, zeros)
         budget = self.max_batch_images - payload.num_images
         if budget <= 0:
             return []
@@ -237,7 +238,7 @@ class LatentdWorker(SimpleWorker):
                     other = payload_of(candidate)
                 except ValueError:  # not ours to batch; it runs (and fails) on its own
                     continue
-                if batch_key(other) != key or other.num_images > budget:
+                if batch_key(other, zeros) != key or other.num_images > budget:
                     continue
                 if self.connection.lrem(queue.key, 1, candidate.id) != 1:
                     continue  # another worker took it first

@@ -221,6 +221,12 @@ class Runner:
         factor = getattr(self.pipe, "vae_scale_factor", None)
         return sample * factor if isinstance(sample, int) and isinstance(factor, int) else None
 
+    @property
+    def zeros_empty_negatives(self) -> bool:
+        """Whether the model guides a job without a negative prompt against zeros (SDXL does): such
+        a job and one with a negative prompt cannot share a call."""
+        return bool(getattr(self.pipe, "config", {}).get("force_zeros_for_empty_prompt", False))
+
     def __post_init__(self) -> None:
         self._default_scheduler = self.pipe.scheduler
         self._schedulers: dict[str, Any] = {}
@@ -318,7 +324,6 @@ class Runner:
         # CPU generators: the same seed gives the same latents on any device and in any batch.
         generators = [torch.Generator("cpu").manual_seed(payloads[j].image_seed(i)) for j, i in slots]
         prompts = [payloads[j].prompt for j, _ in slots]
-        # An empty negative prompt is what diffusers uses when none is given.
         negatives = [payloads[j].negative_prompt for j, _ in slots]
         # Padded calls have one row more than `pad_to`, always padding, and always last: elementwise
         # kernels finish a tensor's last few values on another code path (a scalar tail; seen in
@@ -341,7 +346,9 @@ class Runner:
             try:
                 result = self.pipe(
                     prompt=prompts,
-                    negative_prompt=negatives,
+                    # None where no job gave one, as diffusers' own callers do: SDXL then guides
+                    # against zeros, not against the text "" (`zeros_empty_negatives`).
+                    negative_prompt=negatives if any(negatives) else None,
                     width=first.width,
                     height=first.height,
                     num_inference_steps=first.steps,
@@ -409,8 +416,8 @@ def warm_up(runner: Runner) -> None:
     )
 
 
-def batch_key(payload: JobPayload) -> tuple[object, ...]:
-    """Jobs with equal keys can run as one pipeline call."""
+def batch_key(payload: JobPayload, zeros_empty_negatives: bool = False) -> tuple[object, ...]:
+    """Jobs with equal keys can run as one pipeline call (see `Runner.zeros_empty_negatives`)."""
     return (
         payload.model,
         payload.width,
@@ -418,6 +425,7 @@ def batch_key(payload: JobPayload) -> tuple[object, ...]:
         payload.steps,
         payload.guidance_scale,
         payload.scheduler,
+        zeros_empty_negatives and not payload.negative_prompt,
     )
 
 
