@@ -89,6 +89,7 @@ def test_submit_progress_succeed_download(service: Service) -> None:
         "Steps: 30",
         "Size: 96x64",
         f"Model: {TINY_MODEL}",
+        "Sampler: default (DDIMScheduler)",  # the model's own, named
     ):
         assert fragment in params
     meta = json.loads(png.text["latentd"])

@@ -9,25 +9,31 @@ import json
 from PIL import Image, PngImagePlugin
 
 from latentd.contract import CONTENT_TYPES, ImageMeta, JobPayload
-from worker.pipeline import WITHHELD
+from worker.pipeline import SCHEDULER_RAN, WITHHELD
 
 EXIF_IFD, USER_COMMENT, IMAGE_DESCRIPTION = 0x8769, 0x9286, 0x010E
 
 
-def parameters_text(payload: JobPayload, index: int) -> str:
+def sampler(payload: JobPayload, ran: str | None) -> str:
+    """The scheduler asked for, or the model's own, named by its class: "default" alone did not
+    say which scheduler made the picture."""
+    return payload.scheduler or (f"default ({ran})" if ran else "default")
+
+
+def parameters_text(payload: JobPayload, index: int, ran: str | None = None) -> str:
     """The parameters in the widely read `parameters` convention (prompt first, then key: value)."""
     lines = [payload.prompt]
     if payload.negative_prompt:
         lines.append(f"Negative prompt: {payload.negative_prompt}")
     lines.append(
-        f"Steps: {payload.steps}, Sampler: {payload.scheduler or 'default'}, "
+        f"Steps: {payload.steps}, Sampler: {sampler(payload, ran)}, "
         f"CFG scale: {payload.guidance_scale:g}, Seed: {payload.image_seed(index)}, "
         f"Size: {payload.width}x{payload.height}, Model: {payload.model}"
     )
     return "\n".join(lines)
 
 
-def metadata(payload: JobPayload, index: int) -> dict[str, object]:
+def metadata(payload: JobPayload, index: int, ran: str | None = None) -> dict[str, object]:
     # Nothing job-specific (no id): the same request and seed give byte-identical files.
     return {
         "prompt": payload.prompt,
@@ -35,7 +41,7 @@ def metadata(payload: JobPayload, index: int) -> dict[str, object]:
         "seed": payload.image_seed(index),
         "steps": payload.steps,
         "guidance_scale": payload.guidance_scale,
-        "scheduler": payload.scheduler or "default",
+        "scheduler": sampler(payload, ran),
         "model": payload.model,
         "width": payload.width,
         "height": payload.height,
@@ -43,19 +49,20 @@ def metadata(payload: JobPayload, index: int) -> dict[str, object]:
 
 
 def encode(image: Image.Image, payload: JobPayload, index: int) -> tuple[bytes, ImageMeta]:
+    ran = image.info.get(SCHEDULER_RAN)
     buf = io.BytesIO()
     fmt = payload.output_format
     if fmt == "png":
         info = PngImagePlugin.PngInfo()
-        info.add_text("parameters", parameters_text(payload, index))
-        info.add_itxt("latentd", json.dumps(metadata(payload, index)))
+        info.add_text("parameters", parameters_text(payload, index, ran))
+        info.add_itxt("latentd", json.dumps(metadata(payload, index, ran)))
         image.save(buf, format="PNG", pnginfo=info)
     elif fmt == "jpeg":
         image.convert("RGB").save(
-            buf, format="JPEG", quality=92, comment=parameters_text(payload, index).encode()
+            buf, format="JPEG", quality=92, comment=parameters_text(payload, index, ran).encode()
         )
     else:
-        text = parameters_text(payload, index)
+        text = parameters_text(payload, index, ran)
         exif = Image.Exif()
         # UserComment, as UTF-16 under the UNICODE charset (where other tools put `parameters`);
         # ImageDescription only when the text is ASCII: that field holds nothing else ("café" was

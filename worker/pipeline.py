@@ -72,6 +72,8 @@ SCHEDULER_OPTIONS: dict[str, dict[str, Any]] = {
 
 # Set in a PIL image's `info` when the model's safety checker blacked it out.
 WITHHELD = "latentd_withheld"
+# Set in a PIL image's `info`: the class of the scheduler that made it.
+SCHEDULER_RAN = "latentd_scheduler"
 
 # Called after each denoising step with (step_done, total_steps); returns True to interrupt.
 StepCallback = Callable[[int, int], bool]
@@ -365,6 +367,8 @@ class Runner:
         for image, flagged in zip(images, getattr(result, "nsfw_content_detected", None) or [], strict=False):
             if flagged:
                 image.info[WITHHELD] = True
+        for image in images:
+            image.info[SCHEDULER_RAN] = type(self.pipe.scheduler).__name__
         return images, False
 
 
