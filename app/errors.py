@@ -8,6 +8,7 @@ a bare `internal_error`.
 
 from __future__ import annotations
 
+import email.message
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -163,6 +164,17 @@ def store_down_response(exc: Exception) -> JSONResponse:
     return error_response(503, ErrorCode.SERVICE_UNAVAILABLE, message, retry_after=RETRY_AFTER_UNAVAILABLE)
 
 
+def _is_json_media_type(content_type: str) -> bool:
+    """FastAPI's own rule for a body it decodes as JSON: application/json or application/*+json,
+    parameters and case aside (so text/json and application/x-ndjson are not)."""
+    message = email.message.Message()
+    message["content-type"] = content_type
+    subtype = message.get_content_subtype()
+    return message.get_content_maintype() == "application" and (
+        subtype == "json" or subtype.endswith("+json")
+    )
+
+
 def _param(loc: Sequence[Any]) -> str | None:
     if len(loc) == 2 and loc[0] == "header":  # as the header is written: Idempotency-Key
         return "-".join(word.capitalize() for word in str(loc[1]).split("-"))
@@ -218,7 +230,7 @@ def install_error_handlers(app: FastAPI, authenticate: Callable[[Request], Await
         if first.get("type") == "json_invalid" and (refused := await _refused(request)):
             return refused
         if tuple(first.get("loc", ())) == ("body",):  # the body as a whole: absent, or not JSON
-            if "json" not in request.headers.get("content-type", ""):
+            if not _is_json_media_type(request.headers.get("content-type", "")):
                 return error_response(
                     422,
                     ErrorCode.INVALID_REQUEST,

@@ -264,6 +264,7 @@ def test_unicode_and_number_edge_cases(
 
 JSON = {"content-type": "application/json"}
 FORM = {"content-type": "application/x-www-form-urlencoded"}
+SEND_JSON = "Content-Type: application/json"
 
 
 @pytest.mark.parametrize(
@@ -272,6 +273,12 @@ FORM = {"content-type": "application/x-www-form-urlencoded"}
         # curl -d sends a form's Content-Type; some clients send none.
         (b'{"prompt": "a"}', FORM, "Content-Type: application/json", "Content-Type"),
         (b'{"prompt": "a"}', {}, "Content-Type: application/json", "Content-Type"),
+        # "json" in the name is not JSON: FastAPI decodes only application/json and application/*+json.
+        (b'{"prompt": "a"}', {"content-type": "text/json"}, SEND_JSON, "Content-Type"),
+        (b'{"prompt": "a"}', {"content-type": "application/x-ndjson"}, SEND_JSON, "Content-Type"),
+        (b'{"prompt": "a"}', {"content-type": "application/jsonp"}, SEND_JSON, "Content-Type"),
+        (b'{"width": 64}', {"content-type": "Application/JSON; charset=utf-8"}, "prompt: Field", "prompt"),
+        (b'{"width": 64}', {"content-type": "application/merge-patch+json"}, "prompt: Field", "prompt"),
         (b"", JSON, "request body (a JSON object) is missing", None),
         (b'{"prompt": "a red circle", "seed": 7', JSON, "not valid JSON (at character", None),
         (b'{"prompt": "x", "steps": ' + b"1" * 4301 + b"}", JSON, "cannot be read as JSON", None),
