@@ -6,6 +6,7 @@ Redis: a request leaves blanks that `serving` resolves from configuration.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Literal
 
@@ -161,6 +162,20 @@ class Health(BaseModel):
 
 # OpenAI Images API compatibility (`POST /v1/images/generations`).
 
+# ASCII digits only: pydantic's \d, and int(), take any script's digits (fullwidth, Arabic-Indic, ...).
+_SIZE = re.compile("[0-9]{2,4}x[0-9]{2,4}|auto")
+
+
+def _size(value: str) -> str:
+    if not _SIZE.fullmatch(value):
+        raise ValueError("must be WIDTHxHEIGHT (e.g. 512x512) or auto")
+    return value
+
+
+# Checked by _size, whose message a client can read (a pattern's error shows the regex); the
+# pattern is still documented in the schema.
+Size = Annotated[str, Field(json_schema_extra={"pattern": f"^({_SIZE.pattern})$"}), AfterValidator(_size)]
+
 
 class OpenAIImageRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -168,7 +183,7 @@ class OpenAIImageRequest(BaseModel):
     prompt: Prompt
     model: Annotated[str, Field(min_length=1, max_length=200)] | None = None
     n: Annotated[int, Field(ge=1)] | None = Field(default=1, description="null: 1, as OpenAI's API has it.")
-    size: Annotated[str, Field(pattern=r"^(\d{2,4}x\d{2,4}|auto)$")] | None = Field(
+    size: Size | None = Field(
         default=None, description='"WIDTHxHEIGHT", e.g. "512x512"; "auto" (or none): the default size.'
     )
     response_format: Literal["url", "b64_json"] = "url"

@@ -128,6 +128,33 @@ def test_openai_endpoint_bounds(
 
 
 @pytest.mark.parametrize(
+    "size",
+    [
+        "\u0668\u0660x64",
+        "\uff16\uff14x\uff16\uff14",
+        "\uff11\uff10\uff12\uff14x1024",
+        "64X64",
+        "64x64\n",
+        " 64x64",
+    ],
+)
+def test_openai_size_takes_ascii_digits_only_and_says_so_plainly(
+    client: TestClient, redis_client: redis.Redis, size: str
+) -> None:
+    # Arabic-Indic and fullwidth digits were read as numbers (a fullwidth 1024 made a 1024-pixel
+    # job), and a wrong size was told the raw regex.
+    response = client.post("/v1/images/generations", json={"prompt": "a red circle", "size": size})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error == {
+        "code": "invalid_request",
+        "message": "size: must be WIDTHxHEIGHT (e.g. 512x512) or auto",
+        "param": "size",
+    }
+    assert nothing_enqueued(redis_client)
+
+
+@pytest.mark.parametrize(
     ("route", "body", "param"),
     [
         ("/v1/generations", {"steps": 21}, "steps"),
