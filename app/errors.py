@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import email.message
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import redis.exceptions
@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from latentd.contract import ErrorCode
 from latentd.logs import event
@@ -129,9 +130,16 @@ class WaitTimeout(ServiceError):
 
 
 def error_response(
-    status_code: int, code: str, message: str, param: str | None = None, retry_after: int | None = None
+    status_code: int,
+    code: str,
+    message: str,
+    param: str | None = None,
+    retry_after: int | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
-    headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
+    headers = dict(headers or {})
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
     if status_code == 401:
         headers["WWW-Authenticate"] = "Bearer"
     body = ErrorResponse(error=ErrorBody(code=code, message=message, param=param))
@@ -193,7 +201,24 @@ def _validation_message(err: dict[str, Any]) -> str:
     return f"{field}: {msg}" if field else msg
 
 
-_HTTP_CODES = {404: ErrorCode.NOT_FOUND, 405: "method_not_allowed", 413: ErrorCode.PAYLOAD_TOO_LARGE}
+_HTTP_CODES = {
+    404: ErrorCode.NOT_FOUND,
+    405: ErrorCode.METHOD_NOT_ALLOWED,
+    413: ErrorCode.PAYLOAD_TOO_LARGE,
+}
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route answers at this path. Starlette's own Allow header names only the
+    first route whose path matches: for an image, GET without the HEAD route beside it."""
+    routes = request.app.router.routes
+    return [
+        method
+        for method in _METHODS
+        if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes)
+    ]
+
 
 # Documented on every route that can produce them.
 COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -255,8 +280,14 @@ def install_error_handlers(app: FastAPI, authenticate: Callable[[Request], Await
                 ErrorCode.INVALID_REQUEST,
                 "request body cannot be read as JSON: not UTF-8, nested too deeply, or a number too long",
             )
-        code = _HTTP_CODES.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, code, str(exc.detail))
+        code = _HTTP_CODES.get(exc.status_code, ErrorCode.HTTP_ERROR)
+        headers = dict(exc.headers or {})
+        message = str(exc.detail)
+        if exc.status_code == 405:
+            allowed = _allowed_methods(request) or [m.strip() for m in headers.get("Allow", "").split(",")]
+            headers["Allow"] = ", ".join(allowed)
+            message = f"method {request.method} is not allowed here; this route takes {headers['Allow']}"
+        return error_response(exc.status_code, code, message, headers=headers)
 
     async def _redis_down(_: Request, exc: Exception) -> JSONResponse:
         return store_down_response(exc)

@@ -82,6 +82,8 @@ class ErrorCode(enum.StrEnum):
     TOO_MANY_JOBS = "too_many_jobs"
     INTERNAL_ERROR = "internal_error"
     CONTENT_POLICY_VIOLATION = "content_policy_violation"  # OpenAI's code, on its route only
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    HTTP_ERROR = "http_error"  # any other HTTP-level refusal of the framework's
     # Job failures (worker side)
     INVALID_PARAMETERS = "invalid_parameters"
     GENERATION_FAILED = "generation_failed"

@@ -217,6 +217,27 @@ def test_unknown_ids_and_routes(client: TestClient) -> None:
     assert client.get("/v1/generations/bad%20id").status_code == 422
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("DELETE", "/v1/generations", "POST"),
+        ("POST", "/v1/generations/0123abcd", "GET"),
+        ("GET", "/v1/generations/0123abcd/cancel", "POST"),
+        ("POST", "/v1/generations/0123abcd/images/0", "GET, HEAD"),  # two routes, one path
+        ("PUT", "/healthz", "GET"),
+    ],
+)
+def test_a_wrong_method_is_told_the_allowed_ones(
+    client: TestClient, method: str, path: str, allow: str
+) -> None:
+    response = client.request(method, path)
+    assert response.status_code == 405
+    assert response.headers["allow"] == allow  # RFC 9110 requires it on a 405
+    error = response.json()["error"]
+    assert error["code"] == "method_not_allowed"
+    assert error["message"] == f"method {method} is not allowed here; this route takes {allow}"
+
+
 def test_openapi_documents_every_route_and_error(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     paths = spec["paths"]
