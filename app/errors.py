@@ -187,7 +187,10 @@ def _param(loc: Sequence[Any]) -> str | None:
     if len(loc) == 2 and loc[0] == "header":  # as the header is written: Idempotency-Key
         return "-".join(word.capitalize() for word in str(loc[1]).split("-"))
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
-    return ".".join(parts) or None
+    return ".".join(parts) if parts else None  # a field named "" is named so, not left out
+
+
+_LONE_SURROGATE = "it holds a lone surrogate escape such as \\ud800"
 
 
 def _validation_message(err: dict[str, Any]) -> str:
@@ -197,6 +200,10 @@ def _validation_message(err: dict[str, Any]) -> str:
     if err.get("type") == "extra_forbidden":
         return f"unknown field '{_param(err.get('loc', ()))}'"
     field = _param(err.get("loc", ()))
+    if err.get("type") == "string_unicode":  # a lone surrogate escape, "\ud800": never echoed
+        if field is None:  # pydantic checks the keys of an object before it knows the field
+            return f"a field name is not valid Unicode ({_LONE_SURROGATE})"
+        return f"{field}: not valid Unicode ({_LONE_SURROGATE})"
     msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
     return f"{field}: {msg}" if field else msg
 

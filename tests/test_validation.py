@@ -310,6 +310,27 @@ def test_unicode_and_number_edge_cases(
     assert nothing_enqueued(redis_client)
 
 
+@pytest.mark.parametrize("route", ["/v1/generations", "/v1/images/generations"])
+@pytest.mark.parametrize(
+    ("raw", "message", "param"),
+    [
+        (b'{"prompt": "a", "": 1}', "unknown field ''", ""),  # named as sent: it said 'None'
+        (b'{"prompt": "a", "\\ud800": 1}', "a field name is not valid Unicode", None),
+        (b'{"prompt": "a", "x\\udfffy": 1}', "a field name is not valid Unicode", None),
+        (b'{"prompt": "\\ud800"}', "prompt: not valid Unicode", "prompt"),
+    ],
+)
+def test_odd_field_names_are_named_or_said_to_be_unreadable(
+    client: TestClient, redis_client: redis.Redis, route: str, raw: bytes, message: str, param: str | None
+) -> None:
+    response = client.post(route, content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request"
+    assert error["message"].startswith(message) and error["param"] == param, error
+    assert nothing_enqueued(redis_client)
+
+
 JSON = {"content-type": "application/json"}
 FORM = {"content-type": "application/x-www-form-urlencoded"}
 SEND_JSON = "Content-Type: application/json"
