@@ -7,6 +7,7 @@ Redis: a request leaves blanks that `serving` resolves from configuration.
 from __future__ import annotations
 
 import re
+import unicodedata
 from datetime import datetime
 from typing import Annotated, Literal
 
@@ -17,13 +18,20 @@ from latentd.contract import MAX_SEED, JobStatus, OutputFormat, Scheduler
 MAX_PROMPT_CHARS = 2000
 
 
-# Invisible characters that str.strip() keeps: a prompt of only these is blank too.
-_INVISIBLE = "\u200b\u200c\u200d\u2060\ufeff"
+# Letters that draw nothing: the Braille blank and the Hangul fillers.
+_FILLERS = frozenset("\u2800\u3164\u115f\u1160\uffa0")
+
+
+def _blank(c: str) -> bool:
+    """Draws nothing: whitespace and separators (Z*), controls (Cc), format characters (Cf: soft
+    hyphen, zero-width and direction marks, BOM) and the fillers. str.isspace() misses most."""
+    category = unicodedata.category(c)
+    return category[0] == "Z" or category in ("Cc", "Cf") or c in _FILLERS
 
 
 def _not_blank(value: str) -> str:
-    if all(c.isspace() or c in _INVISIBLE for c in value):
-        raise ValueError("must contain a non-whitespace character")
+    if all(_blank(c) for c in value):
+        raise ValueError("must contain a visible character")
     return value
 
 

@@ -331,6 +331,35 @@ def test_odd_field_names_are_named_or_said_to_be_unreadable(
     assert nothing_enqueued(redis_client)
 
 
+BLANK_PROMPTS = [
+    "\u00ad",  # soft hyphen (Cf)
+    "\u200e\u200f",  # direction marks (Cf)
+    "\u202e",  # right-to-left override (Cf)
+    "\u2800",  # Braille blank
+    "\u3164",  # Hangul filler
+    "\u115f\u1160\uffa0",  # Hangul choseong, jungseong and halfwidth fillers
+    "\u0001",  # a control (Cc)
+    "\u2028\u3000 \u00a0",  # line separator (Zl), ideographic and no-break spaces (Zs)
+]
+
+
+@pytest.mark.parametrize("route", ["/v1/generations", "/v1/images/generations"])
+@pytest.mark.parametrize("prompt", BLANK_PROMPTS, ids=[ascii(p) for p in BLANK_PROMPTS])
+def test_a_prompt_of_invisible_characters_is_blank(
+    client: TestClient, redis_client: redis.Redis, route: str, prompt: str
+) -> None:
+    response = client.post(route, json={"prompt": prompt})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["param"] == "prompt" and "visible character" in error["message"], error
+    assert nothing_enqueued(redis_client)
+
+
+def test_a_prompt_with_something_to_draw_is_kept_as_sent() -> None:
+    prompt = "\u200e\u00ad a red circle\u2800"
+    assert GenerationRequest(prompt=prompt).prompt == prompt
+
+
 JSON = {"content-type": "application/json"}
 FORM = {"content-type": "application/x-www-form-urlencoded"}
 SEND_JSON = "Content-Type: application/json"
