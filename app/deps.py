@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Request
 
 from app.config import ApiSettings
 from app.serving import GenerationService
@@ -22,3 +22,13 @@ async def get_api_settings(request: Request) -> ApiSettings:
 
 ServiceDep = Annotated[GenerationService, Depends(get_service)]
 SettingsDep = Annotated[ApiSettings, Depends(get_api_settings)]
+
+# Both submit routes take it: a replay of a request gets the first one's job.
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        min_length=1,
+        max_length=255,
+        description="Retry-safe submits: the same key and body return the same job.",
+    ),
+]

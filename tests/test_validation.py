@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 import redis
 from fastapi.testclient import TestClient
@@ -196,6 +197,28 @@ def test_an_enqueue_sent_again_pushes_the_job_once(
         ]
     assert redis_client.lrange(queue.key, 0, -1) == [b"resent-job"]
     assert lengths == [1, 1]  # and the job's place is told right
+
+
+def test_the_openai_route_honours_an_idempotency_key(client: TestClient, redis_client: redis.Redis) -> None:
+    register_ghost(redis_client, "tiny")  # jobs are accepted and never run: each answer is a 504
+    client.app.state.settings.sync_timeout = 0.2  # type: ignore[attr-defined]
+    body = {"prompt": "a red circle", "size": "64x64"}
+
+    def job_of(response: httpx.Response) -> str:
+        assert response.status_code == 504, response.text
+        return str(response.json()["error"]["message"].split("'")[1])
+
+    first = job_of(client.post("/v1/images/generations", json=body, headers={"Idempotency-Key": "k1"}))
+    again = job_of(client.post("/v1/images/generations", json=body, headers={"Idempotency-Key": "k1"}))
+    assert again == first
+    assert redis_client.llen("rq:queue:latentd:tiny") == 1  # queued once
+    # The same key with another request is refused; a bad key is named as the native route names it.
+    conflict = client.post("/v1/images/generations", json={**body, "n": 2}, headers={"Idempotency-Key": "k1"})
+    assert conflict.status_code == 409
+    assert conflict.json()["error"]["code"] == "idempotency_conflict"
+    too_long = client.post("/v1/images/generations", json=body, headers={"Idempotency-Key": "k" * 256})
+    assert too_long.status_code == 422 and too_long.json()["error"]["param"] == "Idempotency-Key"
+    assert redis_client.llen("rq:queue:latentd:tiny") == 1
 
 
 def test_unknown_model_is_refused_at_submit(client: TestClient, redis_client: redis.Redis) -> None:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Path, Query, Request, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.auth import PrincipalDep, authenticate
-from app.deps import ServiceDep
+from app.deps import IdempotencyKey, ServiceDep
 from app.errors import (
     COMMON_RESPONSES,
     STORE_DOWN,
@@ -56,14 +56,7 @@ async def submit(
     body: GenerationRequest,
     service: ServiceDep,
     caller: PrincipalDep,
-    idempotency_key: Annotated[
-        str | None,
-        Header(
-            min_length=1,
-            max_length=255,
-            description="Retry-safe submits: the same key and body return the same job.",
-        ),
-    ] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> JSONResponse:
     accepted = await service.submit(body, caller.owner, idempotency_key)
     return JSONResponse(

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request, Response
 
 from app.auth import PrincipalDep
 from app.config import ApiSettings
-from app.deps import ServiceDep, SettingsDep
+from app.deps import IdempotencyKey, ServiceDep, SettingsDep
 from app.errors import (
     COMMON_RESPONSES,
     STORE_DOWN,
@@ -52,7 +52,11 @@ def _parse_size(size: str) -> tuple[int, int]:
             "description": "No live worker serves the model (`model_unavailable`), or the model's "
             "safety checker withheld every image (`content_policy_violation`).",
         },
-        409: {"model": ErrorResponse, "description": "The job was canceled while waiting."},
+        409: {
+            "model": ErrorResponse,
+            "description": "The job was canceled while waiting (`canceled`), or an Idempotency-Key "
+            "was reused with another body (`idempotency_conflict`).",
+        },
         429: {"model": ErrorResponse, "description": "Queue full."},
         500: {"model": ErrorResponse, "description": "The job failed in the worker."},
         504: {
@@ -68,6 +72,7 @@ async def create_image(
     service: ServiceDep,
     settings: SettingsDep,
     caller: PrincipalDep,
+    idempotency_key: IdempotencyKey = None,
 ) -> OpenAIImageResponse | Response:
     width, height = _parse_size(body.size) if body.size and body.size != "auto" else (None, None)
     req = GenerationRequest.model_validate(
@@ -81,7 +86,7 @@ async def create_image(
         }
     )
     try:
-        accepted = await service.submit(req, caller.owner)
+        accepted = await service.submit(req, caller.owner, idempotency_key)
     except InvalidRequest as exc:  # speak the caller's dialect: name the field it sent
         message = exc.message.replace("num_images", "n")
         if exc.param == "num_images":
