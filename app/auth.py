@@ -8,6 +8,7 @@ X-Forwarded-For.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass
 from typing import Annotated
@@ -59,6 +60,24 @@ async def auth_required(request: Request, service: GenerationService) -> bool:
     return state.required
 
 
+# A scheme is named back to the caller only if it cannot be a key: shorter than any key the
+# service accepts (LATENTD_API_KEYS takes 16 characters and up), of a scheme's characters.
+_SHOWN_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9-]{0,14}")
+
+
+def _unusable_authorization(header: str) -> str:
+    """Why an Authorization header is not a bearer key. Never echoes the credential."""
+    send = "send `Authorization: Bearer <key>`"
+    scheme, _, credentials = header.partition(" ")
+    if not header or scheme.lower() == "bearer":
+        return f"missing API key: {send}"
+    if _SHOWN_SCHEME.fullmatch(scheme):
+        return f"unsupported Authorization scheme '{scheme}'; {send}"
+    if not credentials:  # a key sent bare
+        return f"the Authorization header names no scheme; {send}"
+    return f"unsupported Authorization scheme; {send}"
+
+
 async def authenticate(request: Request) -> Principal:
     """The caller of `request`; a dependency of every route that serves a caller's data. Its one
     parameter FastAPI fills is the request: every nested dependency costs each request's time."""
@@ -68,7 +87,7 @@ async def authenticate(request: Request) -> Principal:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthorized("missing API key: send `Authorization: Bearer <key>`")
+        raise Unauthorized(_unusable_authorization(header))
     state: AuthState = request.app.state.auth
     digest = keys.digest(token.strip())
     owner = state.static_keys.get(digest) or keys.name_of(await service.aredis.hget(Keys.API_KEYS, digest))

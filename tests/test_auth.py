@@ -11,8 +11,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 
+from app.config import ApiSettings
+from app.main import create_app
 from tests.conftest import (
+    PRIVATE_DB,
     Proc,
     RedisServer,
     base_env,
@@ -206,3 +210,29 @@ def test_keys_from_the_environment(tmp_path: Path) -> None:
     placeholder = spawn(["api"], base_env(server.url, LATENTD_API_KEYS="ops:changeme"), tmp_path / "bad.log")
     assert placeholder.proc.wait(60) == 2
     assert "LATENTD_API_KEYS" in placeholder.output() and "Traceback" not in placeholder.output()
+
+
+SECRET = "s3cret-Basic-credential"
+
+
+@pytest.mark.parametrize(
+    ("authorization", "says"),
+    [
+        (None, "missing API key: send `Authorization: Bearer <key>`"),
+        ("Bearer ", "missing API key: send `Authorization: Bearer <key>`"),
+        (f"Basic {SECRET}", "unsupported Authorization scheme 'Basic'; send `Authorization: Bearer <key>`"),
+        (f"Token {SECRET}", "unsupported Authorization scheme 'Token'; send `Authorization: Bearer <key>`"),
+        (SECRET, "the Authorization header names no scheme; send `Authorization: Bearer <key>`"),
+        (f"{SECRET} {SECRET}", "unsupported Authorization scheme; send `Authorization: Bearer <key>`"),
+    ],
+)
+def test_a_wrong_authorization_header_is_told_what_is_wrong_without_echoing_it(
+    redis_server: RedisServer, authorization: str | None, says: str
+) -> None:
+    settings = ApiSettings(redis_url=redis_server.url_for(PRIVATE_DB), api_keys=f"alice:{'k7' * 16}")
+    headers = {"Authorization": authorization} if authorization is not None else {}
+    with TestClient(create_app(settings)) as client:
+        response = client.get("/v1/models", headers=headers)
+    assert response.status_code == 401
+    assert response.json()["error"] == {"code": "unauthorized", "message": says, "param": None}
+    assert SECRET not in response.text
