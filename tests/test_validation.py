@@ -240,6 +240,16 @@ def test_unknown_ids_and_routes(client: TestClient) -> None:
     assert client.get("/v1/generations/bad%20id").status_code == 422
 
 
+@pytest.mark.parametrize("path", ["", "?wait=0.1", "/cancel", "/images/0"])
+def test_the_job_id_is_named_id_whatever_is_wrong_with_it(client: TestClient, path: str) -> None:
+    # A malformed id (the path's own check) and an unknown one (the service's) name it alike.
+    method = "POST" if path == "/cancel" else "GET"
+    for job_id, status in (("bad%20id", 422), ("a" * 65, 422), ("0123abcd", 404)):
+        response = client.request(method, f"/v1/generations/{job_id}{path}")
+        assert response.status_code == status, response.text
+        assert response.json()["error"]["param"] == "id", response.text
+
+
 @pytest.mark.parametrize(
     ("method", "path", "allow"),
     [
@@ -266,9 +276,9 @@ def test_openapi_documents_every_route_and_error(client: TestClient) -> None:
     paths = spec["paths"]
     for path in (
         "/v1/generations",
-        "/v1/generations/{job_id}",
-        "/v1/generations/{job_id}/cancel",
-        "/v1/generations/{job_id}/images/{index}",
+        "/v1/generations/{id}",
+        "/v1/generations/{id}/cancel",
+        "/v1/generations/{id}/images/{index}",
         "/v1/images/generations",
         "/v1/models",
         "/healthz",
@@ -278,7 +288,7 @@ def test_openapi_documents_every_route_and_error(client: TestClient) -> None:
         assert path in paths, path
     submit = paths["/v1/generations"]["post"]["responses"]
     assert {"202", "400", "422", "429", "503"} <= set(submit)
-    assert {"404", "409"} <= set(paths["/v1/generations/{job_id}/cancel"]["post"]["responses"])
+    assert {"404", "409"} <= set(paths["/v1/generations/{id}/cancel"]["post"]["responses"])
     assert client.get("/docs").status_code == 200
 
 

@@ -28,7 +28,8 @@ router = APIRouter(prefix=PREFIX, tags=["generations"])
 MAX_WAIT = 60.0  # seconds a status read may be held open (`?wait=`)
 
 ID_CHAR = "[A-Za-z0-9_-]"
-JobId = Annotated[str, Path(min_length=1, max_length=64, pattern=f"^{ID_CHAR}+$")]
+# The path says {id}, as the README and every error's `param` name it (`id` is a builtin's name in Python).
+JobId = Annotated[str, Path(alias="id", min_length=1, max_length=64, pattern=f"^{ID_CHAR}+$")]
 NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorResponse, "description": "Unknown id (`not_found`)."}
 }
@@ -65,7 +66,7 @@ async def submit(
 
 
 @router.get(
-    "/{job_id}",
+    "/{id}",
     response_model=Generation,
     responses={**COMMON_RESPONSES, **NOT_FOUND},
     summary="Status, progress, timings and image links of a generation",
@@ -96,7 +97,7 @@ def status_response(view: Generation) -> Response:
 
 
 @router.post(
-    "/{job_id}/cancel",
+    "/{id}/cancel",
     response_model=Generation,
     responses={
         **COMMON_RESPONSES,
@@ -115,9 +116,9 @@ def cancel_generation(job_id: JobId, service: ServiceDep, caller: PrincipalDep) 
 
 
 # HEAD: the headers alone (size, type, ETag), e.g. before a download; documented with the GET.
-@router.head("/{job_id}/images/{index}", response_class=Response, include_in_schema=False)
+@router.head("/{id}/images/{index}", response_class=Response, include_in_schema=False)
 @router.get(
-    "/{job_id}/images/{index}",
+    "/{id}/images/{index}",
     response_class=Response,
     responses={
         **COMMON_RESPONSES,
