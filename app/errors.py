@@ -290,6 +290,11 @@ def install_error_handlers(app: FastAPI, authenticate: Callable[[Request], Await
         code = _HTTP_CODES.get(exc.status_code, ErrorCode.HTTP_ERROR)
         headers = dict(exc.headers or {})
         message = str(exc.detail)
+        if exc.status_code == 404 and message == "Not Found":  # the router's: no route at this path
+            path = request.url.path
+            message = f"no route at {path}"
+            if len(path) > 1 and path.endswith("/"):
+                message += "; routes take no trailing slash"
         if exc.status_code == 405:
             allowed = _allowed_methods(request) or [m.strip() for m in headers.get("Allow", "").split(",")]
             headers["Allow"] = ", ".join(allowed)

@@ -108,6 +108,9 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         version=latentd.__version__,
         summary="Self-hosted image generation: submit a prompt, poll the job, download the picture.",
         lifespan=lifespan,
+        # A path with a slash too many is a 404 in the error envelope: Starlette's redirect to the
+        # other form was built from the client's Host header and answered before authentication.
+        redirect_slashes=False,
     )
     install_error_handlers(app, authenticate)
     app.add_middleware(generations.StatusReads)  # innermost: inside the metrics and the body limit

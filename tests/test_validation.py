@@ -271,6 +271,27 @@ def test_a_wrong_method_is_told_the_allowed_ones(
     assert error["message"] == f"method {method} is not allowed here; this route takes {allow}"
 
 
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/v1/generations/"),
+        ("GET", "/v1/generations/0123abcd/"),
+        ("POST", "/v1/images/generations/"),
+        ("GET", "/v1/models/"),
+        ("GET", "/healthz/"),
+    ],
+)
+def test_a_trailing_slash_is_not_found_never_redirected(client: TestClient, method: str, path: str) -> None:
+    # Starlette redirected to the other form, before authentication, to the client's own Host header.
+    response = client.request(method, path, headers={"Host": "elsewhere.example"}, follow_redirects=False)
+    assert response.status_code == 404 and "location" not in response.headers
+    assert response.json()["error"] == {
+        "code": "not_found",
+        "message": f"no route at {path}; routes take no trailing slash",
+        "param": None,
+    }
+
+
 def test_openapi_documents_every_route_and_error(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     paths = spec["paths"]
