@@ -189,11 +189,13 @@ class EndedJobs:
                         if message is not None:
                             for waiter in self.waiters.get(as_text(message["data"]), ()):
                                 waiter.set()
-            except redis.RedisError:
+            except Exception as exc:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():  # a shutdown's cancel, come out as another error
+                    raise asyncio.CancelledError from exc
+                if not isinstance(exc, redis.RedisError):  # never let the listener die: long-polls
+                    event(log, "ended_listener_error", logging.WARNING, error=type(exc).__name__)
                 await asyncio.sleep(1.0)  # Redis away: waiters fall back on their periodic re-read
-            except Exception as exc:  # never let the listener die: long-polls would answer late
-                event(log, "ended_listener_error", logging.WARNING, error=type(exc).__name__)
-                await asyncio.sleep(1.0)
 
     @contextlib.contextmanager
     def watch(self, job_id: str) -> Iterator[asyncio.Event]:
