@@ -360,7 +360,7 @@ def test_status_reads_answer_alike_on_both_paths(service: Service) -> None:
     assert fast.status_code == 404 and fast.json()["error"]["code"] == "not_found"
 
     def reads(status: int) -> float:
-        labels = f'method="GET",route="/v1/generations/{{job_id}}",status="{status}"'
+        labels = f'method="GET",route="/v1/generations/{{id}}",status="{status}"'
         series = f"latentd_http_requests_total{{{labels}}}"
         line = [ln for ln in service.http.get("/metrics").text.splitlines() if ln.startswith(series)]
         return float(line[0].split()[-1]) if line else 0.0
