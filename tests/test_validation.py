@@ -471,7 +471,7 @@ def test_a_bad_wait_says_what_is_wrong_with_it(client: TestClient, wait: str, sa
 def test_a_size_left_out_is_the_models_own(redis_server: RedisServer, redis_client: redis.Redis) -> None:
     # Stable Diffusion 1.5 makes noise at 64x64, what LATENTD_DEFAULT_SIZE gave every model.
     register_ghost(redis_client, "sd15", "sd15-worker", native_size=512)
-    register_ghost(redis_client, "old", "old-worker")  # a worker that does not say
+    register_ghost(redis_client, "old", "old-worker", native_size=None)  # a worker that does not say
     settings = ApiSettings(redis_url=redis_server.url_for(PRIVATE_DB), default_model="sd15", sync_timeout=0.2)
     try:
         with TestClient(create_app(settings)) as client:
