@@ -371,9 +371,10 @@ class GenerationService:
         model = req.model or self.settings.default_model
         # A model nobody serves is refused at enqueue; the smallest size keeps the limits on size
         # and work from speaking first.
-        payload = self.resolve(req, job_id, (await self.served_models(model)).get(model, 64))
+        served = await self.served_models(model)
+        payload = self.resolve(req, job_id, served.get(model, 64))
         if idempotency_key is None:
-            return await self._enqueue(payload, owner)
+            return await self._enqueue(payload, owner, served)
         # Claim the key atomically; a replay finds the first claim and gets its job back.
         scoped = f"{owner or ''}\x00{idempotency_key}"  # one caller's key never reaches another's job
         key = Keys.idempotency(hashlib.sha256(scoped.encode()).hexdigest())
@@ -410,7 +411,7 @@ class GenerationService:
                 links=view.links,
             )
         try:
-            return await self._enqueue(payload, owner, claim=key)
+            return await self._enqueue(payload, owner, served, claim=key)
         except BaseException:
             await self.aredis.delete(key)  # nothing was accepted under this key
             raise
@@ -429,10 +430,11 @@ class GenerationService:
             )
 
     async def _enqueue(
-        self, payload: JobPayload, owner: str | None, claim: str | None = None
+        self, payload: JobPayload, owner: str | None, served: dict[str, int | None], claim: str | None = None
     ) -> SubmitResponse:
+        """Queue the job, if a live worker serves its model (`served`, as `served_models` read it
+        for this submit)."""
         job_id = payload.job_id
-        served = await self.served_models(payload.model)
         if payload.model not in served:
             raise ModelUnavailable(
                 f"no live worker serves model '{payload.model}'"
