@@ -32,7 +32,7 @@ from latentd.contract import (
 from latentd.logs import event
 from worker.config import WorkerSettings
 from worker.encode import encode
-from worker.pipeline import Runner, free_accelerator_memory, is_out_of_memory
+from worker.pipeline import Runner, first_line, free_accelerator_memory, is_out_of_memory
 
 log = logging.getLogger("latentd.worker")
 
@@ -144,9 +144,7 @@ def _classify(exc: BaseException, payload: JobPayload, pad_to: int | None = None
         )
     if isinstance(exc, ValueError):
         # diffusers raises ValueError for parameters a model cannot take; its message is for users.
-        return JobFailure(
-            ErrorCode.INVALID_PARAMETERS, (str(exc).splitlines() or ["invalid parameters"])[0][:500]
-        )
+        return JobFailure(ErrorCode.INVALID_PARAMETERS, first_line(exc, "invalid parameters")[:500])
     return JobFailure(ErrorCode.GENERATION_FAILED, f"generation failed ({type(exc).__name__})")
 
 

@@ -170,8 +170,7 @@ def load_pipeline(
         if is_out_of_memory(exc):
             raise ModelLoadError(f"model {source!r} does not fit on {device} in {dtype}") from exc
         raise ModelLoadError(
-            f"cannot move model {source!r} to {device}: {type(exc).__name__}: "
-            f"{(str(exc).splitlines() or [''])[0][:300]}"
+            f"cannot move model {source!r} to {device}: {type(exc).__name__}: {first_line(exc)[:300]}"
         ) from exc
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -316,7 +315,7 @@ class Runner:
         # dynamo wraps the backend's own error (BackendCompilerFailed.inner_exception)
         while (inner := getattr(root, "inner_exception", None) or root.__cause__) is not None:
             root = inner
-        reason = f"{type(root).__name__}: {(str(root).splitlines() or [''])[0]}"[:300]
+        reason = f"{type(root).__name__}: {first_line(root)}"[:300]
         event(log, "pipeline_compile_failed", logging.ERROR, running="eager", error=reason)
 
     def _run(
@@ -443,6 +442,11 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and (
         "CUDA error: out of memory" in message or "CUBLAS_STATUS_ALLOC_FAILED" in message
     )
+
+
+def first_line(exc: BaseException, default: str = "") -> str:
+    """An exception's message up to its first line break (a client or a log line gets no more)."""
+    return (str(exc).splitlines() or [default])[0]
 
 
 def free_accelerator_memory() -> None:
