@@ -96,7 +96,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             yield
         finally:
             listener.cancel()
-            # Bounded: a shutdown that hung on the listener was seen once in an in-process test.
+            # Bounded, in case a cancel is lost in a way `_cancel_requested` does not see.
             await asyncio.wait({listener}, timeout=5)
             await aconnection.aclose()
             await apool.disconnect()
