@@ -690,6 +690,8 @@ class GenerationService:
         with self.ended.watch(job_id) as ended:
             while True:
                 view = await self.get(job_id, owner)
+                if _cancel_requested():
+                    raise asyncio.CancelledError
                 left = deadline - time.monotonic()
                 if view.status.is_terminal() or left <= 0:
                     return view

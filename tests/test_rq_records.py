@@ -4,6 +4,7 @@ the asyncio client; status reads parsed without an RQ Job). These tests hold bot
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -186,3 +187,33 @@ def test_the_api_shuts_down_at_once_every_time(redis_server: RedisServer) -> Non
             assert client.get("/healthz").status_code == 200
             started = time.monotonic()
         assert time.monotonic() - started < 3
+
+
+def test_a_waiting_read_stops_on_a_cancel_that_redis_py_swallowed(
+    redis_server: RedisServer, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same swallowed cancel, in a long-poll's re-read. Before, the read waited out its timeout
+    (up to LATENTD_SYNC_TIMEOUT on the OpenAI route), and held the API's shutdown as long."""
+    real = GenerationService.get
+    swallowed: list[bool] = []
+
+    async def get(self: GenerationService, *args: Any, **kwargs: Any) -> Any:
+        if not swallowed:
+            swallowed.append(True)
+            task = asyncio.current_task()
+            assert task is not None
+            task.cancel()  # a shutdown's cancel arrives while the record is being read...
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(0)  # ...and is dropped, as asyncio.wait_for drops one
+        return await real(self, *args, **kwargs)
+
+    monkeypatch.setattr(GenerationService, "get", get)
+
+    async def scenario(service: GenerationService) -> bool:
+        await service._rq_enqueue(service.queue("m"), PAYLOAD, owner=None)
+        waiter = asyncio.create_task(service.wait("ours", None, timeout=30))
+        await asyncio.wait({waiter}, timeout=5)
+        return waiter.cancelled()
+
+    assert run_with_service(redis_server, redis_client, scenario)
+    assert swallowed == [True]
