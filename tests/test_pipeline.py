@@ -128,8 +128,8 @@ def test_out_of_memory_fails_the_job_with_a_message_naming_the_size() -> None:
 @pytest.mark.parametrize("threads", [1, 2])
 def test_padded_batches_give_the_same_bytes_as_a_lone_run(runner: Runner, threads: int) -> None:
     """With `pad_to` (LATENTD_BATCH_INVARIANT) an image does not depend on its batch mates, nor on
-    where in the batch it sits: with one thread on an AVX2 host the last row of a full batch came
-    out different."""
+    where in the batch it sits, whatever torch's thread count: with one thread on an AVX2 host the
+    last row of a full batch came out different, and with two on an AVX-512 host, a row moved."""
     from worker.encode import encode
 
     mates = [  # as test_batching's end-to-end test: there, the last image came out different

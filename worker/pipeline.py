@@ -208,9 +208,9 @@ class Runner:
     pipe: DiffusionPipeline
     device: torch.device
     model: str
-    # When set, every pipeline call is padded to this many images. The UNet and VAE kernels
-    # give results that depend on the batch size (not on an image's place in the batch), so
-    # a fixed size makes an image's bytes independent of the jobs it ran with.
+    # When set, every pipeline call is padded to this many images, plus one: the kernels give
+    # results that depend on the batch size, and at a tensor's end on the place in it, so a fixed
+    # size makes an image's bytes independent of the jobs it ran with (see `generate`).
     pad_to: int | None = None
     # Set while the UNet and VAE decoder run compiled: puts the eager modules back.
     uncompile: Callable[[], None] | None = None
@@ -260,7 +260,6 @@ class Runner:
             # diffusers' own message speaks of `original_steps x strength`, fields clients never see
             raise ValueError(f"steps: the lcm scheduler takes at most {most} steps with this model")
         slots = [(j, i) for j, p in enumerate(payloads) for i in range(p.num_images)]
-        images: list[list[Image.Image]] = [[] for _ in payloads]
         # Padded calls take at most `pad_to` images: more run as several calls, progress spread
         # over them.
         pending = (
@@ -268,6 +267,22 @@ class Runner:
             if self.pad_to
             else [slots]
         )
+        threads = torch.get_num_threads()
+        if self.pad_to and self.device.type == "cpu":
+            # More threads split a tensor's values between them where they please, each part with
+            # its own scalar tail: an image's values then depend on its place in the batch (seen
+            # with two threads on an AVX-512 host). One thread leaves one tail, in the padding.
+            torch.set_num_threads(1)
+        try:
+            return self._calls(payloads, pending, on_step)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _calls(
+        self, payloads: list[JobPayload], pending: list[list[tuple[int, int]]], on_step: StepCallback
+    ) -> tuple[list[list[Image.Image]], bool]:
+        first = payloads[0]
+        images: list[list[Image.Image]] = [[] for _ in payloads]
         calls = len(pending)
         while pending:
             chunk_slots = pending.pop(0)
