@@ -54,9 +54,12 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(_: argparse.Namespace) -> int:
+    from worker.config import get_settings
+
+    settings = get_settings()  # a bad setting is named before torch loads (about 5 s)
     from worker.main import run
 
-    return run()
+    return run(settings)
 
 
 def cmd_up(args: argparse.Namespace) -> int:

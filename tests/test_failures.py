@@ -544,6 +544,15 @@ def test_bad_configuration_is_named_without_a_traceback(
     assert f"invalid configuration: {variable}" in proc.output() and "Traceback" not in proc.output()
 
 
+def test_a_workers_bad_setting_is_named_before_torch_loads() -> None:
+    """Loading torch and diffusers takes seconds; a typo in a setting is told before it."""
+    script = "import sys; from latentd.cli import main; print(main(['worker']), 'torch' in sys.modules)"
+    env = {**base_env("redis://127.0.0.1:1/0"), "LATENTD_DEVICE": "bogus"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert "invalid configuration: LATENTD_DEVICE" in done.stderr
+    assert done.stdout.split() == ["2", "False"], done.stdout
+
+
 def test_a_log_level_in_capitals_is_taken_and_an_empty_variable_is_unset() -> None:
     from latentd.settings import CommonSettings
 
