@@ -303,6 +303,9 @@ def test_the_worker_log_holds_no_prompt(service: Service) -> None:
     prompt = "a red circle " * 40 + "with a private detail"
     assert service.wait_terminal(service.submit(prompt=prompt, steps=1)["id"])["status"] == "succeeded"
     assert "private detail" not in service.worker.output()
+    # Nor advice to install torchvision, which transformers gave at each start (its PIL image
+    # processors are what the worker uses).
+    assert "torchvision" not in service.worker.output()
 
 
 def test_images_expire_with_the_results_ttl(service: Service) -> None:
