@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from latentd.contract import JobPayload
-from tests.conftest import flag_everything_checker
+from tests.conftest import TINY_MODEL, flag_everything_checker
 from worker.encode import encode
 from worker.pipeline import ModelLoadError, Runner, compile_runner, load_pipeline, warm_up
 
@@ -405,3 +405,37 @@ def test_a_job_without_a_negative_prompt_runs_as_the_model_is_meant_to(
     plain, negative = payload(1), payload(1).model_copy(update={"negative_prompt": "blurry"})
     assert batch_key(plain, True) != batch_key(negative, True)
     assert batch_key(plain, False) == batch_key(negative, False)
+
+
+def test_a_job_without_a_negative_prompt_calls_the_pipeline_alike_alone_or_batched(
+    runner: Runner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a model that does not guide against zeros (not SDXL), a missing negative prompt is "",
+    batched with one that has a negative prompt or not: passing None alone made an image depend on
+    its batch mates where a pipeline treats None apart (QwenImage's true CFG), and failed Sana."""
+    seen: list[object] = []
+    real = runner.pipe
+
+    class Spy:
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+        def __call__(self, **kwargs: object) -> object:
+            seen.append(kwargs["negative_prompt"])
+            return real(**kwargs)
+
+    monkeypatch.setattr(runner, "pipe", Spy())
+    assert not runner.zeros_empty_negatives
+    base = {
+        "model": TINY_MODEL,
+        "width": 64,
+        "height": 64,
+        "steps": 1,
+        "guidance_scale": 7.0,
+        "num_images": 1,
+    }
+    plain = JobPayload(job_id="a", prompt="cat", seed=1, **base)  # type: ignore[arg-type]
+    negative = JobPayload(job_id="b", prompt="dog", seed=2, negative_prompt="blurry", **base)  # type: ignore[arg-type]
+    runner.generate([plain], lambda done, total: False)
+    runner.generate([plain, negative], lambda done, total: False)
+    assert seen == [[""], ["", "blurry"]]

@@ -362,9 +362,11 @@ class Runner:
             try:
                 result = self.pipe(
                     prompt=prompts,
-                    # None where no job gave one, as diffusers' own callers do: SDXL then guides
-                    # against zeros, not against the text "" (`zeros_empty_negatives`).
-                    negative_prompt=negatives if any(negatives) else None,
+                    # None where no job gave one on a model that then guides against zeros, not
+                    # against the text "" (SDXL: `zeros_empty_negatives`, which `batch_key` keeps
+                    # apart). Elsewhere "" for each: an image then does not depend on its batch
+                    # mates, and pipelines whose negative prompt must be a string (Sana) run.
+                    negative_prompt=None if self.zeros_empty_negatives and not any(negatives) else negatives,
                     width=first.width,
                     height=first.height,
                     num_inference_steps=first.steps,
