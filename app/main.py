@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
-from collections.abc import AsyncIterator
+import signal
+import threading
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from types import FrameType
 
 import redis
 import redis.asyncio
@@ -28,6 +32,36 @@ from latentd.store import check_eviction_policy
 
 log = logging.getLogger("latentd.api")
 GC_YOUNG_THRESHOLD = 10_000  # Python's default is 700
+
+
+@contextlib.contextmanager
+def ending_held_reads_on_exit(service: GenerationService) -> Iterator[None]:
+    """On SIGTERM or SIGINT, answer the held reads (`?wait=`, the OpenAI route) at once, then let
+    uvicorn's own handler stop the server. uvicorn waits for every open request before it exits,
+    and a held read can last minutes: longer than a container's stop grace. Signals reach the main
+    thread only: an app served in-process (a TestClient) gets no hook."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        loop.call_soon_threadsafe(service.ended.close)
+        prior = previous[signal.Signals(signum)]
+        if callable(prior):
+            prior(signum, frame)
+        else:  # not under uvicorn: the default action
+            signal.signal(signum, prior)
+            signal.raise_signal(signum)
+
+    for sig in previous:
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, prior in previous.items():
+            signal.signal(sig, prior)
 
 
 def create_app(settings: ApiSettings | None = None) -> FastAPI:
@@ -93,7 +127,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         gc.freeze()
         gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
         try:
-            yield
+            with ending_held_reads_on_exit(service):
+                yield
         finally:
             listener.cancel()
             # Bounded, in case a cancel is lost in a way `_cancel_requested` does not see.

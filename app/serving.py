@@ -178,6 +178,14 @@ class EndedJobs:
     def __init__(self, aconnection: redis.asyncio.Redis) -> None:
         self.redis = aconnection
         self.waiters: dict[str, set[asyncio.Event]] = {}
+        self.closing = False
+
+    def close(self) -> None:
+        """The server is stopping: every held read answers now, with its job's state then."""
+        self.closing = True
+        for waiting in self.waiters.values():
+            for waiter in waiting:
+                waiter.set()
 
     async def listen(self) -> None:
         while True:
@@ -684,8 +692,9 @@ class GenerationService:
     # -- waiting (OpenAI-style endpoint) -----------------------------------------
 
     async def wait(self, job_id: str, owner: str | None, timeout: float) -> Generation:
-        """The job's view as soon as it ends, or when `timeout` passes. Woken by `Keys.ENDED`; the
-        record is re-read every RECHECK seconds too, in case a message was missed."""
+        """The job's view as soon as it ends, when `timeout` passes, or when the server stops. Woken
+        by `Keys.ENDED`; the record is re-read every RECHECK seconds too, in case a message was
+        missed."""
         deadline = time.monotonic() + timeout
         with self.ended.watch(job_id) as ended:
             while True:
@@ -693,7 +702,7 @@ class GenerationService:
                 if _cancel_requested():
                     raise asyncio.CancelledError
                 left = deadline - time.monotonic()
-                if view.status.is_terminal() or left <= 0:
+                if view.status.is_terminal() or left <= 0 or self.ended.closing:
                     return view
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(ended.wait(), min(left, RECHECK))

@@ -15,6 +15,8 @@ from typing import Any
 
 from latentd.settings import CommonSettings
 
+API_STOP_GRACE = 8  # seconds
+
 
 def cmd_api(args: argparse.Namespace) -> int:
     import redis
@@ -48,6 +50,9 @@ def cmd_api(args: argparse.Namespace) -> int:
         # Client addresses are never trusted or used (limits key on the API key), so skip
         # uvicorn's X-Forwarded-For handling.
         proxy_headers=False,
+        # On SIGTERM held reads answer at once (app.main); a request still open after this is
+        # cancelled, inside Docker's default 10 s stop grace (and Kubernetes' 30 s).
+        timeout_graceful_shutdown=API_STOP_GRACE,
         workers=args.workers,
     )
     return 0

@@ -571,3 +571,48 @@ def test_a_device_this_host_lacks_stops_the_worker_in_one_line(
     worker = spawn(["worker"], env, tmp_path / "worker.log")
     assert worker.proc.wait(120) == 3, worker.output()  # the model cannot load
     assert "LATENTD_DEVICE=cuda:7" in worker.output() and "Traceback" not in worker.output()
+
+
+def test_sigterm_answers_held_reads_at_once_and_the_api_exits(
+    private_redis: RedisServer, tmp_path: Path
+) -> None:
+    # uvicorn waits for every open request before it stops: a `?wait=` read or the OpenAI route
+    # held the API for up to 60 or 120 s after SIGTERM, past a container's stop grace, and the
+    # clients then lost the connection. Now each answers with its job's state, and the API exits.
+    register_ghost(private_redis.client(), TINY_MODEL)  # jobs are accepted, and nothing runs them
+    api, url = start_api(private_redis.url, tmp_path)
+    try:
+        job_id = httpx.post(f"{url}/v1/generations", json={"prompt": "x"}).json()["id"]
+        answers: dict[str, httpx.Response] = {}
+
+        def hold(name: str, method: str, path: str, **kwargs: object) -> threading.Thread:
+            def run() -> None:
+                answers[name] = httpx.request(method, f"{url}{path}", timeout=30, **kwargs)  # type: ignore[arg-type]
+
+            thread = threading.Thread(target=run)
+            thread.start()
+            return thread
+
+        threads = [
+            hold("read", "GET", f"/v1/generations/{job_id}?wait=60"),
+            hold("openai", "POST", "/v1/images/generations", json={"prompt": "y"}),
+        ]
+        time.sleep(1.5)  # both are held by now
+        assert not answers
+        signalled = time.monotonic()
+        api.proc.send_signal(signal.SIGTERM)
+        for thread in threads:
+            thread.join(timeout=30)
+        assert api.proc.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn >= 0.29 re-raises it
+        assert time.monotonic() - signalled < 5, api.output()[-2000:]
+        read = answers["read"]
+        assert read.status_code == 200 and read.json()["status"] == "queued", read.text
+        openai = answers["openai"]
+        assert openai.status_code == 503, openai.text
+        assert openai.json()["error"]["code"] == "service_unavailable"
+        assert "stopping" in openai.json()["error"]["message"]
+        assert openai.headers["x-should-retry"] == "false"  # its job was accepted and goes on
+        assert private_redis.client().llen(f"rq:queue:latentd:{TINY_MODEL}") == 2
+        assert "Traceback" not in api.output()
+    finally:
+        api.stop()

@@ -16,6 +16,7 @@ from app.errors import (
     ErrorResponse,
     InvalidRequest,
     ServiceError,
+    ServiceUnavailable,
     WaitTimeout,
     service_error_response,
     store_down_response,
@@ -146,6 +147,10 @@ async def _answer(
         )
     if view.status is JobStatus.CANCELED:
         raise ServiceError(f"generation '{view.id}' was canceled", code=ErrorCode.CANCELED, status_code=409)
+    if service.ended.closing:
+        raise ServiceUnavailable(
+            f"this API process is stopping; generation '{view.id}' goes on: poll /v1/generations/{view.id}"
+        )
     raise WaitTimeout(
         f"generation '{view.id}' did not finish within {settings.sync_timeout:g} s; "
         f"poll /v1/generations/{view.id}",
