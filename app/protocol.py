@@ -171,7 +171,7 @@ class Health(BaseModel):
 # OpenAI Images API compatibility (`POST /v1/images/generations`).
 
 # ASCII digits only: pydantic's \d, and int(), take any script's digits (fullwidth, Arabic-Indic, ...).
-_SIZE = re.compile("[0-9]{2,4}x[0-9]{2,4}|auto")
+_SIZE = re.compile("[0-9]{1,5}x[0-9]{1,5}|auto")
 
 
 def _size(value: str) -> str:

@@ -155,6 +155,18 @@ def test_openai_size_takes_ascii_digits_only_and_says_so_plainly(
     assert nothing_enqueued(redis_client)
 
 
+@pytest.mark.parametrize("size", ["8x8", "64x9", "12345x64"])
+def test_an_openai_size_out_of_bounds_is_told_the_bounds(
+    client: TestClient, redis_client: redis.Redis, size: str
+) -> None:
+    # Sides of one digit, or five, were told their format was wrong.
+    response = client.post("/v1/images/generations", json={"prompt": "a red circle", "size": size})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["param"] == "size" and "multiple of 8 in 64–2048" in error["message"], error
+    assert nothing_enqueued(redis_client)
+
+
 @pytest.mark.parametrize(
     ("route", "body", "param"),
     [
@@ -489,5 +501,43 @@ def test_a_size_left_out_is_the_models_own(redis_server: RedisServer, redis_clie
         with TestClient(create_app(settings.model_copy(update={"default_size": 256}))) as client:
             job = client.post("/v1/generations", json={**VALID, "steps": 1}).json()
             assert client.get(f"/v1/generations/{job['id']}").json()["request"]["width"] == 256
+    finally:
+        redis_client.flushdb()
+
+
+@pytest.mark.parametrize(
+    ("default_size", "route", "body", "says"),
+    [
+        (None, "/v1/images/generations", {}, "size auto: width × height = 1048576 pixels (1024 where left out: the model's size)"),
+        (None, "/v1/images/generations", {"size": "auto"}, "size auto: width × height = 1048576 pixels"),
+        (None, "/v1/generations", {"width": 512}, "width × height = 524288 pixels (1024 where left out: the model's size)"),
+        (512, "/v1/generations", {"width": 1024}, "width × height = 524288 pixels (512 where left out: LATENTD_DEFAULT_SIZE)"),
+    ],
+)  # fmt: skip
+def test_a_size_over_the_pixel_limit_names_where_it_came_from(
+    redis_server: RedisServer,
+    redis_client: redis.Redis,
+    default_size: int | None,
+    route: str,
+    body: dict[str, Any],
+    says: str,
+) -> None:
+    # The OpenAI route said "size None" for a size left out, and a size LATENTD_DEFAULT_SIZE
+    # supplied was called the model's.
+    register_ghost(redis_client, "sdxl", "sdxl-worker", native_size=1024)
+    settings = ApiSettings(
+        redis_url=redis_server.url_for(PRIVATE_DB),
+        default_model="sdxl",
+        max_pixels=512 * 512,
+        default_size=default_size,
+    )
+    try:
+        with TestClient(create_app(settings)) as client:
+            response = client.post(route, json={**VALID, **body})
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["message"].startswith(says), error
+        assert error["param"] == ("size" if "images" in route else "width"), error
+        assert not redis_client.llen("rq:queue:latentd:sdxl")
     finally:
         redis_client.flushdb()

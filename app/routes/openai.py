@@ -93,7 +93,7 @@ async def create_image(
         if exc.param == "num_images":
             raise InvalidRequest(message, param="n") from None
         if exc.param in ("width", "height"):
-            raise InvalidRequest(f"size {body.size}: {message}", param="size") from None
+            raise InvalidRequest(f"size {body.size or 'auto'}: {message}", param="size") from None
         raise
     # The job is accepted. OpenAI's SDKs send a request again on a 409, a 429 or any status from
     # 500 (twice, by default), and each time would queue the job again, or undo its cancel. Their
