@@ -505,13 +505,16 @@ def test_a_size_left_out_is_the_models_own(redis_server: RedisServer, redis_clie
         redis_client.flushdb()
 
 
+OPENAI, NATIVE = "/v1/images/generations", "/v1/generations"
+
+
 @pytest.mark.parametrize(
     ("default_size", "route", "body", "says"),
     [
-        (None, "/v1/images/generations", {}, "size auto: width × height = 1048576 pixels (1024 where left out: the model's size)"),
-        (None, "/v1/images/generations", {"size": "auto"}, "size auto: width × height = 1048576 pixels"),
-        (None, "/v1/generations", {"width": 512}, "width × height = 524288 pixels (1024 where left out: the model's size)"),
-        (512, "/v1/generations", {"width": 1024}, "width × height = 524288 pixels (512 where left out: LATENTD_DEFAULT_SIZE)"),
+        (None, OPENAI, {}, "size auto: width × height = 1048576 pixels (1024 where left out: the model's size)"),
+        (None, OPENAI, {"size": "auto"}, "size auto: width × height = 1048576 pixels"),
+        (None, NATIVE, {"width": 512}, "width × height = 524288 pixels (1024 where left out: the model's size)"),
+        (512, NATIVE, {"width": 1024}, "width × height = 524288 pixels (512 where left out: LATENTD_DEFAULT_SIZE)"),
     ],
 )  # fmt: skip
 def test_a_size_over_the_pixel_limit_names_where_it_came_from(
@@ -537,7 +540,7 @@ def test_a_size_over_the_pixel_limit_names_where_it_came_from(
         assert response.status_code == 422, response.text
         error = response.json()["error"]
         assert error["message"].startswith(says), error
-        assert error["param"] == ("size" if "images" in route else "width"), error
+        assert error["param"] == ("size" if route == OPENAI else "width"), error
         assert not redis_client.llen("rq:queue:latentd:sdxl")
     finally:
         redis_client.flushdb()
