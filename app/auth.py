@@ -71,10 +71,10 @@ def _unusable_authorization(header: str) -> str:
     scheme, _, credentials = header.partition(" ")
     if not header or scheme.lower() == "bearer":
         return f"missing API key: {send}"
+    if not credentials:  # a key sent bare, however short: never named back
+        return f"the Authorization header names no scheme; {send}"
     if _SHOWN_SCHEME.fullmatch(scheme):
         return f"unsupported Authorization scheme '{scheme}'; {send}"
-    if not credentials:  # a key sent bare
-        return f"the Authorization header names no scheme; {send}"
     return f"unsupported Authorization scheme; {send}"
 
 
