@@ -18,15 +18,29 @@ from latentd.contract import MAX_SEED, JobStatus, OutputFormat, Scheduler
 MAX_PROMPT_CHARS = 2000
 
 
-# Letters that draw nothing: the Braille blank and the Hangul fillers.
-_FILLERS = frozenset("\u2800\u3164\u115f\u1160\uffa0")
+# Letters and marks that draw nothing: the Braille blank, the Hangul fillers, the combining
+# grapheme joiner, the Khmer inherent vowels and the Mongolian variation selectors.
+_DRAW_NOTHING = frozenset("\u2800\u3164\u115f\u1160\uffa0\u034f\u17b4\u17b5\u180b\u180c\u180d\u180f")
+# Format characters that do draw: the prepended concatenation marks (Arabic number signs, ...).
+_FORMAT_DRAWN = frozenset(
+    "\u0600\u0601\u0602\u0603\u0604\u0605\u06dd\u070f\u0890\u0891\u08e2\U000110bd\U000110cd"
+)
 
 
 def _blank(c: str) -> bool:
     """Draws nothing: whitespace and separators (Z*), controls (Cc), format characters (Cf: soft
-    hyphen, zero-width and direction marks, BOM) and the fillers. str.isspace() misses most."""
+    hyphen, zero-width and direction marks, BOM) but those that draw, variation selectors and the
+    characters above. str.isspace() misses most."""
     category = unicodedata.category(c)
-    return category[0] == "Z" or category in ("Cc", "Cf") or c in _FILLERS
+    if category == "Cf":
+        return c not in _FORMAT_DRAWN
+    return (
+        category[0] == "Z"
+        or category == "Cc"
+        or c in _DRAW_NOTHING
+        or "\ufe00" <= c <= "\ufe0f"
+        or "\U000e0100" <= c <= "\U000e01ef"
+    )
 
 
 def _not_blank(value: str) -> str:

@@ -406,6 +406,8 @@ BLANK_PROMPTS = [
     "\u115f\u1160\uffa0",  # Hangul choseong, jungseong and halfwidth fillers
     "\u0001",  # a control (Cc)
     "\u2028\u3000 \u00a0",  # line separator (Zl), ideographic and no-break spaces (Zs)
+    "\ufe0f\U000e0100",  # variation selectors (Mn)
+    "\u034f\u17b4\u17b5\u180b",  # combining grapheme joiner, Khmer inherent vowels, Mongolian FVS (Mn)
 ]
 
 
@@ -421,8 +423,16 @@ def test_a_prompt_of_invisible_characters_is_blank(
     assert nothing_enqueued(redis_client)
 
 
-def test_a_prompt_with_something_to_draw_is_kept_as_sent() -> None:
-    prompt = "\u200e\u00ad a red circle\u2800"
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "\u200e\u00ad a red circle\u2800",
+        "\u0600\u0661",  # the Arabic number sign (a format character that draws) before a digit
+        "\u06dd",  # the Arabic end of ayah, drawn alone
+        "\U000110bd",  # the Kaithi number sign
+    ],
+)
+def test_a_prompt_with_something_to_draw_is_kept_as_sent(prompt: str) -> None:
     assert GenerationRequest(prompt=prompt).prompt == prompt
 
 
