@@ -169,7 +169,9 @@ class ModelInfo(BaseModel):
     devices: list[str]
     queue_depth: int
     native_size: int | None = Field(
-        default=None, description="The side of the images the model was made for: a request's default size."
+        default=None,
+        description="The side of the images the model was made for: a request's default size, "
+        "unless the service sets LATENTD_DEFAULT_SIZE.",
     )
 
 

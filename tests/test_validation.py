@@ -321,7 +321,11 @@ def test_openapi_documents_every_route_and_error(client: TestClient) -> None:
         assert path in paths, path
     submit = paths["/v1/generations"]["post"]["responses"]
     assert {"202", "400", "422", "429", "503"} <= set(submit)
-    assert {"404", "409"} <= set(paths["/v1/generations/{id}/cancel"]["post"]["responses"])
+    cancel = paths["/v1/generations/{id}/cancel"]["post"]["responses"]
+    assert {"404", "409"} <= set(cancel) and "images are stored" in cancel["409"]["description"]
+    assert "stopping" in paths["/v1/images/generations"]["post"]["responses"]["503"]["description"]
+    native_size = spec["components"]["schemas"]["ModelInfo"]["properties"]["native_size"]
+    assert "LATENTD_DEFAULT_SIZE" in native_size["description"]
     assert client.get("/docs").status_code == 200
 
 

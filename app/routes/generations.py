@@ -106,7 +106,11 @@ def status_response(view: Generation) -> Response:
             "model": Generation,
             "description": "Running: it stops within about 0.1 s plus one denoising step.",
         },
-        409: {"model": ErrorResponse, "description": "The generation already ended (`not_cancelable`)."},
+        409: {
+            "model": ErrorResponse,
+            "description": "The generation already ended, or its images are stored and it ends "
+            "succeeded (`not_cancelable`).",
+        },
     },
     summary="Cancel a queued or running generation",
 )

@@ -60,6 +60,11 @@ def _parse_size(size: str) -> tuple[int, int]:
         },
         429: {"model": ErrorResponse, "description": "Queue full."},
         500: {"model": ErrorResponse, "description": "The job failed in the worker."},
+        503: {
+            "model": ErrorResponse,
+            "description": "Redis unreachable or refusing writes (retry after `Retry-After` seconds), "
+            "or this API process is stopping (no `Retry-After`: the job goes on; poll it).",
+        },
         504: {
             "model": ErrorResponse,
             "description": "Not finished within the configured wait (`wait_timeout`).",
