@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import http.server
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -208,8 +209,18 @@ def test_model_that_cannot_load_stops_the_worker_with_a_clear_message(
     (snapshot / "model_index.json").write_text(
         '{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}'
     )
+    # A checkpoint whose base configuration is in LATENTD_CACHE_DIR (but broken): diffusers looked
+    # for it in HF_HOME instead, and the worker said it was not cached there.
+    import torch
+    from safetensors.torch import save_file
+
+    checkpoint = tmp_path / "model.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}, checkpoint)
+    base = tmp_path / "cache" / "hub" / "models--stable-diffusion-v1-5--stable-diffusion-v1-5"
+    shutil.copytree(snapshot.parent.parent, base)
     env = base_env(redis_server.url, LATENTD_CACHE_DIR=str(tmp_path / "cache"))
     models = {
+        "single": str(checkpoint),
         "broken": str(broken),
         "missing": str(tmp_path / "nothing-here"),
         "hub": "someorg/not-cached-model",  # HF_HUB_OFFLINE=1: no download is tried
@@ -232,6 +243,8 @@ def test_model_that_cannot_load_stops_the_worker_with_a_clear_message(
     assert "is not a .safetensors or .ckpt checkpoint" in out["bin"]  # it said: does not exist
     assert "no file named config.json" in out["cached"]
     assert "not in the cache" not in out["cached"]
+    assert "no file named config.json" in out["single"] and str(base) in out["single"]
+    assert "has not cached it" not in out["single"]
 
 
 async def submit_together(url: str, n: int) -> list[int]:

@@ -330,7 +330,7 @@ def test_model_load_failures_past_reading_the_files_are_one_line_errors(
     checkpoint = tmp_path / "model.SAFETENSORS"  # the suffix in any case
     checkpoint.write_bytes(b"\0")
 
-    def offline(path: Path, dtype: torch.dtype) -> Any:
+    def offline(path: Path, dtype: torch.dtype, hub_cache: Path) -> Any:
         raise LocalEntryNotFoundError("offline")
 
     monkeypatch.setattr(pipeline, "_load_single_file", offline)

@@ -131,7 +131,7 @@ def load_pipeline(
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     try:
         if path.is_file() and path.suffix.lower() in (".safetensors", ".ckpt"):
-            pipe = _load_single_file(path, dtype)
+            pipe = _load_single_file(path, dtype, cache_dir / "hub")
         elif path.is_dir():
             pipe = AutoPipelineForText2Image.from_pretrained(str(path), dtype=dtype, local_files_only=True)
         elif path.is_file():
@@ -190,7 +190,9 @@ def _not_on_this_host(exc: BaseException) -> bool:
     return False
 
 
-def _load_single_file(path: Path, dtype: torch.dtype) -> DiffusionPipeline:
+def _load_single_file(path: Path, dtype: torch.dtype, hub_cache: Path) -> DiffusionPipeline:
+    """A .safetensors or .ckpt checkpoint; diffusers reads its base model's configuration from
+    the hub, cached in `hub_cache` as a hub id's files are."""
     from safetensors import safe_open
 
     is_xl = False
@@ -198,7 +200,7 @@ def _load_single_file(path: Path, dtype: torch.dtype) -> DiffusionPipeline:
         with safe_open(str(path), framework="pt") as f:
             is_xl = any(k.startswith("conditioner.embedders.1") for k in f.keys())  # noqa: SIM118
     cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
-    return cls.from_single_file(str(path), dtype=dtype)
+    return cls.from_single_file(str(path), dtype=dtype, cache_dir=str(hub_cache))
 
 
 @dataclass
