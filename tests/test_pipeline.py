@@ -297,13 +297,19 @@ def test_a_requested_scheduler_is_the_one_named_whatever_the_models_own_is(
     from diffusers import DPMSolverMultistepScheduler
 
     shipped = DPMSolverMultistepScheduler.from_config(
-        runner.pipe.scheduler.config, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True
+        runner.pipe.scheduler.config,
+        algorithm_type="sde-dpmsolver++",
+        use_karras_sigmas=True,
+        final_sigmas_type="sigma_min",
+        lower_order_final=False,
     )
     monkeypatch.setattr(runner.pipe, "scheduler", shipped)
     own = Runner(pipe=runner.pipe, device=runner.device, model="tiny")
     dpmpp = own._scheduler("dpmpp_2m").config
     assert (dpmpp.algorithm_type, dpmpp.solver_order, dpmpp.use_karras_sigmas) == ("dpmsolver++", 2, False)
-    assert own._scheduler("euler").config.use_karras_sigmas is False
+    assert (dpmpp.final_sigmas_type, dpmpp.lower_order_final) == ("zero", True)
+    euler = own._scheduler("euler").config
+    assert (euler.use_karras_sigmas, euler.final_sigmas_type) == (False, "zero")
     # The model's noise schedule is kept.
     assert dpmpp.prediction_type == shipped.config.prediction_type
     assert dpmpp.timestep_spacing == shipped.config.timestep_spacing

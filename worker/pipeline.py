@@ -53,7 +53,8 @@ SCHEDULER_CLASSES: dict[str, Any] = {
 
 # What each name means, whatever variant the model's own scheduler is: a requested scheduler takes
 # the model's noise schedule from its config, and these settings over it. A model that ships DPM++
-# 2M SDE Karras made `dpmpp_2m` stochastic and `euler` Karras. PNDM as Stable Diffusion ships
+# 2M SDE Karras made `dpmpp_2m` stochastic and `euler` Karras, and one whose final sigma is
+# sigma_min made both stop short of 0. PNDM as Stable Diffusion ships
 # it: without the Runge-Kutta warm-up steps, which ran steps + 9 denoising steps (progress past
 # 100 %) and failed below 4 steps.
 _PLAIN_SIGMAS = {"use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False}
@@ -65,8 +66,10 @@ SCHEDULER_OPTIONS: dict[str, dict[str, Any]] = {
         "solver_type": "midpoint",
         "use_lu_lambdas": False,
         "euler_at_final": False,
+        "lower_order_final": True,
+        "final_sigmas_type": "zero",
     },
-    "euler": _PLAIN_SIGMAS,
+    "euler": {**_PLAIN_SIGMAS, "final_sigmas_type": "zero"},
     "pndm": {"skip_prk_steps": True},
 }
 
