@@ -294,7 +294,7 @@ def test_a_call_its_jobs_no_longer_want_stops_at_once(
 def test_a_requested_scheduler_is_the_one_named_whatever_the_models_own_is(
     runner: Runner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from diffusers import DPMSolverMultistepScheduler
+    from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
     shipped = DPMSolverMultistepScheduler.from_config(
         runner.pipe.scheduler.config,
@@ -310,6 +310,13 @@ def test_a_requested_scheduler_is_the_one_named_whatever_the_models_own_is(
     assert (dpmpp.final_sigmas_type, dpmpp.lower_order_final) == ("zero", True)
     euler = own._scheduler("euler").config
     assert (euler.use_karras_sigmas, euler.final_sigmas_type) == (False, "zero")
+    # A config that does not say (SDXL's Euler may not) left DDIM clipping latents to [-1, 1].
+    unsaid = {k: v for k, v in runner.pipe.scheduler.config.items() if k != "clip_sample"}
+    monkeypatch.setattr(runner.pipe, "scheduler", EulerDiscreteScheduler.from_config(unsaid))
+    assert (
+        Runner(pipe=runner.pipe, device=runner.device, model="tiny")._scheduler("ddim").config.clip_sample
+        is False
+    )
     # The model's noise schedule is kept.
     assert dpmpp.prediction_type == shipped.config.prediction_type
     assert dpmpp.timestep_spacing == shipped.config.timestep_spacing
@@ -327,8 +334,16 @@ def test_model_load_failures_past_reading_the_files_are_one_line_errors(
     def too_big(self: Any, *args: Any, **kwargs: Any) -> Any:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
 
+    def context_broken() -> None:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
     with monkeypatch.context() as patch:
         patch.setattr(StableDiffusionPipeline, "to", too_big)
+        with pytest.raises(ModelLoadError, match=r"does not fit on cpu in torch.float32"):
+            load_pipeline(str(tiny_model_dir), torch.device("cpu"), torch.float32, tmp_path)
+        # Freeing memory on a CUDA context the error broke raises too: the load error still shows.
+        patch.setattr(torch.cuda, "is_available", lambda: True)
+        patch.setattr(torch.cuda, "empty_cache", context_broken)
         with pytest.raises(ModelLoadError, match=r"does not fit on cpu in torch.float32"):
             load_pipeline(str(tiny_model_dir), torch.device("cpu"), torch.float32, tmp_path)
 

@@ -7,6 +7,7 @@ that may interrupt the run (cancellation).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -70,6 +71,7 @@ SCHEDULER_OPTIONS: dict[str, dict[str, Any]] = {
         "final_sigmas_type": "zero",
     },
     "euler": {**_PLAIN_SIGMAS, "final_sigmas_type": "zero"},
+    "ddim": {"clip_sample": False},  # latents are not images in [-1, 1]; the default clips them
     "pndm": {"skip_prk_steps": True},
 }
 
@@ -472,9 +474,12 @@ def first_line(exc: BaseException, default: str = "") -> str:
 
 
 def free_accelerator_memory() -> None:
+    """Best effort, called while another error is handled: a CUDA context that error left broken
+    raises here too, and must not hide it."""
     gc.collect()
     if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+        with contextlib.suppress(RuntimeError):
+            torch.cuda.empty_cache()
 
 
 def load_runner(settings: WorkerSettings) -> Runner:
