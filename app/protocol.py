@@ -158,6 +158,11 @@ class Generation(BaseModel):
     images: list[ImageInfo] = []
     error: JobErrorInfo | None = None
     attempts: int = Field(default=0, description="Times a worker started it (2+ after a lost worker).")
+    warnings: list[str] = Field(
+        default=[],
+        description="What of the request the model does not use, once a worker has started it: a "
+        "prompt longer than the model reads, a negative prompt at guidance_scale 1 or less.",
+    )
     cancel_requested: bool = False
     links: Links
 

@@ -614,6 +614,7 @@ class GenerationService:
             images=images,
             error=error,
             attempts=int(state.get(StateField.ATTEMPTS, 0)),
+            warnings=json.loads(state.get(StateField.WARNINGS, "[]")),
             cancel_requested=cancel_flag and not status.is_terminal(),
             links=self.links(job.id),
         )

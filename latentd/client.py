@@ -120,6 +120,8 @@ def _follow(http: httpx.Client, job_id: str, out_dir: Path, poll: float) -> list
         if status in ("succeeded", "failed", "canceled"):
             print(file=sys.stderr)
             break
+    for warning in view.get("warnings", []):
+        print(f"warning: {warning}", file=sys.stderr)
     if status != "succeeded":
         err = view.get("error") or {}
         raise ClientError(f"generation {status}: {err.get('code', '')} {err.get('message', '')}".strip())

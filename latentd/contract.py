@@ -209,6 +209,7 @@ class StateField:
     ATTEMPTS = "attempts"  # how many times a worker started the job
     BATCH_JOBS = "batch_jobs"  # how many jobs shared its pipeline call
     COMPLETIONS = "completions"  # how many times results were written: never more than 1
+    WARNINGS = "warnings"  # JSON list of what of the request the model does not use
 
 
 class ImageMeta(BaseModel):

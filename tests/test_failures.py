@@ -386,7 +386,7 @@ def test_cli_generate_writes_the_images(service: Service, tmp_path: Path) -> Non
     proc = spawn(
         [
             "generate",
-            "a blue square",
+            "a blue square" + " and" * 80,  # longer than the model reads: the client is told
             "--url",
             service.url,
             "--out",
@@ -407,6 +407,7 @@ def test_cli_generate_writes_the_images(service: Service, tmp_path: Path) -> Non
     files = sorted((tmp_path / "out").glob("*.png"))
     assert len(files) == 2 and all(f.stat().st_size > 100 for f in files)
     assert "succeeded" in proc.output()
+    assert "warning: prompt: " in proc.output() and "the model reads the first 75" in proc.output()
 
 
 @pytest.mark.parametrize(

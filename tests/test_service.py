@@ -152,6 +152,30 @@ def test_same_seed_same_bytes_and_one_generator_per_image(service: Service) -> N
     assert np.abs(pixels(a0) - pixels(c0)).max() > 10
 
 
+def test_a_job_is_told_what_of_its_request_the_model_did_not_use(
+    service: Service, tiny_model_dir: Path
+) -> None:
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_model_dir / "tokenizer")
+    reads = tokenizer.model_max_length - 2  # 75, as Stable Diffusion's (the built-in model's: 30)
+
+    def tokens(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False).input_ids)
+
+    long = "a red circle on a blue background" * 20
+    fits = "a red circle"
+    assert tokens(long) > reads >= tokens(fits)
+    cut = f"{tokens(long)} tokens, of which the model reads the first {reads}; the rest was ignored"
+    body = {"prompt": long, "negative_prompt": "blue", "guidance_scale": 1.0, "steps": 1}
+    told = service.wait_terminal(service.submit(**body)["id"])
+    assert told["status"] == "succeeded", told
+    assert told["warnings"] == [f"prompt: {cut}", "negative_prompt: ignored, as guidance_scale is at most 1"]
+    negative = service.wait_terminal(service.submit(prompt=fits, negative_prompt=long, steps=1)["id"])
+    assert negative["warnings"] == [f"negative_prompt: {cut}"]
+    assert service.wait_terminal(service.submit(prompt=fits, steps=1)["id"])["warnings"] == []
+
+
 def test_seed_is_chosen_and_recorded(service: Service) -> None:
     view = service.wait_terminal(service.submit(steps=1)["id"])
     assert isinstance(view["request"]["seed"], int)

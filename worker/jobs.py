@@ -260,6 +260,7 @@ def _run(rt: Runtime, members: list[tuple[str, JobPayload]], outcomes: dict[str,
                 StateField.WORKER: rt.worker_name,
                 StateField.INFERENCE_STARTED: started,
                 StateField.BATCH_JOBS: len(members),
+                StateField.WARNINGS: json.dumps(rt.runner.warnings(payload)),
             },
         )
         pipe.hincrby(Keys.state(job_id), StateField.ATTEMPTS, 1)

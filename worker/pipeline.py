@@ -235,7 +235,26 @@ class Runner:
         a job and one with a negative prompt cannot share a call."""
         return bool(getattr(self.pipe, "config", {}).get("force_zeros_for_empty_prompt", False))
 
+    def warnings(self, payload: JobPayload) -> list[str]:
+        """What of a job's request the model will not use, for its client to read (`warnings`)."""
+        said = []
+        tokenizer = getattr(self.pipe, "tokenizer", None)
+        if tokenizer is not None:
+            reads = tokenizer.model_max_length - tokenizer.num_special_tokens_to_add()
+            for name in ("prompt", "negative_prompt"):
+                text = getattr(payload, name)
+                if text and (count := len(tokenizer(text, add_special_tokens=False).input_ids)) > reads:
+                    said.append(
+                        f"{name}: {count} tokens, of which the model reads the first {reads}; "
+                        "the rest was ignored"
+                    )
+        # Stable Diffusion's pipelines guide against the negative prompt only above 1.
+        if payload.negative_prompt and payload.guidance_scale <= 1 and self._guides_above_one:
+            said.append("negative_prompt: ignored, as guidance_scale is at most 1")
+        return said
+
     def __post_init__(self) -> None:
+        self._guides_above_one = hasattr(type(self.pipe), "do_classifier_free_guidance")
         self._default_scheduler = self.pipe.scheduler
         self._schedulers: dict[str, Any] = {}
         self.oom_splits = 0  # calls split in two after an out-of-memory error, since start
