@@ -7,19 +7,24 @@ X-Forwarded-For.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
+import math
 import re
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 
-from app.errors import STORE_REFUSES, RateLimited, Unauthorized
+from app.errors import STORE_REFUSES, Expired, RateLimited, Unauthorized
 from app.serving import GenerationService
 from latentd import keys
 from latentd.contract import Keys
 from latentd.logs import event
+from latentd.store import as_text
 
 log = logging.getLogger("latentd.api")
 
@@ -47,6 +52,7 @@ class AuthState:
         self.static_keys = static_keys  # digest -> name, from LATENTD_API_KEYS
         self.required = bool(static_keys)
         self.checked_at = 0.0
+        self.url_secret: bytes | None = None  # read from Redis once (`_url_secret`)
 
 
 async def auth_required(request: Request, service: GenerationService) -> bool:
@@ -110,3 +116,51 @@ async def authenticate(request: Request) -> Principal:
 
 
 PrincipalDep = Annotated[Principal, Depends(authenticate)]
+
+
+# Image URLs the OpenAI route gives while API keys are on download without a key, as OpenAI's own
+# do: what takes a `url` often hands it to a browser or another service. Each is signed (HMAC
+# over its path and expiry, with a secret every API process shares through Redis) and lapses with
+# the image.
+
+
+async def _url_secret(request: Request) -> bytes:
+    state: AuthState = request.app.state.auth
+    if state.url_secret is None:
+        service: GenerationService = request.app.state.service
+        ours = secrets.token_hex(32)
+        await service.aredis.set(Keys.URL_SECRET, ours, nx=True)  # the first process's stays
+        state.url_secret = as_text(await service.aredis.get(Keys.URL_SECRET) or ours).encode()
+    return state.url_secret
+
+
+def _signature(secret: bytes, path: str, expires: int) -> str:
+    return hmac.new(secret, f"{path}\n{expires}".encode(), hashlib.sha256).hexdigest()
+
+
+async def signed_url(request: Request, path: str, expires_at: float) -> str:
+    expires = math.ceil(expires_at)
+    return f"{path}?expires={expires}&signature={_signature(await _url_secret(request), path, expires)}"
+
+
+async def image_caller(
+    request: Request,
+    expires: Annotated[
+        int | None, Query(description="Of a signed URL: when it lapses (unix seconds).")
+    ] = None,
+    signature: Annotated[
+        str | None, Query(description="Of a signed URL, as the OpenAI route gives: downloads without a key.")
+    ] = None,
+) -> Principal:
+    """The caller of an image download: the key's owner, or anyone with a signed URL."""
+    if signature is None:
+        return await authenticate(request)
+    expected = _signature(await _url_secret(request), request.url.path, -1 if expires is None else expires)
+    if not hmac.compare_digest(signature.encode(errors="replace"), expected.encode()):
+        raise Unauthorized("the image URL's signature does not match it; ask for the image again")
+    if expires is None or expires < time.time():
+        raise Expired("this image URL has expired, as the image has", param="expires")
+    return Principal(owner=None)
+
+
+ImageCallerDep = Annotated[Principal, Depends(image_caller)]

@@ -137,6 +137,7 @@ class Keys:
     WORKERS = f"{PREFIX}:workers"
     # Hash sha256(key) -> {"name", "created_at"}: API keys, stored only as digests.
     API_KEYS = f"{PREFIX}:apikeys"
+    URL_SECRET = f"{PREFIX}:url_secret"  # signs the image URLs the OpenAI route gives (app.auth)
 
     @staticmethod
     def rate(owner: str, minute: int) -> str:

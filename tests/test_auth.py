@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import httpx
 import pytest
@@ -140,6 +143,46 @@ def test_a_key_sees_and_cancels_only_its_own_jobs(secured: Secured) -> None:
             assert response.status_code == 404
             assert response.json()["error"]["code"] == unknown.json()["error"]["code"] == "not_found"
             assert "mine" not in response.text
+
+
+def test_the_openai_routes_image_urls_download_without_a_key_until_they_expire(secured: Secured) -> None:
+    # OpenAI's image URLs need no key, and what takes one often hands it to a browser: with keys
+    # on, ours answered 401 to any download without the bearer header.
+    reply = httpx.post(
+        f"{secured.url}/v1/images/generations",
+        json={"prompt": "a red circle", "n": 2, "size": "64x64"},
+        headers=secured.alice,
+        timeout=60,
+    )
+    assert reply.status_code == 200, reply.text
+    urls = [image["url"] for image in reply.json()["data"]]
+    first = httpx.get(urls[0])
+    assert first.status_code == 200 and first.headers["content-type"] == "image/png"
+    path, _, query = urls[0].partition("?")
+    assert first.content == httpx.get(path, headers=secured.alice).content
+    params = dict(pair.split("=") for pair in query.split("&"))
+    expires, signature = int(params["expires"]), params["signature"]
+    assert 3000 < expires - time.time() <= 3601  # as the image: LATENTD_RESULTS_TTL
+    other = urls[1].partition("?")[0]
+    changed = signature[:-1] + ("1" if signature.endswith("0") else "0")
+    refused = {
+        "no signature": httpx.get(path),
+        "another image": httpx.get(f"{other}?{query}"),
+        "a later expiry": httpx.get(f"{path}?expires={expires + 1}&signature={signature}"),
+        "a changed signature": httpx.get(f"{path}?expires={expires}&signature={changed}"),
+        "no expiry": httpx.get(f"{path}?signature={signature}"),
+        "not ASCII": httpx.get(f"{path}?expires={expires}&signature=%C3%A9"),
+    }
+    for why, response in refused.items():
+        assert response.status_code == 401, (why, response.text)
+        assert response.json()["error"]["code"] == "unauthorized", why
+    secret = secured.redis.client().get("latentd:url_secret")
+    lapsed = int(time.time()) - 1
+    signed = hmac.new(secret, f"{urlparse(path).path}\n{lapsed}".encode(), hashlib.sha256).hexdigest()
+    expired = httpx.get(f"{path}?expires={lapsed}&signature={signed}")
+    assert expired.status_code == 404 and expired.json()["error"]["code"] == "expired", expired.text
+    bad = httpx.get(f"{path}?expires=soon&signature={signature}")
+    assert bad.status_code == 422 and bad.json()["error"]["param"] == "expires", bad.text
 
 
 def test_no_log_line_carries_a_key(secured: Secured) -> None:

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.auth import PrincipalDep, authenticate
+from app.auth import ImageCallerDep, PrincipalDep, authenticate
 from app.deps import IdempotencyKey, ServiceDep
 from app.errors import (
     COMMON_RESPONSES,
@@ -142,7 +142,7 @@ async def get_image(
     index: Annotated[int, Path(ge=0, le=63)],
     request: Request,
     service: ServiceDep,
-    caller: PrincipalDep,
+    caller: ImageCallerDep,
 ) -> Response:
     blob = await service.image(job_id, index, caller.owner)
     headers = {

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import base64
 import time
+from datetime import UTC, datetime
 
 from fastapi import APIRouter, Request, Response
 
-from app.auth import PrincipalDep
+from app.auth import PrincipalDep, signed_url
 from app.config import ApiSettings
 from app.deps import IdempotencyKey, ServiceDep, SettingsDep
 from app.errors import (
@@ -142,7 +143,13 @@ async def _answer(
                     OpenAIImage(b64_json=base64.b64encode(blob.data).decode(), revised_prompt=body.prompt)
                 )
             else:
-                data.append(OpenAIImage(url=base + image.url, revised_prompt=body.prompt))
+                url = image.url
+                if owner is not None:  # keys are on: a URL that downloads without one, as OpenAI's
+                    expires_at = image.expires_at or datetime.fromtimestamp(
+                        time.time() + settings.results_ttl, UTC
+                    )
+                    url = await signed_url(request, url, expires_at.timestamp())
+                data.append(OpenAIImage(url=base + url, revised_prompt=body.prompt))
         return OpenAIImageResponse(created=int(time.time()), data=data)
     if view.status is JobStatus.FAILED and view.error is not None:
         raise ServiceError(
