@@ -78,7 +78,7 @@ def _unusable_authorization(header: str) -> str:
     if not header or scheme.lower() == "bearer":
         return f"missing API key: {send}"
     if not credentials:  # a key sent bare, however short: never named back
-        return f"the Authorization header names no scheme; {send}"
+        return f"the Authorization header is a single word; {send}"
     if _SHOWN_SCHEME.fullmatch(scheme):
         return f"unsupported Authorization scheme '{scheme}'; {send}"
     return f"unsupported Authorization scheme; {send}"

@@ -47,12 +47,14 @@ def ending_held_reads_on_exit(service: GenerationService) -> Iterator[None]:
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def handler(signum: int, frame: FrameType | None) -> None:
-        loop.call_soon_threadsafe(service.ended.close)
         prior = previous[signal.Signals(signum)]
+        if prior is signal.SIG_IGN:
+            return
+        loop.call_soon_threadsafe(service.ended.close)
         if callable(prior):
             prior(signum, frame)
         else:  # not under uvicorn: the default action
-            signal.signal(signum, prior)
+            signal.signal(signum, signal.SIG_DFL)
             signal.raise_signal(signum)
 
     for sig in previous:
@@ -61,7 +63,9 @@ def ending_held_reads_on_exit(service: GenerationService) -> Iterator[None]:
         yield
     finally:
         for sig, prior in previous.items():
-            signal.signal(sig, prior)
+            # Only ours: after a forced exit uvicorn has put back its own predecessors already.
+            if signal.getsignal(sig) is handler:
+                signal.signal(sig, signal.SIG_DFL if prior is None else prior)
 
 
 def create_app(settings: ApiSettings | None = None) -> FastAPI:

@@ -352,7 +352,13 @@ class GenerationService:
         width = req.width or size
         height = req.height or size
         if width * height > s.max_pixels:
-            source = "LATENTD_DEFAULT_SIZE" if s.default_size else "the model's size"
+            source = (
+                "LATENTD_DEFAULT_SIZE"
+                if s.default_size
+                else "the model's size"
+                if native_size
+                else "the default"
+            )
             defaulted = "" if req.width and req.height else f" ({size} where left out: {source})"
             raise InvalidRequest(
                 f"width × height = {width * height} pixels{defaulted} exceeds the limit of {s.max_pixels}",

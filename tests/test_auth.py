@@ -265,8 +265,8 @@ SECRET = "s3cret-Basic-credential"
         ("Bearer ", "missing API key: send `Authorization: Bearer <key>`"),
         (f"Basic {SECRET}", "unsupported Authorization scheme 'Basic'; send `Authorization: Bearer <key>`"),
         (f"Token {SECRET}", "unsupported Authorization scheme 'Token'; send `Authorization: Bearer <key>`"),
-        (SECRET, "the Authorization header names no scheme; send `Authorization: Bearer <key>`"),
-        ("short-key", "the Authorization header names no scheme; send `Authorization: Bearer <key>`"),
+        (SECRET, "the Authorization header is a single word; send `Authorization: Bearer <key>`"),
+        ("short-key", "the Authorization header is a single word; send `Authorization: Bearer <key>`"),
         (f"{SECRET} {SECRET}", "unsupported Authorization scheme; send `Authorization: Bearer <key>`"),
     ],
 )
