@@ -218,6 +218,55 @@ def test_a_job_taken_by_a_worker_that_died_before_starting_it_runs(cluster: Clus
     assert worker.output().count("job_requeued") == 1
 
 
+# The worker dies the moment it has stored a job's images, before RQ marks the job finished.
+DIE_AFTER_COMMIT = """
+import os
+
+import worker.jobs as jobs
+
+_commit = jobs._commit
+
+
+def commit(rt, job_id, payload, images, finished):
+    committed = _commit(rt, job_id, payload, images, finished)
+    if "die-after-commit" in payload.prompt:
+        os._exit(9)
+    return committed
+
+
+jobs._commit = commit
+"""
+
+
+def test_a_job_whose_images_were_stored_before_its_worker_died_is_not_run_again(cluster: Cluster) -> None:
+    path = sitecustomize(cluster.tmp, DIE_AFTER_COMMIT)
+    doomed = start_worker(
+        cluster.redis.url,
+        cluster.model_dir,
+        cluster.tmp,
+        name="doomed",
+        PYTHONPATH=path,
+        LATENTD_LEASE_SECONDS=LEASE,
+    )
+    job_id = cluster.submit({"prompt": "die-after-commit", "steps": 2})
+    assert doomed.proc.wait(60) == 9
+    r = cluster.redis.client()
+    stored = r.get(f"latentd:image:{job_id}:0")
+    assert stored and cluster.status(job_id)["status"] == "running"
+    worker = cluster.worker("b")  # its reaper re-queues the job once the lease lapses
+    try:
+        view = cluster.wait_terminal(job_id, timeout=60)
+    finally:
+        worker.stop()
+    # It ran twice before: a second commit wrote the images again, with a new ETag where the
+    # bytes differ (another GPU, say).
+    assert view["status"] == "succeeded", view
+    assert f"job_already_succeeded job_id={job_id}" in worker.output()
+    assert f"job_started job_id={job_id}" not in worker.output()
+    assert r.hget(f"latentd:job:{job_id}", "completions") == b"1"
+    assert httpx.get(f"{cluster.url}{view['images'][0]['url']}").content == stored
+
+
 def test_job_whose_attempts_run_out_fails_with_worker_lost(one_attempt_cluster: Cluster) -> None:
     cluster = one_attempt_cluster
     first = cluster.worker("a")

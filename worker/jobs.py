@@ -7,6 +7,7 @@ no fork), so it reaches that pipeline through the process's `Runtime`.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -156,6 +157,19 @@ def _device_is_broken(exc: BaseException) -> bool:
     )
 
 
+# Run for each job as its worker starts it. A job whose images are stored already (its worker died
+# after the commit, before RQ marked it finished, and it was re-queued) is not run again: returns
+# the images' metadata. Else records the start (ARGV: job_ttl, then field, value...) and returns
+# whether the cancel flag is up.
+_START = """
+local images = redis.call('HGET', KEYS[1], 'images')
+if images then return images end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return redis.call('EXISTS', KEYS[2])
+"""
+
 # Run for each job of a batch after a denoising step (one round trip for the batch): refuse if
 # another worker now owns the job (our lease lapsed and it was re-queued), else record progress
 # and report the cancel flag.
@@ -251,22 +265,20 @@ def _run(rt: Runtime, members: list[tuple[str, JobPayload]], outcomes: dict[str,
             )
             outcomes[job_id] = _record_failure(rt, job_id, payload, failure, failure, started)
             continue
-        pipe = r.pipeline(transaction=False)
-        pipe.hset(
-            Keys.state(job_id),
-            mapping={
-                StateField.STEP: 0,
-                StateField.TOTAL_STEPS: payload.steps,
-                StateField.WORKER: rt.worker_name,
-                StateField.INFERENCE_STARTED: started,
-                StateField.BATCH_JOBS: len(members),
-                StateField.WARNINGS: json.dumps(rt.runner.warnings(payload)),
-            },
-        )
-        pipe.hincrby(Keys.state(job_id), StateField.ATTEMPTS, 1)
-        pipe.expire(Keys.state(job_id), rt.settings.job_ttl)
-        pipe.exists(Keys.cancel(job_id))
-        if pipe.execute()[-1]:
+        fields: dict[str, str | int | float] = {
+            StateField.STEP: 0,
+            StateField.TOTAL_STEPS: payload.steps,
+            StateField.WORKER: rt.worker_name,
+            StateField.INFERENCE_STARTED: started,
+            StateField.BATCH_JOBS: len(members),
+            StateField.WARNINGS: json.dumps(rt.runner.warnings(payload)),
+        }
+        keys = [Keys.state(job_id), Keys.cancel(job_id)]
+        answer = r.eval(_START, len(keys), *keys, rt.settings.job_ttl, *itertools.chain(*fields.items()))
+        if isinstance(answer, bytes | str):  # its images: stored by a worker that died before RQ knew
+            outcomes[job_id] = Succeeded(len(json.loads(answer)))
+            event(log, "job_already_succeeded", job_id=job_id)
+        elif answer:
             outcomes[job_id] = _record_canceled(rt, job_id)
         else:
             active.append((job_id, payload))
