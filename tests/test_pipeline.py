@@ -460,3 +460,59 @@ def test_a_job_without_a_negative_prompt_calls_the_pipeline_alike_alone_or_batch
     runner.generate([plain], lambda done, total: False)
     runner.generate([plain, negative], lambda done, total: False)
     assert seen == [[""], ["", "blurry"]]
+
+
+def test_a_prompt_is_counted_against_the_text_encoder_that_reads_the_most(tmp_path: Path) -> None:
+    """SD3 (and Flux) read a prompt's first 75 tokens through CLIP and up to `max_sequence_length`
+    (256) through T5: a prompt past 75 tokens was told that the model ignored its rest. The
+    pipeline's models play no part in the count; its tokenizers and its call's defaults do (the
+    third stands in for T5, whose vocabulary would need a download)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from transformers import CLIPTokenizer
+
+    from worker.tiny import write_tokenizer
+
+    long_reader = CLIPTokenizer.from_pretrained(
+        write_tokenizer(tmp_path / "t5").name_or_path, model_max_length=512
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=None, scheduler=FlowMatchEulerDiscreteScheduler(), vae=None,
+        text_encoder=None, tokenizer=write_tokenizer(tmp_path / "clip"),
+        text_encoder_2=None, tokenizer_2=write_tokenizer(tmp_path / "clip_2"),
+        text_encoder_3=None, tokenizer_3=long_reader,
+    )  # fmt: skip
+    sd3 = Runner(pipe=pipe, device=torch.device("cpu"), model="sd3")
+    # A token per byte, the last with the word-end mark: "abc " is 3 tokens.
+    assert sd3.warnings(payload(1).model_copy(update={"prompt": "abc " * 60})) == []  # 180 tokens
+    told = sd3.warnings(payload(1).model_copy(update={"prompt": "abc " * 90}))  # 270
+    assert told == ["prompt: 270 tokens, of which the model reads the first 254; the rest was ignored"]
+
+
+def test_a_negative_prompt_is_said_to_be_ignored_by_an_lcm_distilled_unet(tiny_model_dir: Path) -> None:
+    # An LCM-distilled UNet takes guidance as an embedding and never guides against the negative
+    # prompt, whatever guidance_scale says; the job was not told.
+    from diffusers import UNet2DConditionModel
+
+    pipe = load_pipeline(str(tiny_model_dir), torch.device("cpu"), torch.float32, tiny_model_dir)
+    pipe.register_modules(
+        unet=UNet2DConditionModel.from_config({**pipe.unet.config, "time_cond_proj_dim": 32})
+    )
+    lcm = Runner(pipe=pipe, device=torch.device("cpu"), model="lcm")
+    job = payload(1).model_copy(update={"negative_prompt": "blurry", "guidance_scale": 7.0, "steps": 1})
+    assert lcm.warnings(job) == [
+        "negative_prompt: ignored, as this model (LCM-distilled) does not guide against it"
+    ]
+    lcm.generate([job], never)
+    assert not pipe.do_classifier_free_guidance  # as diffusers ran it
+
+
+def test_a_warning_that_cannot_be_worked_out_leaves_the_job_alone(
+    runner: Runner, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The advice ran in the worker before the call, unguarded: its failure failed every job batched.
+    def broken(text: str, **kwargs: Any) -> Any:
+        raise RuntimeError("tokenizer broke")
+
+    monkeypatch.setattr(runner, "_reader", (broken, 75))
+    assert runner.warnings(payload(1)) == []
+    assert "warnings_failed" in caplog.text

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import inspect
 import logging
 import os
 import time
@@ -236,25 +237,60 @@ class Runner:
         return bool(getattr(self.pipe, "config", {}).get("force_zeros_for_empty_prompt", False))
 
     def warnings(self, payload: JobPayload) -> list[str]:
-        """What of a job's request the model will not use, for its client to read (`warnings`)."""
+        """What of a job's request the model will not use, for its client to read (`warnings`).
+        Advice only: whatever fails here leaves the job without it, never fails the job."""
+        try:
+            return self._warnings(payload)
+        except Exception as exc:
+            event(log, "warnings_failed", logging.WARNING, error=type(exc).__name__)
+            return []
+
+    def _warnings(self, payload: JobPayload) -> list[str]:
         said = []
-        tokenizer = getattr(self.pipe, "tokenizer", None)
-        if tokenizer is not None:
-            reads = tokenizer.model_max_length - tokenizer.num_special_tokens_to_add()
+        if self._reader is not None:
+            tokenizer, reads = self._reader
             for name in ("prompt", "negative_prompt"):
                 text = getattr(payload, name)
-                if text and (count := len(tokenizer(text, add_special_tokens=False).input_ids)) > reads:
+                count = len(tokenizer(text, add_special_tokens=False, verbose=False).input_ids) if text else 0
+                if count > reads:
                     said.append(
                         f"{name}: {count} tokens, of which the model reads the first {reads}; "
                         "the rest was ignored"
                     )
-        # Stable Diffusion's pipelines guide against the negative prompt only above 1.
-        if payload.negative_prompt and payload.guidance_scale <= 1 and self._guides_above_one:
-            said.append("negative_prompt: ignored, as guidance_scale is at most 1")
+        if payload.negative_prompt and self._guides_above_one:
+            # Stable Diffusion's pipelines guide against the negative prompt only above 1, and
+            # never with a guidance-embedding (LCM-distilled) UNet.
+            unet = getattr(self.pipe, "unet", None)
+            if getattr(getattr(unet, "config", None), "time_cond_proj_dim", None) is not None:
+                said.append(
+                    "negative_prompt: ignored, as this model (LCM-distilled) does not guide against it"
+                )
+            elif payload.guidance_scale <= 1:
+                said.append("negative_prompt: ignored, as guidance_scale is at most 1")
         return said
+
+    def _longest_reader(self) -> tuple[Any, int] | None:
+        """The pipeline's tokenizer that reads the most of a prompt, and how many tokens it reads:
+        CLIP's 75 on Stable Diffusion, T5's up to the pipeline's `max_sequence_length` where one
+        rides along (SD3 and Flux also pass the prompt through CLIP, the first 75 tokens of it)."""
+        longest = inspect.signature(type(self.pipe).__call__).parameters.get("max_sequence_length")
+        cap = longest.default if longest is not None and isinstance(longest.default, int) else None
+        best: tuple[Any, int] | None = None
+        for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+            tokenizer = getattr(self.pipe, name, None)
+            if tokenizer is None:
+                continue
+            length = tokenizer.model_max_length if cap is None else min(cap, tokenizer.model_max_length)
+            reads = length - tokenizer.num_special_tokens_to_add()
+            if best is None or reads > best[1]:
+                best = (tokenizer, reads)
+        return best
 
     def __post_init__(self) -> None:
         self._guides_above_one = hasattr(type(self.pipe), "do_classifier_free_guidance")
+        self._reader = None  # advice only (`warnings`): a pipeline it cannot read still serves
+        with contextlib.suppress(Exception):
+            self._reader = self._longest_reader()
         self._default_scheduler = self.pipe.scheduler
         self._schedulers: dict[str, Any] = {}
         self.oom_splits = 0  # calls split in two after an out-of-memory error, since start
