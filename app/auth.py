@@ -52,7 +52,6 @@ class AuthState:
         self.static_keys = static_keys  # digest -> name, from LATENTD_API_KEYS
         self.required = bool(static_keys)
         self.checked_at = 0.0
-        self.url_secret: bytes | None = None  # read from Redis once (`_url_secret`)
 
 
 async def auth_required(request: Request, service: GenerationService) -> bool:
@@ -124,14 +123,15 @@ PrincipalDep = Annotated[Principal, Depends(authenticate)]
 # the image.
 
 
-async def _url_secret(request: Request) -> bytes:
-    state: AuthState = request.app.state.auth
-    if state.url_secret is None:
-        service: GenerationService = request.app.state.service
+async def url_secret(service: GenerationService) -> bytes:
+    """The secret image URLs are signed with, read from Redis at each use: should Redis lose it
+    (flushed, or restarted without its file), every process takes up the one made next."""
+    secret = await service.aredis.get(Keys.URL_SECRET)
+    if secret is None:
         ours = secrets.token_hex(32)
         await service.aredis.set(Keys.URL_SECRET, ours, nx=True)  # the first process's stays
-        state.url_secret = as_text(await service.aredis.get(Keys.URL_SECRET) or ours).encode()
-    return state.url_secret
+        secret = await service.aredis.get(Keys.URL_SECRET) or ours
+    return as_text(secret).encode()
 
 
 def _signature(secret: bytes, path: str, expires: int) -> str:
@@ -140,7 +140,8 @@ def _signature(secret: bytes, path: str, expires: int) -> str:
 
 async def signed_url(request: Request, path: str, expires_at: float) -> str:
     expires = math.ceil(expires_at)
-    return f"{path}?expires={expires}&signature={_signature(await _url_secret(request), path, expires)}"
+    secret = await url_secret(request.app.state.service)
+    return f"{path}?expires={expires}&signature={_signature(secret, path, expires)}"
 
 
 async def image_caller(
@@ -155,7 +156,9 @@ async def image_caller(
     """The caller of an image download: the key's owner, or anyone with a signed URL."""
     if signature is None:
         return await authenticate(request)
-    expected = _signature(await _url_secret(request), request.url.path, -1 if expires is None else expires)
+    expected = _signature(
+        await url_secret(request.app.state.service), request.url.path, -1 if expires is None else expires
+    )
     if not hmac.compare_digest(signature.encode(errors="replace"), expected.encode()):
         raise Unauthorized("the image URL's signature does not match it; ask for the image again")
     if expires is None or expires < time.time():

@@ -183,6 +183,25 @@ def test_the_openai_routes_image_urls_download_without_a_key_until_they_expire(s
     assert expired.status_code == 404 and expired.json()["error"]["code"] == "expired", expired.text
     bad = httpx.get(f"{path}?expires=soon&signature={signature}")
     assert bad.status_code == 422 and bad.json()["error"]["param"] == "expires", bad.text
+    # Should Redis lose the secret (flushed, restarted without its file), every API process
+    # takes up the one made next: this one kept the first for good, and its URLs failed elsewhere.
+    r = secured.redis.client()
+    for secret in (None, b"made by another API process"):
+        r.delete("latentd:url_secret")
+        if secret is not None:
+            r.set("latentd:url_secret", secret)
+        reply = httpx.post(
+            f"{secured.url}/v1/images/generations", json={"prompt": "a red circle", "size": "64x64"},
+            headers=secured.alice, timeout=60,
+        )  # fmt: skip
+        url = reply.json()["data"][0]["url"]
+        path, _, query = url.partition("?")
+        params = dict(pair.split("=") for pair in query.split("&"))
+        made = r.get("latentd:url_secret")
+        assert made is not None and made == (secret or made)
+        signed = hmac.new(made, f"{urlparse(path).path}\n{params['expires']}".encode(), hashlib.sha256)
+        assert params["signature"] == signed.hexdigest()
+        assert httpx.get(url).status_code == 200
 
 
 def test_no_log_line_carries_a_key(secured: Secured) -> None:

@@ -8,12 +8,13 @@ from datetime import UTC, datetime
 
 from fastapi import APIRouter, Request, Response
 
-from app.auth import PrincipalDep, signed_url
+from app.auth import PrincipalDep, signed_url, url_secret
 from app.config import ApiSettings
 from app.deps import IdempotencyKey, ServiceDep, SettingsDep
 from app.errors import (
     COMMON_RESPONSES,
     STORE_DOWN,
+    STORE_REFUSES,
     ErrorResponse,
     InvalidRequest,
     ServiceError,
@@ -92,6 +93,10 @@ async def create_image(
             "output_format": body.output_format or "png",
         }
     )
+    if caller.owner is not None and body.response_format != "b64_json":
+        # The secret its URLs are signed with is made, if need be, while a store that refuses
+        # writes still leaves the request safe to send again: before the job is accepted.
+        await url_secret(service)
     try:
         accepted = await service.submit(req, caller.owner, idempotency_key)
     except InvalidRequest as exc:  # speak the caller's dialect: name the field it sent
@@ -108,7 +113,7 @@ async def create_image(
         return await _answer(accepted.id, body, request, service, settings, caller.owner)
     except ServiceError as exc:
         response = service_error_response(exc)
-    except STORE_DOWN as exc:
+    except (*STORE_DOWN, *STORE_REFUSES) as exc:
         response = store_down_response(exc)
     response.headers["x-should-retry"] = "false"
     return response
