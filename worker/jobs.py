@@ -108,11 +108,21 @@ def current() -> Runtime:
     return _runtime
 
 
+def _outcome(model: str, status: JobStatus, code: str = "") -> str:
+    return f"{model}|{status.value}|{code}"
+
+
 def _record_outcome(
-    r: redis.Redis, model: str, status: JobStatus, code: str = "", seconds: float | None = None
+    r: redis.Redis,
+    model: str,
+    status: JobStatus,
+    code: str = "",
+    seconds: float | None = None,
+    counted: bool = False,  # a success is counted as it is committed (`_COMMIT`)
 ) -> None:
     pipe = r.pipeline(transaction=False)
-    pipe.hincrby(Keys.OUTCOMES, f"{model}|{status.value}|{code}", 1)
+    if not counted:
+        pipe.hincrby(Keys.OUTCOMES, _outcome(model, status, code), 1)
     if seconds is not None:
         _observe(pipe, Keys.durations(model), DURATION_BUCKETS, seconds)
     pipe.execute()
@@ -162,10 +172,10 @@ def _device_is_broken(exc: BaseException) -> bool:
 # the images' metadata. Else records the start (ARGV: job_ttl, then field, value...) and returns
 # whether the cancel flag is up.
 _START = """
+redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 local images = redis.call('HGET', KEYS[1], 'images')
 if images then return images end
 redis.call('HSET', KEYS[1], unpack(ARGV, 2))
-redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 return redis.call('EXISTS', KEYS[2])
 """
@@ -182,8 +192,9 @@ return redis.call('EXISTS', KEYS[3])
 
 # Results are written once, atomically, only by the worker that still owns the job, and only if
 # its cancel flag is down (the API raises it only while no images are stored: one order or the
-# other, never both). KEYS: job, state, cancel flag, image keys...; ARGV: worker, results_ttl,
-# job_ttl, state json, image bytes... Returns COMMITTED, NOT_OURS or CANCELED.
+# other, never both), and counted with them. KEYS: job, state, cancel flag, outcome counts, image
+# keys...; ARGV: worker, results_ttl, job_ttl, state json, outcome field, image bytes... Returns
+# COMMITTED, NOT_OURS or CANCELED.
 _COMMIT = """
 local owner = redis.call('HMGET', KEYS[1], 'status', 'worker_name')
 if owner[1] ~= 'started' or owner[2] ~= ARGV[1] then return 0 end
@@ -192,7 +203,8 @@ local fields = cjson.decode(ARGV[4])
 for k, v in pairs(fields) do redis.call('HSET', KEYS[2], k, v) end
 redis.call('HINCRBY', KEYS[2], 'completions', 1)
 redis.call('EXPIRE', KEYS[2], ARGV[3])
-for i = 4, #KEYS do redis.call('SET', KEYS[i], ARGV[i + 1], 'EX', ARGV[2]) end
+redis.call('HINCRBY', KEYS[4], ARGV[5], 1)
+for i = 5, #KEYS do redis.call('SET', KEYS[i], ARGV[i + 1], 'EX', ARGV[2]) end
 return 1
 """
 NOT_OURS, COMMITTED, CANCELED = 0, 1, 2
@@ -354,7 +366,7 @@ def _run(rt: Runtime, members: list[tuple[str, JobPayload]], outcomes: dict[str,
         committed = CANCELED if job_id in canceled else _commit(rt, job_id, payload, job_images, finished)
         if committed == COMMITTED:
             outcomes[job_id] = Succeeded(len(job_images))  # before anything else can cut us short
-            _record_outcome(r, model, JobStatus.SUCCEEDED, seconds=finished - started)
+            _record_outcome(r, model, JobStatus.SUCCEEDED, seconds=finished - started, counted=True)
             event(log, "job_succeeded", job_id=job_id, seconds=round(finished - started, 3))
         elif committed == CANCELED:
             outcomes[job_id] = _record_canceled(rt, job_id)
@@ -398,6 +410,7 @@ def _commit(rt: Runtime, job_id: str, payload: JobPayload, images: list[Any], fi
             _rq_key(job_id),
             Keys.state(job_id),
             Keys.cancel(job_id),
+            Keys.OUTCOMES,
             *(Keys.image(job_id, i) for i in range(len(encoded))),
         ],
         args=[
@@ -405,6 +418,7 @@ def _commit(rt: Runtime, job_id: str, payload: JobPayload, images: list[Any], fi
             rt.settings.results_ttl,
             rt.settings.job_ttl,
             json.dumps(fields),
+            _outcome(rt.runner.model, JobStatus.SUCCEEDED),
             *(data for data, _ in encoded),
         ],
     )
@@ -442,6 +456,10 @@ def _record_failure(
     if failure.code is ErrorCode.GENERATION_FAILED:
         log.error("job_failed_traceback job_id=%s", job_id, exc_info=exc)
     return failure
+
+
+def images_stored(r: redis.Redis, job_id: str) -> bool:
+    return bool(r.hexists(Keys.state(job_id), StateField.IMAGES))
 
 
 def record_abandoned(r: redis.Redis, job_id: str, model: str, will_retry: bool) -> None:
