@@ -123,15 +123,17 @@ PrincipalDep = Annotated[Principal, Depends(authenticate)]
 # the image.
 
 
+async def _stored_secret(service: GenerationService) -> bytes | None:
+    secret = await service.aredis.get(Keys.URL_SECRET)
+    return None if secret is None else as_text(secret).encode()
+
+
 async def url_secret(service: GenerationService) -> bytes:
     """The secret image URLs are signed with, read from Redis at each use: should Redis lose it
     (flushed, or restarted without its file), every process takes up the one made next."""
-    secret = await service.aredis.get(Keys.URL_SECRET)
-    if secret is None:
-        ours = secrets.token_hex(32)
-        await service.aredis.set(Keys.URL_SECRET, ours, nx=True)  # the first process's stays
-        secret = await service.aredis.get(Keys.URL_SECRET) or ours
-    return as_text(secret).encode()
+    while (secret := await _stored_secret(service)) is None:
+        await service.aredis.set(Keys.URL_SECRET, secrets.token_hex(32), nx=True)  # the first one stays
+    return secret
 
 
 def _signature(secret: bytes, path: str, expires: int) -> str:
@@ -156,8 +158,9 @@ async def image_caller(
     """The caller of an image download: the key's owner, or anyone with a signed URL."""
     if signature is None:
         return await authenticate(request)
-    expected = _signature(
-        await url_secret(request.app.state.service), request.url.path, -1 if expires is None else expires
+    secret = await _stored_secret(request.app.state.service)  # none: no URL was signed since
+    expected = (
+        "" if secret is None else _signature(secret, request.url.path, -1 if expires is None else expires)
     )
     if not hmac.compare_digest(signature.encode(errors="replace"), expected.encode()):
         raise Unauthorized("the image URL's signature does not match it; ask for the image again")
