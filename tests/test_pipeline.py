@@ -463,29 +463,45 @@ def test_a_job_without_a_negative_prompt_calls_the_pipeline_alike_alone_or_batch
 
 
 def test_a_prompt_is_counted_against_the_text_encoder_that_reads_the_most(tmp_path: Path) -> None:
-    """SD3 (and Flux) read a prompt's first 75 tokens through CLIP and up to `max_sequence_length`
-    (256) through T5: a prompt past 75 tokens was told that the model ignored its rest. The
-    pipeline's models play no part in the count; its tokenizers and its call's defaults do (the
-    third stands in for T5, whose vocabulary would need a download)."""
+    """SD3 reads a prompt's first 75 tokens through CLIP and up to `max_sequence_length` (256)
+    through T5 (Flux: 512): a prompt past 75 tokens was told that the model ignored its rest. Its
+    transformer and VAE play no part; the third tokenizer stands in for T5's, whose vocabulary
+    would need a download."""
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-    from transformers import CLIPTokenizer
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+        T5Config,
+        T5EncoderModel,
+    )
 
     from worker.tiny import write_tokenizer
 
-    long_reader = CLIPTokenizer.from_pretrained(
-        write_tokenizer(tmp_path / "t5").name_or_path, model_max_length=512
-    )
-    pipe = StableDiffusion3Pipeline(
-        transformer=None, scheduler=FlowMatchEulerDiscreteScheduler(), vae=None,
-        text_encoder=None, tokenizer=write_tokenizer(tmp_path / "clip"),
-        text_encoder_2=None, tokenizer_2=write_tokenizer(tmp_path / "clip_2"),
-        text_encoder_3=None, tokenizer_3=long_reader,
+    clip = write_tokenizer(tmp_path / "clip")
+    text = CLIPTextConfig(
+        vocab_size=len(clip), hidden_size=32, intermediate_size=37, num_attention_heads=4,
+        num_hidden_layers=1, projection_dim=32, max_position_embeddings=clip.model_max_length,
     )  # fmt: skip
-    sd3 = Runner(pipe=pipe, device=torch.device("cpu"), model="sd3")
+    t5 = T5Config(vocab_size=len(clip), d_model=32, d_ff=37, d_kv=8, num_heads=4, num_layers=1)
+    parts = {
+        "transformer": None, "vae": None, "scheduler": FlowMatchEulerDiscreteScheduler(),
+        "text_encoder": CLIPTextModelWithProjection(text), "tokenizer": clip,
+        "text_encoder_2": CLIPTextModelWithProjection(text), "tokenizer_2": clip,
+        "text_encoder_3": T5EncoderModel(t5),
+        "tokenizer_3": CLIPTokenizer.from_pretrained(clip.name_or_path, model_max_length=512),
+    }  # fmt: skip
+    sd3 = Runner(pipe=StableDiffusion3Pipeline(**parts), device=torch.device("cpu"), model="sd3")
     # A token per byte, the last with the word-end mark: "abc " is 3 tokens.
     assert sd3.warnings(payload(1).model_copy(update={"prompt": "abc " * 60})) == []  # 180 tokens
     told = sd3.warnings(payload(1).model_copy(update={"prompt": "abc " * 90}))  # 270
     assert told == ["prompt: 270 tokens, of which the model reads the first 254; the rest was ignored"]
+    # Loaded without its T5, it reads through CLIP alone.
+    no_t5 = StableDiffusion3Pipeline(**{**parts, "text_encoder_3": None})
+    told = Runner(pipe=no_t5, device=torch.device("cpu"), model="sd3").warnings(
+        payload(1).model_copy(update={"prompt": "abc " * 60})
+    )
+    assert told == ["prompt: 180 tokens, of which the model reads the first 75; the rest was ignored"]
 
 
 def test_a_negative_prompt_is_said_to_be_ignored_by_an_lcm_distilled_unet(tiny_model_dir: Path) -> None:
@@ -510,9 +526,9 @@ def test_a_warning_that_cannot_be_worked_out_leaves_the_job_alone(
     runner: Runner, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     # The advice ran in the worker before the call, unguarded: its failure failed every job batched.
-    def broken(text: str, **kwargs: Any) -> Any:
+    def broken(self: Any, text: str, **kwargs: Any) -> Any:
         raise RuntimeError("tokenizer broke")
 
-    monkeypatch.setattr(runner, "_reader", (broken, 75))
+    monkeypatch.setattr(type(runner.pipe.tokenizer), "__call__", broken)
     assert runner.warnings(payload(1)) == []
     assert "warnings_failed" in caplog.text

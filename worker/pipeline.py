@@ -271,16 +271,19 @@ class Runner:
 
     def _longest_reader(self) -> tuple[Any, int] | None:
         """The pipeline's tokenizer that reads the most of a prompt, and how many tokens it reads:
-        CLIP's 75 on Stable Diffusion, T5's up to the pipeline's `max_sequence_length` where one
-        rides along (SD3 and Flux also pass the prompt through CLIP, the first 75 tokens of it)."""
+        CLIP's 75 on Stable Diffusion; a T5's up to the pipeline's `max_sequence_length` where
+        one rides along (SD3: 255, Flux: 511; both also read the first 75 through CLIP)."""
         longest = inspect.signature(type(self.pipe).__call__).parameters.get("max_sequence_length")
         cap = longest.default if longest is not None and isinstance(longest.default, int) else None
         best: tuple[Any, int] | None = None
-        for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
-            tokenizer = getattr(self.pipe, name, None)
-            if tokenizer is None:
+        for suffix in ("", "_2", "_3"):
+            tokenizer = getattr(self.pipe, f"tokenizer{suffix}", None)
+            encoder = getattr(self.pipe, f"text_encoder{suffix}", None)
+            if tokenizer is None or encoder is None:  # SD3 may be loaded without its T5
                 continue
-            length = tokenizer.model_max_length if cap is None else min(cap, tokenizer.model_max_length)
+            # The pipelines cut CLIP's input at its own length, any other's at the cap.
+            clip = type(encoder).__name__.startswith("CLIP")
+            length = tokenizer.model_max_length if clip or cap is None else cap
             reads = length - tokenizer.num_special_tokens_to_add()
             if best is None or reads > best[1]:
                 best = (tokenizer, reads)
@@ -289,8 +292,10 @@ class Runner:
     def __post_init__(self) -> None:
         self._guides_above_one = hasattr(type(self.pipe), "do_classifier_free_guidance")
         self._reader = None  # advice only (`warnings`): a pipeline it cannot read still serves
-        with contextlib.suppress(Exception):
+        try:
             self._reader = self._longest_reader()
+        except Exception as exc:
+            event(log, "warnings_failed", logging.WARNING, error=type(exc).__name__)
         self._default_scheduler = self.pipe.scheduler
         self._schedulers: dict[str, Any] = {}
         self.oom_splits = 0  # calls split in two after an out-of-memory error, since start
