@@ -157,11 +157,16 @@ class Generation(BaseModel):
     timings: Timings
     images: list[ImageInfo] = []
     error: JobErrorInfo | None = None
-    attempts: int = Field(default=0, description="Times a worker started it (2+ after a lost worker).")
+    attempts: int = Field(
+        default=0,
+        description="Times a worker ran it (2+ after a lost worker; not the start that finds the "
+        "images a lost worker stored, which runs nothing).",
+    )
     warnings: list[str] = Field(
         default=[],
         description="What of the request the model does not use, once a worker has started it: a "
-        "prompt longer than the model reads, a negative prompt at guidance_scale 1 or less.",
+        "prompt longer than the model reads, a negative prompt the model ignores (at guidance_scale "
+        "1 or less, or on an LCM-distilled model).",
     )
     cancel_requested: bool = False
     links: Links

@@ -238,11 +238,12 @@ jobs._commit = commit
 """
 
 
+@pytest.mark.parametrize("attempts", ["cluster", "one_attempt_cluster"])
 def test_a_job_whose_images_were_stored_before_its_worker_died_is_not_run_again(
-    one_attempt_cluster: Cluster,
+    request: pytest.FixtureRequest, attempts: str
 ) -> None:
-    # On its one attempt: RQ would fail it as lost, its images stored.
-    cluster = one_attempt_cluster
+    # With attempts left RQ re-ran it; on its last, RQ failed it as lost, its images stored.
+    cluster: Cluster = request.getfixturevalue(attempts)
     path = sitecustomize(cluster.tmp, DIE_AFTER_COMMIT)
     doomed = start_worker(
         cluster.redis.url,
@@ -264,8 +265,10 @@ def test_a_job_whose_images_were_stored_before_its_worker_died_is_not_run_again(
         worker.stop()
     # It ran twice before: a second commit wrote the images again, with a new ETag where the
     # bytes differ (another GPU, say).
-    assert view["status"] == "succeeded" and view["attempts"] == 2, view
+    assert view["status"] == "succeeded" and view["attempts"] == 1, view  # the settle runs nothing
     assert f"job_already_succeeded job_id={job_id}" in worker.output()
+    reason = "images_stored" if attempts == "one_attempt_cluster" else "worker_lost"
+    assert f"job_requeued job_id={job_id} reason={reason}" in worker.output()
     assert f"job_started job_id={job_id}" not in worker.output()
     assert r.hget(f"latentd:job:{job_id}", "completions") == b"1"
     assert r.hgetall("latentd:stats:outcomes") == {b"tiny|succeeded|": b"1"}  # counted as stored

@@ -172,10 +172,10 @@ def _device_is_broken(exc: BaseException) -> bool:
 # the images' metadata. Else records the start (ARGV: job_ttl, then field, value...) and returns
 # whether the cancel flag is up.
 _START = """
-redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 local images = redis.call('HGET', KEYS[1], 'images')
 if images then return images end
 redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 return redis.call('EXISTS', KEYS[2])
 """
@@ -458,13 +458,24 @@ def _record_failure(
     return failure
 
 
-def images_stored(r: redis.Redis, job_id: str) -> bool:
-    return bool(r.hexists(Keys.state(job_id), StateField.IMAGES))
+# For a job on its last attempt whose worker stopped renewing its lease: if its images are stored,
+# it earns one start more (once), which settles it succeeded with them (`_START`).
+_SETTLE_START = """
+if redis.call('HEXISTS', KEYS[1], 'images') == 0 then return 0 end
+return redis.call('HSETNX', KEYS[1], 'settle_start', 1)
+"""
 
 
-def record_abandoned(r: redis.Redis, job_id: str, model: str, will_retry: bool) -> None:
+def grant_settle_start(r: redis.Redis, job_id: str) -> bool:
+    return bool(r.eval(_SETTLE_START, 1, Keys.state(job_id)))
+
+
+def record_abandoned(r: redis.Redis, job_id: str, model: str, will_retry: bool, settle: bool = False) -> None:
     """Called for a job whose worker stopped renewing its lease, as RQ re-queues or fails it."""
     state_key = Keys.state(job_id)
+    if settle:
+        event(log, "job_requeued", logging.WARNING, job_id=job_id, reason="images_stored")
+        return
     if will_retry:
         r.hset(state_key, StateField.STEP, 0)
         event(log, "job_requeued", logging.WARNING, job_id=job_id, reason="worker_lost")

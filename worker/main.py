@@ -85,13 +85,14 @@ class LatentdWorker(SimpleWorker):
     def on_abandoned(self, job: Any, exc_type: Any, *_: Any) -> None:
         if exc_type is AbandonedJobError:
             will_retry = bool(job.retries_left and job.retries_left > 0)
-            if not will_retry and jobs.images_stored(self.connection, job.id):
-                # Its images were stored before its worker died: one more start settles it
-                # succeeded with them (`jobs._START`), where RQ would fail it as lost.
-                job.retries_left, will_retry = 1, True
+            # Its images stored before its worker died, a job RQ would fail as lost gets one start
+            # more: it settles the job succeeded with them, and runs nothing (`jobs._START`).
+            settle = not will_retry and jobs.grant_settle_start(self.connection, job.id)
+            if settle:
+                job.retries_left = 1
             # The job's own model: a worker reaps every model's queue.
             model = (job.origin or "").removeprefix(Keys.queue_name("")) or self.model
-            jobs.record_abandoned(self.connection, job.id, model, will_retry)
+            jobs.record_abandoned(self.connection, job.id, model, will_retry, settle)
 
     def handle_exception(self, job: Any, *exc_info: Any) -> None:
         # The job function already logged one structured line (and a traceback where it
