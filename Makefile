@@ -28,8 +28,10 @@ $(STAMP): pyproject.toml Makefile
 run: setup
 	$(BIN)/latentd up
 
+# One pytest process per core (up to 4), each taking whole files. Most tests wait on worker
+# processes and leases: on 2 cores the suite takes 8 min so, 12.8 in one (docs/benchmarks.md).
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --maxprocesses 4 --dist loadfile
 
 lint: setup
 	$(BIN)/ruff format --check .
