@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -630,3 +631,46 @@ def test_sigterm_answers_held_reads_at_once_and_the_api_exits(
         assert "Traceback" not in api.output()
     finally:
         api.stop()
+
+
+def test_the_api_signal_hook_leaves_an_ignored_signal_ignored_and_puts_back_only_its_own() -> None:
+    # The hook answers held reads on SIGTERM and SIGINT, then hands the signal on. A process that
+    # ignores one (nohup, a supervisor) must keep ignoring it; and after uvicorn's forced exit,
+    # which puts back the handlers it found, the hook must not undo that.
+    from types import SimpleNamespace
+
+    from app.main import ending_held_reads_on_exit
+
+    closed: list[bool] = []
+    service: Any = SimpleNamespace(ended=SimpleNamespace(close=lambda: closed.append(True)))
+    handed: list[int] = []
+
+    def prior(signum: int, frame: object) -> None:
+        handed.append(signum)
+
+    def replacement(signum: int, frame: object) -> None:
+        pass
+
+    found = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGTERM, prior)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+
+        async def hooked(replace: bool) -> None:
+            with ending_held_reads_on_exit(service):
+                assert signal.getsignal(signal.SIGTERM) is not prior
+                signal.raise_signal(signal.SIGINT)
+                signal.raise_signal(signal.SIGTERM)
+                await asyncio.sleep(0.05)  # the close runs on the loop
+                if replace:
+                    signal.signal(signal.SIGTERM, replacement)
+
+        asyncio.run(hooked(replace=False))
+        assert closed == [True] and handed == [signal.SIGTERM]  # SIGINT stayed ignored
+        assert signal.getsignal(signal.SIGTERM) is prior
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        asyncio.run(hooked(replace=True))
+        assert signal.getsignal(signal.SIGTERM) is replacement
+    finally:
+        for sig, handler in found.items():
+            signal.signal(sig, handler)
