@@ -532,3 +532,28 @@ def test_a_warning_that_cannot_be_worked_out_leaves_the_job_alone(
     monkeypatch.setattr(type(runner.pipe.tokenizer), "__call__", broken)
     assert runner.warnings(payload(1)) == []
     assert "warnings_failed" in caplog.text
+
+
+def test_a_negative_prompt_is_said_to_be_ignored_where_the_pipeline_ignores_it() -> None:
+    """Flux guides by a learned embedding and reads a negative prompt only with a `true_cfg_scale`
+    over 1 (latentd leaves it at 1); PixArt, with no `do_classifier_free_guidance` to look up,
+    guides only above 1 as Stable Diffusion does. Neither job was told. Their models play no part."""
+    from diffusers import (
+        DPMSolverMultistepScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        PixArtAlphaPipeline,
+    )
+
+    parts = dict.fromkeys(("vae", "text_encoder", "tokenizer", "transformer"))
+    flux = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder_2=None, tokenizer_2=None, **parts
+    )
+    pixart = PixArtAlphaPipeline(scheduler=DPMSolverMultistepScheduler(), **parts)
+    negative = payload(1).model_copy(update={"negative_prompt": "blurry", "guidance_scale": 3.5})
+    told = Runner(pipe=flux, device=torch.device("cpu"), model="flux").warnings(negative)
+    assert told == ["negative_prompt: ignored, as this model (guidance-distilled) does not guide against it"]
+    pixart_runner = Runner(pipe=pixart, device=torch.device("cpu"), model="pixart")
+    assert pixart_runner.warnings(negative) == []
+    at_one = negative.model_copy(update={"guidance_scale": 1.0})
+    assert pixart_runner.warnings(at_one) == ["negative_prompt: ignored, as guidance_scale is at most 1"]

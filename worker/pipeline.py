@@ -13,7 +13,7 @@ import inspect
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -257,23 +257,29 @@ class Runner:
                         f"{name}: {count} tokens, of which the model reads the first {reads}; "
                         "the rest was ignored"
                     )
-        if payload.negative_prompt and self._guides_above_one:
-            # Stable Diffusion's pipelines guide against the negative prompt only above 1, and
-            # never with a guidance-embedding (LCM-distilled) UNet.
-            unet = getattr(self.pipe, "unet", None)
-            if getattr(getattr(unet, "config", None), "time_cond_proj_dim", None) is not None:
-                said.append(
-                    "negative_prompt: ignored, as this model (LCM-distilled) does not guide against it"
-                )
-            elif payload.guidance_scale <= 1:
-                said.append("negative_prompt: ignored, as guidance_scale is at most 1")
+        if payload.negative_prompt and (why := self._negative_ignored(payload)):
+            said.append(f"negative_prompt: ignored, as {why}")
         return said
+
+    def _negative_ignored(self, payload: JobPayload) -> str | None:
+        """Why the model will not guide the job against its negative prompt, if it will not."""
+        unet = getattr(self.pipe, "unet", None)
+        if getattr(getattr(unet, "config", None), "time_cond_proj_dim", None) is not None:
+            return "this model (LCM-distilled) does not guide against it"
+        true_cfg = self._call_parameters.get("true_cfg_scale")
+        if true_cfg is not None:  # Flux, Qwen-Image: a scale of its own, left at its default
+            if isinstance(true_cfg.default, int | float) and true_cfg.default > 1:
+                return None
+            return "this model (guidance-distilled) does not guide against it"
+        if "negative_prompt" in self._call_parameters and payload.guidance_scale <= 1:
+            return "guidance_scale is at most 1"  # classifier-free guidance runs only above 1
+        return None
 
     def _longest_reader(self) -> tuple[Any, int] | None:
         """The pipeline's tokenizer that reads the most of a prompt, and how many tokens it reads:
         CLIP's 75 on Stable Diffusion; a T5's up to the pipeline's `max_sequence_length` where
         one rides along (SD3: 255, Flux: 511; both also read the first 75 through CLIP)."""
-        longest = inspect.signature(type(self.pipe).__call__).parameters.get("max_sequence_length")
+        longest = self._call_parameters.get("max_sequence_length")
         cap = longest.default if longest is not None and isinstance(longest.default, int) else None
         best: tuple[Any, int] | None = None
         for suffix in ("", "_2", "_3"):
@@ -290,9 +296,11 @@ class Runner:
         return best
 
     def __post_init__(self) -> None:
-        self._guides_above_one = hasattr(type(self.pipe), "do_classifier_free_guidance")
-        self._reader = None  # advice only (`warnings`): a pipeline it cannot read still serves
+        # For `warnings`, advice only: a pipeline they cannot be worked out for still serves.
+        self._call_parameters: Mapping[str, inspect.Parameter] = {}
+        self._reader = None
         try:
+            self._call_parameters = inspect.signature(type(self.pipe).__call__).parameters
             self._reader = self._longest_reader()
         except Exception as exc:
             event(log, "warnings_failed", logging.WARNING, error=type(exc).__name__)
