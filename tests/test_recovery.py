@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 
 from latentd.contract import Keys
 from tests.conftest import (
@@ -273,6 +274,29 @@ def test_a_job_whose_images_were_stored_before_its_worker_died_is_not_run_again(
     assert r.hget(f"latentd:job:{job_id}", "completions") == b"1"
     assert r.hgetall("latentd:stats:outcomes") == {b"tiny|succeeded|": b"1"}  # counted as stored
     assert httpx.get(f"{cluster.url}{view['images'][0]['url']}").content == stored
+
+
+def test_a_job_given_up_on_its_last_attempt_refuses_a_late_commit(redis_client: redis.Redis) -> None:
+    """Between the reaper's look for stored images and RQ's write of `failed`, the job's worker,
+    frozen rather than dead, could still commit: the job ended `failed` with its images stored and
+    counted as a success. The look now fences the job off, and the commit is refused. The scripts
+    run against Redis as the worker and the reaper run them; the window is too narrow to hit."""
+    from worker import jobs
+
+    r = redis_client
+    r.hset("rq:job:late", mapping={"status": "started", "worker_name": "frozen"})
+
+    def commit() -> int:
+        keys = ["rq:job:late", Keys.state("late"), Keys.cancel("late"), Keys.OUTCOMES, Keys.image("late", 0)]
+        args = ["frozen", 60, 60, '{"images": "[]"}', "tiny|succeeded|", b"png"]
+        return int(r.eval(jobs._COMMIT, len(keys), *keys, *args))
+
+    assert not jobs.grant_settle_start(r, "late")  # no images: RQ fails it as lost
+    assert commit() == jobs.NOT_OURS
+    assert not r.exists(Keys.image("late", 0)) and not r.exists(Keys.OUTCOMES)
+    # Stored images earn one start more, once.
+    r.hset(Keys.state("stored"), "images", "[]")
+    assert jobs.grant_settle_start(r, "stored") and not jobs.grant_settle_start(r, "stored")
 
 
 def test_job_whose_attempts_run_out_fails_with_worker_lost(one_attempt_cluster: Cluster) -> None:

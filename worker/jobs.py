@@ -198,6 +198,7 @@ return redis.call('EXISTS', KEYS[3])
 _COMMIT = """
 local owner = redis.call('HMGET', KEYS[1], 'status', 'worker_name')
 if owner[1] ~= 'started' or owner[2] ~= ARGV[1] then return 0 end
+if redis.call('HEXISTS', KEYS[2], 'given_up') == 1 then return 0 end
 if redis.call('EXISTS', KEYS[3]) == 1 then return 2 end
 local fields = cjson.decode(ARGV[4])
 for k, v in pairs(fields) do redis.call('HSET', KEYS[2], k, v) end
@@ -458,10 +459,15 @@ def _record_failure(
     return failure
 
 
-# For a job on its last attempt whose worker stopped renewing its lease: if its images are stored,
-# it earns one start more (once), which settles it succeeded with them (`_START`).
+# For a job on its last attempt whose worker stopped renewing its lease, as RQ is about to fail it:
+# if its images are stored, it earns one start more (once), which settles it succeeded with them
+# (`_START`); if not, a commit its worker makes after all (frozen, not dead) is refused from now
+# (`_COMMIT`), so the job does not end failed with its images stored.
 _SETTLE_START = """
-if redis.call('HEXISTS', KEYS[1], 'images') == 0 then return 0 end
+if redis.call('HEXISTS', KEYS[1], 'images') == 0 then
+  redis.call('HSET', KEYS[1], 'given_up', 1)
+  return 0
+end
 return redis.call('HSETNX', KEYS[1], 'settle_start', 1)
 """
 
