@@ -156,7 +156,7 @@ class Keys:
 
     @staticmethod
     def reaper_lock(queue_name: str) -> str:
-        """Held by the one worker at a time that re-queues its queue's abandoned jobs."""
+        """Held while a worker hands its queue's expired jobs to RQ: its reaper, or RQ's maintenance."""
         return f"{Keys.PREFIX}:reaper:{queue_name}"
 
     @staticmethod

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import redis
 
-from latentd.contract import Keys
+from latentd.contract import Keys, WorkerInfo
 from tests.conftest import (
     TINY_MODEL,
     Proc,
@@ -297,6 +297,33 @@ def test_a_job_given_up_on_its_last_attempt_refuses_a_late_commit(redis_client: 
     # Stored images earn one start more, once.
     r.hset(Keys.state("stored"), "images", "[]")
     assert jobs.grant_settle_start(r, "stored") and not jobs.grant_settle_start(r, "stored")
+
+
+def test_rqs_maintenance_waits_while_the_reaper_of_its_queue_works(redis_client: redis.Redis) -> None:
+    # RQ's maintenance and the heartbeat's reaper both hand a queue's expired jobs to RQ, each
+    # under a lock of its own: at the same moment, the two could re-queue one job twice.
+    from rq import Queue
+    from rq.serializers import JSONSerializer
+
+    from worker.main import Heartbeat, LatentdWorker
+
+    queue = Queue(Keys.queue_name("tiny"), connection=redis_client, serializer=JSONSerializer)
+    worker = LatentdWorker(
+        [queue], connection=redis_client, name="w", serializer=JSONSerializer, model="tiny"
+    )
+    lock = Keys.reaper_lock(queue.name)
+    redis_client.set(lock, "another worker's reaper", px=60_000)
+    worker.clean_registries()
+    assert worker.last_cleaned_at is None  # it waits for its next turn
+    assert redis_client.get(lock) == b"another worker's reaper"
+    redis_client.delete(lock)
+    worker.clean_registries()
+    assert worker.last_cleaned_at is not None and not redis_client.exists(lock)
+    # The reaper lets the lock go after its pass (it held it until the next, every few seconds,
+    # which would have kept RQ's maintenance out for good).
+    info = WorkerInfo(name="w", model="tiny", device="cpu", pid=os.getpid(), hostname="h", started_at=0.0)
+    Heartbeat(worker, info, 5.0, queue).reap()
+    assert not redis_client.exists(lock)
 
 
 def test_job_whose_attempts_run_out_fails_with_worker_lost(one_attempt_cluster: Cluster) -> None:

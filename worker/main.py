@@ -39,6 +39,11 @@ EXIT_NAME_TAKEN = 5
 # What RQ's maintenance says of a job left in a queue's intermediate list for over a minute.
 STUCK_IN_INTERMEDIATE_QUEUE = "Job was stuck in intermediate queue."
 
+# The most a queue's reaper lock is held, should its holder die during a pass (a pass takes
+# milliseconds): abandoned jobs then wait for it as long as for a lapsed lease.
+REAPER_LOCK_MS = 30_000
+_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+
 
 def payload_of(job: Any) -> JobPayload:
     """The job's payload; ValueError (pydantic's ValidationError is one) when unreadable."""
@@ -93,6 +98,19 @@ class LatentdWorker(SimpleWorker):
             # The job's own model: a worker reaps every model's queue.
             model = (job.origin or "").removeprefix(Keys.queue_name("")) or self.model
             jobs.record_abandoned(self.connection, job.id, model, will_retry, settle)
+
+    def clean_registries(self) -> None:
+        """RQ's maintenance (every 10 minutes) hands each queue's expired jobs to RQ, as the
+        heartbeat's reaper does: under the reaper's lock, so that the two never re-queue one job
+        twice. While the lock is held it waits: RQ tries again at its next turn."""
+        locks = [Keys.reaper_lock(queue.name) for queue in self.queues]
+        taken = [lock for lock in locks if self.connection.set(lock, self.name, nx=True, px=REAPER_LOCK_MS)]
+        try:
+            if len(taken) == len(locks):
+                super().clean_registries()
+        finally:
+            for lock in taken:
+                self.connection.eval(_RELEASE, 1, lock, self.name)
 
     def handle_exception(self, job: Any, *exc_info: Any) -> None:
         # The job function already logged one structured line (and a traceback where it
@@ -295,17 +313,22 @@ class Heartbeat(threading.Thread):
 
     def reap(self) -> None:
         """For each queue, one worker at a time hands RQ its expired executions: RQ retries them
-        while retries are left, else fails them; we record why for the client."""
+        while retries are left, else fails them; we record why for the client. The lock is let go
+        after the pass, for RQ's maintenance (`LatentdWorker.clean_registries`)."""
         prefix = Queue.redis_queue_namespace_prefix + Keys.queue_name("")
         others = {as_text(k) for k in self.connection.smembers(Queue.redis_queues_keys)} - {self.queue.key}
         queues = [self.queue, *(self._queue(k) for k in sorted(others) if k.startswith(prefix))]
         for queue in queues:
             lock = Keys.reaper_lock(queue.name)
-            if self.connection.set(lock, self.info.name, nx=True, px=max(1000, int(self.interval * 1000))):
+            if not self.connection.set(lock, self.info.name, nx=True, px=REAPER_LOCK_MS):
+                continue
+            try:
                 queue.started_job_registry.cleanup(exception_handlers=[self.worker.on_abandoned])
                 # Jobs a dead worker had taken off the queue but not started (RQ does this only
                 # in its maintenance, every 10 minutes): back to their queue after a minute.
                 queue.intermediate_queue.cleanup(self.worker, queue)
+            finally:
+                self.connection.eval(_RELEASE, 1, lock, self.info.name)
 
     def _queue(self, key: str) -> Queue:
         queue = self._queues.get(key)
