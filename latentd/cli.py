@@ -296,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
+        sys.stdout.flush()  # here, where a reader that stopped early is caught
     except ValidationError as exc:  # a bad LATENTD_* value: say which, without a traceback
         for err in exc.errors():
             where = "LATENTD_" + "_".join(str(p) for p in err["loc"]).upper() + ": " if err["loc"] else ""
@@ -304,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except StartError as exc:
         print(f"latentd: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # its reader stopped early (`| head`): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush, too
         return 1
     return code
 
