@@ -85,6 +85,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         # The event loop's client. It waits (up to 5 s) for a free connection rather than failing
         # when more requests than connections are in flight. Without the retry given here, the
         # first command on each pooled connection fails after a Redis restart (tests/test_recovery.py).
+        # A lost connection is retried, a timeout not: a stalled Redis would hold each command for
+        # four socket timeouts, and a write sent again may have been done once already.
         apool = redis.asyncio.BlockingConnectionPool.from_url(
             settings.effective_redis_url,
             socket_connect_timeout=1.0,
@@ -92,7 +94,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             health_check_interval=30,
             max_connections=64,
             timeout=5,
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3, supported_errors=(redis.ConnectionError,)),
         )
         aconnection = redis.asyncio.Redis(connection_pool=apool)
         try:

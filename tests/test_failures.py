@@ -77,6 +77,26 @@ def test_redis_outage_gives_503_then_recovers(private_redis: RedisServer, tmp_pa
         api.stop()
 
 
+def test_a_stalled_redis_gives_503_after_one_socket_timeout(
+    private_redis: RedisServer, tmp_path: Path
+) -> None:
+    # A Redis that takes connections but answers nothing (frozen, swapping, a stuck replica): each
+    # command was sent again three times on a timeout, 20 s a read, and a submit got no answer
+    # in 65 s, then was accepted once Redis woke: a client that had given up and sent it again
+    # made a second job. Now a command times out once (5 s) and the request answers 503.
+    api, url = start_api(private_redis.url, tmp_path)
+    assert private_redis.proc is not None
+    private_redis.proc.send_signal(signal.SIGSTOP)
+    try:
+        for method, path, body in (("GET", "/v1/models", None), ("POST", "/v1/generations", {"prompt": "x"})):
+            response = httpx.request(method, url + path, json=body, timeout=15)
+            assert response.status_code == 503, response.text
+            assert response.json()["error"]["code"] == "service_unavailable"
+    finally:
+        private_redis.proc.send_signal(signal.SIGCONT)
+        api.stop()
+
+
 def test_a_full_redis_refuses_writes_with_503_and_reads_go_on(
     private_redis: RedisServer, tmp_path: Path
 ) -> None:
