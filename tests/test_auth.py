@@ -86,12 +86,12 @@ def test_keys_are_stored_hashed_and_shown_once(secured: Secured) -> None:
     assert token not in listed.stdout
     # Piped to a reader that stops early (`| head -0`): quiet, as other tools are, no traceback.
     reader = subprocess.Popen(["head", "-c", "0"], stdin=subprocess.PIPE)
+    reader.wait()  # gone: the pipe has no reader left
     cut = subprocess.run(
         [sys.executable, "-m", "latentd.cli", "keys", "list", "--redis-url", secured.redis.url],
         stdout=reader.stdin, stderr=subprocess.PIPE, text=True, check=False,
     )  # fmt: skip
     reader.stdin.close()  # type: ignore[union-attr]
-    reader.wait()
     assert "Traceback" not in cut.stderr and cut.stderr == "", cut.stderr
 
 

@@ -552,8 +552,20 @@ def test_a_negative_prompt_is_said_to_be_ignored_where_the_pipeline_ignores_it()
     pixart = PixArtAlphaPipeline(scheduler=DPMSolverMultistepScheduler(), **parts)
     negative = payload(1).model_copy(update={"negative_prompt": "blurry", "guidance_scale": 3.5})
     told = Runner(pipe=flux, device=torch.device("cpu"), model="flux").warnings(negative)
-    assert told == ["negative_prompt: ignored, as this model (guidance-distilled) does not guide against it"]
+    assert told == [
+        "negative_prompt: ignored, as this model reads it only with a true_cfg_scale over 1, "
+        "which latentd leaves at its default"
+    ]
     pixart_runner = Runner(pipe=pixart, device=torch.device("cpu"), model="pixart")
     assert pixart_runner.warnings(negative) == []
     at_one = negative.model_copy(update={"guidance_scale": 1.0})
     assert pixart_runner.warnings(at_one) == ["negative_prompt: ignored, as guidance_scale is at most 1"]
+    # Kandinsky's prior guides against it at a scale of its own, whatever guidance_scale says.
+    from diffusers import DDPMScheduler, KandinskyV22CombinedPipeline, UnCLIPScheduler, VQModel
+
+    kandinsky = KandinskyV22CombinedPipeline(
+        unet=None, scheduler=DDPMScheduler(), movq=VQModel(), prior_prior=None, prior_image_encoder=None,
+        prior_text_encoder=None, prior_tokenizer=None, prior_scheduler=UnCLIPScheduler(),
+        prior_image_processor=None,
+    )  # fmt: skip
+    assert Runner(pipe=kandinsky, device=torch.device("cpu"), model="kandinsky").warnings(at_one) == []

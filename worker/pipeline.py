@@ -266,11 +266,15 @@ class Runner:
         unet = getattr(self.pipe, "unet", None)
         if getattr(getattr(unet, "config", None), "time_cond_proj_dim", None) is not None:
             return "this model (LCM-distilled) does not guide against it"
+        if "prior_guidance_scale" in self._call_parameters:
+            return None  # Kandinsky: its prior guides against it, at a scale of its own
         true_cfg = self._call_parameters.get("true_cfg_scale")
         if true_cfg is not None:  # Flux, Qwen-Image: a scale of its own, left at its default
             if isinstance(true_cfg.default, int | float) and true_cfg.default > 1:
                 return None
-            return "this model (guidance-distilled) does not guide against it"
+            return (
+                "this model reads it only with a true_cfg_scale over 1, which latentd leaves at its default"
+            )
         if "negative_prompt" in self._call_parameters and payload.guidance_scale <= 1:
             return "guidance_scale is at most 1"  # classifier-free guidance runs only above 1
         return None
