@@ -285,15 +285,20 @@ def test_a_job_given_up_on_its_last_attempt_refuses_a_late_commit(redis_client: 
 
     r = redis_client
     r.hset("rq:job:late", mapping={"status": "started", "worker_name": "frozen"})
+    r.hset(Keys.state("late"), "attempts", 1)
 
     def commit() -> int:
         keys = ["rq:job:late", Keys.state("late"), Keys.cancel("late"), Keys.OUTCOMES, Keys.image("late", 0)]
-        args = ["frozen", 60, 60, '{"images": "[]"}', "tiny|succeeded|", b"png"]
+        args = ["frozen", 60, 60, '{"images": "[]"}', "tiny|succeeded|", jobs.GIVEN_UP_SECONDS, b"png"]
         return int(r.eval(jobs._COMMIT, len(keys), *keys, *args))
 
     assert not jobs.grant_settle_start(r, "late")  # no images: RQ fails it as lost
     assert commit() == jobs.NOT_OURS
     assert not r.exists(Keys.image("late", 0)) and not r.exists(Keys.OUTCOMES)
+    # Should RQ's write never land, the job is still its worker's to finish once the fence lapses.
+    r.hset(Keys.state("late"), "given_up_at", int(time.time()) - jobs.GIVEN_UP_SECONDS - 1)
+    assert commit() == jobs.COMMITTED and r.get(Keys.image("late", 0)) == b"png"
+    assert not jobs.grant_settle_start(r, "gone") and not r.exists(Keys.state("gone"))  # no key made
     # Stored images earn one start more, once.
     r.hset(Keys.state("stored"), "images", "[]")
     assert jobs.grant_settle_start(r, "stored") and not jobs.grant_settle_start(r, "stored")

@@ -193,19 +193,20 @@ return redis.call('EXISTS', KEYS[3])
 # Results are written once, atomically, only by the worker that still owns the job, and only if
 # its cancel flag is down (the API raises it only while no images are stored: one order or the
 # other, never both), and counted with them. KEYS: job, state, cancel flag, outcome counts, image
-# keys...; ARGV: worker, results_ttl, job_ttl, state json, outcome field, image bytes... Returns
-# COMMITTED, NOT_OURS or CANCELED.
+# keys...; ARGV: worker, results_ttl, job_ttl, state json, outcome field, GIVEN_UP_SECONDS, image
+# bytes... Returns COMMITTED, NOT_OURS or CANCELED.
 _COMMIT = """
 local owner = redis.call('HMGET', KEYS[1], 'status', 'worker_name')
 if owner[1] ~= 'started' or owner[2] ~= ARGV[1] then return 0 end
-if redis.call('HEXISTS', KEYS[2], 'given_up') == 1 then return 0 end
+local given_up = redis.call('HGET', KEYS[2], 'given_up_at')
+if given_up and tonumber(redis.call('TIME')[1]) - tonumber(given_up) < tonumber(ARGV[6]) then return 0 end
 if redis.call('EXISTS', KEYS[3]) == 1 then return 2 end
 local fields = cjson.decode(ARGV[4])
 for k, v in pairs(fields) do redis.call('HSET', KEYS[2], k, v) end
 redis.call('HINCRBY', KEYS[2], 'completions', 1)
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 redis.call('HINCRBY', KEYS[4], ARGV[5], 1)
-for i = 5, #KEYS do redis.call('SET', KEYS[i], ARGV[i + 1], 'EX', ARGV[2]) end
+for i = 5, #KEYS do redis.call('SET', KEYS[i], ARGV[i + 2], 'EX', ARGV[2]) end
 return 1
 """
 NOT_OURS, COMMITTED, CANCELED = 0, 1, 2
@@ -420,6 +421,7 @@ def _commit(rt: Runtime, job_id: str, payload: JobPayload, images: list[Any], fi
             rt.settings.job_ttl,
             json.dumps(fields),
             _outcome(rt.runner.model, JobStatus.SUCCEEDED),
+            GIVEN_UP_SECONDS,
             *(data for data, _ in encoded),
         ],
     )
@@ -461,15 +463,20 @@ def _record_failure(
 
 # For a job on its last attempt whose worker stopped renewing its lease, as RQ is about to fail it:
 # if its images are stored, it earns one start more (once), which settles it succeeded with them
-# (`_START`); if not, a commit its worker makes after all (frozen, not dead) is refused from now
-# (`_COMMIT`), so the job does not end failed with its images stored.
+# (`_START`); if not, a commit its worker makes after all (frozen, not dead) in the next
+# `GIVEN_UP_SECONDS` is refused (`_COMMIT`), so the job does not end failed with its images stored.
+# Past them, RQ has failed the job (the owner check refuses), or its write never landed and the
+# job is still its worker's to finish.
 _SETTLE_START = """
-if redis.call('HEXISTS', KEYS[1], 'images') == 0 then
-  redis.call('HSET', KEYS[1], 'given_up', 1)
-  return 0
+if redis.call('HEXISTS', KEYS[1], 'images') == 1 then
+  return redis.call('HSETNX', KEYS[1], 'settle_start', 1)
 end
-return redis.call('HSETNX', KEYS[1], 'settle_start', 1)
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'given_up_at', redis.call('TIME')[1])
+end
+return 0
 """
+GIVEN_UP_SECONDS = 10
 
 
 def grant_settle_start(r: redis.Redis, job_id: str) -> bool:

@@ -10,6 +10,7 @@ import socket
 import sys
 import threading
 import time
+import uuid
 from typing import Any
 
 import diffusers.utils.logging
@@ -43,6 +44,11 @@ STUCK_IN_INTERMEDIATE_QUEUE = "Job was stuck in intermediate queue."
 # milliseconds): abandoned jobs then wait for it as long as for a lapsed lease.
 REAPER_LOCK_MS = 30_000
 _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+
+
+def _lock_token(name: str) -> str:
+    """A hold's own value: the heartbeat and RQ's maintenance of one worker never let go the other's."""
+    return f"{name}:{uuid.uuid4().hex}"
 
 
 def payload_of(job: Any) -> JobPayload:
@@ -104,13 +110,14 @@ class LatentdWorker(SimpleWorker):
         heartbeat's reaper does: under the reaper's lock, so that the two never re-queue one job
         twice. While the lock is held it waits: RQ tries again at its next turn."""
         locks = [Keys.reaper_lock(queue.name) for queue in self.queues]
-        taken = [lock for lock in locks if self.connection.set(lock, self.name, nx=True, px=REAPER_LOCK_MS)]
+        token = _lock_token(self.name)
+        taken = [lock for lock in locks if self.connection.set(lock, token, nx=True, px=REAPER_LOCK_MS)]
         try:
             if len(taken) == len(locks):
                 super().clean_registries()
         finally:
             for lock in taken:
-                self.connection.eval(_RELEASE, 1, lock, self.name)
+                self.connection.eval(_RELEASE, 1, lock, token)
 
     def handle_exception(self, job: Any, *exc_info: Any) -> None:
         # The job function already logged one structured line (and a traceback where it
@@ -319,8 +326,8 @@ class Heartbeat(threading.Thread):
         others = {as_text(k) for k in self.connection.smembers(Queue.redis_queues_keys)} - {self.queue.key}
         queues = [self.queue, *(self._queue(k) for k in sorted(others) if k.startswith(prefix))]
         for queue in queues:
-            lock = Keys.reaper_lock(queue.name)
-            if not self.connection.set(lock, self.info.name, nx=True, px=REAPER_LOCK_MS):
+            lock, token = Keys.reaper_lock(queue.name), _lock_token(self.info.name)
+            if not self.connection.set(lock, token, nx=True, px=REAPER_LOCK_MS):
                 continue
             try:
                 queue.started_job_registry.cleanup(exception_handlers=[self.worker.on_abandoned])
@@ -328,7 +335,7 @@ class Heartbeat(threading.Thread):
                 # in its maintenance, every 10 minutes): back to their queue after a minute.
                 queue.intermediate_queue.cleanup(self.worker, queue)
             finally:
-                self.connection.eval(_RELEASE, 1, lock, self.info.name)
+                self.connection.eval(_RELEASE, 1, lock, token)
 
     def _queue(self, key: str) -> Queue:
         queue = self._queues.get(key)
