@@ -166,7 +166,7 @@ class Generation(BaseModel):
         default=[],
         description="What of the request the model does not use, once a worker has started it: a "
         "prompt longer than the model reads, a negative prompt the model ignores (at guidance_scale "
-        "1 or less, or on an LCM- or guidance-distilled model).",
+        "1 or less, on an LCM- or guidance-distilled model, or on one that takes none).",
     )
     cancel_requested: bool = False
     links: Links

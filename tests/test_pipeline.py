@@ -522,6 +522,37 @@ def test_a_negative_prompt_is_said_to_be_ignored_by_an_lcm_distilled_unet(tiny_m
     assert not pipe.do_classifier_free_guidance  # as diffusers ran it
 
 
+def test_a_pipeline_that_takes_no_negative_prompt_is_not_given_one(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Flux 2's, FluxControl's and GLM-Image's pipelines have no negative_prompt: every job failed
+    on the unexpected argument, with or without one. LCM's (run here) has none either, and
+    swallows it in **kwargs; the job was not told it was ignored."""
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler, UNet2DConditionModel
+
+    base = load_pipeline(str(tiny_model_dir), torch.device("cpu"), torch.float32, tiny_model_dir)
+    pipe = LatentConsistencyModelPipeline(
+        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+        unet=UNet2DConditionModel.from_config({**base.unet.config, "time_cond_proj_dim": 32}),
+        scheduler=LCMScheduler.from_config(base.scheduler.config), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    lcm = Runner(pipe=pipe, device=torch.device("cpu"), model="lcm")
+    seen: list[set[str]] = []
+
+    def call(**kwargs: Any) -> Any:
+        seen.append(set(kwargs))
+        return pipe(**kwargs)
+
+    monkeypatch.setattr(lcm, "pipe", call)
+    plain = payload(1).model_copy(update={"steps": 1})
+    negative = plain.model_copy(update={"job_id": "neg", "negative_prompt": "blurry"})
+    [[alone], [batched]], _ = lcm.generate([plain, negative], never)
+    assert alone.size == batched.size == (64, 64)
+    assert seen and "negative_prompt" not in seen[0]
+    assert lcm.warnings(negative) == ["negative_prompt: ignored, as this model takes none"]
+
+
 def test_a_warning_that_cannot_be_worked_out_leaves_the_job_alone(
     runner: Runner, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

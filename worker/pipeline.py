@@ -263,6 +263,8 @@ class Runner:
 
     def _negative_ignored(self, payload: JobPayload) -> str | None:
         """Why the model will not guide the job against its negative prompt, if it will not."""
+        if self._call_parameters and "negative_prompt" not in self._call_parameters:
+            return "this model takes none"
         unet = getattr(self.pipe, "unet", None)
         if getattr(getattr(unet, "config", None), "time_cond_proj_dim", None) is not None:
             return "this model (LCM-distilled) does not guide against it"
@@ -437,15 +439,21 @@ class Runner:
                 raise _Stopped
             return kwargs
 
+        # None where no job gave one on a model that then guides against zeros, not against the
+        # text "" (SDXL: `zeros_empty_negatives`, which `batch_key` keeps apart). Elsewhere "" for
+        # each: an image then does not depend on its batch mates, and pipelines whose negative
+        # prompt must be a string (Sana) run. None at all to a pipeline that takes none (LCM's,
+        # Flux 2's): it refused the call.
+        negative: dict[str, Any] = {}
+        if not self._call_parameters or "negative_prompt" in self._call_parameters:
+            negative["negative_prompt"] = (
+                None if self.zeros_empty_negatives and not any(negatives) else negatives
+            )
         with torch.inference_mode():
             try:
                 result = self.pipe(
                     prompt=prompts,
-                    # None where no job gave one on a model that then guides against zeros, not
-                    # against the text "" (SDXL: `zeros_empty_negatives`, which `batch_key` keeps
-                    # apart). Elsewhere "" for each: an image then does not depend on its batch
-                    # mates, and pipelines whose negative prompt must be a string (Sana) run.
-                    negative_prompt=None if self.zeros_empty_negatives and not any(negatives) else negatives,
+                    **negative,
                     width=first.width,
                     height=first.height,
                     num_inference_steps=first.steps,
