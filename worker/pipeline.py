@@ -302,7 +302,8 @@ class Runner:
         return best
 
     def __post_init__(self) -> None:
-        # For `warnings`, advice only: a pipeline they cannot be worked out for still serves.
+        # Its call's parameters, for `warnings` and the negative prompt: a pipeline whose signature
+        # cannot be read still serves, with no advice and every argument passed.
         self._call_parameters: Mapping[str, inspect.Parameter] = {}
         self._reader = None
         try:
