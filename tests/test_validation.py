@@ -128,6 +128,17 @@ def test_openai_endpoint_bounds(
     assert nothing_enqueued(redis_client)
 
 
+def test_the_openai_route_refuses_a_field_given_twice(client: TestClient, redis_client: redis.Redis) -> None:
+    response = client.post(
+        "/v1/images/generations",
+        content=b'{"prompt": "a red circle", "n": 1, "n": 4}',
+        headers={"content-type": "application/json"},
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["param"] == "n"
+    assert nothing_enqueued(redis_client)
+
+
 @pytest.mark.parametrize(
     "size",
     [
@@ -459,6 +470,9 @@ SEND_JSON = "Content-Type: application/json"
         (b'{"width": 64}', {"content-type": "application/merge-patch+json"}, "prompt: Field", "prompt"),
         (b"", JSON, "request body (a JSON object) is missing", None),
         (b'{"prompt": "a red circle", "seed": 7', JSON, "not valid JSON (at character", None),
+        # Python's decoder would keep the last of the two without a word.
+        (b'{"prompt": "a cat", "prompt": "a dog"}', JSON, "gives 'prompt' more than once", "prompt"),
+        (b'{"prompt": "a", "\\ud800": 1, "\\ud800": 2}', JSON, "gives a field name more than once", None),
         (b'{"prompt": "x", "steps": ' + b"1" * 4301 + b"}", JSON, "cannot be read as JSON", None),
         (b'{"prompt": ' + b"[" * 3000 + b"]" * 3000 + b"}", JSON, "cannot be read as JSON", None),
     ],

@@ -16,6 +16,7 @@ from app.errors import (
     STORE_DOWN,
     STORE_REFUSES,
     ErrorResponse,
+    OnceEachRoute,
     ServiceError,
     service_error_response,
     store_down_response,
@@ -24,7 +25,7 @@ from app.protocol import Generation, GenerationRequest, SubmitResponse
 from app.serving import GenerationService
 
 PREFIX = "/v1/generations"
-router = APIRouter(prefix=PREFIX, tags=["generations"])
+router = APIRouter(prefix=PREFIX, tags=["generations"], route_class=OnceEachRoute)
 MAX_WAIT = 60.0  # seconds a status read may be held open (`?wait=`)
 
 ID_CHAR = "[A-Za-z0-9_-]"

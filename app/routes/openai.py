@@ -17,6 +17,7 @@ from app.errors import (
     STORE_REFUSES,
     ErrorResponse,
     InvalidRequest,
+    OnceEachRoute,
     ServiceError,
     ServiceUnavailable,
     WaitTimeout,
@@ -27,7 +28,7 @@ from app.protocol import GenerationRequest, OpenAIImage, OpenAIImageRequest, Ope
 from app.serving import GenerationService
 from latentd.contract import ErrorCode, JobStatus
 
-router = APIRouter(tags=["openai"])
+router = APIRouter(tags=["openai"], route_class=OnceEachRoute)
 
 # How a failed job's code maps onto the HTTP status of a synchronous answer.
 _FAILURE_STATUS = {
