@@ -35,7 +35,7 @@ def _blank(c: str) -> bool:
     if category == "Cf":
         return c not in _FORMAT_DRAWN
     return (
-        category[0] == "Z"
+        (category[0] == "Z" and c != "\u1680")  # the Ogham space mark is a stroke
         or category == "Cc"
         or c in _DRAW_NOTHING
         or "\ufe00" <= c <= "\ufe0f"

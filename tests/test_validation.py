@@ -445,6 +445,7 @@ def test_a_prompt_of_invisible_characters_is_blank(
         "\u0600",  # the Arabic number sign: a format character that draws
         "\u06dd",  # the Arabic end of ayah, drawn alone
         "\U000110bd",  # the Kaithi number sign
+        "\u1680",  # the Ogham space mark: a space (Zs) drawn as a stroke
     ],
 )
 def test_a_prompt_with_something_to_draw_is_kept_as_sent(prompt: str) -> None:
