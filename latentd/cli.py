@@ -18,7 +18,22 @@ from latentd.settings import CommonSettings
 API_STOP_GRACE = 8  # seconds
 
 
+def _stop_at_once_while_starting() -> None:
+    """Until the server's or the worker's own signal handlers take over, SIGTERM (and Ctrl-C)
+    ends the process at once, exit 0. A container's PID 1 gets only the signals it handles: a
+    worker loading its model (imports, a download, a compile warm-up: minutes) ignored a stop,
+    and Docker or Kubernetes waited out the whole stop grace before killing it."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not one ignored (nohup)
+        signal.signal(signal.SIGINT, stop)
+
+
 def cmd_api(args: argparse.Namespace) -> int:
+    _stop_at_once_while_starting()
     import redis
     import uvicorn
 
@@ -59,9 +74,17 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(_: argparse.Namespace) -> int:
+    _stop_at_once_while_starting()
+    import logging
+
+    from latentd.logs import configure, event
     from worker.config import get_settings
 
     settings = get_settings()  # a bad setting is named before torch loads (about 5 s)
+    configure(settings.log_level)
+    if settings.ready_file:  # one a killed worker left (the same container, a reused volume)
+        settings.ready_file.unlink(missing_ok=True)  # says ready before the model is loaded
+    event(logging.getLogger("latentd.worker"), "worker_starting", model=settings.served_name())
     from worker.main import run
 
     return run(settings)

@@ -588,6 +588,27 @@ def test_a_workers_bad_setting_is_named_before_torch_loads() -> None:
     assert done.stdout.split() == ["2", "False"], done.stdout
 
 
+def test_a_worker_stops_at_once_while_it_loads_and_says_ready_only_once_loaded(tmp_path: Path) -> None:
+    """As a container's PID 1 a worker gets only the signals it handles, and it handled none until
+    its model was loaded: a stop during a load waited out the whole stop grace. A ready file a
+    killed worker left said ready before the model was loaded."""
+    ready = tmp_path / "worker.ready"
+    ready.write_text("w1")
+    env = base_env(f"redis://127.0.0.1:{free_port()}/0", LATENTD_READY_FILE=str(ready))  # no Redis: it waits
+    worker = spawn(["worker"], env, tmp_path / "worker.log")
+    try:
+        deadline = time.monotonic() + 30
+        while "worker_starting" not in worker.output():
+            assert worker.proc.poll() is None and time.monotonic() < deadline, worker.output()
+            time.sleep(0.05)
+        assert not ready.exists()
+        worker.proc.send_signal(signal.SIGTERM)  # while torch loads, or while it waits for Redis
+        assert worker.proc.wait(20) == 0, worker.output()
+    finally:
+        worker.stop()
+    assert "Traceback" not in worker.output()
+
+
 def test_a_log_level_in_capitals_is_taken_and_an_empty_variable_is_unset() -> None:
     from latentd.settings import CommonSettings
 
