@@ -6,7 +6,7 @@
 #   docker build --target worker -t latentd-worker:dev .   # diffusers on CUDA, built-in model inside
 #
 # Python dependencies come only from the hash-locked files in requirements/
-# (see requirements/README.md for how they are produced), so a rebuild next
+# (requirements/lock.sh makes them), so a rebuild next
 # month installs the same wheels. The base images are pinned by tag; pass
 # *_IMAGE build args with an @sha256 digest to pin them byte for byte.
 
@@ -97,11 +97,15 @@ RUN apt-get update \
     && chown -R "${UID}:${UID}" /var/cache/latentd
 COPY --from=worker-venv /opt/venv /opt/venv
 # The hub cache lives on a volume so a container restart does not download a
-# checkpoint again. CUDA and triton keep small JIT caches under the home directory. LATENTD_READY_FILE appears once the model is loaded.
+# checkpoint again, and so do torch.compile's caches (LATENTD_TORCH_COMPILE:
+# a restart finds its kernels instead of compiling for minutes; by default
+# they would fill /tmp). LATENTD_READY_FILE appears once the model is loaded.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     HF_HOME=/var/cache/latentd/hf \
+    TORCHINDUCTOR_CACHE_DIR=/var/cache/latentd/inductor \
+    TRITON_CACHE_DIR=/var/cache/latentd/triton \
     LATENTD_CACHE_DIR=/var/cache/latentd \
     LATENTD_READY_FILE=/tmp/latentd-worker.ready
 VOLUME ["/var/cache/latentd"]

@@ -165,6 +165,16 @@ def test_api_default_model_is_the_model_the_worker_serves() -> None:
         ), env
 
 
+def test_the_gpu_worker_fails_loudly_without_cuda_and_the_api_takes_its_public_address() -> None:
+    """`auto` fell back to the CPU without a word on a GPU host whose CUDA did not start, and
+    behind a proxy the OpenAI route's image URLs named the address it forwarded to."""
+    for env_file in (None, ROOT / ".env.example"):
+        merged = compose_config([COMPOSE_BASE], env_file=env_file)
+        assert merged["services"]["worker"]["environment"]["LATENTD_DEVICE"] == "cuda"
+    services = interpolate(load_compose(COMPOSE_BASE), {"LATENTD_PUBLIC_URL": "https://img.example"})["services"]
+    assert services["api"]["environment"]["LATENTD_PUBLIC_URL"] == "https://img.example"
+
+
 def test_cpu_variant_drops_the_gpu_reservation() -> None:
     merged = compose_config([COMPOSE_BASE, ROOT / "docker-compose.cpu.yml"])
     worker = merged["services"]["worker"]
