@@ -171,8 +171,9 @@ def test_the_gpu_worker_fails_loudly_without_cuda_and_the_api_takes_its_public_a
     for env_file in (None, ROOT / ".env.example"):
         merged = compose_config([COMPOSE_BASE], env_file=env_file)
         assert merged["services"]["worker"]["environment"]["LATENTD_DEVICE"] == "cuda"
-    services = interpolate(load_compose(COMPOSE_BASE), {"LATENTD_PUBLIC_URL": "https://img.example"})["services"]
-    assert services["api"]["environment"]["LATENTD_PUBLIC_URL"] == "https://img.example"
+    public = {"LATENTD_PUBLIC_URL": "https://img.example"}
+    api = interpolate(load_compose(COMPOSE_BASE), public)["services"]["api"]
+    assert api["environment"]["LATENTD_PUBLIC_URL"] == "https://img.example"
 
 
 def test_cpu_variant_drops_the_gpu_reservation() -> None:
