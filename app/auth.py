@@ -28,7 +28,7 @@ from latentd.store import as_text
 
 log = logging.getLogger("latentd.api")
 
-# Whether any key exists is re-read at most this often, so a key created while the API
+# Whether keys are required is re-read at most this often, so a key created while the API
 # runs closes the service within seconds without a Redis round trip per request.
 AUTH_STATE_TTL = 2.0
 
@@ -42,9 +42,11 @@ return n
 
 @dataclass(frozen=True)
 class Principal:
-    """The caller: the name of its API key, or None while the service is open."""
+    """The caller: the name of its API key, or None while the service is open. `signed`: the
+    holder of a signed image URL, who may download that image whoever's it is."""
 
     owner: str | None
+    signed: bool = False
 
 
 class AuthState:
@@ -60,7 +62,13 @@ async def auth_required(request: Request, service: GenerationService) -> bool:
         return True
     now = time.monotonic()
     if now - state.checked_at > AUTH_STATE_TTL:
-        state.required = bool(await service.aredis.hlen(Keys.API_KEYS))
+        required = bool(await service.aredis.exists(Keys.KEYS_REQUIRED, Keys.API_KEYS))
+        if required != state.required:
+            if required:
+                event(log, "auth_required")
+            else:
+                event(log, "auth_open", logging.WARNING, note="`latentd keys open`, or Redis lost its data")
+        state.required = required
         state.checked_at = now
     return state.required
 
@@ -166,7 +174,7 @@ async def image_caller(
         raise Unauthorized("the image URL's signature does not match it; ask for the image again")
     if expires is None or expires < time.time():
         raise Expired("this image URL has expired, as the image has", param="expires")
-    return Principal(owner=None)
+    return Principal(owner=None, signed=True)
 
 
 ImageCallerDep = Annotated[Principal, Depends(image_caller)]

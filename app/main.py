@@ -26,7 +26,7 @@ from app.limits import BodySizeLimit
 from app.metrics import Metrics, MetricsMiddleware
 from app.routes import generations, openai, system
 from app.serving import GenerationService
-from latentd.contract import Keys
+from latentd import keys
 from latentd.logs import event
 from latentd.store import check_eviction_policy
 
@@ -106,9 +106,10 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         app.state.metrics = metrics
         app.state.auth = AuthState(settings.static_key_digests())
         try:
-            keyed = bool(app.state.auth.static_keys) or bool(connection.hlen(Keys.API_KEYS))
+            keyed = bool(app.state.auth.static_keys) or keys.required(connection)
         except redis.ConnectionError:
             keyed = bool(app.state.auth.static_keys)
+        app.state.auth.required = keyed  # what was logged: a change from here on is logged too
         if keyed:
             event(log, "auth_required", keys="configured")
         else:

@@ -552,13 +552,16 @@ class GenerationService:
     def _read_args(job_id: str) -> list[str]:
         return [Queue.redis_queue_namespace_prefix, job_id]
 
-    def _from_read(self, job_id: str, reply: object, owner: str | None) -> Generation:
-        """The view of one `_READ` reply; another key's job is as unknown as a missing one."""
+    def _from_read(
+        self, job_id: str, reply: object, owner: str | None, any_owner: bool = False
+    ) -> Generation:
+        """The view of one `_READ` reply; another key's job is as unknown as a missing one, and so
+        is a key's job to a caller without one (the service open again, `latentd keys open`)."""
         if not isinstance(reply, list):
             raise NotFound(f"no generation with id '{job_id}'", param="id")
         raw_job, raw_state, cancel_flag, position = reply
         job = JobRecord.parse(job_id, _pairs(raw_job))
-        if owner is not None and job.owner != owner:
+        if job.owner != owner and not any_owner:
             raise NotFound(f"no generation with id '{job_id}'", param="id")
         state = {as_text(k): as_text(v) for k, v in _pairs(raw_state).items()}
         return self._view(job, state, bool(cancel_flag), int(position) if int(position) >= 0 else None)
@@ -625,14 +628,16 @@ class GenerationService:
             links=self.links(job.id),
         )
 
-    async def image(self, job_id: str, index: int, owner: str | None = None) -> ImageBlob:
+    async def image(
+        self, job_id: str, index: int, owner: str | None = None, any_owner: bool = False
+    ) -> ImageBlob:
         # The record and the bytes at once (one round trip's wait); the bytes count only if the
         # record says the caller may have them.
         reply, data = await asyncio.gather(
             self._read_async(self._read_keys(job_id), self._read_args(job_id)),
             self.aredis.get(Keys.image(job_id, index)),
         )
-        status = self._from_read(job_id, reply, owner).status
+        status = self._from_read(job_id, reply, owner, any_owner).status
         if not status.is_terminal():
             raise NotReady(
                 f"generation '{job_id}' is {status.value}; its images can be fetched once it has succeeded",

@@ -227,7 +227,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
     from latentd.embedded import url_file
 
-    if args.action != "list" and not args.name.strip():
+    if args.action in ("create", "revoke") and not args.name.strip():
         print(f"latentd keys {args.action}: a NAME is required", file=sys.stderr)
         return 2
     settings = CommonSettings()
@@ -259,6 +259,20 @@ def _keys(args: argparse.Namespace, connection: Any) -> int:
         if not keys.revoke(connection, args.name):
             print(f"latentd keys: no key named '{args.name}'", file=sys.stderr)
             return 1
+        if not keys.list_keys(connection):
+            print(
+                "no key is left: the API refuses every request until `latentd keys create NAME`, "
+                "or `latentd keys open` lets anyone in",
+                file=sys.stderr,
+            )
+    elif args.action == "open":
+        if not keys.open_service(connection):
+            print("latentd keys: keys exist; revoke them first", file=sys.stderr)
+            return 1
+        print(
+            "the API takes requests without a key within 2 s: anyone who reaches it can use it",
+            file=sys.stderr,
+        )
     else:
         for entry in keys.list_keys(connection):
             print(entry["name"])
@@ -282,8 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.set_defaults(func=cmd_up)
 
-    keys = sub.add_parser("keys", help="API keys: create NAME (prints the key once), list, revoke NAME")
-    keys.add_argument("action", choices=["create", "list", "revoke"])
+    keys = sub.add_parser(
+        "keys",
+        help="API keys: create NAME (prints the key once), list, revoke NAME, "
+        "open (no key left: take requests without one again)",
+    )
+    keys.add_argument("action", choices=["create", "list", "revoke", "open"])
     keys.add_argument("name", nargs="?", default="")
     keys.add_argument(
         "--redis-url",

@@ -137,6 +137,9 @@ class Keys:
     WORKERS = f"{PREFIX}:workers"
     # Hash sha256(key) -> {"name", "created_at"}: API keys, stored only as digests.
     API_KEYS = f"{PREFIX}:apikeys"
+    # Set with the first key and kept when the last is revoked: revoking a leaked key must not
+    # open the service. Only `latentd keys open` removes it.
+    KEYS_REQUIRED = f"{PREFIX}:keys_required"
     URL_SECRET = f"{PREFIX}:url_secret"  # signs the image URLs the OpenAI route gives (app.auth)
 
     @staticmethod

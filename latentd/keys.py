@@ -1,7 +1,8 @@
 """API keys: created by `latentd keys create NAME`, stored in Redis only as SHA-256 digests.
 
-A key is shown once, when it is created. The service is open while no key exists and
-requires `Authorization: Bearer <key>` on every API route as soon as one does.
+A key is shown once, when it is created. The service is open until the first key is made
+and requires `Authorization: Bearer <key>` on every API route from then on, also once the
+last key is revoked (then it refuses everyone), until `latentd keys open`.
 """
 
 from __future__ import annotations
@@ -27,8 +28,28 @@ def create(connection: redis.Redis, name: str) -> str:
     if any(k.get("name") == name for k in list_keys(connection)):
         raise ValueError(f"a key named '{name}' exists; revoke it first")
     key = KEY_PREFIX + secrets.token_urlsafe(32)
-    connection.hset(Keys.API_KEYS, digest(key), json.dumps({"name": name, "created_at": time.time()}))
+    pipe = connection.pipeline()  # MULTI: the key and the flag together
+    pipe.hset(Keys.API_KEYS, digest(key), json.dumps({"name": name, "created_at": time.time()}))
+    pipe.set(Keys.KEYS_REQUIRED, 1)
+    pipe.execute()
     return key
+
+
+def required(connection: redis.Redis) -> bool:
+    """Whether the service requires keys (a key exists, or one did). An empty hash does not
+    exist, so one EXISTS answers both; a key made before the flag existed counts too."""
+    return bool(connection.exists(Keys.KEYS_REQUIRED, Keys.API_KEYS))
+
+
+def open_service(connection: redis.Redis) -> bool:
+    """Let the service run without keys again; False, changing nothing, while a key exists."""
+    opened = connection.eval(
+        "if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end redis.call('DEL', KEYS[1]) return 1",
+        2,
+        Keys.KEYS_REQUIRED,
+        Keys.API_KEYS,
+    )
+    return bool(opened)
 
 
 def list_keys(connection: redis.Redis) -> list[dict[str, object]]:

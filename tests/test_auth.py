@@ -16,6 +16,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from app.auth import AUTH_STATE_TTL
 from app.config import ApiSettings
 from app.main import create_app
 from tests.conftest import (
@@ -266,6 +267,45 @@ def test_jobs_in_flight_and_requests_per_minute_are_capped_per_key(limited: tupl
     assert limited_response.json()["error"]["code"] == "rate_limited"
     assert 1 <= int(limited_response.headers["retry-after"]) <= 60
     assert httpx.get(f"{url}/v1/models", headers=dave).status_code == 200
+
+
+def keys_command(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "latentd.cli", "keys", *args, "--redis-url", redis_url]
+    return subprocess.run(command, capture_output=True, text=True, env=base_env(redis_url), timeout=60)
+
+
+def test_revoking_the_last_key_leaves_the_service_closed_until_it_is_opened(tmp_path: Path) -> None:
+    """Revoking a leaked key, the only one, opened the service to anyone within 2 s, and an open
+    service showed every key's jobs to callers without one."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    register_ghost(server.client(), "tiny")
+    api, url = start_api(server.url, tmp_path)
+    try:
+        made_open = httpx.post(f"{url}/v1/generations", json={"prompt": "x"}).json()["id"]
+        solo = {"Authorization": f"Bearer {create_key(server.url, 'solo')}"}
+        wait_until(lambda: httpx.get(f"{url}/v1/models").status_code == 401, 10, what="auth on")
+        keyed = httpx.post(f"{url}/v1/generations", json={"prompt": "x"}, headers=solo).json()["id"]
+        create_key(server.url, "other")
+        refused = keys_command(server.url, "open")
+        assert refused.returncode == 1 and "revoke them first" in refused.stderr
+        assert keys_command(server.url, "revoke", "other").returncode == 0
+        last = keys_command(server.url, "revoke", "solo")
+        assert last.returncode == 0 and "refuses every request" in last.stderr, last.stderr
+        time.sleep(AUTH_STATE_TTL + 1)  # every API process has read the keys again
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        assert httpx.get(f"{url}/v1/models", headers=solo).status_code == 401
+        assert httpx.get(f"{url}/v1/generations/{keyed}").status_code == 401
+        assert keys_command(server.url, "open").returncode == 0
+        wait_until(lambda: httpx.get(f"{url}/v1/models").status_code == 200, 10, what="auth off")
+        assert "auth_open" in api.output()
+        assert httpx.get(f"{url}/v1/generations/{made_open}").status_code == 200
+        hidden = httpx.get(f"{url}/v1/generations/{keyed}")  # a key's job stays the key's
+        assert hidden.status_code == 404 and hidden.json()["error"]["code"] == "not_found"
+        assert httpx.post(f"{url}/v1/generations/{keyed}/cancel").status_code == 404
+    finally:
+        api.stop()
+        server.stop()
 
 
 def test_keys_from_the_environment(tmp_path: Path) -> None:

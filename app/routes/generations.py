@@ -145,7 +145,7 @@ async def get_image(
     service: ServiceDep,
     caller: ImageCallerDep,
 ) -> Response:
-    blob = await service.image(job_id, index, caller.owner)
+    blob = await service.image(job_id, index, caller.owner, any_owner=caller.signed)
     headers = {
         "ETag": blob.etag,
         # Content never changes for a given id and index, but it expires with the results TTL.
