@@ -53,6 +53,13 @@ def cmd_api(args: argparse.Namespace) -> int:
         pass  # unreachable: the API starts anyway, and /readyz answers 503 until Redis is there
     finally:
         probe.close()
+    http: type | str
+    try:
+        from app.head_limit import BoundedHttpToolsProtocol
+
+        http = BoundedHttpToolsProtocol
+    except ImportError:  # no httptools (uvicorn without its `standard` extra): h11 bounds heads itself
+        http = "h11"
     if settings.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"latentd api: listening on {settings.host}:{settings.port}", file=sys.stderr)
     uvicorn.run(
@@ -69,6 +76,7 @@ def cmd_api(args: argparse.Namespace) -> int:
         # cancelled, inside Docker's default 10 s stop grace (and Kubernetes' 30 s).
         timeout_graceful_shutdown=API_STOP_GRACE,
         workers=args.workers,
+        http=http,
     )
     return 0
 

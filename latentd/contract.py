@@ -76,6 +76,7 @@ class ErrorCode(enum.StrEnum):
     WAIT_TIMEOUT = "wait_timeout"
     CANCELED = "canceled"
     PAYLOAD_TOO_LARGE = "payload_too_large"
+    HEADERS_TOO_LARGE = "headers_too_large"
     IDEMPOTENCY_CONFLICT = "idempotency_conflict"
     UNAUTHORIZED = "unauthorized"
     RATE_LIMITED = "rate_limited"

@@ -609,6 +609,39 @@ def test_a_worker_stops_at_once_while_it_loads_and_says_ready_only_once_loaded(t
     assert "Traceback" not in worker.output()
 
 
+def test_a_request_head_over_the_bound_is_refused_while_it_is_read(
+    private_redis: RedisServer, tmp_path: Path
+) -> None:
+    """httptools read a head whole however long: one 100 MB header took the API 200 MB."""
+    import json
+    import socket
+
+    from app.head_limit import MAX_HEAD_BYTES
+
+    api, url = start_api(private_redis.url, tmp_path)
+    port = int(url.rsplit(":", 1)[1])
+    try:
+        large = httpx.get(f"{url}/healthz", headers={"X-Large": "k" * (MAX_HEAD_BYTES // 2)})
+        assert large.status_code == 200, large.text  # long, within the bound
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+            conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Junk: ")
+            try:  # four times the bound, and no end of the header: without a bound, no answer
+                for _ in range(4 * MAX_HEAD_BYTES // 16384):
+                    conn.sendall(b"k" * 16384)
+            except OSError:
+                pass  # closed on us: the answer is waiting
+            reply = b""
+            while chunk := conn.recv(65536):
+                reply += chunk
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 431 "), reply[:200]
+        assert json.loads(body)["error"]["code"] == "headers_too_large"
+        assert httpx.get(f"{url}/healthz").status_code == 200  # and serves on
+    finally:
+        api.stop()
+    assert "Traceback" not in api.output()
+
+
 def test_a_log_level_in_capitals_is_taken_and_an_empty_variable_is_unset() -> None:
     from latentd.settings import CommonSettings
 
