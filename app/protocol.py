@@ -9,9 +9,9 @@ from __future__ import annotations
 import re
 import unicodedata
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from latentd.contract import MAX_SEED, JobStatus, OutputFormat, Scheduler
 
@@ -64,10 +64,24 @@ Prompt = Annotated[
 Side = Annotated[int, Field(ge=64, le=2048, multiple_of=8)]
 
 
-class GenerationRequest(BaseModel):
-    """Body of `POST /v1/generations`. Omitted fields take the configured defaults."""
+class _Body(BaseModel):
+    """A request body whose optional fields take their defaults when sent as null, all alike (as
+    clients that serialize unset fields as null send them)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {k: v for k, v in data.items() if v is not None or k not in fields or fields[k].is_required()}
+
+
+class GenerationRequest(_Body):
+    """Body of `POST /v1/generations`. Omitted fields, and fields sent as null, take the
+    configured defaults."""
 
     prompt: Prompt
     negative_prompt: Annotated[str, Field(max_length=MAX_PROMPT_CHARS), AfterValidator(_no_nul)] = ""
@@ -211,9 +225,7 @@ def _size(value: str) -> str:
 Size = Annotated[str, Field(json_schema_extra={"pattern": f"^({_SIZE.pattern})$"}), AfterValidator(_size)]
 
 
-class OpenAIImageRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
+class OpenAIImageRequest(_Body):
     prompt: Prompt
     model: Annotated[str, Field(min_length=1, max_length=200)] | None = None
     n: Annotated[int, Field(ge=1)] | None = Field(default=1, description="null: 1, as OpenAI's API has it.")

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from app.config import ApiSettings
 from app.main import create_app
-from app.protocol import GenerationRequest
+from app.protocol import GenerationRequest, OpenAIImageRequest
 from tests.conftest import PRIVATE_DB, RedisServer, register_ghost
 
 VALID = {"prompt": "a red circle"}
@@ -242,6 +242,22 @@ def test_the_openai_route_honours_an_idempotency_key(client: TestClient, redis_c
     too_long = client.post("/v1/images/generations", json=body, headers={"Idempotency-Key": "k" * 256})
     assert too_long.status_code == 422 and too_long.json()["error"]["param"] == "Idempotency-Key"
     assert redis_client.llen("rq:queue:latentd:tiny") == 1
+
+
+def test_an_optional_field_sent_as_null_takes_its_default(client: TestClient, redis_client: redis.Redis) -> None:
+    """null took the default for most fields and was refused for num_images, output_format,
+    negative_prompt and the OpenAI route's response_format."""
+    register_ghost(redis_client, "tiny")
+    optional = [name for name, field in GenerationRequest.model_fields.items() if not field.is_required()]
+    nulls = {**VALID, "seed": 7, **{name: None for name in optional if name != "seed"}}
+    sent = client.post("/v1/generations", json=nulls)
+    assert sent.status_code == 202, sent.text
+    left_out = client.post("/v1/generations", json={**VALID, "seed": 7})
+    assert left_out.status_code == 202, left_out.text
+    resolved = [client.get(f"/v1/generations/{r.json()['id']}").json()["request"] for r in (sent, left_out)]
+    assert resolved[0] == resolved[1]
+    openai = {"prompt": "a red circle", "response_format": None, "n": None, "output_format": None}
+    assert OpenAIImageRequest.model_validate(openai).response_format == "url"
 
 
 def test_unknown_model_is_refused_at_submit(client: TestClient, redis_client: redis.Redis) -> None:
