@@ -244,7 +244,9 @@ def test_the_openai_route_honours_an_idempotency_key(client: TestClient, redis_c
     assert redis_client.llen("rq:queue:latentd:tiny") == 1
 
 
-def test_an_optional_field_sent_as_null_takes_its_default(client: TestClient, redis_client: redis.Redis) -> None:
+def test_an_optional_field_sent_as_null_takes_its_default(
+    client: TestClient, redis_client: redis.Redis
+) -> None:
     """null took the default for most fields and was refused for num_images, output_format,
     negative_prompt and the OpenAI route's response_format."""
     register_ghost(redis_client, "tiny")
