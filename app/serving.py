@@ -25,6 +25,7 @@ from rq import Queue, Retry
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 from rq.serializers import JSONSerializer
+from rq.utils import now, utcformat
 
 from app.config import ApiSettings
 from app.errors import (
@@ -694,6 +695,7 @@ class GenerationService:
                 pipe.watch(job.key)  # type: ignore[no-untyped-call]
                 pipe.multi()
                 job.cancel(pipeline=pipe)
+                pipe.hset(job.key, "ended_at", utcformat(now()))  # RQ's cancel leaves it unset
                 pipe.expire(job.key, self.settings.job_ttl)
                 pipe.hincrby(Keys.OUTCOMES, f"{model}|{JobStatus.CANCELED.value}|", 1)
                 pipe.publish(Keys.ENDED, job_id)

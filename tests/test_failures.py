@@ -304,7 +304,10 @@ def test_a_queued_job_canceled_is_counted_once_and_a_job_being_taken_is_left_to_
     counted = 'latentd_jobs_total{code="",model="tiny",status="canceled"} 1.0'
     try:
         queued = httpx.post(f"{url}/v1/generations", json={"prompt": "x"}).json()["id"]
-        assert httpx.post(f"{url}/v1/generations/{queued}/cancel").json()["status"] == "canceled"
+        canceled = httpx.post(f"{url}/v1/generations/{queued}/cancel").json()
+        assert canceled["status"] == "canceled"
+        timings = canceled["timings"]  # it ended: when, as a job that ran says
+        assert timings["finished_at"] is not None and timings["finished_at"] >= timings["created_at"]
         assert counted in httpx.get(f"{url}/metrics").text  # no worker ever sees it: the API counts it
         # A job a worker is taking: RQ moves it off its queue, then marks it started. A cancel in
         # between must not end it in RQ, or it would go canceled, then running, then canceled.
