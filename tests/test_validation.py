@@ -239,6 +239,7 @@ def test_the_openai_route_honours_an_idempotency_key(client: TestClient, redis_c
     conflict = client.post("/v1/images/generations", json={**body, "n": 2}, headers={"Idempotency-Key": "k1"})
     assert conflict.status_code == 409
     assert conflict.json()["error"]["code"] == "idempotency_conflict"
+    assert conflict.headers["x-should-retry"] == "false"  # OpenAI's SDKs send a 409 again otherwise
     too_long = client.post("/v1/images/generations", json=body, headers={"Idempotency-Key": "k" * 256})
     assert too_long.status_code == 422 and too_long.json()["error"]["param"] == "Idempotency-Key"
     assert redis_client.llen("rq:queue:latentd:tiny") == 1

@@ -16,6 +16,7 @@ from app.errors import (
     STORE_DOWN,
     STORE_REFUSES,
     ErrorResponse,
+    IdempotencyConflict,
     InvalidRequest,
     OnceEachRoute,
     ServiceError,
@@ -107,6 +108,12 @@ async def create_image(
         if exc.param in ("width", "height"):
             raise InvalidRequest(f"size {body.size or 'auto'}: {message}", param="size") from None
         raise
+    except IdempotencyConflict as exc:
+        if exc.retry_after is not None:  # the first request is still being accepted: retry
+            raise
+        response = service_error_response(exc)  # another body: the same each time it is sent
+        response.headers["x-should-retry"] = "false"
+        return response
     # The job is accepted. OpenAI's SDKs send a request again on a 409, a 429 or any status from
     # 500 (twice, by default), and each time would queue the job again, or undo its cancel. Their
     # header says not to.
