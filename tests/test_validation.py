@@ -292,6 +292,14 @@ def test_the_job_id_is_named_id_whatever_is_wrong_with_it(client: TestClient, pa
         assert response.json()["error"]["param"] == "id", response.text
 
 
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/v1/models", "/metrics"])
+def test_head_is_answered_where_get_is(client: TestClient, path: str) -> None:
+    """Load balancers and uptime checks probe with HEAD; these answered 405."""
+    got, head = client.get(path), client.head(path)
+    assert head.status_code == got.status_code == 200, head.text
+    assert head.content == b"" and head.headers["content-type"] == got.headers["content-type"]
+
+
 @pytest.mark.parametrize(
     ("method", "path", "allow"),
     [
@@ -299,7 +307,7 @@ def test_the_job_id_is_named_id_whatever_is_wrong_with_it(client: TestClient, pa
         ("POST", "/v1/generations/0123abcd", "GET"),
         ("GET", "/v1/generations/0123abcd/cancel", "POST"),
         ("POST", "/v1/generations/0123abcd/images/0", "GET, HEAD"),  # two routes, one path
-        ("PUT", "/healthz", "GET"),
+        ("PUT", "/healthz", "GET, HEAD"),
     ],
 )
 def test_a_wrong_method_is_told_the_allowed_ones(

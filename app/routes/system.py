@@ -12,13 +12,16 @@ from app.errors import COMMON_RESPONSES, ErrorResponse, ServiceUnavailable
 from app.protocol import Health, ModelList
 
 router = APIRouter(tags=["system"])
+# Each GET route answers HEAD too (RFC 9110): load balancers and uptime checks probe with it.
 
 
+@router.head("/healthz", include_in_schema=False)
 @router.get("/healthz", response_model=Health, summary="The process is alive")
 async def healthz() -> Health:
     return Health(status="ok")
 
 
+@router.head("/readyz", include_in_schema=False)
 @router.get(
     "/readyz",
     response_model=Health,
@@ -33,6 +36,7 @@ def readyz(service: ServiceDep) -> Health:
     return Health(status="ready")
 
 
+@router.head("/v1/models", include_in_schema=False)
 @router.get(
     "/v1/models",
     response_model=ModelList,
@@ -43,6 +47,7 @@ def list_models(service: ServiceDep, caller: PrincipalDep) -> ModelList:
     return ModelList(data=service.models())
 
 
+@router.head("/metrics", include_in_schema=False)
 @router.get(
     "/metrics",
     response_class=Response,
