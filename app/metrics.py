@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import redis
@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from rq import Queue
-from starlette.routing import Match
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from latentd.contract import BATCH_BUCKETS, DURATION_BUCKETS, Keys
@@ -164,10 +164,18 @@ def _route_template(scope: Scope) -> str:
     matched = scope.get("route")  # set by FastAPI's router once it matched
     if matched is not None:
         return str(getattr(matched, "path", "other"))
+    # Answered before routing (a body over the limit): the route that would have taken it.
     app = scope.get("app")
-    router = getattr(app, "router", None)
-    for route in getattr(router, "routes", []):
+    for route in _routes(getattr(getattr(app, "router", None), "routes", [])):
         match, _ = route.matches(scope)
         if match is Match.FULL:
             return str(getattr(route, "path", "other"))
     return "unmatched"
+
+
+def _routes(routes: Iterable[BaseRoute]) -> Iterator[BaseRoute]:
+    """Every route, those of included routers too: FastAPI keeps an included router whole (its
+    `_IncludedRouter` has no path of its own) rather than copying its routes into the app's."""
+    for route in routes:
+        included = getattr(route, "original_router", None)
+        yield from _routes(included.routes) if included is not None else (route,)

@@ -374,6 +374,9 @@ def test_oversized_bodies_get_413_with_or_without_content_length(
     response = client.post("/v1/generations", content=big, headers={"content-type": "application/json"})
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "payload_too_large"
+    # Refused before routing, and still counted under its route.
+    counted = 'latentd_http_requests_total{method="POST",route="/v1/generations",status="413"} 1.0'
+    assert counted in client.get("/metrics").text
 
     def chunks() -> Iterator[bytes]:
         yield b'{"prompt": "'
