@@ -322,6 +322,10 @@ def install_error_handlers(app: FastAPI, authenticate: Callable[[Request], Await
                 return error_response(
                     422, ErrorCode.INVALID_REQUEST, "the request body (a JSON object) is missing"
                 )
+            if first.get("type") in ("model_type", "model_attributes_type"):  # JSON, not an object
+                return error_response(
+                    422, ErrorCode.INVALID_REQUEST, "the request body must be a JSON object"
+                )
         message = "; ".join(_validation_message(e) for e in errors[:5]) or "invalid request"
         if (twice := _field_given_twice(first)) is not None:
             param = None if twice == "?" else twice

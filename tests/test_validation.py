@@ -500,6 +500,9 @@ SEND_JSON = "Content-Type: application/json"
         (b'{"width": 64}', {"content-type": "Application/JSON; charset=utf-8"}, "prompt: Field", "prompt"),
         (b'{"width": 64}', {"content-type": "application/merge-patch+json"}, "prompt: Field", "prompt"),
         (b"", JSON, "request body (a JSON object) is missing", None),
+        (b"[]", JSON, "the request body must be a JSON object", None),
+        (b"null", JSON, "the request body must be a JSON object", None),
+        (b'"a red circle"', JSON, "the request body must be a JSON object", None),
         (b'{"prompt": "a red circle", "seed": 7', JSON, "not valid JSON (at character", None),
         # Python's decoder would keep the last of the two without a word.
         (b'{"prompt": "a cat", "prompt": "a dog"}', JSON, "gives 'prompt' more than once", "prompt"),
