@@ -626,7 +626,6 @@ def test_sigterm_the_moment_the_worker_says_ready_still_exits_0(cluster: Cluster
     # The ready file is a FIFO: the worker blocks while opening it, so SIGTERM lands exactly as
     # it announces readiness, before RQ has installed its own handlers (that used to be exit -15).
     ready = cluster.tmp / "early.ready"
-    os.mkfifo(ready)
     env = base_env(
         cluster.redis.url,
         LATENTD_MODEL=str(cluster.model_dir),
@@ -637,6 +636,9 @@ def test_sigterm_the_moment_the_worker_says_ready_still_exits_0(cluster: Cluster
     )
     worker = spawn(["worker"], env, cluster.tmp / "early.log")
     try:
+        # Made once the worker has removed a ready file it found, as it does first.
+        wait_until(lambda: "worker_starting" in worker.output(), 60, what="the worker's start")
+        os.mkfifo(ready)
         # Registered (the step just before the ready file), so now blocked opening the FIFO.
         wait_until(
             lambda: cluster.redis.client().exists(Keys.worker("early")) or worker.proc.poll() is not None,
