@@ -1,6 +1,7 @@
-"""A bound on a request's head (its line and headers), which httptools reads whole however long:
-one 100 MB header took the API 200 MB of memory. `latentd api` serves with this protocol; where
-httptools is missing it serves with h11, which keeps a bound of its own (16 KiB)."""
+"""uvicorn's httptools protocol with a bound on a request's head (its line and headers), which
+httptools reads whole however long (one 100 MB header took the API 200 MB of memory), and its
+refusals in the one error envelope. `latentd api` serves with it; where httptools is missing it
+serves with h11, which keeps a bound of its own (16 KiB) and answers those refusals in plain text."""
 
 from __future__ import annotations
 
@@ -16,18 +17,11 @@ MAX_HEAD_BYTES = 64 * 1024
 LINGER_S = 5.0
 
 
-def _refusal() -> bytes:
-    body = json.dumps(
-        {
-            "error": {
-                "code": ErrorCode.HEADERS_TOO_LARGE.value,
-                "message": f"the request line and headers exceed {MAX_HEAD_BYTES} bytes",
-                "param": None,
-            }
-        }
-    ).encode()
+def _refusal(status: str, code: ErrorCode, message: str) -> bytes:
+    """A response in the one error envelope, written before any app code runs."""
+    body = json.dumps({"error": {"code": code.value, "message": message, "param": None}}).encode()
     head = (
-        "HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+        f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\n"
         f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
     )
     return head.encode() + body
@@ -58,7 +52,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._head += len(data)
         if self._head > MAX_HEAD_BYTES:
             self._refused = True
-            self.transport.write(_refusal())
+            message = f"the request line and headers exceed {MAX_HEAD_BYTES} bytes"
+            self.transport.write(
+                _refusal("431 Request Header Fields Too Large", ErrorCode.HEADERS_TOO_LARGE, message)
+            )
             if not self.transport.can_write_eof():
                 self.transport.close()
                 return
@@ -67,3 +64,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             # sent, and the connection closed when the client closes it, or after LINGER_S.
             self.transport.write_eof()
             self.loop.call_later(LINGER_S, self.transport.close)
+
+    def send_400_response(self, msg: str) -> None:
+        """A request HTTP itself cannot read (a control character in a header, an unknown method,
+        a malformed Content-Length): the error envelope, where uvicorn answers in plain text."""
+        message = "the request is not valid HTTP/1.1; check its request line and headers"
+        self.transport.write(_refusal("400 Bad Request", ErrorCode.INVALID_REQUEST, message))
+        self.transport.close()

@@ -278,7 +278,8 @@ def _keys(args: argparse.Namespace, connection: Any) -> int:
             print("latentd keys: keys exist; revoke them first", file=sys.stderr)
             return 1
         print(
-            "the API takes requests without a key within 2 s: anyone who reaches it can use it",
+            "within 2 s the API takes requests without a key, unless LATENTD_API_KEYS gives it keys "
+            "of its own: anyone who reaches it can use it",
             file=sys.stderr,
         )
     else:

@@ -59,7 +59,10 @@ def list_keys(connection: redis.Redis) -> list[dict[str, object]]:
 def revoke(connection: redis.Redis, name: str) -> bool:
     for field, value in connection.hgetall(Keys.API_KEYS).items():
         if json.loads(value).get("name") == name:
-            connection.hdel(Keys.API_KEYS, field)
+            pipe = connection.pipeline()  # MULTI: a key made before the flag existed sets it here
+            pipe.hdel(Keys.API_KEYS, field)
+            pipe.set(Keys.KEYS_REQUIRED, 1)
+            pipe.execute()
             return True
     return False
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ from urllib.parse import urlparse
 
 import httpx
 import pytest
+import redis
 from fastapi.testclient import TestClient
 
 from app.auth import AUTH_STATE_TTL
@@ -306,6 +308,18 @@ def test_revoking_the_last_key_leaves_the_service_closed_until_it_is_opened(tmp_
     finally:
         api.stop()
         server.stop()
+
+
+def test_revoking_the_last_key_made_before_the_flag_leaves_keys_required(redis_client: redis.Redis) -> None:
+    """A key stored by a latentd that set no flag: its revoke must not open the service either."""
+    from latentd import keys
+    from latentd.contract import Keys
+
+    redis_client.hset(Keys.API_KEYS, keys.digest("ltd_old"), json.dumps({"name": "old", "created_at": 0}))
+    assert keys.required(redis_client) and not redis_client.exists(Keys.KEYS_REQUIRED)
+    assert keys.revoke(redis_client, "old")
+    assert keys.required(redis_client) and not keys.list_keys(redis_client)
+    assert keys.open_service(redis_client) and not keys.required(redis_client)
 
 
 def test_keys_from_the_environment(tmp_path: Path) -> None:
