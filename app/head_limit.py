@@ -1,14 +1,17 @@
 """uvicorn's httptools protocol with a bound on a request's head (its line and headers), which
 httptools reads whole however long (one 100 MB header took the API 200 MB of memory), and its
 refusals in the one error envelope. `latentd api` serves with it; where httptools is missing it
-serves with h11, which keeps a bound of its own (16 KiB) and answers those refusals in plain text."""
+serves with h11, which keeps a bound of its own (16 KiB) and refuses in plain text.
+
+It subclasses uvicorn's protocol and so leans on its method names and its `cycle` and `transport`
+attributes: uvicorn is pinned in requirements/api.txt, and tests/test_failures.py drives this
+through a real `latentd api`."""
 
 from __future__ import annotations
 
-import json
-
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from app.errors import ErrorBody, ErrorResponse
 from latentd.contract import ErrorCode
 
 # The most a request's line and headers may take together. nginx's default is 32 KiB.
@@ -18,8 +21,8 @@ LINGER_S = 5.0
 
 
 def _refusal(status: str, code: ErrorCode, message: str) -> bytes:
-    """A response in the one error envelope, written before any app code runs."""
-    body = json.dumps({"error": {"code": code.value, "message": message, "param": None}}).encode()
+    """A response in the error envelope, written before any app code runs."""
+    body = ErrorResponse(error=ErrorBody(code=code.value, message=message)).model_dump_json().encode()
     head = (
         f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\n"
         f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
@@ -28,16 +31,18 @@ def _refusal(status: str, code: ErrorCode, message: str) -> bytes:
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol (about 40 % more status reads per second than h11 on the
-    2-core machines), refusing with 431 a head that passes MAX_HEAD_BYTES while it is read. Only
-    bytes received while a head is incomplete count: memory stays within the bound plus one read."""
+    """Refuses with 431 a head that passes MAX_HEAD_BYTES while it is read. A read counts whole
+    toward the head only if the head began in an earlier read: one that also carried earlier
+    requests (pipelined) is not counted, so memory stays within the bound plus two reads."""
 
     _head: int | None = 0  # bytes received of the head being read; None once it is read
+    _began = False  # a head began during the read being parsed
     _refused = False
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._head = 0
+        self._began = True
 
     def on_headers_complete(self) -> None:
         self._head = None
@@ -46,24 +51,33 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return  # dropped: the client has its answer and may still be sending
+        self._began = False
         super().data_received(data)
-        if self._head is None or self.transport.is_closing():
+        if self._head is None or self._began or self.transport.is_closing():
             return
         self._head += len(data)
         if self._head > MAX_HEAD_BYTES:
-            self._refused = True
-            message = f"the request line and headers exceed {MAX_HEAD_BYTES} bytes"
-            self.transport.write(
-                _refusal("431 Request Header Fields Too Large", ErrorCode.HEADERS_TOO_LARGE, message)
-            )
-            if not self.transport.can_write_eof():
-                self.transport.close()
-                return
-            # Closed at once, with the client's bytes unread, the connection would be reset, and a
-            # reset can reach the client before the answer. So: the answer, the end of what is
-            # sent, and the connection closed when the client closes it, or after LINGER_S.
-            self.transport.write_eof()
-            self.loop.call_later(LINGER_S, self.transport.close)
+            self._refuse()
+
+    def _refuse(self) -> None:
+        self._refused = True
+        if self.cycle is not None and not self.cycle.response_complete:
+            # An earlier request of this connection (pipelined) is still being answered, and an
+            # answer now would come before its own: the connection is closed instead.
+            self.transport.close()
+            return
+        message = f"the request line and headers exceed {MAX_HEAD_BYTES} bytes"
+        self.transport.write(
+            _refusal("431 Request Header Fields Too Large", ErrorCode.HEADERS_TOO_LARGE, message)
+        )
+        if not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        # Closed at once, with the client's bytes unread, the connection would be reset, and a
+        # reset can reach the client before the answer. So: the answer, the end of what is sent,
+        # and the connection closed when the client closes it, or after LINGER_S.
+        self.transport.write_eof()
+        self.loop.call_later(LINGER_S, self.transport.close)
 
     def send_400_response(self, msg: str) -> None:
         """A request HTTP itself cannot read (a control character in a header, an unknown method,

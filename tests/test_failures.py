@@ -640,6 +640,24 @@ def test_a_request_head_over_the_bound_is_refused_while_it_is_read(
         assert head.startswith(b"HTTP/1.1 431 "), reply[:200]
         assert json.loads(body)["error"]["code"] == "headers_too_large"
         assert httpx.get(f"{url}/healthz").status_code == 200  # and serves on
+        # Pipelined requests that come in one read are not one head: every one is answered.
+        many = 8 * MAX_HEAD_BYTES // 36
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+            conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * many)
+            answers = b""
+            while answers.count(b"HTTP/1.1 200 ") < many:
+                chunk = conn.recv(1 << 20)
+                assert chunk and b" 431 " not in answers, answers[-300:]
+                answers += chunk
+        # What HTTP itself cannot read is answered in the error envelope too, not in plain text.
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+            conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Bad: a\x01b\r\n\r\n")
+            reply = b""
+            while chunk := conn.recv(65536):
+                reply += chunk
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400 "), reply[:200]
+        assert json.loads(body)["error"]["code"] == "invalid_request"
     finally:
         api.stop()
     assert "Traceback" not in api.output()
