@@ -22,10 +22,15 @@ def _stop_at_once_while_starting() -> None:
     """Until the server's or the worker's own signal handlers take over, SIGTERM (and Ctrl-C)
     ends the process at once, exit 0. A container's PID 1 gets only the signals it handles: a
     worker loading its model (imports, a download, a compile warm-up: minutes) ignored a stop,
-    and Docker or Kubernetes waited out the whole stop grace before killing it."""
+    and Docker or Kubernetes waited out the whole stop grace before killing it. At once: not by
+    SystemExit, which would wait for a hub download's threads to finish their files; before it
+    is ready a process has nothing to put away."""
 
     def stop(signum: int, frame: object) -> None:
-        raise SystemExit(0)
+        with contextlib.suppress(OSError, ValueError):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(0)
 
     signal.signal(signal.SIGTERM, stop)
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not one ignored (nohup)
