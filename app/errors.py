@@ -366,4 +366,6 @@ def install_error_handlers(app: FastAPI, authenticate: Callable[[Request], Await
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled_error path=%s", request.url.path)
+        if (metrics := getattr(request.app.state, "metrics", None)) is not None:
+            metrics.internal_errors.inc()
         return error_response(500, ErrorCode.INTERNAL_ERROR, "internal error; the server log has details")

@@ -127,6 +127,12 @@ class Metrics:
             registry=self.registry,
             buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0, 120.0),
         )
+        # A bug's count apart from the 5xx that answer on purpose (a job's failure, Redis down).
+        self.internal_errors = Counter(
+            "latentd_internal_errors",
+            "Requests answered internal_error: an exception nothing handled (the log has it).",
+            registry=self.registry,
+        )
 
     def watch_redis(self, service: GenerationService) -> None:
         self.registry.register(RedisCollector(service))

@@ -342,6 +342,21 @@ def test_a_trailing_slash_is_not_found_never_redirected(client: TestClient, meth
     }
 
 
+def test_an_unhandled_exception_is_a_bare_internal_error_and_is_counted(redis_server: RedisServer) -> None:
+    app = create_app(ApiSettings(redis_url=redis_server.url_for(PRIVATE_DB)))
+
+    @app.get("/boom")
+    def boom() -> None:
+        raise RuntimeError("a secret detail")
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = client.get("/boom")
+        assert response.status_code == 500
+        assert response.json()["error"]["code"] == "internal_error"
+        assert "secret" not in response.text
+        assert "latentd_internal_errors_total 1.0" in client.get("/metrics").text
+
+
 def test_openapi_documents_every_route_and_error(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     paths = spec["paths"]
