@@ -9,20 +9,19 @@ a bare `internal_error`.
 from __future__ import annotations
 
 import email.message
-import json
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import redis.exceptions
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from app.json_body import TWICE
 from latentd.contract import ErrorCode
 from latentd.logs import event
 
@@ -193,45 +192,15 @@ def _param(loc: Sequence[Any]) -> str | None:
 
 
 _LONE_SURROGATE = "it holds a lone surrogate escape such as \\ud800"
-_TWICE = "a field is given twice: "
-
-
-def _once_each(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    seen: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in seen:
-            raise json.JSONDecodeError(_TWICE + key, "", 0)
-        seen[key] = value
-    return seen
-
-
-class _OnceEachRequest(Request):
-    async def json(self) -> Any:
-        if not hasattr(self, "_json"):
-            self._json = json.loads(await self.body(), object_pairs_hook=_once_each)
-        return self._json
-
-
-class OnceEachRoute(APIRoute):
-    """A route whose JSON body names each field at most once. Python's decoder keeps the last of
-    two, so `{"prompt": "a", "prompt": "b"}` would draw "b" without a word; it is refused."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handle = super().get_route_handler()
-
-        async def route(request: Request) -> Response:
-            return await handle(_OnceEachRequest(request.scope, request.receive))
-
-        return route
 
 
 def _field_given_twice(err: dict[str, Any]) -> str | None:
     """The field a body gives twice, as it may be shown: not one that cannot be written back as
     UTF-8 (a lone surrogate) or is too long to echo."""
     reason = str((err.get("ctx") or {}).get("error", ""))
-    if err.get("type") != "json_invalid" or not reason.startswith(_TWICE):
+    if err.get("type") != "json_invalid" or not reason.startswith(TWICE):
         return None
-    name = reason.removeprefix(_TWICE)
+    name = reason.removeprefix(TWICE)
     try:
         name.encode()
     except UnicodeEncodeError:

@@ -16,11 +16,11 @@ from app.errors import (
     STORE_DOWN,
     STORE_REFUSES,
     ErrorResponse,
-    OnceEachRoute,
     ServiceError,
     service_error_response,
     store_down_response,
 )
+from app.json_body import OnceEachRoute
 from app.protocol import Generation, GenerationRequest, SubmitResponse
 from app.serving import GenerationService
 

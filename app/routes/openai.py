@@ -18,13 +18,13 @@ from app.errors import (
     ErrorResponse,
     IdempotencyConflict,
     InvalidRequest,
-    OnceEachRoute,
     ServiceError,
     ServiceUnavailable,
     WaitTimeout,
     service_error_response,
     store_down_response,
 )
+from app.json_body import OnceEachRoute
 from app.protocol import GenerationRequest, OpenAIImage, OpenAIImageRequest, OpenAIImageResponse
 from app.serving import GenerationService
 from latentd.contract import ErrorCode, JobStatus
