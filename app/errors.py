@@ -234,14 +234,15 @@ _HTTP_CODES = {
 _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
-def _allowed_methods(request: Request) -> list[str]:
-    """Every method some route answers at this path. Starlette's own Allow header names only the
-    first route whose path matches: for an image, GET without the HEAD route beside it."""
+def _allowed_methods(request: Request, path: str | None = None) -> list[str]:
+    """Every method some route answers at this path (or at `path`). Starlette's own Allow header
+    names only the first route whose path matches: for an image, GET without the HEAD route."""
     routes = request.app.router.routes
+    scope = {**request.scope, "path": path or request.scope["path"]}
     return [
         method
         for method in _METHODS
-        if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes)
+        if any(route.matches({**scope, "method": method})[0] is Match.FULL for route in routes)
     ]
 
 
@@ -318,7 +319,7 @@ def install_error_handlers(app: FastAPI, authenticate: Callable[[Request], Await
         if exc.status_code == 404 and message == "Not Found":  # the router's: no route at this path
             path = request.url.path
             message = f"no route at {path}"
-            if len(path) > 1 and path.endswith("/"):
+            if len(path) > 1 and path.endswith("/") and _allowed_methods(request, request.scope["path"][:-1]):
                 message += "; routes take no trailing slash"
         if exc.status_code == 405:
             allowed = _allowed_methods(request) or [m.strip() for m in headers.get("Allow", "").split(",")]

@@ -342,6 +342,11 @@ def test_a_trailing_slash_is_not_found_never_redirected(client: TestClient, meth
     }
 
 
+def test_a_trailing_slash_is_blamed_only_where_the_path_without_it_is_a_route(client: TestClient) -> None:
+    response = client.get("/v1/generations/0123abcd/images/")  # no index: no route either way
+    assert response.json()["error"]["message"] == "no route at /v1/generations/0123abcd/images/"
+
+
 def test_an_unhandled_exception_is_a_bare_internal_error_and_is_counted(redis_server: RedisServer) -> None:
     app = create_app(ApiSettings(redis_url=redis_server.url_for(PRIVATE_DB)))
 
