@@ -252,7 +252,8 @@ COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
     422: {"model": ErrorResponse, "description": "Invalid request; `param` names the field."},
     503: {
         "model": ErrorResponse,
-        "description": "Redis unreachable or refusing writes; retry after `Retry-After` seconds.",
+        "description": "Redis unreachable or refusing writes (`service_unavailable`), or the "
+        "model's worker restarting or loading (`model_unavailable`); retry after `Retry-After` seconds.",
     },
 }
 

@@ -69,6 +69,10 @@ log = logging.getLogger("latentd.api")
 QUEUE_FULL_RETRY_AFTER = 5
 # How long a submit trusts the set of served models it read last; a model missing from it is re-read.
 SERVED_TTL = 1.0
+# A model a worker served or began to load this recently is coming back: a submit for it gets 503
+# and Retry-After, not 400. An hour covers a first hub download of a large checkpoint.
+COMING_BACK_S = 3600
+MODEL_RETRY_AFTER = 5
 # A waiting status read re-reads the job at least this often (seconds), woken or not.
 RECHECK = 1.0
 
@@ -456,6 +460,23 @@ class GenerationService:
                 retry_after=QUEUE_FULL_RETRY_AFTER,
             )
 
+    async def _model_unavailable(self, model: str, served: dict[str, int | None]) -> ModelUnavailable:
+        """400 for a model no worker served lately (a typo, most likely); 503 with Retry-After for
+        one a worker served, or began to load, within COMING_BACK_S: its worker is restarting or
+        loading, and a client that retries (OpenAI's SDKs, `latentd generate`) gets through."""
+        listed = f"; served: {', '.join(sorted(served))}" if served else "; no worker is running"
+        seen = await self.aredis.hget(Keys.MODELS_SEEN, model)
+        ago = time.time() - float(seen) if seen is not None else None
+        if ago is None or ago > COMING_BACK_S:
+            return ModelUnavailable(f"no live worker serves model '{model}'{listed}", param="model")
+        return ModelUnavailable(
+            f"no live worker serves model '{model}' right now; one served it or began loading it "
+            f"{max(0, round(ago))} s ago (restarting or loading?): retry shortly{listed}",
+            param="model",
+            status_code=503,
+            retry_after=MODEL_RETRY_AFTER,
+        )
+
     async def _enqueue(
         self, payload: JobPayload, owner: str | None, served: dict[str, int | None], claim: str | None = None
     ) -> SubmitResponse:
@@ -463,11 +484,7 @@ class GenerationService:
         for this submit)."""
         job_id = payload.job_id
         if payload.model not in served:
-            raise ModelUnavailable(
-                f"no live worker serves model '{payload.model}'"
-                + (f"; served: {', '.join(sorted(served))}" if served else "; no worker is running"),
-                param="model",
-            )
+            raise await self._model_unavailable(payload.model, served)
         queue = self.queue(payload.model)
         if owner is not None:
             await self._reserve_slot(owner, job_id)

@@ -141,6 +141,9 @@ class Keys:
     # Set with the first key and kept when the last is revoked: revoking a leaked key must not
     # open the service. Only `latentd keys open` removes it.
     KEYS_REQUIRED = f"{PREFIX}:keys_required"
+    # Hash model -> when a worker last served it, or began to load it (unix seconds): a model
+    # without a live worker that had one lately is coming back (a restart, a load), not unknown.
+    MODELS_SEEN = f"{PREFIX}:models_seen"
     URL_SECRET = f"{PREFIX}:url_secret"  # signs the image URLs the OpenAI route gives (app.auth)
 
     @staticmethod

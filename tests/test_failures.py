@@ -77,6 +77,30 @@ def test_redis_outage_gives_503_then_recovers(private_redis: RedisServer, tmp_pa
         api.stop()
 
 
+def test_a_model_whose_worker_is_restarting_answers_503_with_retry_after(
+    private_redis: RedisServer, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """A submit while the model's only worker restarted got 400, which no client retries."""
+    api, url = start_api(private_redis.url, tmp_path)
+    try:
+        never = httpx.post(f"{url}/v1/generations", json={"prompt": "x", "model": "never-served"})
+        assert never.status_code == 400 and "retry-after" not in never.headers, never.text
+        assert never.json()["error"]["code"] == "model_unavailable"
+        start_worker(private_redis.url, tiny_model_dir, tmp_path).stop()  # its registration goes too
+        time.sleep(1.1)  # past the API's trust in the served models it read last
+        for route, body in (
+            ("/v1/generations", {"prompt": "x"}),
+            ("/v1/images/generations", {"prompt": "x"}),
+        ):
+            gone = httpx.post(f"{url}{route}", json={**body, "model": TINY_MODEL})
+            assert gone.status_code == 503 and gone.headers["retry-after"] == "5", gone.text
+            error = gone.json()["error"]
+            assert error["code"] == "model_unavailable" and error["param"] == "model"
+            assert "retry shortly" in error["message"]
+    finally:
+        api.stop()
+
+
 def test_a_stalled_redis_gives_503_after_one_socket_timeout(
     private_redis: RedisServer, tmp_path: Path
 ) -> None:

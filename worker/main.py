@@ -316,6 +316,7 @@ class Heartbeat(threading.Thread):
         p = self.connection.pipeline(transaction=False)
         p.set(Keys.worker(self.info.name), self.info.model_dump_json(), ex=max(2, int(self.interval * 3)))
         p.sadd(Keys.WORKERS, self.info.name)
+        p.hset(Keys.MODELS_SEEN, self.info.model, time.time())
         p.execute()
 
     def reap(self) -> None:
@@ -419,6 +420,7 @@ def run(settings: WorkerSettings | None = None) -> int:
     except UnsafeRedis as exc:
         print(f"latentd worker: {exc}", file=sys.stderr)
         return EXIT_REDIS_UNREACHABLE
+    connection.hset(Keys.MODELS_SEEN, settings.served_name(), time.time())  # submits wait for the load
     try:
         runner = load_runner(settings)
     except ModelLoadError as exc:

@@ -44,7 +44,8 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {
         **COMMON_RESPONSES,
         400: {
             "model": ErrorResponse,
-            "description": "No live worker serves the model (`model_unavailable`).",
+            "description": "No live worker serves the model, and none did within the hour "
+            "(`model_unavailable`; one that did answers 503 with Retry-After).",
         },
         409: {"model": ErrorResponse, "description": "Idempotency-Key reused with another body."},
         429: {

@@ -54,7 +54,8 @@ def _parse_size(size: str) -> tuple[int, int]:
         **COMMON_RESPONSES,
         400: {
             "model": ErrorResponse,
-            "description": "No live worker serves the model (`model_unavailable`), or the model's "
+            "description": "No live worker serves the model, and none did within the hour "
+            "(`model_unavailable`; one that did answers 503 with Retry-After), or the model's "
             "safety checker withheld every image (`content_policy_violation`).",
         },
         409: {
@@ -66,8 +67,9 @@ def _parse_size(size: str) -> tuple[int, int]:
         500: {"model": ErrorResponse, "description": "The job failed in the worker."},
         503: {
             "model": ErrorResponse,
-            "description": "Redis unreachable or refusing writes (retry after `Retry-After` seconds), "
-            "or this API process is stopping (no `Retry-After`: the job goes on; poll it).",
+            "description": "Redis unreachable or refusing writes, or the model's worker restarting "
+            "or loading (`model_unavailable`): retry after `Retry-After` seconds. Or this API "
+            "process is stopping (no `Retry-After`: the job goes on; poll it).",
         },
         504: {
             "model": ErrorResponse,
