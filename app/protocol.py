@@ -28,7 +28,8 @@ _FORMAT_DRAWN = frozenset(
 
 
 def _blank(c: str) -> bool:
-    """Draws nothing: whitespace and separators (Z*), controls (Cc), format characters (Cf: soft
+    """Draws nothing: whitespace and separators (Z*), controls (Cc), noncharacters (U+FFFF, ...),
+    format characters (Cf: soft
     hyphen, zero-width and direction marks, BOM) but those that draw, variation selectors and the
     characters above. str.isspace() misses most."""
     category = unicodedata.category(c)
@@ -37,6 +38,10 @@ def _blank(c: str) -> bool:
     return (
         (category[0] == "Z" and c != "\u1680")  # the Ogham space mark is a stroke
         or category == "Cc"
+        # Noncharacters, never to be assigned (not every Cn: one may be an emoji newer than
+        # this Python's Unicode tables).
+        or "\ufdd0" <= c <= "\ufdef"
+        or ord(c) & 0xFFFE == 0xFFFE
         or c in _DRAW_NOTHING
         or "\ufe00" <= c <= "\ufe0f"
         or "\U000e0100" <= c <= "\U000e01ef"

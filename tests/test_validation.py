@@ -470,6 +470,7 @@ BLANK_PROMPTS = [
     "\u3164",  # Hangul filler
     "\u115f\u1160\uffa0",  # Hangul choseong, jungseong and halfwidth fillers
     "\u0001",  # a control (Cc)
+    "\uffff\ufdd0\U0010fffe",  # noncharacters
     "\u2028\u3000 \u00a0",  # line separator (Zl), ideographic and no-break spaces (Zs)
     "\ufe0f\U000e0100",  # variation selectors (Mn)
     "\u034f\u17b4\u17b5\u180b",  # combining grapheme joiner, Khmer inherent vowels, Mongolian FVS (Mn)
@@ -496,6 +497,7 @@ def test_a_prompt_of_invisible_characters_is_blank(
         "\u06dd",  # the Arabic end of ayah, drawn alone
         "\U000110bd",  # the Kaithi number sign
         "\u1680",  # the Ogham space mark: a space (Zs) drawn as a stroke
+        "\U0001fae8",  # an emoji newer than some Pythons' Unicode tables (Cn there)
     ],
 )
 def test_a_prompt_with_something_to_draw_is_kept_as_sent(prompt: str) -> None:
