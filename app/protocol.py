@@ -29,9 +29,8 @@ _FORMAT_DRAWN = frozenset(
 
 def _blank(c: str) -> bool:
     """Draws nothing: whitespace and separators (Z*), controls (Cc), noncharacters (U+FFFF, ...),
-    format characters (Cf: soft
-    hyphen, zero-width and direction marks, BOM) but those that draw, variation selectors and the
-    characters above. str.isspace() misses most."""
+    format characters (Cf: soft hyphen, zero-width and direction marks, BOM) but those that draw,
+    variation selectors and the characters above. str.isspace() misses most."""
     category = unicodedata.category(c)
     if category == "Cf":
         return c not in _FORMAT_DRAWN
