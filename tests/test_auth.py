@@ -36,14 +36,14 @@ from tests.conftest import (
 pytestmark = pytest.mark.integration
 
 
+def keys_command(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "latentd.cli", "keys", *args, "--redis-url", redis_url]
+    return subprocess.run(command, capture_output=True, text=True, env=base_env(redis_url), timeout=60)
+
+
 def create_key(redis_url: str, name: str) -> str:
-    out = subprocess.run(
-        [sys.executable, "-m", "latentd.cli", "keys", "create", name, "--redis-url", redis_url],
-        capture_output=True,
-        text=True,
-        check=True,
-        env=base_env(redis_url),
-    )
+    out = keys_command(redis_url, "create", name)
+    assert out.returncode == 0, out.stderr
     return out.stdout.strip()
 
 
@@ -81,10 +81,8 @@ def test_keys_are_stored_hashed_and_shown_once(secured: Secured) -> None:
     assert len(stored) == 2
     token = secured.alice["Authorization"].split()[1]
     assert all(token.encode() not in k and token.encode() not in v for k, v in stored.items())
-    listed = subprocess.run(
-        [sys.executable, "-m", "latentd.cli", "keys", "list", "--redis-url", secured.redis.url],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+    listed = keys_command(secured.redis.url, "list")
+    assert listed.returncode == 0, listed.stderr
     assert set(listed.stdout.split()) == {"alice", "bob"}
     assert token not in listed.stdout
     # Piped to a reader that stops early (`| head -0`): quiet, as other tools are, no traceback.
@@ -269,11 +267,6 @@ def test_jobs_in_flight_and_requests_per_minute_are_capped_per_key(limited: tupl
     assert limited_response.json()["error"]["code"] == "rate_limited"
     assert 1 <= int(limited_response.headers["retry-after"]) <= 60
     assert httpx.get(f"{url}/v1/models", headers=dave).status_code == 200
-
-
-def keys_command(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "latentd.cli", "keys", *args, "--redis-url", redis_url]
-    return subprocess.run(command, capture_output=True, text=True, env=base_env(redis_url), timeout=60)
 
 
 def test_revoking_the_last_key_leaves_the_service_closed_until_it_is_opened(tmp_path: Path) -> None:
