@@ -21,7 +21,7 @@ import pytest
 import redis
 
 from latentd.client import generate
-from latentd.embedded import free_port
+from latentd.embedded import find_redis_server, free_port
 from tests.conftest import (
     ROOT,
     TINY_MODEL,
@@ -696,6 +696,23 @@ def test_a_log_level_in_capitals_is_taken_and_an_empty_variable_is_unset() -> No
             patch.setenv(name, value)
         settings = CommonSettings()
     assert settings.log_level == "warning" and settings.redis_url is None  # `up` embeds its own Redis
+
+
+def test_a_redis_that_refuses_writes_stops_the_worker_in_one_line(tmp_path: Path) -> None:
+    """A read-only replica (or a full Redis): the worker's first write failed with a traceback."""
+    port = free_port()
+    replica = subprocess.Popen(
+        [find_redis_server(), "--port", str(port), "--save", "", "--appendonly", "no",
+         "--replicaof", "127.0.0.1", str(free_port())],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        worker = spawn(["worker"], base_env(f"redis://127.0.0.1:{port}/0"), tmp_path / "worker.log")
+        assert worker.proc.wait(120) == 4, worker.output()
+    finally:
+        replica.terminate()
+        replica.wait()
+    assert "refuses writes" in worker.output() and "Traceback" not in worker.output()
 
 
 def test_a_device_this_host_lacks_stops_the_worker_in_one_line(

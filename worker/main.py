@@ -34,7 +34,7 @@ from worker.pipeline import ModelLoadError, batch_key, load_runner
 log = logging.getLogger("latentd.worker")
 
 EXIT_MODEL_LOAD_FAILED = 3
-EXIT_REDIS_UNREACHABLE = 4  # or unsafe: it may evict jobs
+EXIT_REDIS_UNREACHABLE = 4  # or unsafe (it may evict jobs), or refusing writes
 EXIT_DEVICE_BROKEN = 70
 EXIT_NAME_TAKEN = 5
 # What RQ's maintenance says of a job left in a queue's intermediate list for over a minute.
@@ -417,10 +417,15 @@ def run(settings: WorkerSettings | None = None) -> int:
         return EXIT_REDIS_UNREACHABLE
     try:
         check_eviction_policy(connection)
+        connection.hset(Keys.MODELS_SEEN, settings.served_name(), time.time())  # submits wait for the load
     except UnsafeRedis as exc:
         print(f"latentd worker: {exc}", file=sys.stderr)
         return EXIT_REDIS_UNREACHABLE
-    connection.hset(Keys.MODELS_SEEN, settings.served_name(), time.time())  # submits wait for the load
+    except (redis.OutOfMemoryError, redis.ReadOnlyError) as exc:  # full, or a replica
+        print(
+            f"latentd worker: Redis at {settings.effective_redis_url} refuses writes: {exc}", file=sys.stderr
+        )
+        return EXIT_REDIS_UNREACHABLE
     try:
         runner = load_runner(settings)
     except ModelLoadError as exc:
