@@ -62,7 +62,7 @@ async def auth_required(request: Request, service: GenerationService) -> bool:
         return True
     now = time.monotonic()
     if now - state.checked_at > AUTH_STATE_TTL:
-        required = bool(await service.aredis.exists(Keys.KEYS_REQUIRED, Keys.API_KEYS))
+        required = bool(await service.aredis.exists(*keys.REQUIRED_WHILE))
         if required != state.required:
             if required:
                 event(log, "auth_required")

@@ -35,10 +35,14 @@ def create(connection: redis.Redis, name: str) -> str:
     return key
 
 
+# Keys are required while either exists (a key exists, or one did). An empty hash does not exist,
+# so one EXISTS of both answers; a key made before the flag existed counts too.
+REQUIRED_WHILE = (Keys.KEYS_REQUIRED, Keys.API_KEYS)
+
+
 def required(connection: redis.Redis) -> bool:
-    """Whether the service requires keys (a key exists, or one did). An empty hash does not
-    exist, so one EXISTS answers both; a key made before the flag existed counts too."""
-    return bool(connection.exists(Keys.KEYS_REQUIRED, Keys.API_KEYS))
+    """Whether the service requires keys (the API's event loop asks the same of `REQUIRED_WHILE`)."""
+    return bool(connection.exists(*REQUIRED_WHILE))
 
 
 def open_service(connection: redis.Redis) -> bool:
