@@ -246,6 +246,12 @@ def _allowed_methods(request: Request, path: str | None = None) -> list[str]:
     ]
 
 
+# The submit routes' 400 for a model, as their OpenAPI descriptions say it.
+MODEL_UNAVAILABLE_400 = (
+    "No live worker serves the model, and none did within the hour "
+    "(`model_unavailable`; one that did answers 503 with Retry-After)"
+)
+
 # Documented on every route that can produce them.
 COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "API keys exist and this request has none, or a wrong one."},

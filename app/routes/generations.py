@@ -13,6 +13,7 @@ from app.auth import ImageCallerDep, PrincipalDep, authenticate
 from app.deps import IdempotencyKey, ServiceDep
 from app.errors import (
     COMMON_RESPONSES,
+    MODEL_UNAVAILABLE_400,
     STORE_DOWN,
     STORE_REFUSES,
     ErrorResponse,
@@ -44,8 +45,7 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {
         **COMMON_RESPONSES,
         400: {
             "model": ErrorResponse,
-            "description": "No live worker serves the model, and none did within the hour "
-            "(`model_unavailable`; one that did answers 503 with Retry-After).",
+            "description": MODEL_UNAVAILABLE_400 + ".",
         },
         409: {"model": ErrorResponse, "description": "Idempotency-Key reused with another body."},
         429: {

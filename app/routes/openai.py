@@ -13,6 +13,7 @@ from app.config import ApiSettings
 from app.deps import IdempotencyKey, ServiceDep, SettingsDep
 from app.errors import (
     COMMON_RESPONSES,
+    MODEL_UNAVAILABLE_400,
     STORE_DOWN,
     STORE_REFUSES,
     ErrorResponse,
@@ -54,9 +55,8 @@ def _parse_size(size: str) -> tuple[int, int]:
         **COMMON_RESPONSES,
         400: {
             "model": ErrorResponse,
-            "description": "No live worker serves the model, and none did within the hour "
-            "(`model_unavailable`; one that did answers 503 with Retry-After), or the model's "
-            "safety checker withheld every image (`content_policy_violation`).",
+            "description": MODEL_UNAVAILABLE_400
+            + ", or the model's safety checker withheld every image (`content_policy_violation`).",
         },
         409: {
             "model": ErrorResponse,
