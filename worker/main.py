@@ -11,6 +11,8 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import diffusers.utils.logging
@@ -25,10 +27,10 @@ from rq.utils import now, utcformat
 from rq.worker import WorkerStatus
 
 from latentd.contract import JobPayload, Keys, WorkerInfo
-from latentd.logs import configure, event
+from latentd.logs import event
 from latentd.store import UnsafeRedis, as_text, check_eviction_policy
 from worker import jobs
-from worker.config import WorkerSettings, get_settings
+from worker.config import WorkerSettings
 from worker.pipeline import ModelLoadError, batch_key, load_runner
 
 log = logging.getLogger("latentd.worker")
@@ -46,9 +48,18 @@ REAPER_LOCK_MS = 30_000
 _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
 
-def _lock_token(name: str) -> str:
-    """A hold's own value: the heartbeat and RQ's maintenance of one worker never let go the other's."""
-    return f"{name}:{uuid.uuid4().hex}"
+@contextmanager
+def reaper_locks(connection: redis.Redis, queues: list[str], holder: str) -> Iterator[list[str]]:
+    """Takes the reaper lock of each queue that is free and gives the names of those taken; lets
+    them go on leaving. A hold has its own value: the heartbeat and RQ's maintenance of one worker
+    never let go the other's."""
+    token = f"{holder}:{uuid.uuid4().hex}"
+    taken = [q for q in queues if connection.set(Keys.reaper_lock(q), token, nx=True, px=REAPER_LOCK_MS)]
+    try:
+        yield taken
+    finally:
+        for q in taken:
+            connection.eval(_RELEASE, 1, Keys.reaper_lock(q), token)
 
 
 def payload_of(job: Any) -> JobPayload:
@@ -109,15 +120,10 @@ class LatentdWorker(SimpleWorker):
         """RQ's maintenance (every 10 minutes) hands each queue's expired jobs to RQ, as the
         heartbeat's reaper does: under the reaper's lock, so that the two never re-queue one job
         twice. While the lock is held it waits: RQ tries again at its next turn."""
-        locks = [Keys.reaper_lock(queue.name) for queue in self.queues]
-        token = _lock_token(self.name)
-        taken = [lock for lock in locks if self.connection.set(lock, token, nx=True, px=REAPER_LOCK_MS)]
-        try:
-            if len(taken) == len(locks):
+        names = [queue.name for queue in self.queues]
+        with reaper_locks(self.connection, names, self.name) as taken:
+            if len(taken) == len(names):
                 super().clean_registries()
-        finally:
-            for lock in taken:
-                self.connection.eval(_RELEASE, 1, lock, token)
 
     def handle_exception(self, job: Any, *exc_info: Any) -> None:
         # The job function already logged one structured line (and a traceback where it
@@ -327,16 +333,13 @@ class Heartbeat(threading.Thread):
         others = {as_text(k) for k in self.connection.smembers(Queue.redis_queues_keys)} - {self.queue.key}
         queues = [self.queue, *(self._queue(k) for k in sorted(others) if k.startswith(prefix))]
         for queue in queues:
-            lock, token = Keys.reaper_lock(queue.name), _lock_token(self.info.name)
-            if not self.connection.set(lock, token, nx=True, px=REAPER_LOCK_MS):
-                continue
-            try:
+            with reaper_locks(self.connection, [queue.name], self.info.name) as taken:
+                if not taken:
+                    continue
                 queue.started_job_registry.cleanup(exception_handlers=[self.worker.on_abandoned])
                 # Jobs a dead worker had taken off the queue but not started (RQ does this only
                 # in its maintenance, every 10 minutes): back to their queue after a minute.
                 queue.intermediate_queue.cleanup(self.worker, queue)
-            finally:
-                self.connection.eval(_RELEASE, 1, lock, token)
 
     def _queue(self, key: str) -> Queue:
         queue = self._queues.get(key)
@@ -406,9 +409,8 @@ def _take_name(connection: redis.Redis, name: str, interval: float) -> bool:
     return True
 
 
-def run(settings: WorkerSettings | None = None) -> int:
-    settings = settings or get_settings()
-    configure(settings.log_level)
+def run(settings: WorkerSettings) -> int:
+    """The worker's life after `latentd worker` has read its settings and configured logging."""
     name = settings.effective_worker_name()
     try:
         connection = _connect(settings.effective_redis_url)
