@@ -596,7 +596,7 @@ class GenerationService:
         started = job.started_at
         finished = job.ended_at if status.is_terminal() else None
         inference = None
-        if StateField.INFERENCE_FINISHED in state:
+        if StateField.INFERENCE_STARTED in state and StateField.INFERENCE_FINISHED in state:
             inference = round(
                 float(state[StateField.INFERENCE_FINISHED]) - float(state[StateField.INFERENCE_STARTED]), 4
             )

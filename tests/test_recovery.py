@@ -331,6 +331,48 @@ def test_rqs_maintenance_waits_while_the_reaper_of_its_queue_works(redis_client:
     assert not redis_client.exists(lock)
 
 
+# The worker dies once RQ has started the job (off every list but the started registry), before
+# the job's run begins: as a batch's mate can, while the batch waits for more.
+DIE_AFTER_STARTING = """
+import os
+
+from rq.worker.base import BaseWorker
+
+_prepare_job_execution = BaseWorker.prepare_job_execution
+
+
+def prepare_job_execution(self, job, *args, **kwargs):
+    _prepare_job_execution(self, job, *args, **kwargs)
+    if "die-after-starting" in str(job.args):
+        os._exit(9)
+
+
+BaseWorker.prepare_job_execution = prepare_job_execution
+"""
+
+
+def test_a_job_lost_before_its_run_began_reads_as_failed(one_attempt_cluster: Cluster) -> None:
+    # Its status read answered 500 (no inference start beside the finish the failure wrote), and
+    # its state, which only the run's start gives a lifetime, was kept for good.
+    cluster = one_attempt_cluster
+    path = sitecustomize(cluster.tmp, DIE_AFTER_STARTING)
+    doomed = start_worker(
+        cluster.redis.url, cluster.model_dir, cluster.tmp, name="doomed", PYTHONPATH=path,
+        LATENTD_LEASE_SECONDS=LEASE,
+    )  # fmt: skip
+    job_id = cluster.submit({"prompt": "die-after-starting", "steps": 1})
+    assert doomed.proc.wait(60) == 9
+    second = cluster.worker("b")
+    try:
+        view = cluster.wait_terminal(job_id)
+    finally:
+        second.stop()
+    assert view["status"] == "failed" and view["error"]["code"] == "worker_lost", view
+    assert "before it began to run it" in view["error"]["message"]
+    assert view["timings"]["inference_seconds"] is None
+    assert 0 < cluster.redis.client().ttl(f"latentd:job:{job_id}") <= 86_400
+
+
 def test_job_whose_attempts_run_out_fails_with_worker_lost(one_attempt_cluster: Cluster) -> None:
     cluster = one_attempt_cluster
     first = cluster.worker("a")

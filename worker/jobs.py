@@ -483,8 +483,11 @@ def grant_settle_start(r: redis.Redis, job_id: str) -> bool:
     return bool(r.eval(_SETTLE_START, 1, Keys.state(job_id)))
 
 
-def record_abandoned(r: redis.Redis, job_id: str, model: str, will_retry: bool, settle: bool = False) -> None:
-    """Called for a job whose worker stopped renewing its lease, as RQ re-queues or fails it."""
+def record_abandoned(
+    r: redis.Redis, job_id: str, model: str, will_retry: bool, settle: bool, ttl: int
+) -> None:
+    """Called for a job whose worker stopped renewing its lease, as RQ re-queues or fails it; `ttl`
+    is the job record's (its worker may have died before it began the run, which sets one)."""
     state_key = Keys.state(job_id)
     if settle:
         event(log, "job_requeued", logging.WARNING, job_id=job_id, reason="images_stored")
@@ -494,14 +497,17 @@ def record_abandoned(r: redis.Redis, job_id: str, model: str, will_retry: bool, 
         event(log, "job_requeued", logging.WARNING, job_id=job_id, reason="worker_lost")
         return
     attempts = int(r.hget(state_key, StateField.ATTEMPTS) or 0)
-    error = JobError(
-        code=ErrorCode.WORKER_LOST,
-        message=f"the worker running this job stopped responding, {attempts} time(s); no attempts are left",
-    )
-    r.hset(
-        state_key,
-        mapping={StateField.ERROR: error.model_dump_json(), StateField.INFERENCE_FINISHED: time.time()},
-    )
+    if attempts:
+        lost = f"the worker running this job stopped responding, {attempts} time(s)"
+    else:  # it died in the wait for batch mates, or between RQ's start and ours
+        lost = "the worker that took this job stopped responding before it began to run it"
+    error = JobError(code=ErrorCode.WORKER_LOST, message=f"{lost}; no attempts are left")
+    p = r.pipeline(transaction=True)
+    p.hset(state_key, StateField.ERROR, error.model_dump_json())
+    if attempts:
+        p.hset(state_key, StateField.INFERENCE_FINISHED, time.time())
+    p.expire(state_key, ttl)
+    p.execute()
     _record_outcome(r, model, JobStatus.FAILED, ErrorCode.WORKER_LOST.value)
     event(log, "job_failed", logging.WARNING, job_id=job_id, code=ErrorCode.WORKER_LOST.value)
 

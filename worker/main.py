@@ -96,6 +96,7 @@ class LatentdWorker(SimpleWorker):
     shutdown_grace = 600.0
     max_batch_images = 1
     batch_wait = 0.005
+    job_ttl = 86_400
     _had_company = False  # whether other jobs were queued at the last pickup that looked
 
     def __init__(self, *args: Any, model: str, **kwargs: Any) -> None:
@@ -114,7 +115,8 @@ class LatentdWorker(SimpleWorker):
                 job.retries_left = 1
             # The job's own model: a worker reaps every model's queue.
             model = (job.origin or "").removeprefix(Keys.queue_name("")) or self.model
-            jobs.record_abandoned(self.connection, job.id, model, will_retry, settle)
+            ttl = job.failure_ttl or self.job_ttl
+            jobs.record_abandoned(self.connection, job.id, model, will_retry, settle, ttl)
 
     def clean_registries(self) -> None:
         """RQ's maintenance (every 10 minutes) hands each queue's expired jobs to RQ, as the
@@ -467,6 +469,7 @@ def run(settings: WorkerSettings) -> int:
     worker.shutdown_grace = settings.shutdown_grace
     worker.max_batch_images = settings.max_batch_images
     worker.batch_wait = settings.batch_wait_ms / 1000
+    worker.job_ttl = settings.job_ttl
     worker.stop_on_signals()  # before anyone is told the worker is ready
     heartbeat = Heartbeat(worker, info, settings.heartbeat_interval, queue)
     heartbeat.beat()
