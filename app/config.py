@@ -31,8 +31,9 @@ class ApiSettings(CommonSettings):
         default=None,
         ge=64,
         le=2048,
-        description="Width and height when a request omits them; unset: the model's native size, "
-        "as its workers report it (64 for the built-in model, 512 for Stable Diffusion 1.5).",
+        multiple_of=8,
+        description="Width and height when a request omits them, a multiple of 8; unset: the model's "
+        "native size, as its workers report it (64 for the built-in model, 512 for Stable Diffusion 1.5).",
     )
     max_queue_depth: int = Field(
         default=1000, ge=1, description="Queued jobs per model before submits get 429."

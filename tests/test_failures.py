@@ -595,6 +595,7 @@ def test_redis_that_may_evict_jobs_is_refused(private_redis: RedisServer, tmp_pa
         ("worker", "LATENTD_HEARTBEAT_INTERVAL", "inf"),
         ("api", "LATENTD_SYNC_TIMEOUT", "nan"),
         ("api", "LATENTD_DEFAULT_SIZE", "2048"),  # over LATENTD_MAX_PIXELS
+        ("api", "LATENTD_DEFAULT_SIZE", "65"),  # every request without a size would fail
         ("worker", "LATENTD_JOB_TTL", "60"),  # under LATENTD_RESULTS_TTL
     ],
 )
