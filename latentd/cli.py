@@ -315,15 +315,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="API keys: create NAME (prints the key once), list, revoke NAME, "
         "open (no key left: take requests without one again)",
     )
-    keys.add_argument("action", choices=["create", "list", "revoke", "open"])
-    keys.add_argument("name", nargs="?", default="")
-    keys.add_argument(
-        "--redis-url",
-        help="the Redis the API uses (default: LATENTD_REDIS_URL, else that of a `latentd up` running with "
-        "--data-dir, else redis://127.0.0.1:6379/0)",
-    )
-    keys.add_argument("--data-dir", default=".latentd", help="the data directory of `latentd up`")
-    keys.set_defaults(func=cmd_keys)
+    actions = keys.add_subparsers(dest="action", required=True, metavar="{create,list,revoke,open}")
+    # Where to find Redis, given before the action or after it (its default then left alone).
+    where = [keys]
+    for action, what, named in (
+        ("create", "make a key named NAME and print it, once", True),
+        ("list", "the keys' names and when they were made", False),
+        ("revoke", "delete the key named NAME", True),
+        ("open", "with no key left, take requests without one again", False),
+    ):
+        parser_of = actions.add_parser(action, help=what, description=what)
+        if named:
+            parser_of.add_argument("name", metavar="NAME")
+        where.append(parser_of)
+    for i, p in enumerate(where):
+        keep: dict[str, Any] = {} if i == 0 else {"default": argparse.SUPPRESS}
+        p.add_argument(
+            "--redis-url",
+            help="the Redis the API uses (default: LATENTD_REDIS_URL, else that of a `latentd up` "
+            "running with --data-dir, else redis://127.0.0.1:6379/0)",
+            **keep,
+        )
+        p.add_argument(
+            "--data-dir", help="the data directory of `latentd up`", **({"default": ".latentd"} | keep)
+        )
+    keys.set_defaults(func=cmd_keys, name="")
 
     gen = sub.add_parser("generate", help="submit a prompt, show progress, save the images")
     gen.add_argument("prompt")

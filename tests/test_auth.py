@@ -36,8 +36,9 @@ from tests.conftest import (
 pytestmark = pytest.mark.integration
 
 
-def keys_command(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "latentd.cli", "keys", *args, "--redis-url", redis_url]
+def keys_command(redis_url: str, action: str, *args: str) -> subprocess.CompletedProcess[str]:
+    # The option between the action and its NAME: `keys create --redis-url URL NAME` was refused.
+    command = [sys.executable, "-m", "latentd.cli", "keys", action, "--redis-url", redis_url, *args]
     return subprocess.run(command, capture_output=True, text=True, env=base_env(redis_url), timeout=60)
 
 
