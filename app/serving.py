@@ -29,6 +29,7 @@ from rq.utils import now, utcformat
 
 from app.config import ApiSettings
 from app.errors import (
+    STORE_DOWN,
     Expired,
     IdempotencyConflict,
     InvalidRequest,
@@ -441,11 +442,7 @@ class GenerationService:
                 created_at=view.timings.created_at,
                 links=view.links,
             )
-        try:
-            return await self._enqueue(payload, owner, served, claim=key)
-        except BaseException:
-            await self.aredis.delete(key)  # nothing was accepted under this key
-            raise
+        return await self._enqueue(payload, owner, served, claim=key)
 
     async def _reserve_slot(self, owner: str, job_id: str) -> None:
         limit = self.settings.max_jobs_in_flight
@@ -481,24 +478,41 @@ class GenerationService:
         self, payload: JobPayload, owner: str | None, served: dict[str, int | None], claim: str | None = None
     ) -> SubmitResponse:
         """Queue the job, if a live worker serves its model (`served`, as `served_models` read it
-        for this submit)."""
+        for this submit). Where nothing was accepted, the owner's in-flight slot and the
+        Idempotency-Key `claim` are let go.
+
+        Where the enqueue's reply did not come (a timeout, a dropped connection, the request
+        given up), the job may stand: the script may have run, or may still run once a stalled
+        Redis wakes. Both stay then: the claim, to be found by a replay if the job was taken
+        (the script made it last as long as the job) or to lapse in IDEMPOTENT_PENDING_S if not;
+        the slot, dropped within a minute if no job came of it (`_RESERVE`). Let go, a replay
+        made a second job of the same request."""
         job_id = payload.job_id
-        if payload.model not in served:
-            raise await self._model_unavailable(payload.model, served)
-        queue = self.queue(payload.model)
-        if owner is not None:
-            await self._reserve_slot(owner, job_id)
+        sent = False
         try:
+            if payload.model not in served:
+                raise await self._model_unavailable(payload.model, served)
+            queue = self.queue(payload.model)
+            if owner is not None:
+                await self._reserve_slot(owner, job_id)
+            sent = True
             job, length = await self._rq_enqueue(queue, payload, owner, claim)
+            sent = False
             if length < 0:
                 depth = self.settings.max_queue_depth
                 raise QueueFull(
                     f"the queue for '{payload.model}' holds {depth} jobs; retry later",
                     retry_after=QUEUE_FULL_RETRY_AFTER,
                 )
-        except BaseException:
-            if owner is not None:
-                await self.aredis.zrem(Keys.in_flight(owner), job_id)
+        except BaseException as exc:
+            unknown = sent and isinstance(exc, (*STORE_DOWN, asyncio.CancelledError))
+            if not unknown and (owner is not None or claim is not None):
+                async with self.aredis.pipeline(transaction=False) as release:
+                    if owner is not None:
+                        release.zrem(Keys.in_flight(owner), job_id)
+                    if claim is not None:
+                        release.delete(claim)
+                    await release.execute()
             raise
         return SubmitResponse(
             id=job_id,

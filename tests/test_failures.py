@@ -429,6 +429,47 @@ def test_an_idempotency_key_claimed_by_an_api_that_died_frees_itself(
         api.stop()
 
 
+LOSE_THE_FIRST_ENQUEUE_REPLY = """
+import redis
+import app.serving
+
+_rq_enqueue = app.serving.GenerationService._rq_enqueue
+lost = []
+
+
+async def rq_enqueue(self, *args, **kwargs):
+    taken = await _rq_enqueue(self, *args, **kwargs)
+    if not lost:
+        lost.append(True)
+        raise redis.TimeoutError("Timeout reading from socket")  # Redis took it; its reply was lost
+    return taken
+
+
+app.serving.GenerationService._rq_enqueue = rq_enqueue
+"""
+
+
+def test_a_replay_after_a_lost_enqueue_reply_gets_the_job_that_was_taken(
+    private_redis: RedisServer, tmp_path: Path
+) -> None:
+    # The submit let its Idempotency-Key go when the enqueue's reply did not come, though Redis had
+    # taken the job (or took it on waking from a stall): the client's replay made a second job.
+    r = private_redis.client()
+    register_ghost(r, "tiny")
+    body, headers = {"prompt": "x", "steps": 1}, {"Idempotency-Key": "order-8"}
+    api, url = start_api(
+        private_redis.url, tmp_path, PYTHONPATH=sitecustomize(tmp_path, LOSE_THE_FIRST_ENQUEUE_REPLY)
+    )
+    try:
+        first = httpx.post(f"{url}/v1/generations", json=body, headers=headers, timeout=10)
+        assert first.status_code == 503, first.text
+        replay = httpx.post(f"{url}/v1/generations", json=body, headers=headers, timeout=10)
+        assert replay.status_code == 202, replay.text
+        assert r.lrange("rq:queue:latentd:tiny", 0, -1) == [replay.json()["id"].encode()]
+    finally:
+        api.stop()
+
+
 def test_cli_generate_writes_the_images(service: Service, tmp_path: Path) -> None:
     env = base_env(service.url)
     proc = spawn(
