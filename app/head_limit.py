@@ -31,9 +31,11 @@ def _refusal(status: str, code: ErrorCode, message: str) -> bytes:
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
-    """Refuses with 431 a head that passes MAX_HEAD_BYTES while it is read. A read counts whole
-    toward the head only if the head began in an earlier read: one that also carried earlier
-    requests (pipelined) is not counted, so memory stays within the bound plus two reads."""
+    """Refuses with 431 a head that passes MAX_HEAD_BYTES. While a head is read, a read counts
+    whole toward it only if the head began in an earlier read: one that also carried earlier
+    requests (pipelined) is not counted, so memory stays within the bound plus two reads. A head
+    read whole is measured as it ends, by its line and headers as parsed, before the request is
+    handed on: one that came in a single read (up to 256 KiB here) was never counted."""
 
     _head: int | None = 0  # bytes received of the head being read; None once it is read
     _began = False  # a head began during the read being parsed
@@ -46,7 +48,20 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._head = None
+        if self._refused:
+            return
+        if len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers) > MAX_HEAD_BYTES:
+            self._refuse()
+            return
         super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if not self._refused:
+            super().on_message_complete()
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
