@@ -219,6 +219,49 @@ def test_a_job_taken_by_a_worker_that_died_before_starting_it_runs(cluster: Clus
     assert worker.output().count("job_requeued") == 1
 
 
+# The worker dies after a batch claimed a job off its queue, before RQ starts it.
+DIE_AFTER_CLAIMING = """
+import os
+
+from rq.worker.base import BaseWorker
+
+_prepare_execution = BaseWorker.prepare_execution
+
+
+def prepare_execution(self, job):
+    if "die-after-claiming" in str(job.args):
+        os._exit(9)
+    return _prepare_execution(self, job)
+
+
+BaseWorker.prepare_execution = prepare_execution
+"""
+
+
+def test_a_job_claimed_into_a_batch_by_a_worker_that_died_runs(cluster: Cluster) -> None:
+    # The claim took the job off its queue and onto no list: it stayed queued, for good.
+    r = cluster.redis.client()
+    register_ghost(r, TINY_MODEL)  # both are queued before the worker looks
+    first = cluster.submit({"prompt": "first", "steps": 1})
+    mate = cluster.submit({"prompt": "die-after-claiming", "steps": 1})
+    path = sitecustomize(cluster.tmp, DIE_AFTER_CLAIMING)
+    doomed = start_worker(
+        cluster.redis.url, cluster.model_dir, cluster.tmp, name="doomed", PYTHONPATH=path,
+        LATENTD_LEASE_SECONDS=LEASE,
+    )  # fmt: skip
+    assert doomed.proc.wait(60) == 9
+    assert r.lrange("rq:queue:latentd:tiny:intermediate", 0, -1) == [first.encode(), mate.encode()]
+    worker = cluster.worker("b")
+    try:
+        wait_until(lambda: "cleaning registries for queue" in worker.output(), 30, what="RQ's maintenance")
+        for job_id in (first, mate):  # as if they had sat there for two minutes (RQ waits one)
+            r.set(f"rq:queue:latentd:tiny:intermediate:first_seen:{job_id}", time.time() - 120)
+        views = [cluster.wait_terminal(job_id, timeout=60) for job_id in (first, mate)]
+    finally:
+        worker.stop()
+    assert [v["status"] for v in views] == ["succeeded", "succeeded"], views
+
+
 # The worker dies the moment it has stored a job's images, before RQ marks the job finished.
 DIE_AFTER_COMMIT = """
 import os

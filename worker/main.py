@@ -46,6 +46,15 @@ STUCK_IN_INTERMEDIATE_QUEUE = "Job was stuck in intermediate queue."
 # milliseconds): abandoned jobs then wait for it as long as for a lapsed lease.
 REAPER_LOCK_MS = 30_000
 _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+# A batch's claim of a queued job: off its queue and onto the queue's intermediate list in one
+# step, as RQ's own dequeue moves a job, so that a worker that dies before it starts the job
+# leaves it where the reaper finds it (`LatentdWorker.handle_job_failure`). KEYS: the queue, its
+# intermediate list; ARGV: the job id. Returns 1, or 0 where another worker took it first.
+_CLAIM = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+redis.call('RPUSH', KEYS[2], ARGV[1])
+return 1
+"""
 
 
 @contextmanager
@@ -278,10 +287,10 @@ class LatentdWorker(SimpleWorker):
                     continue
                 if batch_key(other, zeros) != key or other.num_images > budget:
                     continue
-                if self.connection.lrem(queue.key, 1, candidate.id) != 1:
+                if not self.connection.eval(_CLAIM, 2, queue.key, queue.intermediate_queue_key, candidate.id):
                     continue  # another worker took it first
                 execution = self.prepare_execution(candidate)
-                self.prepare_job_execution(candidate)
+                self.prepare_job_execution(candidate, remove_from_intermediate_queue=True)
                 claimed.append(jobs.Claimed(job=candidate, payload=other, execution=execution))
                 budget -= other.num_images
             if budget <= 0 or time.monotonic() >= deadline or not (company or self._had_company):
