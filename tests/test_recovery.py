@@ -807,6 +807,86 @@ def test_workers_ride_out_a_redis_outage(cluster: Cluster) -> None:
         worker.stop()
 
 
+# Each denoising step of a "slow" job takes 0.05 s more: a job that runs through an outage.
+SLOW_STEPS = """
+import time
+
+import worker.pipeline
+
+_generate = worker.pipeline.Runner.generate
+
+
+def generate(self, payloads, on_step):
+    def slow(done, total):
+        if any("slow" in p.prompt for p in payloads):
+            time.sleep(0.05)
+        return on_step(done, total)
+
+    return _generate(self, payloads, slow)
+
+
+worker.pipeline.Runner.generate = generate
+"""
+
+
+def test_a_job_runs_through_a_redis_outage_and_its_worker_serves_on(cluster: Cluster) -> None:
+    # The first progress write that found Redis gone failed the job, and RQ, failing it with
+    # Redis still gone, stopped the worker (exit 1): the job stayed running until another came.
+    path = sitecustomize(cluster.tmp, SLOW_STEPS)
+    worker = start_worker(cluster.redis.url, cluster.model_dir, cluster.tmp, name="a", PYTHONPATH=path)
+    try:
+        job_id = cluster.submit({"prompt": "slow", "steps": 100})
+        cluster.running_on(job_id)
+        cluster.redis.stop()
+        time.sleep(2)
+        cluster.redis.start()
+        view = cluster.wait_terminal(job_id)
+        assert view["status"] == "succeeded", view
+        assert "redis_unreachable_in_job" in worker.output() and worker.proc.poll() is None
+        after = cluster.wait_terminal(cluster.submit({"prompt": "after", "steps": 1}))
+        assert after["status"] == "succeeded"
+    finally:
+        worker.stop()
+
+
+# The reply to a job's results commit is lost (the commit ran; the connection dropped after it).
+LOSE_THE_COMMIT_REPLY = """
+import redis
+from redis.commands.core import Script
+
+_call = Script.__call__
+lost = []
+
+
+def call(self, *args, **kwargs):
+    answer = _call(self, *args, **kwargs)
+    text = self.script if isinstance(self.script, str) else self.script.decode()
+    if "completions" in text and not lost:
+        lost.append(True)
+        raise redis.ConnectionError("Connection closed by server.")
+    return answer
+
+
+Script.__call__ = call
+"""
+
+
+def test_a_job_whose_commit_reply_was_lost_succeeds_counted_once(cluster: Cluster) -> None:
+    # It ended failed, generation_failed, its images stored, counted both succeeded and failed.
+    path = sitecustomize(cluster.tmp, LOSE_THE_COMMIT_REPLY)
+    worker = start_worker(cluster.redis.url, cluster.model_dir, cluster.tmp, name="a", PYTHONPATH=path)
+    try:
+        view = cluster.wait_terminal(cluster.submit({"prompt": "x", "steps": 1}))
+    finally:
+        worker.stop()
+    assert view["status"] == "succeeded", view
+    r = cluster.redis.client()
+    assert r.hget(f"latentd:job:{view['id']}", "completions") == b"1"
+    assert {k: v for k, v in r.hgetall("latentd:stats:outcomes").items() if b"tiny" in k} == {
+        b"tiny|succeeded|": b"1"
+    }
+
+
 def test_latentd_generate_rides_out_a_redis_outage_and_saves_its_image(cluster: Cluster) -> None:
     # A worker's registration without the worker, so the job waits in its queue through the outage.
     r = cluster.redis.client()

@@ -12,8 +12,9 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 from pydantic import ValidationError
@@ -36,6 +37,7 @@ from worker.encode import encode
 from worker.pipeline import Runner, first_line, free_accelerator_memory, is_out_of_memory
 
 log = logging.getLogger("latentd.worker")
+T = TypeVar("T")
 
 
 class JobCanceled(Exception):
@@ -194,10 +196,12 @@ return redis.call('EXISTS', KEYS[3])
 # its cancel flag is down (the API raises it only while no images are stored: one order or the
 # other, never both), and counted with them. KEYS: job, state, cancel flag, outcome counts, image
 # keys...; ARGV: worker, results_ttl, job_ttl, state json, outcome field, GIVEN_UP_SECONDS, image
-# bytes... Returns COMMITTED, NOT_OURS or CANCELED.
+# bytes... Returns COMMITTED, NOT_OURS or CANCELED. Sent again after its reply was lost, it finds
+# its own images and writes and counts nothing more.
 _COMMIT = """
 local owner = redis.call('HMGET', KEYS[1], 'status', 'worker_name')
 if owner[1] ~= 'started' or owner[2] ~= ARGV[1] then return 0 end
+if redis.call('HEXISTS', KEYS[2], 'images') == 1 then return 1 end
 local given_up = redis.call('HGET', KEYS[2], 'given_up_at')
 if given_up and tonumber(redis.call('TIME')[1]) - tonumber(given_up) < tonumber(ARGV[6]) then return 0 end
 if redis.call('EXISTS', KEYS[3]) == 1 then return 2 end
@@ -321,17 +325,21 @@ def _run(rt: Runtime, members: list[tuple[str, JobPayload]], outcomes: dict[str,
         if now - last_check < interval:
             return False
         last_check = now
-        pipe = r.pipeline(transaction=False)
-        if not counted:
-            _observe(pipe, Keys.batches(model), BATCH_BUCKETS, images_asked)
-            counted = True
         asked = [job_id for job_id, _ in active if job_id not in lost and job_id not in canceled]
-        for job_id in asked:
-            keys = [_rq_key(job_id), Keys.state(job_id), Keys.cancel(job_id)]
-            # EVAL, not a registered script: redis-py sends SCRIPT EXISTS before each pipeline
-            # that holds one, a second round trip inside the denoising loop.
-            pipe.eval(_STEP, len(keys), *keys, rt.worker_name, done)
-        replies = pipe.execute()
+
+        def send() -> list[Any]:
+            pipe = r.pipeline(transaction=False)
+            if not counted:
+                _observe(pipe, Keys.batches(model), BATCH_BUCKETS, images_asked)
+            for job_id in asked:
+                keys = [_rq_key(job_id), Keys.state(job_id), Keys.cancel(job_id)]
+                # EVAL, not a registered script: redis-py sends SCRIPT EXISTS before each pipeline
+                # that holds one, a second round trip inside the denoising loop.
+                pipe.eval(_STEP, len(keys), *keys, rt.worker_name, done)
+            return pipe.execute()
+
+        replies = _resent_while_unreachable(send, "progress")
+        counted = True
         for job_id, answer in zip(asked, map(int, replies[len(replies) - len(asked) :]), strict=True):
             if answer < 0:
                 lost.add(job_id)
@@ -407,25 +415,50 @@ def _commit(rt: Runtime, job_id: str, payload: JobPayload, images: list[Any], fi
         StateField.IMAGES: json.dumps([m.model_dump() for _, m in encoded]),
         StateField.INFERENCE_FINISHED: finished,
     }
-    committed = rt.connection.register_script(_COMMIT)(
-        keys=[
-            _rq_key(job_id),
-            Keys.state(job_id),
-            Keys.cancel(job_id),
-            Keys.OUTCOMES,
-            *(Keys.image(job_id, i) for i in range(len(encoded))),
-        ],
-        args=[
-            rt.worker_name,
-            rt.settings.results_ttl,
-            rt.settings.job_ttl,
-            json.dumps(fields),
-            _outcome(rt.runner.model, JobStatus.SUCCEEDED),
-            GIVEN_UP_SECONDS,
-            *(data for data, _ in encoded),
-        ],
+    commit = rt.connection.register_script(_COMMIT)
+    committed = _resent_while_unreachable(
+        lambda: commit(
+            keys=[
+                _rq_key(job_id),
+                Keys.state(job_id),
+                Keys.cancel(job_id),
+                Keys.OUTCOMES,
+                *(Keys.image(job_id, i) for i in range(len(encoded))),
+            ],
+            args=[
+                rt.worker_name,
+                rt.settings.results_ttl,
+                rt.settings.job_ttl,
+                json.dumps(fields),
+                _outcome(rt.runner.model, JobStatus.SUCCEEDED),
+                GIVEN_UP_SECONDS,
+                *(data for data, _ in encoded),
+            ],
+        ),
+        "commit",
     )
     return int(committed)
+
+
+def _resent_while_unreachable(send: Callable[[], T], what: str) -> T:
+    """`send()`, sent again while Redis cannot be reached or its reply does not come (a restart,
+    a failover, a dropped connection), as an idle worker waits for it: a job in its run failed on
+    the first such error, and RQ, failing it with Redis still gone, stopped the worker. `send`
+    must be safe to run twice (its reply may be what was lost). RQ's time limit ends the wait."""
+    delay, waiting = 0.1, False
+    while True:
+        try:
+            answer = send()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if not waiting:
+                event(log, "redis_unreachable_in_job", logging.WARNING, at=what, error=type(exc).__name__)
+                waiting = True
+            time.sleep(delay)
+            delay = min(2 * delay, 2.0)
+            continue
+        if waiting:
+            event(log, "redis_reachable_in_job", at=what)
+        return answer
 
 
 def _record_canceled(rt: Runtime, job_id: str) -> Canceled:
