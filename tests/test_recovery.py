@@ -849,6 +849,29 @@ def test_a_job_runs_through_a_redis_outage_and_its_worker_serves_on(cluster: Clu
         worker.stop()
 
 
+def test_a_second_stop_request_leaves_the_job_to_its_lease(cluster: Cluster) -> None:
+    # Ctrl-C twice: RQ's cold stop raised SystemExit inside the job, and RQ recorded it failed.
+    path = sitecustomize(cluster.tmp, SLOW_STEPS)
+    first = start_worker(
+        cluster.redis.url, cluster.model_dir, cluster.tmp, name="a", PYTHONPATH=path,
+        LATENTD_LEASE_SECONDS=LEASE,
+    )  # fmt: skip
+    job_id = cluster.submit({"prompt": "slow", "steps": 100})
+    cluster.running_on(job_id)
+    first.proc.send_signal(signal.SIGINT)
+    time.sleep(1.5)  # RQ ignores a second signal within a second, as a duplicate
+    first.proc.send_signal(signal.SIGINT)
+    assert first.proc.wait(30) == 0, first.output()
+    assert "cold_shutdown" in first.output()
+    assert cluster.status(job_id)["status"] == "running"  # until its lease runs out
+    second = cluster.worker("b")
+    try:
+        view = cluster.wait_terminal(job_id)
+    finally:
+        second.stop()
+    assert view["status"] == "succeeded", view
+
+
 # The reply to a job's results commit is lost (the commit ran; the connection dropped after it).
 LOSE_THE_COMMIT_REPLY = """
 import redis

@@ -162,11 +162,23 @@ class LatentdWorker(SimpleWorker):
             self._grace_timer.start()
         super().request_stop(signum, frame)
 
-    def _grace_expired(self) -> None:
-        if self.execution is None:
+    def request_force_stop(self, signum: int, frame: Any) -> None:
+        """A second stop request (Ctrl-C twice). RQ's cold stop raises SystemExit inside the job,
+        and RQ then records the job failed; the job is left to its lease instead, as when the
+        grace runs out."""
+        asked = self._shutdown_requested_date
+        if self.execution is None or asked is None or (now() - asked).total_seconds() < 1:
+            super().request_force_stop(signum, frame)  # no job; or a duplicate signal, ignored
             return
-        # Leave the job to its lease: it lapses and another worker re-runs it.
-        event(log, "shutdown_grace_expired", logging.WARNING, grace=self.shutdown_grace)
+        self._leave_the_job("cold_shutdown")
+
+    def _grace_expired(self) -> None:
+        if self.execution is not None:
+            self._leave_the_job("shutdown_grace_expired", grace=self.shutdown_grace)
+
+    def _leave_the_job(self, why: str, **fields: Any) -> None:
+        # Exit without a word to Redis: the job's lease lapses, and another worker re-runs it.
+        event(log, why, logging.WARNING, job_id=self.execution.job_id if self.execution else None, **fields)
         logging.shutdown()
         os._exit(0)
 
