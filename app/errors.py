@@ -246,21 +246,51 @@ def _allowed_methods(request: Request, path: str | None = None) -> list[str]:
     ]
 
 
+def _error(description: str) -> dict[str, Any]:
+    return {"model": ErrorResponse, "description": description}
+
+
 # The submit routes' 400 for a model, as their OpenAPI descriptions say it.
 MODEL_UNAVAILABLE_400 = (
     "No live worker serves the model, and none did within the hour "
     "(`model_unavailable`; one that did answers 503 with Retry-After)"
 )
+# Both submit routes' 409 for an Idempotency-Key.
+IDEMPOTENCY_CONFLICT_409 = (
+    "Idempotency-Key reused with another body, or whose first request is still being accepted "
+    "(`idempotency_conflict`; the latter with Retry-After)"
+)
+STORE_UNAVAILABLE_503 = (
+    "Redis unreachable or refusing writes (`service_unavailable`); retry after `Retry-After` seconds"
+)
+# The submit routes' 503s, as their OpenAPI descriptions say them.
+SUBMIT_UNAVAILABLE_503 = (
+    STORE_UNAVAILABLE_503 + ". Or the model's worker is restarting or loading (`model_unavailable`), "
+    "also with `Retry-After`"
+)
 
-# Documented on every route that can produce them.
+# Documented on every route that authenticates its caller: each can produce them.
 COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorResponse, "description": "API keys exist and this request has none, or a wrong one."},
-    422: {"model": ErrorResponse, "description": "Invalid request; `param` names the field."},
-    503: {
-        "model": ErrorResponse,
-        "description": "Redis unreachable or refusing writes (`service_unavailable`), or the "
-        "model's worker restarting or loading (`model_unavailable`); retry after `Retry-After` seconds.",
-    },
+    401: _error("API keys exist and this request has none, or a wrong one (`unauthorized`)."),
+    429: _error("The API key spent its requests this minute (`rate_limited`); see Retry-After."),
+    500: _error("A fault of the service itself (`internal_error`); the API's log has the details."),
+    503: _error(STORE_UNAVAILABLE_503 + "."),
+}
+# Documented on every route that validates a query, a header or a body.
+INVALID_REQUEST_422: dict[int | str, dict[str, Any]] = {
+    422: _error("Invalid request (`invalid_request`); `param` names the field."),
+}
+# Documented on both submit routes, besides their own.
+SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **COMMON_RESPONSES,
+    **INVALID_REQUEST_422,
+    413: _error("The body is over LATENTD_MAX_BODY_BYTES (`payload_too_large`)."),
+    429: _error(
+        "The API key spent its requests this minute (`rate_limited`) or has LATENTD_MAX_JOBS_IN_FLIGHT "
+        "jobs queued or running (`too_many_jobs`), or the model's queue is full (`queue_full`); "
+        "see Retry-After."
+    ),
+    503: _error(SUBMIT_UNAVAILABLE_503 + "."),
 }
 
 

@@ -11,6 +11,7 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from types import FrameType
+from typing import Any
 
 import redis
 import redis.asyncio
@@ -32,6 +33,24 @@ from latentd.store import check_eviction_policy
 
 log = logging.getLogger("latentd.api")
 GC_YOUNG_THRESHOLD = 10_000  # Python's default is 700
+
+
+class LatentdAPI(FastAPI):
+    def openapi(self) -> dict[str, Any]:
+        """FastAPI's document, less the 422 FastAPI adds to each operation with parameters that
+        lists no 422 of its own: its body is not the error envelope, and such a route answers no
+        422 (cancel: a path that fails its check is 404)."""
+        if self.openapi_schema is None:
+            schema = super().openapi()
+            framework_422 = {"$ref": "#/components/schemas/HTTPValidationError"}
+            for operations in schema["paths"].values():
+                for operation in operations.values():
+                    content = operation["responses"].get("422", {}).get("content", {})
+                    if content.get("application/json", {}).get("schema") == framework_422:
+                        del operation["responses"]["422"]
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+        return super().openapi()
 
 
 @contextlib.contextmanager
@@ -144,7 +163,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             await apool.disconnect()
             pool.disconnect()
 
-    app = FastAPI(
+    app = LatentdAPI(
         title="latentd",
         version=latentd.__version__,
         summary="Self-hosted image generation: submit a prompt, poll the job, download the picture.",

@@ -279,17 +279,112 @@ def test_unknown_ids_and_routes(client: TestClient) -> None:
     assert client.post("/v1/generations/0123abcd/cancel").status_code == 404
     assert client.get("/v1/generations/0123abcd/images/0").status_code == 404
     assert client.get("/v1/nothing-here").json()["error"]["code"] == "not_found"
-    assert client.get("/v1/generations/bad%20id").status_code == 422
+    assert client.get("/v1/generations/bad%20id").status_code == 404
 
 
 @pytest.mark.parametrize("path", ["", "?wait=0.1", "/cancel", "/images/0"])
 def test_the_job_id_is_named_id_whatever_is_wrong_with_it(client: TestClient, path: str) -> None:
     # A malformed id (the path's own check) and an unknown one (the service's) name it alike.
     method = "POST" if path == "/cancel" else "GET"
-    for job_id, status in (("bad%20id", 422), ("a" * 65, 422), ("0123abcd", 404)):
+    for job_id in ("bad%20id", "a" * 65, "0123abcd"):
         response = client.request(method, f"/v1/generations/{job_id}{path}")
-        assert response.status_code == status, response.text
+        assert response.status_code == 404, response.text
         assert response.json()["error"]["param"] == "id", response.text
+
+
+ID_RULE = "ids are 1–64 characters of A–Z, a–z, 0–9, _ and -"
+# Each id no generation can have, as the path gives it, and how the answer names it.
+NO_SUCH_IDS = [
+    ("a.b", "id 'a.b'"),
+    ("bad%20id", "id 'bad id'"),
+    ("a" * 65, "this id"),  # too long to echo
+    ("nul%00", "this id"),  # not printable
+    ("zero%E2%80%8Bwidth", "this id"),
+    ("é", "id 'é'"),
+]
+# Each index no image can have, and how the answer names it.
+NO_SUCH_INDEXES = [
+    ("64", "image 64"),
+    ("-1", "image -1"),
+    ("abc", "image abc"),
+    ("1.5", "image 1.5"),
+    ("9" * 80, "an image at this index"),
+]
+ID_ROUTES = [
+    ("GET", ""),
+    ("GET", "?wait=0"),
+    ("POST", "/cancel"),
+    ("GET", "/images/0"),
+    ("HEAD", "/images/0"),
+]
+
+
+@pytest.mark.parametrize(("method", "path"), ID_ROUTES)
+@pytest.mark.parametrize(("job_id", "named"), NO_SUCH_IDS)
+def test_an_id_no_generation_can_have_is_not_found(
+    client: TestClient, method: str, path: str, job_id: str, named: str
+) -> None:
+    """As an unknown id is, on every route that takes one: it was 422, the pattern's own message."""
+    response = client.request(method, f"/v1/generations/{job_id}{path}")
+    assert response.status_code == 404, response.text
+    if method == "HEAD":
+        return
+    assert response.json()["error"] == {
+        "code": "not_found",
+        "message": f"no generation with {named}: {ID_RULE}",
+        "param": "id",
+    }
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+@pytest.mark.parametrize(("index", "named"), NO_SUCH_INDEXES)
+def test_an_index_no_image_can_have_is_not_found(
+    client: TestClient, method: str, index: str, named: str
+) -> None:
+    response = client.request(method, f"/v1/generations/0123abcd/images/{index}")
+    assert response.status_code == 404, response.text
+    if method == "HEAD":
+        return
+    assert response.json()["error"] == {
+        "code": "not_found",
+        "message": f"no generation has {named}: images are numbered 0–63",
+        "param": "index",
+    }
+    # A bad id is named first, whichever the framework checks first.
+    response = client.get(f"/v1/generations/a.b/images/{index}")
+    assert response.status_code == 404 and response.json()["error"]["param"] == "id", response.text
+
+
+def test_a_bad_id_is_not_found_before_a_bad_query_is_invalid(client: TestClient) -> None:
+    response = client.get("/v1/generations/a.b?wait=nan")
+    assert response.status_code == 404 and response.json()["error"]["param"] == "id", response.text
+    response = client.get("/v1/generations/0123abcd/images/64?expires=soon&signature=x")
+    assert response.status_code == 404 and response.json()["error"]["param"] == "index", response.text
+
+
+def test_status_reads_of_an_id_no_generation_can_have_answer_alike_on_both_paths(client: TestClient) -> None:
+    """`StatusReads` answers a plain status read before FastAPI's routing and checks; one with a
+    query string goes through the route. Both answer 404, byte for byte alike."""
+    for job_id in ("a" * 64, "a" * 65, "a.b", "nul%00"):
+        fast = client.get(f"/v1/generations/{job_id}")
+        routed = client.get(f"/v1/generations/{job_id}", params={"wait": 0})
+        assert fast.status_code == routed.status_code == 404, fast.text
+        assert fast.content == routed.content
+        assert fast.json()["error"]["code"] == "not_found" and fast.json()["error"]["param"] == "id"
+    assert ("a" * 65) not in fast.text + routed.text
+
+
+def test_a_path_that_names_nothing_is_not_found_to_a_caller_with_a_key_only(
+    redis_server: RedisServer, redis_client: redis.Redis
+) -> None:
+    """Authentication comes first, as for an unknown id: a caller without a key learns nothing."""
+    settings = ApiSettings(redis_url=redis_server.url_for(PRIVATE_DB), api_keys="alice:" + "k" * 32)
+    with TestClient(create_app(settings)) as keyed:
+        for method, path in ID_ROUTES:
+            response = keyed.request(method, f"/v1/generations/a.b{path}")
+            assert response.status_code == 401, (method, path, response.text)
+        response = keyed.get("/v1/generations/a.b", headers={"Authorization": "Bearer " + "k" * 32})
+        assert response.status_code == 404, response.text
 
 
 @pytest.mark.parametrize("path", ["/healthz", "/readyz", "/v1/models", "/metrics"])
@@ -381,6 +476,8 @@ def test_openapi_documents_every_route_and_error(client: TestClient) -> None:
     assert {"202", "400", "422", "429", "503"} <= set(submit)
     cancel = paths["/v1/generations/{id}/cancel"]["post"]["responses"]
     assert {"404", "409"} <= set(cancel) and "images are stored" in cancel["409"]["description"]
+    # Its id failing its check is 404; FastAPI's own 422, not the error envelope, is not listed.
+    assert "422" not in cancel and "HTTPValidationError" not in spec["components"]["schemas"]
     assert "stopping" in paths["/v1/images/generations"]["post"]["responses"]["503"]["description"]
     native_size = spec["components"]["schemas"]["ModelInfo"]["properties"]["native_size"]
     assert "LATENTD_DEFAULT_SIZE" in native_size["description"]

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -13,10 +15,14 @@ from app.auth import ImageCallerDep, PrincipalDep, authenticate
 from app.deps import IdempotencyKey, ServiceDep
 from app.errors import (
     COMMON_RESPONSES,
+    IDEMPOTENCY_CONFLICT_409,
+    INVALID_REQUEST_422,
     MODEL_UNAVAILABLE_400,
     STORE_DOWN,
     STORE_REFUSES,
+    SUBMIT_RESPONSES,
     ErrorResponse,
+    NotFound,
     ServiceError,
     service_error_response,
     store_down_response,
@@ -26,14 +32,72 @@ from app.protocol import Generation, GenerationRequest, SubmitResponse
 from app.serving import GenerationService
 
 PREFIX = "/v1/generations"
-router = APIRouter(prefix=PREFIX, tags=["generations"], route_class=OnceEachRoute)
 MAX_WAIT = 60.0  # seconds a status read may be held open (`?wait=`)
 
 ID_CHAR = "[A-Za-z0-9_-]"
+MAX_ID_CHARS = 64
+MAX_INDEX = 63
 # The path says {id}, as the README and every error's `param` name it (`id` is a builtin's name in Python).
-JobId = Annotated[str, Path(alias="id", min_length=1, max_length=64, pattern=f"^{ID_CHAR}+$")]
+JobId = Annotated[
+    str,
+    Path(
+        alias="id",
+        min_length=1,
+        max_length=MAX_ID_CHARS,
+        pattern=f"^{ID_CHAR}+$",
+        description="The generation's id, as its submit answered it.",
+    ),
+]
+ImageIndex = Annotated[
+    int, Path(ge=0, le=MAX_INDEX, description="The image's `index` in the generation's `images`.")
+]
+_ID_RULE = f"ids are 1–{MAX_ID_CHARS} characters of A–Z, a–z, 0–9, _ and -"
+
+
+def _shown(value: str) -> str | None:
+    """`value` as a message may quote it: not one too long to echo or that cannot be printed."""
+    return value if len(value) <= MAX_ID_CHARS and value.isprintable() else None
+
+
+def _names_nothing(exc: RequestValidationError, path_params: dict[str, Any]) -> NotFound | None:
+    """The 404 for a path that fails its own check (a malformed or over-long id; an index out of
+    range or not a number): it can name no generation or image, as an unknown one names none,
+    and the README answers both alike. The id is named first, whatever the order of the errors."""
+    failed = {
+        loc[1] for err in exc.errors() if len(loc := tuple(err.get("loc", ()))) == 2 and loc[0] == "path"
+    }
+    if "id" in failed:
+        shown = _shown(str(path_params.get("id", "")))
+        named = f"id '{shown}'" if shown is not None else "this id"
+        return NotFound(f"no generation with {named}: {_ID_RULE}", param="id")
+    if "index" in failed:  # true of every generation: the id is not looked up
+        shown = _shown(str(path_params.get("index", "")))
+        named = f"image {shown}" if shown is not None else "an image at this index"
+        return NotFound(f"no generation has {named}: images are numbered 0–{MAX_INDEX}", param="index")
+    return None
+
+
+class GenerationRoute(OnceEachRoute):
+    """A route of /v1/generations, whose path parameters answer 404 where they cannot name
+    anything, rather than FastAPI's 422."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handle = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handle(request)
+            except RequestValidationError as exc:
+                if (not_found := _names_nothing(exc, request.path_params)) is not None:
+                    raise not_found from None
+                raise
+
+        return route
+
+
+router = APIRouter(prefix=PREFIX, tags=["generations"], route_class=GenerationRoute)
 NOT_FOUND: dict[int | str, dict[str, Any]] = {
-    404: {"model": ErrorResponse, "description": "Unknown id (`not_found`)."}
+    404: {"model": ErrorResponse, "description": "Unknown id, or one no generation can have (`not_found`)."}
 }
 
 
@@ -42,16 +106,12 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {
     status_code=202,
     response_model=SubmitResponse,
     responses={
-        **COMMON_RESPONSES,
+        **SUBMIT_RESPONSES,
         400: {
             "model": ErrorResponse,
             "description": MODEL_UNAVAILABLE_400 + ".",
         },
-        409: {"model": ErrorResponse, "description": "Idempotency-Key reused with another body."},
-        429: {
-            "model": ErrorResponse,
-            "description": "The model's queue is full (`queue_full`); see Retry-After.",
-        },
+        409: {"model": ErrorResponse, "description": IDEMPOTENCY_CONFLICT_409 + "."},
     },
     summary="Submit a generation",
 )
@@ -70,7 +130,7 @@ async def submit(
 @router.get(
     "/{id}",
     response_model=Generation,
-    responses={**COMMON_RESPONSES, **NOT_FOUND},
+    responses={**COMMON_RESPONSES, **INVALID_REQUEST_422, **NOT_FOUND},
     summary="Status, progress, timings and image links of a generation",
 )
 async def get_generation(
@@ -128,12 +188,19 @@ def cancel_generation(job_id: JobId, service: ServiceDep, caller: PrincipalDep) 
     response_class=Response,
     responses={
         **COMMON_RESPONSES,
+        **INVALID_REQUEST_422,  # of a signed URL's query
         200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}, "description": "The image."},
         304: {"description": "Not modified (If-None-Match matched the ETag)."},
+        401: {
+            "model": ErrorResponse,
+            "description": "API keys exist and this request has none, or a wrong one, or a signed "
+            "URL's signature does not match it (`unauthorized`).",
+        },
         404: {
             "model": ErrorResponse,
-            "description": "Unknown id or index, or a job that failed or was canceled (`not_found`); "
-            "expired (`expired`).",
+            "description": "Unknown id or index, or one no generation or image can have, or a job "
+            "that failed or was canceled (`not_found`); the image, or its signed URL, expired "
+            "(`expired`).",
         },
         409: {"model": ErrorResponse, "description": "The job is still queued or running (`not_ready`)."},
     },
@@ -141,7 +208,7 @@ def cancel_generation(job_id: JobId, service: ServiceDep, caller: PrincipalDep) 
 )
 async def get_image(
     job_id: JobId,
-    index: Annotated[int, Path(ge=0, le=63)],
+    index: ImageIndex,
     request: Request,
     service: ServiceDep,
     caller: ImageCallerDep,
@@ -176,7 +243,7 @@ class StatusReads:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.path = re.compile(f"{PREFIX}/({ID_CHAR}{{1,64}})")  # what JobId admits
+        self.path = re.compile(f"{PREFIX}/({ID_CHAR}{{1,{MAX_ID_CHARS}}})")  # what JobId admits
         # The route it stands in for: the metrics middleware labels requests by scope["route"].
         self.route = next(r for r in router.routes if getattr(r, "endpoint", None) is get_generation)
 

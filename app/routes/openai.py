@@ -12,10 +12,12 @@ from app.auth import PrincipalDep, signed_url, url_secret
 from app.config import ApiSettings
 from app.deps import IdempotencyKey, ServiceDep, SettingsDep
 from app.errors import (
-    COMMON_RESPONSES,
+    IDEMPOTENCY_CONFLICT_409,
     MODEL_UNAVAILABLE_400,
     STORE_DOWN,
     STORE_REFUSES,
+    SUBMIT_RESPONSES,
+    SUBMIT_UNAVAILABLE_503,
     ErrorResponse,
     IdempotencyConflict,
     InvalidRequest,
@@ -52,7 +54,7 @@ def _parse_size(size: str) -> tuple[int, int]:
     "/v1/images/generations",
     response_model=OpenAIImageResponse,
     responses={
-        **COMMON_RESPONSES,
+        **SUBMIT_RESPONSES,
         400: {
             "model": ErrorResponse,
             "description": MODEL_UNAVAILABLE_400
@@ -60,21 +62,31 @@ def _parse_size(size: str) -> tuple[int, int]:
         },
         409: {
             "model": ErrorResponse,
-            "description": "The job was canceled while waiting (`canceled`), or an Idempotency-Key "
-            "was reused with another body (`idempotency_conflict`).",
+            "description": "The job was canceled while waiting (`canceled`), or an "
+            + IDEMPOTENCY_CONFLICT_409
+            + ".",
         },
-        429: {"model": ErrorResponse, "description": "Queue full."},
-        500: {"model": ErrorResponse, "description": "The job failed in the worker."},
+        422: {
+            "model": ErrorResponse,
+            "description": "Invalid request (`invalid_request`; `param` names the field), or the "
+            "job failed: the model cannot take these parameters (`invalid_parameters`).",
+        },
+        500: {
+            "model": ErrorResponse,
+            "description": "The job failed in the worker (`generation_failed`, `worker_lost`), or a "
+            "fault of the service itself (`internal_error`).",
+        },
         503: {
             "model": ErrorResponse,
-            "description": "Redis unreachable or refusing writes, or the model's worker restarting "
-            "or loading (`model_unavailable`): retry after `Retry-After` seconds. Or this API "
-            "process is stopping (no `Retry-After`: the job goes on; poll it).",
+            "description": SUBMIT_UNAVAILABLE_503 + ". Or this API process is stopping "
+            "(`service_unavailable` without `Retry-After`: the job goes on; poll it).",
         },
         504: {
             "model": ErrorResponse,
-            "description": "Not finished within the configured wait (`wait_timeout`).",
+            "description": "Not finished within LATENTD_SYNC_TIMEOUT (`wait_timeout`: the job goes on; "
+            "poll it), or the job failed over LATENTD_JOB_TIMEOUT (`timeout`).",
         },
+        507: {"model": ErrorResponse, "description": "The job failed: out of memory (`out_of_memory`)."},
     },
     summary="OpenAI-compatible image generation (waits for the result)",
 )
