@@ -910,6 +910,17 @@ def test_a_job_whose_commit_reply_was_lost_succeeds_counted_once(cluster: Cluste
     }
 
 
+def test_a_worker_stopped_while_redis_is_gone_exits_0(cluster: Cluster) -> None:
+    # Its stop handler asked Redis whether a job ran, and RQ's goodbye wrote to it: exit 1, traceback.
+    worker = cluster.worker("a")
+    cluster.redis.stop()
+    time.sleep(1)
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.proc.wait(30) == 0, worker.output()[-3000:]
+    assert "Traceback" not in worker.output()
+    cluster.redis.start()
+
+
 def test_latentd_generate_rides_out_a_redis_outage_and_saves_its_image(cluster: Cluster) -> None:
     # A worker's registration without the worker, so the job waits in its queue through the outage.
     r = cluster.redis.client()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -156,7 +157,9 @@ class LatentdWorker(SimpleWorker):
     def request_stop(self, signum: Any, frame: Any) -> None:
         # RQ's warm shutdown: finish the current job, take no new one. Bound the wait.
         self._stop_requested = True  # kept even where RQ's StopRequested is raised and caught
-        if self.execution is not None and not getattr(self, "_grace_timer", None):
+        # `executions`, not RQ's `execution`: this worker's own, with no round trip to a Redis that
+        # may be gone (asked with Redis down, RQ's property raised inside this handler).
+        if self.executions and not getattr(self, "_grace_timer", None):
             self._grace_timer = threading.Timer(self.shutdown_grace, self._grace_expired)
             self._grace_timer.daemon = True
             self._grace_timer.start()
@@ -167,18 +170,35 @@ class LatentdWorker(SimpleWorker):
         and RQ then records the job failed; the job is left to its lease instead, as when the
         grace runs out."""
         asked = self._shutdown_requested_date
-        if self.execution is None or asked is None or (now() - asked).total_seconds() < 1:
+        if not self.executions or asked is None or (now() - asked).total_seconds() < 1:
             super().request_force_stop(signum, frame)  # no job; or a duplicate signal, ignored
             return
         self._leave_the_job("cold_shutdown")
 
+    def set_shutdown_requested_date(self) -> None:
+        with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):  # a note for `rq info`
+            super().set_shutdown_requested_date()
+
+    def register_death(self) -> None:
+        """RQ's goodbye. With Redis gone it raised, and a worker stopped then exited 1 with a
+        traceback; its records lapse on their own (the heartbeat's in seconds, RQ's in minutes)."""
+        try:
+            super().register_death()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            event(log, "worker_death_unrecorded", logging.WARNING, error=type(exc).__name__)
+
+    def unsubscribe(self) -> None:
+        with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):  # gone with Redis
+            super().unsubscribe()
+
     def _grace_expired(self) -> None:
-        if self.execution is not None:
+        if self.executions:
             self._leave_the_job("shutdown_grace_expired", grace=self.shutdown_grace)
 
     def _leave_the_job(self, why: str, **fields: Any) -> None:
         # Exit without a word to Redis: the job's lease lapses, and another worker re-runs it.
-        event(log, why, logging.WARNING, job_id=self.execution.job_id if self.execution else None, **fields)
+        jobs_left = ",".join(e.job_id for e in list(self.executions.values()))
+        event(log, why, logging.WARNING, job_ids=jobs_left, **fields)
         logging.shutdown()
         os._exit(0)
 
