@@ -910,6 +910,39 @@ def test_a_job_whose_commit_reply_was_lost_succeeds_counted_once(cluster: Cluste
     }
 
 
+# The first look for batch mates finds Redis gone.
+FIRST_BATCH_LOOK_FAILS = """
+import redis
+from rq.job import Job
+
+_fetch_many = Job.fetch_many.__func__
+failed = []
+
+
+@classmethod
+def fetch_many(cls, *args, **kwargs):
+    if not failed:
+        failed.append(True)
+        raise redis.ConnectionError("Error 111 connecting to Redis. Connection refused.")
+    return _fetch_many(cls, *args, **kwargs)
+
+
+Job.fetch_many = fetch_many
+"""
+
+
+def test_a_batch_whose_look_for_mates_fails_runs_and_its_worker_serves_on(cluster: Cluster) -> None:
+    # Raised outside the job, the error stopped the worker (exit 1), its job left to its lease.
+    path = sitecustomize(cluster.tmp, FIRST_BATCH_LOOK_FAILS)
+    worker = start_worker(cluster.redis.url, cluster.model_dir, cluster.tmp, name="a", PYTHONPATH=path)
+    try:
+        views = [cluster.wait_terminal(cluster.submit({"prompt": p, "steps": 1}), 30) for p in ("x", "y")]
+        assert [v["status"] for v in views] == ["succeeded", "succeeded"]
+        assert "batch_claim_failed" in worker.output() and worker.proc.poll() is None
+    finally:
+        worker.stop()
+
+
 def test_a_worker_stopped_while_redis_is_gone_exits_0(cluster: Cluster) -> None:
     # Its stop handler asked Redis whether a job ran, and RQ's goodbye wrote to it: exit 1, traceback.
     worker = cluster.worker("a")

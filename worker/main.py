@@ -306,6 +306,23 @@ class LatentdWorker(SimpleWorker):
             return []
         deadline = time.monotonic() + self.batch_wait
         claimed: list[jobs.Claimed] = []
+        try:
+            self._claim_into(queue, key, zeros, budget, deadline, claimed)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            # The batch runs with what it has; raised here, outside the job, it stopped the worker.
+            event(log, "batch_claim_failed", logging.WARNING, job_id=first.id, error=type(exc).__name__)
+        return claimed
+
+    def _claim_into(
+        self,
+        queue: Queue,
+        key: tuple[object, ...],
+        zeros: bool,
+        budget: int,
+        deadline: float,
+        claimed: list[jobs.Claimed],
+    ) -> None:
+        """`_claim_batch`'s loop: each job it claims goes into `claimed` at once."""
         company = False
         while budget > 0:
             ids = [as_text(i) for i in self.connection.lrange(queue.key, 0, 4 * self.max_batch_images)]
@@ -329,7 +346,6 @@ class LatentdWorker(SimpleWorker):
                 break
             time.sleep(0.002)
         self._had_company = company
-        return claimed
 
     def _renew_lease(self, held: list[Any], done: threading.Event) -> None:
         by_id = {j.id: j for j in held}
