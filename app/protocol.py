@@ -114,7 +114,9 @@ class ResolvedRequest(BaseModel):
     guidance_scale: float
     seed: int
     num_images: int
-    scheduler: str | None
+    scheduler: str | None = Field(
+        description="null: the model's own scheduler (the PNG's `parameters` text names the one it ran)."
+    )
     output_format: str
 
 
