@@ -94,6 +94,15 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.write_eof()
         self.loop.call_later(LINGER_S, self.transport.close)
 
+    def _should_upgrade(self) -> bool:
+        # A refused head is not upgraded: uvicorn's upgrade of a WebSocket request whose head was
+        # refused (no scope method) logged a traceback per request.
+        return not self._refused and super()._should_upgrade()
+
+    def _unsupported_upgrade_warning(self) -> None:
+        if not self._refused:
+            super()._unsupported_upgrade_warning()
+
     def send_400_response(self, msg: str) -> None:
         """A request HTTP itself cannot read (a control character in a header, an unknown method,
         a malformed Content-Length): the error envelope, where uvicorn answers in plain text."""

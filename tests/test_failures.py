@@ -716,7 +716,12 @@ def test_a_request_head_over_the_bound_is_refused_while_it_is_read(
             over = b"k" * (MAX_HEAD_BYTES + 1024)
             conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Over: " + over + b"\r\n\r\n")
             assert error_answer(conn) == ("431", "headers_too_large")
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:  # a WebSocket's, too
+            upgrade = b"Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+            conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + upgrade + b"X-Over: " + over + b"\r\n\r\n")
+            assert error_answer(conn) == ("431", "headers_too_large")
         assert httpx.get(f"{url}/healthz").status_code == 200
+        assert "Traceback" not in api.output()  # uvicorn upgraded the refused WebSocket request, and raised
         # Pipelined requests that come in one read are not one head: every one is answered.
         many = 8 * MAX_HEAD_BYTES // 36
         with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
