@@ -943,6 +943,30 @@ def test_a_batch_whose_look_for_mates_fails_runs_and_its_worker_serves_on(cluste
         worker.stop()
 
 
+# RQ's loop meets an error it does not handle, and quits.
+RQ_QUITS = """
+import time
+
+from rq.worker.base import BaseWorker
+
+
+def dequeue_job_and_maintain_ttl(self, *args, **kwargs):
+    time.sleep(2)  # past the test's look at the ready worker
+    raise RuntimeError("injected")
+
+
+BaseWorker.dequeue_job_and_maintain_ttl = dequeue_job_and_maintain_ttl
+"""
+
+
+def test_a_worker_whose_rq_loop_quits_unasked_exits_1(cluster: Cluster) -> None:
+    # It exited 0, as if asked to stop: a supervisor that restarts on failure left it down.
+    path = sitecustomize(cluster.tmp, RQ_QUITS)
+    worker = start_worker(cluster.redis.url, cluster.model_dir, cluster.tmp, name="a", PYTHONPATH=path)
+    assert worker.proc.wait(30) == 1, worker.output()[-3000:]
+    assert "found an unhandled exception, quitting" in worker.output()
+
+
 def test_a_worker_stopped_while_redis_is_gone_exits_0(cluster: Cluster) -> None:
     # Its stop handler asked Redis whether a job ran, and RQ's goodbye wrote to it: exit 1, traceback.
     worker = cluster.worker("a")

@@ -326,11 +326,14 @@ def _run(rt: Runtime, members: list[tuple[str, JobPayload]], outcomes: dict[str,
             return False
         last_check = now
         asked = [job_id for job_id, _ in active if job_id not in lost and job_id not in canceled]
+        observe, counted = not counted, True
 
         def send() -> list[Any]:
+            nonlocal observe
             pipe = r.pipeline(transaction=False)
-            if not counted:
+            if observe:  # once: sent again, it would count the call twice
                 _observe(pipe, Keys.batches(model), BATCH_BUCKETS, images_asked)
+                observe = False
             for job_id in asked:
                 keys = [_rq_key(job_id), Keys.state(job_id), Keys.cancel(job_id)]
                 # EVAL, not a registered script: redis-py sends SCRIPT EXISTS before each pipeline
@@ -339,7 +342,6 @@ def _run(rt: Runtime, members: list[tuple[str, JobPayload]], outcomes: dict[str,
             return pipe.execute()
 
         replies = _resent_while_unreachable(send, "progress")
-        counted = True
         for job_id, answer in zip(asked, map(int, replies[len(replies) - len(asked) :]), strict=True):
             if answer < 0:
                 lost.add(job_id)

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import diffusers.utils.logging
@@ -40,6 +41,7 @@ EXIT_MODEL_LOAD_FAILED = 3
 EXIT_REDIS_UNREACHABLE = 4  # or unsafe (it may evict jobs), or refusing writes
 EXIT_DEVICE_BROKEN = 70
 EXIT_NAME_TAKEN = 5
+EXIT_RQ_QUIT = 1  # RQ's loop met an error it does not handle ("found an unhandled exception, quitting")
 # What RQ's maintenance says of a job left in a queue's intermediate list for over a minute.
 STUCK_IN_INTERMEDIATE_QUEUE = "Job was stuck in intermediate queue."
 
@@ -107,6 +109,7 @@ class LatentdWorker(SimpleWorker):
     max_batch_images = 1
     batch_wait = 0.005
     job_ttl = 86_400
+    ready_file: Path | None = None
     _had_company = False  # whether other jobs were queued at the last pickup that looked
 
     def __init__(self, *args: Any, model: str, **kwargs: Any) -> None:
@@ -176,7 +179,7 @@ class LatentdWorker(SimpleWorker):
         self._leave_the_job("cold_shutdown")
 
     def set_shutdown_requested_date(self) -> None:
-        with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):  # a note for `rq info`
+        with contextlib.suppress(redis.RedisError):  # a note for `rq info`; raised, it reached the job
             super().set_shutdown_requested_date()
 
     def register_death(self) -> None:
@@ -184,11 +187,11 @@ class LatentdWorker(SimpleWorker):
         traceback; its records lapse on their own (the heartbeat's in seconds, RQ's in minutes)."""
         try:
             super().register_death()
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except redis.RedisError as exc:
             event(log, "worker_death_unrecorded", logging.WARNING, error=type(exc).__name__)
 
     def unsubscribe(self) -> None:
-        with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):  # gone with Redis
+        with contextlib.suppress(redis.RedisError):  # gone with Redis
             super().unsubscribe()
 
     def _grace_expired(self) -> None:
@@ -199,6 +202,8 @@ class LatentdWorker(SimpleWorker):
         # Exit without a word to Redis: the job's lease lapses, and another worker re-runs it.
         jobs_left = ",".join(e.job_id for e in list(self.executions.values()))
         event(log, why, logging.WARNING, job_ids=jobs_left, **fields)
+        if self.ready_file:
+            self.ready_file.unlink(missing_ok=True)
         logging.shutdown()
         os._exit(0)
 
@@ -527,6 +532,7 @@ def run(settings: WorkerSettings) -> int:
     worker.max_batch_images = settings.max_batch_images
     worker.batch_wait = settings.batch_wait_ms / 1000
     worker.job_ttl = settings.job_ttl
+    worker.ready_file = settings.ready_file
     worker.stop_on_signals()  # before anyone is told the worker is ready
     heartbeat = Heartbeat(worker, info, settings.heartbeat_interval, queue)
     heartbeat.beat()
@@ -538,6 +544,8 @@ def run(settings: WorkerSettings) -> int:
     code = 0
     try:
         worker.work(logging_level=settings.log_level.upper(), with_scheduler=False)
+        if not worker._stop_requested:  # RQ logged the error it quit on
+            code = EXIT_RQ_QUIT
     except SystemExit as exc:
         code = int(exc.code or 0)
     finally:
