@@ -20,6 +20,12 @@ import redis
 from latentd.contract import Keys, WorkerInfo
 from latentd.embedded import find_redis_server, free_port, redis_args
 
+# torch in the test processes runs on one thread, as the workers they start do: pytest-xdist
+# keeps every core busy, and torch's threads, each waiting on the others, crawl when one is
+# descheduled (tests/test_pipeline.py took 176 s beside two busy cores on two threads, 91 s on
+# one). Read when torch is first imported, after this file; a test that needs more sets them.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 TINY_MODEL = "tiny"
 ROOT = Path(__file__).resolve().parent.parent
 
