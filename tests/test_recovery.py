@@ -179,7 +179,7 @@ def test_a_killed_worker_restarted_under_its_name_serves_and_a_live_name_is_refu
         again.stop()
 
 
-# The worker dies after RQ took the job off its queue, before it starts it.
+# The worker dies after RQ took the job off its queue (or a batch claimed it), before it starts it.
 DIE_AFTER_TAKING = """
 import os
 
@@ -198,6 +198,15 @@ BaseWorker.prepare_execution = prepare_execution
 """
 
 
+def wait_for_rqs_maintenance_then_age(worker: Proc, r: redis.Redis, *job_ids: str) -> None:
+    """RQ's maintenance runs as a worker starts, then every 10 minutes: past that first run, what
+    finds a job left on the intermediate list is the worker's heartbeat. As if the jobs had sat
+    there for two minutes (RQ waits one before it acts)."""
+    wait_until(lambda: "cleaning registries for queue" in worker.output(), 30, what="RQ's maintenance")
+    for job_id in job_ids:
+        r.set(f"rq:queue:latentd:tiny:intermediate:first_seen:{job_id}", time.time() - 120)
+
+
 def test_a_job_taken_by_a_worker_that_died_before_starting_it_runs(cluster: Cluster) -> None:
     path = sitecustomize(cluster.tmp, DIE_AFTER_TAKING)
     doomed = start_worker(cluster.redis.url, cluster.model_dir, cluster.tmp, name="doomed", PYTHONPATH=path)
@@ -207,11 +216,7 @@ def test_a_job_taken_by_a_worker_that_died_before_starting_it_runs(cluster: Clus
     assert r.lrange("rq:queue:latentd:tiny:intermediate", 0, -1) == [job_id.encode()]
     worker = cluster.worker("b")
     try:
-        # RQ's maintenance runs as a worker starts, then every 10 minutes: past that first run,
-        # what finds the job is the worker's heartbeat. As if the job had sat there for two
-        # minutes (RQ waits one before it acts):
-        wait_until(lambda: "cleaning registries for queue" in worker.output(), 30, what="RQ's maintenance")
-        r.set(f"rq:queue:latentd:tiny:intermediate:first_seen:{job_id}", time.time() - 120)
+        wait_for_rqs_maintenance_then_age(worker, r, job_id)
         view = cluster.wait_terminal(job_id, timeout=60)
     finally:
         worker.stop()
@@ -219,32 +224,13 @@ def test_a_job_taken_by_a_worker_that_died_before_starting_it_runs(cluster: Clus
     assert worker.output().count("job_requeued") == 1
 
 
-# The worker dies after a batch claimed a job off its queue, before RQ starts it.
-DIE_AFTER_CLAIMING = """
-import os
-
-from rq.worker.base import BaseWorker
-
-_prepare_execution = BaseWorker.prepare_execution
-
-
-def prepare_execution(self, job):
-    if "die-after-claiming" in str(job.args):
-        os._exit(9)
-    return _prepare_execution(self, job)
-
-
-BaseWorker.prepare_execution = prepare_execution
-"""
-
-
 def test_a_job_claimed_into_a_batch_by_a_worker_that_died_runs(cluster: Cluster) -> None:
     # The claim took the job off its queue and onto no list: it stayed queued, for good.
     r = cluster.redis.client()
     register_ghost(r, TINY_MODEL)  # both are queued before the worker looks
     first = cluster.submit({"prompt": "first", "steps": 1})
-    mate = cluster.submit({"prompt": "die-after-claiming", "steps": 1})
-    path = sitecustomize(cluster.tmp, DIE_AFTER_CLAIMING)
+    mate = cluster.submit({"prompt": "die-here", "steps": 1})
+    path = sitecustomize(cluster.tmp, DIE_AFTER_TAKING)
     doomed = start_worker(
         cluster.redis.url, cluster.model_dir, cluster.tmp, name="doomed", PYTHONPATH=path,
         LATENTD_LEASE_SECONDS=LEASE,
@@ -253,9 +239,7 @@ def test_a_job_claimed_into_a_batch_by_a_worker_that_died_runs(cluster: Cluster)
     assert r.lrange("rq:queue:latentd:tiny:intermediate", 0, -1) == [first.encode(), mate.encode()]
     worker = cluster.worker("b")
     try:
-        wait_until(lambda: "cleaning registries for queue" in worker.output(), 30, what="RQ's maintenance")
-        for job_id in (first, mate):  # as if they had sat there for two minutes (RQ waits one)
-            r.set(f"rq:queue:latentd:tiny:intermediate:first_seen:{job_id}", time.time() - 120)
+        wait_for_rqs_maintenance_then_age(worker, r, first, mate)
         views = [cluster.wait_terminal(job_id, timeout=60) for job_id in (first, mate)]
     finally:
         worker.stop()
