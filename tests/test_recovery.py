@@ -42,8 +42,13 @@ class Cluster:
     model_dir: Path
     tmp: Path
 
-    def worker(self, name: str) -> Proc:
-        return start_worker(self.redis.url, self.model_dir, self.tmp, name=name, LATENTD_LEASE_SECONDS=LEASE)
+    def worker(self, name: str, injected: str | None = None, **env: str) -> Proc:
+        """A worker with a short lease; `injected`: code it runs as it starts (`sitecustomize`)."""
+        if injected is not None:
+            env["PYTHONPATH"] = str(sitecustomize(self.tmp, injected))
+        return start_worker(
+            self.redis.url, self.model_dir, self.tmp, name=name, **{"LATENTD_LEASE_SECONDS": LEASE, **env}
+        )
 
     def submit(self, body: dict[str, Any]) -> str:
         response = httpx.post(f"{self.url}/v1/generations", json=body)
@@ -230,11 +235,7 @@ def test_a_job_claimed_into_a_batch_by_a_worker_that_died_runs(cluster: Cluster)
     register_ghost(r, TINY_MODEL)  # both are queued before the worker looks
     first = cluster.submit({"prompt": "first", "steps": 1})
     mate = cluster.submit({"prompt": "die-here", "steps": 1})
-    path = sitecustomize(cluster.tmp, DIE_AFTER_TAKING)
-    doomed = start_worker(
-        cluster.redis.url, cluster.model_dir, cluster.tmp, name="doomed", PYTHONPATH=path,
-        LATENTD_LEASE_SECONDS=LEASE,
-    )  # fmt: skip
+    doomed = cluster.worker("doomed", DIE_AFTER_TAKING)
     assert doomed.proc.wait(60) == 9
     assert r.lrange("rq:queue:latentd:tiny:intermediate", 0, -1) == [first.encode(), mate.encode()]
     worker = cluster.worker("b")
@@ -382,11 +383,7 @@ def test_a_job_lost_before_its_run_began_reads_as_failed(one_attempt_cluster: Cl
     # Its status read answered 500 (no inference start beside the finish the failure wrote), and
     # its state, which only the run's start gives a lifetime, was kept for good.
     cluster = one_attempt_cluster
-    path = sitecustomize(cluster.tmp, DIE_AFTER_STARTING)
-    doomed = start_worker(
-        cluster.redis.url, cluster.model_dir, cluster.tmp, name="doomed", PYTHONPATH=path,
-        LATENTD_LEASE_SECONDS=LEASE,
-    )  # fmt: skip
+    doomed = cluster.worker("doomed", DIE_AFTER_STARTING)
     job_id = cluster.submit({"prompt": "die-after-starting", "steps": 1})
     assert doomed.proc.wait(60) == 9
     second = cluster.worker("b")
@@ -835,11 +832,7 @@ def test_a_job_runs_through_a_redis_outage_and_its_worker_serves_on(cluster: Clu
 
 def test_a_second_stop_request_leaves_the_job_to_its_lease(cluster: Cluster) -> None:
     # Ctrl-C twice: RQ's cold stop raised SystemExit inside the job, and RQ recorded it failed.
-    path = sitecustomize(cluster.tmp, SLOW_STEPS)
-    first = start_worker(
-        cluster.redis.url, cluster.model_dir, cluster.tmp, name="a", PYTHONPATH=path,
-        LATENTD_LEASE_SECONDS=LEASE,
-    )  # fmt: skip
+    first = cluster.worker("a", SLOW_STEPS)
     job_id = cluster.submit({"prompt": "slow", "steps": 100})
     cluster.running_on(job_id)
     first.proc.send_signal(signal.SIGINT)
