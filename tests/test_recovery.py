@@ -830,6 +830,25 @@ def test_a_job_runs_through_a_redis_outage_and_its_worker_serves_on(cluster: Clu
         worker.stop()
 
 
+def test_a_worker_asked_to_stop_while_its_job_waits_for_redis_leaves_the_job(cluster: Cluster) -> None:
+    # It waited for Redis, stop or not: `latentd up`, whose Redis had died, waited 10 min for it.
+    worker = cluster.worker("a", SLOW_STEPS)
+    job_id = cluster.submit({"prompt": "slow", "steps": 100})
+    cluster.running_on(job_id)
+    cluster.redis.stop()
+    wait_until(lambda: "redis_unreachable_in_job" in worker.output(), 30, what="the job to wait")
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.proc.wait(15) == 0, worker.output()[-3000:]
+    assert "left_job_redis_unreachable" in worker.output()
+    cluster.redis.start()
+    second = cluster.worker("b")
+    try:
+        view = cluster.wait_terminal(job_id)
+    finally:
+        second.stop()
+    assert view["status"] == "succeeded", view
+
+
 def test_a_second_stop_request_leaves_the_job_to_its_lease(cluster: Cluster) -> None:
     # Ctrl-C twice: RQ's cold stop raised SystemExit inside the job, and RQ recorded it failed.
     first = cluster.worker("a", SLOW_STEPS)

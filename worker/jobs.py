@@ -94,6 +94,10 @@ class Runtime:
     # and the outcomes of those it ran that way, settled when RQ performs each of them.
     batch: list[Claimed] = field(default_factory=list)
     settled: dict[str, Outcome] = field(default_factory=dict)
+    # For a job that waits for Redis: whether the worker was asked to stop, and its way out that
+    # leaves its jobs to their leases (`LatentdWorker._leave_the_job`; it does not return).
+    stop_requested: Callable[[], bool] = field(default=lambda: False)
+    leave: Callable[[str], None] | None = None
 
 
 _runtime: Runtime | None = None
@@ -341,7 +345,7 @@ def _run(rt: Runtime, members: list[tuple[str, JobPayload]], outcomes: dict[str,
                 pipe.eval(_STEP, len(keys), *keys, rt.worker_name, done)
             return pipe.execute()
 
-        replies = _resent_while_unreachable(send, "progress")
+        replies = _resent_while_unreachable(rt, send, "progress")
         for job_id, answer in zip(asked, map(int, replies[len(replies) - len(asked) :]), strict=True):
             if answer < 0:
                 lost.add(job_id)
@@ -419,6 +423,7 @@ def _commit(rt: Runtime, job_id: str, payload: JobPayload, images: list[Any], fi
     }
     commit = rt.connection.register_script(_COMMIT)
     committed = _resent_while_unreachable(
+        rt,
         lambda: commit(
             keys=[
                 _rq_key(job_id),
@@ -442,16 +447,20 @@ def _commit(rt: Runtime, job_id: str, payload: JobPayload, images: list[Any], fi
     return int(committed)
 
 
-def _resent_while_unreachable(send: Callable[[], T], what: str) -> T:
+def _resent_while_unreachable(rt: Runtime, send: Callable[[], T], what: str) -> T:
     """`send()`, sent again while Redis cannot be reached or its reply does not come (a restart,
     a failover, a dropped connection), as an idle worker waits for it: a job in its run failed on
     the first such error, and RQ, failing it with Redis still gone, stopped the worker. `send`
-    must be safe to run twice (its reply may be what was lost). RQ's time limit ends the wait."""
+    must be safe to run twice (its reply may be what was lost). RQ's time limit ends the wait,
+    and so does a stop request: the worker then leaves its jobs to their leases (under `latentd
+    up`, whose Redis had died, it waited for one that would not come back)."""
     delay, waiting = 0.1, False
     while True:
         try:
             answer = send()
         except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if rt.stop_requested() and rt.leave is not None:
+                rt.leave("left_job_redis_unreachable")
             if not waiting:
                 event(log, "redis_unreachable_in_job", logging.WARNING, at=what, error=type(exc).__name__)
                 waiting = True

@@ -533,6 +533,8 @@ def run(settings: WorkerSettings) -> int:
     worker.batch_wait = settings.batch_wait_ms / 1000
     worker.job_ttl = settings.job_ttl
     worker.ready_file = settings.ready_file
+    runtime.stop_requested = lambda: bool(worker._stop_requested)
+    runtime.leave = worker._leave_the_job
     worker.stop_on_signals()  # before anyone is told the worker is ready
     heartbeat = Heartbeat(worker, info, settings.heartbeat_interval, queue)
     heartbeat.beat()
