@@ -176,7 +176,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-        url_file(data_dir).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            url_file(data_dir).unlink(missing_ok=True)
         lock.close()
     return code
 

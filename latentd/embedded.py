@@ -27,9 +27,14 @@ class StartError(RuntimeError):
 
 def lock_data_dir(data_dir: Path) -> IO[str]:
     """Hold `data_dir` for this process's life: two embedded Redis servers on one AOF directory
-    overwrite each other's writes. Raises StartError if another `latentd up` holds it."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    handle = (data_dir / "lock").open("a+")
+    overwrite each other's writes. Raises StartError if another `latentd up` holds it, or if it
+    cannot be a directory of ours."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        (data_dir / "redis").mkdir(exist_ok=True)  # start_redis's; checked before anything starts
+        handle = (data_dir / "lock").open("a+")
+    except OSError as exc:  # a file where the directory should be, no permission, a full disk
+        raise StartError(f"cannot use {data_dir} as the data directory: {exc.strerror or exc}") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -157,6 +157,18 @@ def test_up_says_when_its_redis_port_is_taken(
     assert redis_server.client().ping()  # the Redis already there is untouched
 
 
+@pytest.mark.parametrize("blocked", [".", "redis"], ids=["data-dir-a-file", "redis-dir-a-file"])
+def test_up_says_when_its_data_dir_cannot_be_used(tmp_path: Path, tiny_model_dir: Path, blocked: str) -> None:
+    # A file where the directory should be raised a traceback (two, the second from the cleanup).
+    data = tmp_path / "data"
+    if blocked != ".":
+        data.mkdir()
+    (data / blocked).write_text("")
+    up = spawn(["up", "--data-dir", str(data)], up_env(tiny_model_dir, free_port()), tmp_path / "up.log")
+    assert up.proc.wait(60) == 1, up.output()
+    assert "cannot use" in up.output() and "Traceback" not in up.output()
+
+
 def test_what_up_started_stops_if_up_is_killed(tmp_path: Path, tiny_model_dir: Path) -> None:
     up = spawn(
         ["up", "--data-dir", str(tmp_path / "data")], up_env(tiny_model_dir, free_port()), tmp_path / "up.log"
