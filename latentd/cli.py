@@ -299,7 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     api = sub.add_parser("api", help="run the HTTP API (LATENTD_HOST, LATENTD_PORT)")
-    api.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    api.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="uvicorn worker processes (each keeps its own HTTP metrics, and /metrics answers from one)",
+    )
     api.set_defaults(func=cmd_api)
 
     sub.add_parser("worker", help="run one worker serving LATENTD_MODEL").set_defaults(func=cmd_worker)
