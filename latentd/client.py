@@ -23,22 +23,28 @@ class ClientError(RuntimeError):
 PATIENCE_S = 600.0
 
 
-def _send(http: httpx.Client, method: str, url: str, **kwargs: Any) -> httpx.Response:
+def _send(
+    http: httpx.Client, method: str, url: str, unreachable_too: bool = False, **kwargs: Any
+) -> httpx.Response:
     """The request, asked again while the service answers 429 or 503 (rate limit, full queue,
-    Redis away), as long as `PATIENCE_S` allows."""
+    Redis away), as long as `PATIENCE_S` allows. With `unreachable_too` (reads of a job already
+    submitted), also while the API cannot be reached: one restarting, or one of its replicas
+    going away in a rollout. A first request that cannot connect fails at once (a wrong --url)."""
     deadline = time.monotonic() + PATIENCE_S
     while True:
-        response = http.request(method, url, **kwargs)
-        if response.status_code not in (429, 503) or time.monotonic() > deadline:
-            return response
-        retry_after = response.headers.get("retry-after", "")
-        pause = min(30.0, float(retry_after)) if retry_after.isdigit() else 1.0
-        print(
-            f"\r{f'HTTP {response.status_code}: waiting {pause:.0f} s':60s}",
-            end="",
-            file=sys.stderr,
-            flush=True,
-        )
+        try:
+            response = http.request(method, url, **kwargs)
+        except httpx.TransportError as exc:
+            if not unreachable_too or time.monotonic() > deadline:
+                raise
+            why, pause = f"{type(exc).__name__}", 1.0
+        else:
+            if response.status_code not in (429, 503) or time.monotonic() > deadline:
+                return response
+            retry_after = response.headers.get("retry-after", "")
+            why = f"HTTP {response.status_code}"
+            pause = min(30.0, float(retry_after)) if retry_after.isdigit() else 1.0
+        print(f"\r{f'{why}: waiting {pause:.0f} s':60s}", end="", file=sys.stderr, flush=True)
         time.sleep(pause)
 
 
@@ -93,6 +99,11 @@ def _generate(http: httpx.Client, body: dict[str, Any], out_dir: Path, poll: flo
     print(f"submitted {job_id}", file=sys.stderr)
     try:
         return _follow(http, job_id, out_dir, poll)
+    except httpx.HTTPError as exc:  # say which job goes on without us
+        raise ClientError(
+            f"cannot talk to {http.base_url}: {type(exc).__name__}: {exc} (generation {job_id} goes on: "
+            f"GET /v1/generations/{job_id})"
+        ) from None
     except KeyboardInterrupt:  # Ctrl-C: the job is no longer wanted
         canceled = http.post(f"/v1/generations/{job_id}/cancel").status_code in (200, 202)
         outcome = "canceled" if canceled else "left as it was"
@@ -108,7 +119,10 @@ def _follow(http: httpx.Client, job_id: str, out_dir: Path, poll: float) -> list
         # progress to show: asked less often, it spends less of the key's rate limit.
         wait = max(poll, QUEUED_POLL_S) if status == "queued" else poll
         try:
-            view = _check(_send(http, "GET", f"/v1/generations/{job_id}", params={"wait": wait}))
+            reply = _send(
+                http, "GET", f"/v1/generations/{job_id}", unreachable_too=True, params={"wait": wait}
+            )
+            view = _check(reply)
             status = view["status"]
         except ClientError as exc:
             raise ClientError(f"{exc} (generation {job_id}: GET /v1/generations/{job_id})") from None
@@ -127,7 +141,7 @@ def _follow(http: httpx.Client, job_id: str, out_dir: Path, poll: float) -> list
         raise ClientError(f"generation {status}: {err.get('code', '')} {err.get('message', '')}".strip())
     paths = []
     for image in view["images"]:
-        response = _send(http, "GET", image["url"])
+        response = _send(http, "GET", image["url"], unreachable_too=True)
         if response.status_code != 200:
             _check(response)
         ext = EXTENSIONS.get(image["content_type"], "bin")

@@ -16,6 +16,7 @@ import pytest
 import redis
 
 from latentd.contract import Keys, WorkerInfo
+from latentd.embedded import free_port
 from tests.conftest import (
     TINY_MODEL,
     Proc,
@@ -994,6 +995,47 @@ def test_latentd_generate_rides_out_a_redis_outage_and_saves_its_image(cluster: 
     finally:
         worker.stop()
     assert len(list(out.glob("*.png"))) == 1  # it gave up at the first 503, the job going on unseen
+
+
+def test_latentd_generate_rides_out_an_api_restart(cluster: Cluster) -> None:
+    # A dropped connection ended the client (ReadError, ConnectError), its job going on unseen.
+    port = free_port()
+    api_env = base_env(cluster.redis.url, LATENTD_PORT=str(port), LATENTD_DEFAULT_MODEL=TINY_MODEL)
+    url = f"http://127.0.0.1:{port}"
+
+    def api_up(api: Proc) -> None:
+        def healthy() -> bool:
+            try:
+                return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(healthy, 30, what="the API")
+
+    register_ghost(cluster.redis.client(), TINY_MODEL)  # the job waits in its queue meanwhile
+    api = spawn(["api"], api_env, cluster.tmp / "api-a.log")
+    api_up(api)
+    out = cluster.tmp / "out"
+    client = spawn(
+        ["generate", "a red circle", "--url", url, "--out", str(out), "--steps", "2"],
+        base_env(cluster.redis.url),
+        cluster.tmp / "generate.log",
+    )
+    try:
+        wait_until(lambda: "queued" in client.output(), 30, what="the job queued")
+        assert api.stop() == 0
+        wait_until(lambda: "Error: waiting" in client.output(), 30, what="the client to wait")
+        api = spawn(["api"], api_env, cluster.tmp / "api-b.log")
+        api_up(api)
+        worker = cluster.worker("a")
+        try:
+            assert client.proc.wait(120) == 0, client.output()
+        finally:
+            worker.stop()
+    finally:
+        api.stop()
+        client.stop()
+    assert len(list(out.glob("*.png"))) == 1
 
 
 def test_sigterm_past_the_grace_period_hands_the_job_to_another_worker(cluster: Cluster) -> None:
