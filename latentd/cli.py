@@ -105,6 +105,7 @@ def cmd_worker(_: argparse.Namespace) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     """Embedded Redis (unless LATENTD_REDIS_URL is set), one worker and the API, supervised together."""
+    _stop_at_once_while_starting()  # until its own handlers, below, before anything has started
     from app.config import ApiSettings
     from latentd.embedded import child_options, lock_data_dir, start_redis, url_file
     from worker.config import WorkerSettings

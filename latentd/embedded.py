@@ -104,6 +104,22 @@ def redis_args(port: int, data_dir: Path) -> list[str]:
     ]  # fmt: skip
 
 
+def _why_not(log: Path, start: int, port: int) -> str:
+    """What redis-server's log says, past byte `start`, of its failure to start (its warnings and
+    errors: "1234:M 29 Nov 2026 10:00:00.000 # Failed listening on port ..."), else the likeliest
+    cause."""
+    try:
+        with log.open("rb") as f:
+            f.seek(start)
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        lines = []
+    said = [line.split(" # ", 1)[1] for line in lines if " # " in line][-2:]
+    if not said:
+        return f"is port {port} in use? (see {log})"
+    return "; ".join(said) + f" (see {log})"
+
+
 def start_redis(
     data_dir: Path, port: int | None = None, timeout: float = 10.0, **popen: Any
 ) -> tuple[subprocess.Popen[bytes], str]:
@@ -111,6 +127,8 @@ def start_redis(
     data_dir = data_dir.resolve()  # redis-server chdirs into --dir before opening the log
     data_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
+    log = data_dir / "redis.log"
+    start = log.stat().st_size if log.exists() else 0  # what this start writes comes after
     proc = subprocess.Popen([find_redis_server(), *redis_args(port, data_dir)], **popen)
     url = f"redis://127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url, socket_connect_timeout=0.5)
@@ -126,10 +144,7 @@ def start_redis(
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
                 proc.wait()
-                raise StartError(
-                    f"redis-server did not start on port {port} (is the port in use?); "
-                    f"see {data_dir / 'redis.log'}"
-                )
+                raise StartError(f"redis-server did not start on port {port}: {_why_not(log, start, port)}")
             time.sleep(0.05)
     finally:
         client.close()
