@@ -105,7 +105,10 @@ def _generate(http: httpx.Client, body: dict[str, Any], out_dir: Path, poll: flo
             f"GET /v1/generations/{job_id})"
         ) from None
     except KeyboardInterrupt:  # Ctrl-C: the job is no longer wanted
-        canceled = http.post(f"/v1/generations/{job_id}/cancel").status_code in (200, 202)
+        try:
+            canceled = http.post(f"/v1/generations/{job_id}/cancel").status_code in (200, 202)
+        except httpx.HTTPError:  # the API it was waiting for is still away
+            canceled = False
         outcome = "canceled" if canceled else "left as it was"
         print(f"\ninterrupted: generation {job_id} {outcome}", file=sys.stderr)
         raise

@@ -335,15 +335,18 @@ def _run(rt: Runtime, members: list[tuple[str, JobPayload]], outcomes: dict[str,
         def send() -> list[Any]:
             nonlocal observe
             pipe = r.pipeline(transaction=False)
-            if observe:  # once: sent again, it would count the call twice
+            if observe:
                 _observe(pipe, Keys.batches(model), BATCH_BUCKETS, images_asked)
-                observe = False
             for job_id in asked:
                 keys = [_rq_key(job_id), Keys.state(job_id), Keys.cancel(job_id)]
                 # EVAL, not a registered script: redis-py sends SCRIPT EXISTS before each pipeline
                 # that holds one, a second round trip inside the denoising loop.
                 pipe.eval(_STEP, len(keys), *keys, rt.worker_name, done)
-            return pipe.execute()
+            replies = pipe.execute()
+            # Counted once it reached Redis (a refused connection sent nothing); a lost reply, the
+            # rarer case, counts the call twice.
+            observe = False
+            return replies
 
         replies = _resent_while_unreachable(rt, send, "progress")
         for job_id, answer in zip(asked, map(int, replies[len(replies) - len(asked) :]), strict=True):
