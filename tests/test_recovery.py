@@ -70,6 +70,14 @@ class Cluster:
         )
         return view
 
+    def ends_on_another_worker(self, job_id: str) -> dict[str, Any]:
+        """The job's final view, once a fresh worker ("b") has found its lapsed lease."""
+        second = self.worker("b")
+        try:
+            return self.wait_terminal(job_id)
+        finally:
+            second.stop()
+
     def running_on(self, job_id: str) -> str:
         def owner() -> str | None:
             view = self.status(job_id)
@@ -123,11 +131,7 @@ def test_killed_worker_job_is_requeued_and_completed(cluster: Cluster) -> None:
     first.proc.wait()
     assert cluster.status(job_id)["status"] == "running"  # until its lease runs out
 
-    second = cluster.worker("b")
-    try:
-        view = cluster.wait_terminal(job_id)
-    finally:
-        second.stop()
+    view = cluster.ends_on_another_worker(job_id)
     assert view["status"] == "succeeded"
     assert view["attempts"] == 2
     assert httpx.get(f"{cluster.url}{view['images'][0]['url']}").status_code == 200
@@ -387,11 +391,7 @@ def test_a_job_lost_before_its_run_began_reads_as_failed(one_attempt_cluster: Cl
     doomed = cluster.worker("doomed", DIE_AFTER_STARTING)
     job_id = cluster.submit({"prompt": "die-after-starting", "steps": 1})
     assert doomed.proc.wait(60) == 9
-    second = cluster.worker("b")
-    try:
-        view = cluster.wait_terminal(job_id)
-    finally:
-        second.stop()
+    view = cluster.ends_on_another_worker(job_id)
     assert view["status"] == "failed" and view["error"]["code"] == "worker_lost", view
     assert "before it began to run it" in view["error"]["message"]
     assert view["timings"]["inference_seconds"] is None
@@ -842,11 +842,7 @@ def test_a_worker_asked_to_stop_while_its_job_waits_for_redis_leaves_the_job(clu
     assert worker.proc.wait(15) == 0, worker.output()[-3000:]
     assert "left_job_redis_unreachable" in worker.output()
     cluster.redis.start()
-    second = cluster.worker("b")
-    try:
-        view = cluster.wait_terminal(job_id)
-    finally:
-        second.stop()
+    view = cluster.ends_on_another_worker(job_id)
     assert view["status"] == "succeeded", view
 
 
@@ -861,11 +857,7 @@ def test_a_second_stop_request_leaves_the_job_to_its_lease(cluster: Cluster) -> 
     assert first.proc.wait(30) == 0, first.output()
     assert "cold_shutdown" in first.output()
     assert cluster.status(job_id)["status"] == "running"  # until its lease runs out
-    second = cluster.worker("b")
-    try:
-        view = cluster.wait_terminal(job_id)
-    finally:
-        second.stop()
+    view = cluster.ends_on_another_worker(job_id)
     assert view["status"] == "succeeded", view
 
 
