@@ -40,17 +40,18 @@ class LatentdAPI(FastAPI):
         """FastAPI's document, less the 422 FastAPI adds to each operation with parameters that
         lists no 422 of its own: its body is not the error envelope, and such a route answers no
         422 (cancel: a path that fails its check is 404)."""
-        if self.openapi_schema is None:
-            schema = super().openapi()
-            framework_422 = {"$ref": "#/components/schemas/HTTPValidationError"}
-            for operations in schema["paths"].values():
-                for operation in operations.values():
-                    content = operation["responses"].get("422", {}).get("content", {})
-                    if content.get("application/json", {}).get("schema") == framework_422:
-                        del operation["responses"]["422"]
-            for name in ("HTTPValidationError", "ValidationError"):
-                schema.get("components", {}).get("schemas", {}).pop(name, None)
-        return super().openapi()
+        if self.openapi_schema is not None:
+            return self.openapi_schema
+        schema = super().openapi()  # kept as self.openapi_schema: changed here, once
+        framework_422 = {"$ref": "#/components/schemas/HTTPValidationError"}
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                content = operation["responses"].get("422", {}).get("content", {})
+                if content.get("application/json", {}).get("schema") == framework_422:
+                    del operation["responses"]["422"]
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        return schema
 
 
 @contextlib.contextmanager
