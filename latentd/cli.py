@@ -16,6 +16,9 @@ from typing import Any
 from latentd.settings import CommonSettings
 
 API_STOP_GRACE = 8  # seconds
+# `latentd up` starts a failed worker again at most this often in this many seconds.
+WORKER_RESTARTS = 3
+WORKER_RESTART_WINDOW = 600
 
 
 def _stop_at_once_while_starting() -> None:
@@ -154,16 +157,34 @@ def cmd_up(args: argparse.Namespace) -> int:
         _say(f"API on http://127.0.0.1:{port} (docs at /docs); Ctrl-C stops")
         _say("the worker is loading its model ...")
         loading = True
+        restarts: list[float] = []  # when a worker that had served was started again
         while not signals and not code:
             if loading and ready.exists():
                 _say(f"ready: the worker serves model '{served}'")
                 loading = False
-            for name, proc in children:
-                if proc.poll() is not None:
-                    _say(f"{name} exited with {proc.returncode}; stopping")
-                    # killed by a signal: 128 + its number, as a shell reports it; ended of its own: 1
-                    code = 128 - proc.returncode if proc.returncode < 0 else proc.returncode or 1
-                    break
+            for i, (name, proc) in enumerate(children):
+                if proc.poll() is None:
+                    continue
+                # A worker that had served and then failed (a CUDA error: 70; killed by the kernel's
+                # OOM killer; RQ quitting) is started again, as a container's restart policy would:
+                # its job runs again once its lease lapses. One that never got ready (a bad model,
+                # a broken device) or ended as asked (0), or one failing again and again, stops all.
+                restarts = [t for t in restarts if time.monotonic() - t < WORKER_RESTART_WINDOW]
+                again = name == "worker" and not loading and proc.returncode != 0
+                if again and len(restarts) < WORKER_RESTARTS and not signals:
+                    restarts.append(time.monotonic())
+                    _say(
+                        f"worker exited with {proc.returncode}; starting another "
+                        f"({len(restarts)} of {WORKER_RESTARTS} in {WORKER_RESTART_WINDOW // 60} min) ..."
+                    )
+                    ready.unlink(missing_ok=True)  # left by a worker that was killed
+                    children[i] = (name, subprocess.Popen([*me, "worker"], env=env, **child_options()))
+                    loading = True
+                    continue
+                _say(f"{name} exited with {proc.returncode}; stopping")
+                # killed by a signal: 128 + its number, as a shell reports it; ended of its own: 1
+                code = 128 - proc.returncode if proc.returncode < 0 else proc.returncode or 1
+                break
             time.sleep(0.2)
     finally:
         if signals:

@@ -209,6 +209,41 @@ def test_up_stops_when_a_child_ends_and_says_how(
     assert not processes_using(data)
 
 
+def test_up_starts_again_a_worker_that_failed_after_serving(tmp_path: Path, tiny_model_dir: Path) -> None:
+    # A worker killed mid-job (the OOM killer; a CUDA error exits 70) stopped the whole stack.
+    # It is started again, and its job runs again on the new one once its lease lapses.
+    data, port = tmp_path / "data", free_port()
+    env = up_env(tiny_model_dir, port, LATENTD_LEASE_SECONDS="2", LATENTD_HEARTBEAT_INTERVAL="0.5")
+    up = spawn(["up", "--data-dir", str(data)], env, tmp_path / "up.log")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: "latentd up: ready" in up.output(), 120, what="up ready")
+        wait_until(lambda: httpx.get(f"{url}/v1/models", timeout=2).status_code == 200, 60, what="the API")
+        job_id = httpx.post(
+            f"{url}/v1/generations", json={"prompt": "a long one", "steps": 40, "width": 128, "height": 128}
+        ).json()["id"]
+        wait_until(
+            lambda: httpx.get(f"{url}/v1/generations/{job_id}").json()["progress"]["step"] > 0,
+            60,
+            what="the job running",
+        )
+        os.kill(child_of_up(data, "worker"), signal.SIGKILL)
+        wait_until(lambda: up.output().count("latentd up: ready") == 2, 120, what="a second worker ready")
+        assert "latentd up: worker exited with -9; starting another" in up.output()
+        view = wait_until(
+            lambda: (v := httpx.get(f"{url}/v1/generations/{job_id}").json())["status"] == "succeeded" and v,
+            120,
+            what="the job run again",
+        )
+        assert view["attempts"] == 2
+        assert up.proc.poll() is None
+    finally:
+        up.proc.send_signal(signal.SIGTERM)
+        code = up.proc.wait(120)
+    assert code == 0, up.output()[-3000:]
+    assert not processes_using(data)
+
+
 def test_up_whose_terminal_closes_still_stops_in_order(tmp_path: Path, tiny_model_dir: Path) -> None:
     # A closed terminal (an ssh session dropped): SIGHUP, and every line written to it fails.
     data = tmp_path / "data"
