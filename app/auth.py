@@ -167,10 +167,12 @@ async def image_caller(
     if signature is None:
         return await authenticate(request)
     secret = await _stored_secret(request.app.state.service)  # none: no URL was signed since
-    expected = (
-        "" if secret is None else _signature(secret, request.url.path, -1 if expires is None else expires)
-    )
-    if not hmac.compare_digest(signature.encode(errors="replace"), expected.encode()):
+    # With no secret nothing was signed: an empty signature matched an empty expectation, and
+    # downloaded any image without a key.
+    if secret is None or not hmac.compare_digest(
+        signature.encode(errors="replace"),
+        _signature(secret, request.url.path, -1 if expires is None else expires).encode(),
+    ):
         raise Unauthorized("the image URL's signature does not match it; ask for the image again")
     if expires is None or expires < time.time():
         raise Expired("this image URL has expired, as the image has", param="expires")

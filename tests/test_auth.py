@@ -201,6 +201,9 @@ def test_the_openai_routes_image_urls_download_without_a_key_until_they_expire(s
         r.delete("latentd:url_secret")
         if secret is None:  # a download checks against the secret there is, and makes none
             assert httpx.get(urls[0]).status_code == 401 and not r.exists("latentd:url_secret")
+            # An empty signature matched the empty one expected then: any image, without a key.
+            forged = httpx.get(f"{path}?expires={expires}&signature=")
+            assert forged.status_code == 401 and not r.exists("latentd:url_secret"), forged.text
         else:
             r.set("latentd:url_secret", secret)
         reply = httpx.post(
