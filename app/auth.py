@@ -50,25 +50,40 @@ class Principal:
 
 
 class AuthState:
-    def __init__(self, static_keys: dict[str, str]) -> None:
+    def __init__(self, static_keys: dict[str, str], require_keys: bool = False) -> None:
         self.static_keys = static_keys  # digest -> name, from LATENTD_API_KEYS
-        self.required = bool(static_keys)
+        self.always = require_keys or bool(static_keys)  # whatever Redis holds
+        self.required = self.always
         self.checked_at = 0.0
+        self.lost = False  # Redis lost what said keys are required (auth_state_lost said)
 
 
 async def auth_required(request: Request, service: GenerationService) -> bool:
     state: AuthState = request.app.state.auth
-    if state.static_keys:
+    if state.always:
         return True
     now = time.monotonic()
     if now - state.checked_at > AUTH_STATE_TTL:
-        required = bool(await service.aredis.exists(*keys.REQUIRED_WHILE))
-        if required != state.required:
+        async with service.aredis.pipeline(transaction=False) as pipe:
+            pipe.get(Keys.KEYS_REQUIRED)
+            pipe.exists(Keys.API_KEYS)
+            flag, a_key_exists = await pipe.execute()
+        required = keys.required(flag, bool(a_key_exists))
+        # No key and no flag where keys were required: Redis lost its data (flushed, restarted
+        # without its file). Opening then let anyone in; only `latentd keys open` does (flag "0").
+        lost = required is None and state.required
+        if lost and not state.lost:
+            note = "Redis holds no key and no `latentd keys open`: requests stay refused until either"
+            event(log, "auth_state_lost", logging.ERROR, note=note)
+        state.lost = lost
+        if lost:
+            required = True
+        elif required != state.required:
             if required:
                 event(log, "auth_required")
             else:
-                event(log, "auth_open", logging.WARNING, note="`latentd keys open`, or Redis lost its data")
-        state.required = required
+                event(log, "auth_open", logging.WARNING, note="`latentd keys open`")
+        state.required = bool(required)
         state.checked_at = now
     return state.required
 
@@ -95,17 +110,24 @@ async def authenticate(request: Request) -> Principal:
     """The caller of `request`; a dependency of every route that serves a caller's data. Its one
     parameter FastAPI fills is the request: every nested dependency costs each request's time."""
     service: GenerationService = request.app.state.service
-    if not await auth_required(request, service):
-        return Principal(owner=None)
+    required = await auth_required(request, service)
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthorized(_unusable_authorization(header))
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        if required:
+            raise Unauthorized(_unusable_authorization(header))
+        return Principal(owner=None)
     state: AuthState = request.app.state.auth
-    digest = keys.digest(token.strip())
-    owner = state.static_keys.get(digest) or keys.name_of(await service.aredis.hget(Keys.API_KEYS, digest))
-    if owner is None:
-        raise Unauthorized("invalid API key")
+    digest = keys.digest(token)
+    name = state.static_keys.get(digest) or keys.name_of(await service.aredis.hget(Keys.API_KEYS, digest))
+    if name is None:
+        if required:
+            raise Unauthorized("invalid API key")
+        return Principal(owner=None)
+    # A valid key counts while the service is open too: in the seconds before the API reads that
+    # a first key was made, that key's jobs were stored as nobody's, then hidden from it.
+    owner = keys.owner(name, digest)
     limit = service.settings.rate_limit_per_minute
     if limit:
         window = int(time.time() // 60)

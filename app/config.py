@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 
 from pydantic import Field, SecretStr, model_validator
@@ -9,6 +10,7 @@ from pydantic import Field, SecretStr, model_validator
 from latentd import keys
 from latentd.settings import BUILTIN_MODEL, CommonSettings
 
+_KEY = re.compile(r"[!-~]{16,}")
 PLACEHOLDER_KEYS = {"changeme", "change-me-please", "changethis", "secret", "password", "xxxxxxxxxxxxxxxx"}
 
 
@@ -61,6 +63,11 @@ class ApiSettings(CommonSettings):
         description="Comma-separated NAME:KEY pairs (e.g. from a Kubernetes Secret), besides the keys "
         "`latentd keys create` stores in Redis; only their digests are kept in memory.",
     )
+    require_keys: bool = Field(
+        default=False,
+        description="Refuse requests without a valid key even while Redis holds no key and no "
+        "`latentd keys open` (a Redis that lost its data, at this API's start).",
+    )
     rate_limit_per_minute: int = Field(
         default=600, ge=0, description="Requests per minute per API key (0: no limit); only with keys."
     )
@@ -88,11 +95,18 @@ class ApiSettings(CommonSettings):
         digests: dict[str, str] = {}
         for pair in filter(None, (p.strip() for p in self.api_keys.get_secret_value().split(","))):
             name, _, key = pair.partition(":")
-            if not name or len(key) < 16 or key.lower() in PLACEHOLDER_KEYS:
+            # A key of other characters (a space, a letter outside ASCII) passed here and then
+            # matched no request: requests' keys are stripped, and their headers read as Latin-1.
+            if not _KEY.fullmatch(key) or key.lower() in PLACEHOLDER_KEYS:
                 raise ValueError(
-                    "LATENTD_API_KEYS: each entry must be NAME:KEY with a KEY of at least 16 characters "
-                    "that is not a placeholder (generate one with `latentd keys create NAME`)"
+                    "LATENTD_API_KEYS: each entry must be NAME:KEY with a KEY of at least 16 printable "
+                    "ASCII characters, no spaces, that is not a placeholder (generate one with "
+                    "`latentd keys create NAME`)"
                 )
+            try:
+                keys.check_name(name)
+            except ValueError as exc:
+                raise ValueError(f"LATENTD_API_KEYS: {exc}") from None
             digests[keys.digest(key)] = name
         return digests
 

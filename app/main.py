@@ -124,11 +124,11 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.service = service = GenerationService(connection, aconnection, settings)
         app.state.metrics = metrics
-        app.state.auth = AuthState(settings.static_key_digests())
+        app.state.auth = AuthState(settings.static_key_digests(), settings.require_keys)
         try:
-            keyed = bool(app.state.auth.static_keys) or keys.required(connection)
+            keyed = app.state.auth.always or bool(keys.read_required(connection))
         except redis.ConnectionError:
-            keyed = bool(app.state.auth.static_keys)
+            keyed = app.state.auth.always
         app.state.auth.required = keyed  # what was logged: a change from here on is logged too
         if keyed:
             event(log, "auth_required", keys="configured")

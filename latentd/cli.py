@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from latentd.settings import CommonSettings
+from latentd.settings import CommonSettings, shown_url
 
 API_STOP_GRACE = 8  # seconds
 # `latentd up` starts a failed worker again at most this often in this many seconds.
@@ -272,11 +272,15 @@ def cmd_keys(args: argparse.Namespace) -> int:
     if url is None and embedded.exists():  # `latentd up` is running here: its Redis, on a free port
         url = embedded.read_text().strip()
         print(f"latentd keys: using the embedded Redis of `latentd up` at {url}", file=sys.stderr)
+    elif url is None:  # say so: a key made in a Redis the API does not use leaves it open
+        print(
+            f"latentd keys: using {settings.effective_redis_url} (LATENTD_REDIS_URL unset)", file=sys.stderr
+        )
     url = url or settings.effective_redis_url
     try:
         return _keys(args, redis.Redis.from_url(url, socket_connect_timeout=5))
     except redis.RedisError as exc:
-        print(f"latentd keys: cannot reach Redis at {url}: {exc}", file=sys.stderr)
+        print(f"latentd keys: cannot reach Redis at {shown_url(url)}: {exc}", file=sys.stderr)
         return 1
 
 
@@ -311,8 +315,9 @@ def _keys(args: argparse.Namespace, connection: Any) -> int:
             file=sys.stderr,
         )
     else:
-        for entry in keys.list_keys(connection):
-            print(entry["name"])
+        for entry in sorted(keys.list_keys(connection), key=lambda e: float(e.get("created_at") or 0)):
+            made = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(float(entry.get("created_at") or 0)))
+            print(f"{entry['name']}\t{made} UTC")
     return 0
 
 
@@ -348,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     where = [keys]
     for action, what, named in (
         ("create", "make a key named NAME and print it, once", True),
-        ("list", "the keys' names and when they were made", False),
+        ("list", "the keys' names and when they were made (UTC)", False),
         ("revoke", "delete the key named NAME", True),
         ("open", "with no key left, take requests without one again", False),
     ):

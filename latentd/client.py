@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 import uuid
@@ -78,6 +79,11 @@ def _bar(fraction: float, width: int = 30) -> str:
 def generate(
     base_url: str, body: dict[str, Any], out_dir: Path, poll: float = 0.2, api_key: str | None = None
 ) -> list[Path]:
+    api_key = (api_key or "").strip()  # a key read from a file keeps its newline
+    if not re.fullmatch(r"[!-~]*", api_key):  # never echoed: httpx's error quoted the whole header
+        raise ClientError(
+            "LATENTD_API_KEY holds a character no key has (a space inside, or one outside ASCII)"
+        )
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     out_dir.mkdir(parents=True, exist_ok=True)
     try:

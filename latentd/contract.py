@@ -138,8 +138,8 @@ class Keys:
     WORKERS = f"{PREFIX}:workers"
     # Hash sha256(key) -> {"name", "created_at"}: API keys, stored only as digests.
     API_KEYS = f"{PREFIX}:apikeys"
-    # Set with the first key and kept when the last is revoked: revoking a leaked key must not
-    # open the service. Only `latentd keys open` removes it.
+    # "1" from the first key on, kept when the last is revoked: revoking a leaked key must not
+    # open the service. Only `latentd keys open` sets it to "0" (latentd.keys.required).
     KEYS_REQUIRED = f"{PREFIX}:keys_required"
     # Hash model -> when a worker last served it, or began to load it (unix seconds): a model
     # without a live worker that had one lately is coming back (a restart, a load), not unknown.

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import secrets
 import time
+from typing import Any
 
 import redis
 
@@ -18,37 +20,87 @@ from latentd.contract import Keys
 
 KEY_PREFIX = "ltd_"
 
+# A name is shown in `latentd keys list` and in logs, one per line.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+NAME_RULE = "1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+
+
+def check_name(name: str) -> None:
+    if not _NAME.fullmatch(name):
+        raise ValueError(f"a key's name is {NAME_RULE}: {name!r} is not")
+
 
 def digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def owner(name: str, key_digest: str) -> str:
+    """Whose jobs these are: the key itself, named. By name alone, a key made again under a
+    revoked key's name saw the revoked key's jobs, and a LATENTD_API_KEYS key those of a stored
+    key of its name."""
+    return f"{name}.{key_digest[:16]}"
+
+
+# The name is checked free and the key stored in one step: two creates of one name made two keys.
+# KEYS: the keys hash, the flag; ARGV: name, digest, record.
+_CREATE = """
+for _, record in ipairs(redis.call('HVALS', KEYS[1])) do
+    if cjson.decode(record)['name'] == ARGV[1] then return 0 end
+end
+redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
+redis.call('SET', KEYS[2], '1')
+return 1
+"""
+
+# Every key of the name (two creates of one name could make two, before _CREATE), and the flag
+# set: a key made before the flag existed sets it here. Returns how many went.
+_REVOKE = """
+local gone = 0
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+    if cjson.decode(all[i + 1])['name'] == ARGV[1] then
+        redis.call('HDEL', KEYS[1], all[i])
+        gone = gone + 1
+    end
+end
+if gone > 0 then redis.call('SET', KEYS[2], '1') end
+return gone
+"""
+
+
 def create(connection: redis.Redis, name: str) -> str:
     """Store a new key under `name` and return it; the plain key is never stored."""
-    if any(k.get("name") == name for k in list_keys(connection)):
-        raise ValueError(f"a key named '{name}' exists; revoke it first")
+    check_name(name)
     key = KEY_PREFIX + secrets.token_urlsafe(32)
-    pipe = connection.pipeline()  # MULTI: the key and the flag together
-    pipe.hset(Keys.API_KEYS, digest(key), json.dumps({"name": name, "created_at": time.time()}))
-    pipe.set(Keys.KEYS_REQUIRED, 1)
-    pipe.execute()
+    record = json.dumps({"name": name, "created_at": time.time()})
+    if not connection.eval(_CREATE, 2, Keys.API_KEYS, Keys.KEYS_REQUIRED, name, digest(key), record):
+        raise ValueError(f"a key named '{name}' exists; revoke it first")
     return key
 
 
-# Keys are required while either exists (a key exists, or one did). An empty hash does not exist,
-# so one EXISTS of both answers; a key made before the flag existed counts too.
-REQUIRED_WHILE = (Keys.KEYS_REQUIRED, Keys.API_KEYS)
+def required(flag: bytes | str | None, a_key_exists: bool) -> bool | None:
+    """Whether the service requires keys, by the flag and whether a key is stored: None where
+    neither says, as in a Redis where no key was ever made, or one that lost its data."""
+    if a_key_exists or flag in (b"1", "1"):
+        return True  # a key stored by a latentd that set no flag counts too
+    if flag in (b"0", "0"):
+        return False  # `latentd keys open`
+    return None
 
 
-def required(connection: redis.Redis) -> bool:
-    """Whether the service requires keys (the API's event loop asks the same of `REQUIRED_WHILE`)."""
-    return bool(connection.exists(*REQUIRED_WHILE))
+def read_required(connection: redis.Redis) -> bool | None:
+    """`required` of what Redis holds (the API's event loop asks the same)."""
+    with connection.pipeline(transaction=False) as pipe:
+        pipe.get(Keys.KEYS_REQUIRED)
+        pipe.exists(Keys.API_KEYS)
+        flag, exists = pipe.execute()
+    return required(flag, bool(exists))
 
 
 def open_service(connection: redis.Redis) -> bool:
     """Let the service run without keys again; False, changing nothing, while a key exists."""
     opened = connection.eval(
-        "if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end redis.call('DEL', KEYS[1]) return 1",
+        "if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end redis.call('SET', KEYS[1], '0') return 1",
         2,
         Keys.KEYS_REQUIRED,
         Keys.API_KEYS,
@@ -56,19 +108,12 @@ def open_service(connection: redis.Redis) -> bool:
     return bool(opened)
 
 
-def list_keys(connection: redis.Redis) -> list[dict[str, object]]:
+def list_keys(connection: redis.Redis) -> list[dict[str, Any]]:
     return [json.loads(v) for v in connection.hgetall(Keys.API_KEYS).values()]
 
 
 def revoke(connection: redis.Redis, name: str) -> bool:
-    for field, value in connection.hgetall(Keys.API_KEYS).items():
-        if json.loads(value).get("name") == name:
-            pipe = connection.pipeline()  # MULTI: a key made before the flag existed sets it here
-            pipe.hdel(Keys.API_KEYS, field)
-            pipe.set(Keys.KEYS_REQUIRED, 1)
-            pipe.execute()
-            return True
-    return False
+    return bool(connection.eval(_REVOKE, 2, Keys.API_KEYS, Keys.KEYS_REQUIRED, name))
 
 
 def name_of(record: bytes | str | None) -> str | None:

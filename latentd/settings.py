@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -9,6 +10,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 BUILTIN_MODEL = "builtin"
+
+
+def shown_url(url: str) -> str:
+    """`url` as messages and logs may show it: its password, in the user part or the query, hidden."""
+    url = re.sub(r"(?i)([?&]password=)[^&]*", r"\1***", url)
+    return re.sub(r"^([a-z]+://)([^:@/?#]*:)?[^/?#]*@", lambda m: f"{m[1]}{m[2] or ''}***@", url)
 
 
 class CommonSettings(BaseSettings):

@@ -14,6 +14,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
+import pydantic
 import pytest
 import redis
 from fastapi.testclient import TestClient
@@ -84,7 +85,9 @@ def test_keys_are_stored_hashed_and_shown_once(secured: Secured) -> None:
     assert all(token.encode() not in k and token.encode() not in v for k, v in stored.items())
     listed = keys_command(secured.redis.url, "list")
     assert listed.returncode == 0, listed.stderr
-    assert set(listed.stdout.split()) == {"alice", "bob"}
+    rows = [line.split("\t") for line in listed.stdout.splitlines()]
+    assert [name for name, _ in rows] == ["alice", "bob"]  # oldest first, each with when it was made
+    assert all(made.endswith(" UTC") and made[:4].isdigit() for _, made in rows), listed.stdout
     assert token not in listed.stdout
     # Piped to a reader that stops early (`| head -0`): quiet, as other tools are, no traceback.
     reader = subprocess.Popen(["head", "-c", "0"], stdin=subprocess.PIPE)
@@ -156,6 +159,18 @@ def test_a_key_sees_and_cancels_only_its_own_jobs(secured: Secured) -> None:
             assert "mine" not in response.text
 
 
+def test_a_key_made_again_under_a_revoked_keys_name_does_not_see_its_jobs(secured: Secured) -> None:
+    # Jobs belonged to the key's name: whoever got the name next saw the revoked key's jobs.
+    first = {"Authorization": f"Bearer {create_key(secured.redis.url, 'carol')}"}
+    job_id = httpx.post(f"{secured.url}/v1/generations", json={"prompt": "old"}, headers=first).json()["id"]
+    assert httpx.get(f"{secured.url}/v1/generations/{job_id}", headers=first).status_code == 200
+    assert keys_command(secured.redis.url, "revoke", "carol").returncode == 0
+    again = {"Authorization": f"Bearer {create_key(secured.redis.url, 'carol')}"}
+    hidden = httpx.get(f"{secured.url}/v1/generations/{job_id}", headers=again)
+    assert hidden.status_code == 404 and hidden.json()["error"]["code"] == "not_found", hidden.text
+    assert keys_command(secured.redis.url, "revoke", "carol").returncode == 0
+
+
 def test_the_openai_routes_image_urls_download_without_a_key_until_they_expire(secured: Secured) -> None:
     # OpenAI's image URLs need no key, and what takes one often hands it to a browser: with keys
     # on, ours answered 401 to any download without the bearer header.
@@ -218,6 +233,22 @@ def test_the_openai_routes_image_urls_download_without_a_key_until_they_expire(s
         signed = hmac.new(made, f"{urlparse(path).path}\n{params['expires']}".encode(), hashlib.sha256)
         assert params["signature"] == signed.hexdigest()
         assert httpx.get(url).status_code == 200
+
+
+def test_latentd_generate_takes_a_key_read_from_a_file_and_never_shows_one(
+    secured: Secured, tmp_path: Path
+) -> None:
+    # A key from a secret file ends in a newline: generate failed, and its message quoted the key.
+    key = secured.alice["Authorization"].split()[1]
+    args = ["generate", "x", "--url", secured.url, "--out", str(tmp_path / "out"), "--steps", "2"]
+    ok = spawn(args, base_env(secured.redis.url, LATENTD_API_KEY=key + "\n"), tmp_path / "ok.log")
+    assert ok.proc.wait(60) == 0, ok.output()
+    assert len(list((tmp_path / "out").glob("*.png"))) == 1 and key not in ok.output()
+    for bad in ("ключ-0123456789abcdef", f"{key} {key}"):  # a traceback, or the key in the message
+        refused = spawn(args, base_env(secured.redis.url, LATENTD_API_KEY=bad), tmp_path / "bad.log")
+        assert refused.proc.wait(60) == 1, refused.output()
+        said = refused.output()
+        assert "LATENTD_API_KEY" in said and "Traceback" not in said and key not in said, said
 
 
 def test_no_log_line_carries_a_key(secured: Secured) -> None:
@@ -307,16 +338,96 @@ def test_revoking_the_last_key_leaves_the_service_closed_until_it_is_opened(tmp_
         server.stop()
 
 
+def test_a_redis_that_lost_its_keys_leaves_the_service_closed(tmp_path: Path) -> None:
+    """A flushed Redis, or one restarted without its file, held no key and no flag, and the
+    service opened to anyone within 2 s."""
+    from latentd import keys
+
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    register_ghost(server.client(), "tiny")
+    api, url = start_api(server.url, tmp_path)
+    try:
+        assert httpx.get(f"{url}/v1/models").status_code == 200  # open: no key was ever made
+        # A key used at once, before the API reads that keys are on: its job was stored as
+        # nobody's, and the key then got 404 for it.
+        early = {"Authorization": f"Bearer {keys.create(server.client(), 'early')}"}
+        job_id = httpx.post(f"{url}/v1/generations", json={"prompt": "x"}, headers=early).json()["id"]
+        wait_until(lambda: httpx.get(f"{url}/v1/models").status_code == 401, 10, what="auth on")
+        assert httpx.get(f"{url}/v1/generations/{job_id}", headers=early).status_code == 200
+        server.client().flushall()
+        time.sleep(AUTH_STATE_TTL + 1)
+        refused = httpx.get(f"{url}/v1/models")
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "unauthorized"
+        assert api.output().count("auth_state_lost") == 1, api.output()[-2000:]
+        assert keys_command(server.url, "open").returncode == 0  # the way to open it
+        wait_until(lambda: httpx.get(f"{url}/v1/models").status_code == 200, 10, what="auth off")
+        # A Redis that lost its data before the API started cannot be told from a new one, but
+        # for LATENTD_REQUIRE_KEYS, which holds whatever Redis says.
+        server.client().flushall()
+        required, required_url = start_api(server.url, tmp_path, "required", LATENTD_REQUIRE_KEYS="true")
+        try:
+            assert httpx.get(f"{required_url}/v1/models").status_code == 401
+            assert httpx.get(f"{url}/v1/models").status_code == 200
+        finally:
+            required.stop()
+    finally:
+        api.stop()
+        server.stop()
+
+
+def test_keys_of_one_name_made_at_once_are_one_and_a_revoke_ends_all(redis_client: redis.Redis) -> None:
+    """Two creates of one name at once both passed the name's check and made two keys; the revoke
+    then ended one of them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from latentd import keys
+    from latentd.contract import Keys
+
+    def make(_: int) -> bool:
+        try:
+            keys.create(redis_client, "dup")
+        except ValueError:
+            return False
+        return True
+
+    with ThreadPoolExecutor(8) as pool:
+        assert sum(pool.map(make, range(8))) == 1
+    # Two made by an older latentd: a revoke takes both.
+    redis_client.hset(Keys.API_KEYS, keys.digest("ltd_other"), json.dumps({"name": "dup", "created_at": 0}))
+    assert keys.revoke(redis_client, "dup") and not keys.list_keys(redis_client)
+    for name in ("evil\nname", "", "-x", "a" * 65, "tab\t", "ключ"):
+        with pytest.raises(ValueError, match="letters, digits"):
+            keys.create(redis_client, name)
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "carol:ключключключключключ",
+        "dave: davekey0123456789abc",
+        "a b:key0123456789abcdef",
+        ":key0123456789abcdef",
+    ],
+)
+def test_keys_from_the_environment_that_no_request_could_match_are_refused(entry: str) -> None:
+    # A key with a space or outside ASCII passed, and then never matched a request's.
+    with pytest.raises(pydantic.ValidationError) as raised:
+        ApiSettings(api_keys=entry)
+    said = " ".join(str(e["msg"]) for e in raised.value.errors())
+    assert "LATENTD_API_KEYS" in said and entry.partition(":")[2] not in said, said
+
+
 def test_revoking_the_last_key_made_before_the_flag_leaves_keys_required(redis_client: redis.Redis) -> None:
     """A key stored by a latentd that set no flag: its revoke must not open the service either."""
     from latentd import keys
     from latentd.contract import Keys
 
     redis_client.hset(Keys.API_KEYS, keys.digest("ltd_old"), json.dumps({"name": "old", "created_at": 0}))
-    assert keys.required(redis_client) and not redis_client.exists(Keys.KEYS_REQUIRED)
+    assert keys.read_required(redis_client) and not redis_client.exists(Keys.KEYS_REQUIRED)
     assert keys.revoke(redis_client, "old")
-    assert keys.required(redis_client) and not keys.list_keys(redis_client)
-    assert keys.open_service(redis_client) and not keys.required(redis_client)
+    assert keys.read_required(redis_client) and not keys.list_keys(redis_client)
+    assert keys.open_service(redis_client) and keys.read_required(redis_client) is False
 
 
 def test_keys_from_the_environment(tmp_path: Path) -> None:
@@ -326,8 +437,15 @@ def test_keys_from_the_environment(tmp_path: Path) -> None:
     api, url = start_api(server.url, tmp_path, LATENTD_API_KEYS=f"ops:{key}")
     try:
         assert httpx.get(f"{url}/v1/models").status_code == 401
-        assert httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+        ops = {"Authorization": f"Bearer {key}"}
+        assert httpx.get(f"{url}/v1/models", headers=ops).status_code == 200
         assert key not in api.output()
+        # A stored key of the same name is another key: it saw the other's jobs.
+        stored = {"Authorization": f"Bearer {create_key(server.url, 'ops')}"}
+        register_ghost(server.client(), "tiny")
+        job_id = httpx.post(f"{url}/v1/generations", json={"prompt": "x"}, headers=ops).json()["id"]
+        assert httpx.get(f"{url}/v1/generations/{job_id}", headers=ops).status_code == 200
+        assert httpx.get(f"{url}/v1/generations/{job_id}", headers=stored).status_code == 404
     finally:
         api.stop()
         server.stop()
@@ -361,3 +479,19 @@ def test_a_wrong_authorization_header_is_told_what_is_wrong_without_echoing_it(
     assert response.status_code == 401
     assert response.json()["error"] == {"code": "unauthorized", "message": says, "param": None}
     assert SECRET not in response.text and "short-key" not in response.text
+
+
+def test_redis_passwords_are_not_shown() -> None:
+    from latentd.settings import shown_url
+
+    for url, shown in [
+        ("redis://:hunter2@h:6379/0", "redis://:***@h:6379/0"),
+        ("rediss://default:hun@ter2@h/0", "rediss://default:***@h/0"),
+        ("unix:///run/redis.sock?db=0&password=hunter2", "unix:///run/redis.sock?db=0&password=***"),
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+    ]:
+        assert shown_url(url) == shown
+    # `latentd keys` told of a Redis it cannot reach quoting its password (the worker too).
+    listed = keys_command("redis://:hunter2@127.0.0.1:1/0", "list")
+    assert listed.returncode == 1 and "cannot reach Redis at redis://:***@127.0.0.1:1/0" in listed.stderr
+    assert "hunter2" not in listed.stderr, listed.stderr

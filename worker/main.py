@@ -30,6 +30,7 @@ from rq.worker import WorkerStatus
 
 from latentd.contract import JobPayload, Keys, WorkerInfo
 from latentd.logs import event
+from latentd.settings import shown_url
 from latentd.store import UnsafeRedis, as_text, check_eviction_policy
 from worker import jobs
 from worker.config import WorkerSettings
@@ -479,7 +480,10 @@ def run(settings: WorkerSettings) -> int:
     try:
         connection = _connect(settings.effective_redis_url)
     except redis.RedisError as exc:
-        print(f"latentd worker: cannot reach Redis at {settings.effective_redis_url}: {exc}", file=sys.stderr)
+        print(
+            f"latentd worker: cannot reach Redis at {shown_url(settings.effective_redis_url)}: {exc}",
+            file=sys.stderr,
+        )
         return EXIT_REDIS_UNREACHABLE
     try:
         check_eviction_policy(connection)
@@ -489,7 +493,8 @@ def run(settings: WorkerSettings) -> int:
         return EXIT_REDIS_UNREACHABLE
     except (redis.OutOfMemoryError, redis.ReadOnlyError) as exc:  # full, or a replica
         print(
-            f"latentd worker: Redis at {settings.effective_redis_url} refuses writes: {exc}", file=sys.stderr
+            f"latentd worker: Redis at {shown_url(settings.effective_redis_url)} refuses writes: {exc}",
+            file=sys.stderr,
         )
         return EXIT_REDIS_UNREACHABLE
     try:
