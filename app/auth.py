@@ -1,12 +1,13 @@
 """Who is calling: API key authentication and per-key request limits.
 
 Limits are counted in Redis, atomically, so every API replica enforces the same
-budget; they key on the API key's name, never on client-supplied headers such as
+budget; they key on the API key, never on client-supplied headers such as
 X-Forwarded-For.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -42,8 +43,9 @@ return n
 
 @dataclass(frozen=True)
 class Principal:
-    """The caller: the name of its API key, or None while the service is open. `signed`: the
-    holder of a signed image URL, who may download that image whoever's it is."""
+    """The caller: the owner its API key's jobs are stored under (`keys.owner_of`), or None
+    without a key while the service is open. `signed`: the holder of a signed image URL, who may
+    download that image whoever's it is."""
 
     owner: str | None
     signed: bool = False
@@ -55,7 +57,6 @@ class AuthState:
         self.always = require_keys or bool(static_keys)  # whatever Redis holds
         self.required = self.always
         self.checked_at = 0.0
-        self.lost = False  # Redis lost what said keys are required (auth_state_lost said)
 
 
 async def auth_required(request: Request, service: GenerationService) -> bool:
@@ -68,15 +69,18 @@ async def auth_required(request: Request, service: GenerationService) -> bool:
             pipe.get(Keys.KEYS_REQUIRED)
             pipe.exists(Keys.API_KEYS)
             flag, a_key_exists = await pipe.execute()
+        if now - state.checked_at <= AUTH_STATE_TTL:  # another request read it meanwhile
+            return state.required
+        state.checked_at = now
         required = keys.required(flag, bool(a_key_exists))
-        # No key and no flag where keys were required: Redis lost its data (flushed, restarted
-        # without its file). Opening then let anyone in; only `latentd keys open` does (flag "0").
-        lost = required is None and state.required
-        if lost and not state.lost:
-            note = "Redis holds no key and no `latentd keys open`: requests stay refused until either"
+        if required is None and state.required:
+            # No key and no flag where keys were required: Redis lost its data (flushed, restarted
+            # without its file). Opening then let anyone in. The flag is set again, for the API
+            # processes that start from now on (NX: a `latentd keys open` meanwhile wins).
+            with contextlib.suppress(*STORE_REFUSES):
+                await service.aredis.set(Keys.KEYS_REQUIRED, 1, nx=True)
+            note = "Redis held no key and no `latentd keys open`: requests stay refused until either"
             event(log, "auth_state_lost", logging.ERROR, note=note)
-        state.lost = lost
-        if lost:
             required = True
         elif required != state.required:
             if required:
@@ -84,7 +88,6 @@ async def auth_required(request: Request, service: GenerationService) -> bool:
             else:
                 event(log, "auth_open", logging.WARNING, note="`latentd keys open`")
         state.required = bool(required)
-        state.checked_at = now
     return state.required
 
 
@@ -120,14 +123,17 @@ async def authenticate(request: Request) -> Principal:
         return Principal(owner=None)
     state: AuthState = request.app.state.auth
     digest = keys.digest(token)
-    name = state.static_keys.get(digest) or keys.name_of(await service.aredis.hget(Keys.API_KEYS, digest))
-    if name is None:
+    # A LATENTD_API_KEYS key owns its jobs by its name (it holds no ':', which every stored key's
+    # id has), so one given a new secret keeps them.
+    name = state.static_keys.get(digest)
+    found = (name, name) if name else keys.owner_of(await service.aredis.hget(Keys.API_KEYS, digest))
+    if found is None:
         if required:
             raise Unauthorized("invalid API key")
         return Principal(owner=None)
     # A valid key counts while the service is open too: in the seconds before the API reads that
     # a first key was made, that key's jobs were stored as nobody's, then hidden from it.
-    owner = keys.owner(name, digest)
+    name, owner = found
     limit = service.settings.rate_limit_per_minute
     if limit:
         window = int(time.time() // 60)
@@ -137,7 +143,7 @@ async def authenticate(request: Request) -> Principal:
             count = 0  # a store that takes no writes cannot count: reads still work, writes say why
         if count > limit:
             retry_after = max(1, 60 - int(time.time()) % 60)
-            event(log, "rate_limited", owner=owner, limit=limit)
+            event(log, "rate_limited", key=name, limit=limit)
             raise RateLimited(
                 f"more than {limit} requests this minute for this API key", retry_after=retry_after
             )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from functools import lru_cache
 
 from pydantic import Field, SecretStr, model_validator
@@ -10,7 +9,6 @@ from pydantic import Field, SecretStr, model_validator
 from latentd import keys
 from latentd.settings import BUILTIN_MODEL, CommonSettings
 
-_KEY = re.compile(r"[!-~]{16,}")
 PLACEHOLDER_KEYS = {"changeme", "change-me-please", "changethis", "secret", "password", "xxxxxxxxxxxxxxxx"}
 
 
@@ -95,9 +93,9 @@ class ApiSettings(CommonSettings):
         digests: dict[str, str] = {}
         for pair in filter(None, (p.strip() for p in self.api_keys.get_secret_value().split(","))):
             name, _, key = pair.partition(":")
-            # A key of other characters (a space, a letter outside ASCII) passed here and then
-            # matched no request: requests' keys are stripped, and their headers read as Latin-1.
-            if not _KEY.fullmatch(key) or key.lower() in PLACEHOLDER_KEYS:
+            # A key of other characters passed here and then matched no request: a request's key
+            # is read as Latin-1 (a letter outside ASCII), and stripped (a space at either end).
+            if len(key) < 16 or not keys.KEY_CHARS.fullmatch(key) or key.lower() in PLACEHOLDER_KEYS:
                 raise ValueError(
                     "LATENTD_API_KEYS: each entry must be NAME:KEY with a KEY of at least 16 printable "
                     "ASCII characters, no spaces, that is not a placeholder (generate one with "

@@ -131,7 +131,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             keyed = app.state.auth.always
         app.state.auth.required = keyed  # what was logged: a change from here on is logged too
         if keyed:
-            event(log, "auth_required", keys="configured")
+            event(log, "auth_required")
         else:
             event(
                 log,

@@ -311,7 +311,7 @@ def _keys(args: argparse.Namespace, connection: Any) -> int:
             return 1
         print(
             "within 2 s the API takes requests without a key, unless LATENTD_API_KEYS gives it keys "
-            "of its own: anyone who reaches it can use it",
+            "of its own or LATENTD_REQUIRE_KEYS is true: anyone who reaches it can use it",
             file=sys.stderr,
         )
     else:

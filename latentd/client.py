@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import sys
 import time
 import uuid
@@ -10,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from latentd import keys
 
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 # How long a read of a queued job is held (its end still answers at once).
@@ -80,7 +81,7 @@ def generate(
     base_url: str, body: dict[str, Any], out_dir: Path, poll: float = 0.2, api_key: str | None = None
 ) -> list[Path]:
     api_key = (api_key or "").strip()  # a key read from a file keeps its newline
-    if not re.fullmatch(r"[!-~]*", api_key):  # never echoed: httpx's error quoted the whole header
+    if api_key and not keys.KEY_CHARS.fullmatch(api_key):  # never echoed: httpx's error quoted it
         raise ClientError(
             "LATENTD_API_KEY holds a character no key has (a space inside, or one outside ASCII)"
         )

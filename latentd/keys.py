@@ -20,13 +20,15 @@ from latentd.contract import Keys
 
 KEY_PREFIX = "ltd_"
 
-# A name is shown in `latentd keys list` and in logs, one per line.
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-NAME_RULE = "1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+# A name is shown in `latentd keys list` and in logs, one per line: no control characters.
+_NAME = re.compile(r"[^\x00-\x1f\x7f]{1,64}")
+NAME_RULE = "1 to 64 characters, no control character (a newline, a tab), no space at either end"
+# What a key may hold: a request's key is read from a header, as Latin-1, and stripped.
+KEY_CHARS = re.compile(r"[!-~]+")
 
 
 def check_name(name: str) -> None:
-    if not _NAME.fullmatch(name):
+    if not _NAME.fullmatch(name) or name.strip() != name:
         raise ValueError(f"a key's name is {NAME_RULE}: {name!r} is not")
 
 
@@ -34,11 +36,15 @@ def digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def owner(name: str, key_digest: str) -> str:
-    """Whose jobs these are: the key itself, named. By name alone, a key made again under a
-    revoked key's name saw the revoked key's jobs, and a LATENTD_API_KEYS key those of a stored
-    key of its name."""
-    return f"{name}.{key_digest[:16]}"
+def owner_of(record: bytes | str | None) -> tuple[str, str] | None:
+    """The name and the owner of a stored key's jobs, from its record (None for no record). The
+    owner is the key's own id: by name, a key made again under a revoked key's name saw the revoked
+    key's jobs. A key made before ids (no `id`) owns its jobs by name, as it did then."""
+    if record is None:
+        return None
+    fields = json.loads(record)
+    name: str = fields["name"]
+    return name, f"key:{fields['id']}" if "id" in fields else name
 
 
 # The name is checked free and the key stored in one step: two creates of one name made two keys.
@@ -72,7 +78,7 @@ def create(connection: redis.Redis, name: str) -> str:
     """Store a new key under `name` and return it; the plain key is never stored."""
     check_name(name)
     key = KEY_PREFIX + secrets.token_urlsafe(32)
-    record = json.dumps({"name": name, "created_at": time.time()})
+    record = json.dumps({"name": name, "created_at": time.time(), "id": secrets.token_hex(8)})
     if not connection.eval(_CREATE, 2, Keys.API_KEYS, Keys.KEYS_REQUIRED, name, digest(key), record):
         raise ValueError(f"a key named '{name}' exists; revoke it first")
     return key
@@ -114,11 +120,3 @@ def list_keys(connection: redis.Redis) -> list[dict[str, Any]]:
 
 def revoke(connection: redis.Redis, name: str) -> bool:
     return bool(connection.eval(_REVOKE, 2, Keys.API_KEYS, Keys.KEYS_REQUIRED, name))
-
-
-def name_of(record: bytes | str | None) -> str | None:
-    """The key name in a stored key record (None for no record)."""
-    if record is None:
-        return None
-    name: str = json.loads(record)["name"]
-    return name

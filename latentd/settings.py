@@ -15,7 +15,7 @@ BUILTIN_MODEL = "builtin"
 def shown_url(url: str) -> str:
     """`url` as messages and logs may show it: its password, in the user part or the query, hidden."""
     url = re.sub(r"(?i)([?&]password=)[^&]*", r"\1***", url)
-    return re.sub(r"^([a-z]+://)([^:@/?#]*:)?[^/?#]*@", lambda m: f"{m[1]}{m[2] or ''}***@", url)
+    return re.sub(r"(?i)^([a-z]+://)([^:@/?#]*:)?[^/?#]*@", lambda m: f"{m[1]}{m[2] or ''}***@", url)
 
 
 class CommonSettings(BaseSettings):

@@ -360,10 +360,16 @@ def test_a_redis_that_lost_its_keys_leaves_the_service_closed(tmp_path: Path) ->
         refused = httpx.get(f"{url}/v1/models")
         assert refused.status_code == 401 and refused.json()["error"]["code"] == "unauthorized"
         assert api.output().count("auth_state_lost") == 1, api.output()[-2000:]
+        # It says so in Redis again, for the API processes that start from then on.
+        later, later_url = start_api(server.url, tmp_path, "later")
+        try:
+            assert httpx.get(f"{later_url}/v1/models").status_code == 401
+        finally:
+            later.stop()
         assert keys_command(server.url, "open").returncode == 0  # the way to open it
         wait_until(lambda: httpx.get(f"{url}/v1/models").status_code == 200, 10, what="auth off")
-        # A Redis that lost its data before the API started cannot be told from a new one, but
-        # for LATENTD_REQUIRE_KEYS, which holds whatever Redis says.
+        # A Redis that lost its data with no API running cannot be told from a new one, but for
+        # LATENTD_REQUIRE_KEYS, which holds whatever Redis says.
         server.client().flushall()
         required, required_url = start_api(server.url, tmp_path, "required", LATENTD_REQUIRE_KEYS="true")
         try:
@@ -396,9 +402,16 @@ def test_keys_of_one_name_made_at_once_are_one_and_a_revoke_ends_all(redis_clien
     # Two made by an older latentd: a revoke takes both.
     redis_client.hset(Keys.API_KEYS, keys.digest("ltd_other"), json.dumps({"name": "dup", "created_at": 0}))
     assert keys.revoke(redis_client, "dup") and not keys.list_keys(redis_client)
-    for name in ("evil\nname", "", "-x", "a" * 65, "tab\t", "ключ"):
-        with pytest.raises(ValueError, match="letters, digits"):
+    for name in ("evil\nname", "", " padded", "a" * 65, "tab\t"):  # each listed on a line of its own
+        with pytest.raises(ValueError, match="control character"):
             keys.create(redis_client, name)
+    for name in ("ops@example.com", "team/app one", "ключ"):
+        keys.create(redis_client, name)
+    # A key made before keys had ids owns its jobs by its name, as it did then: its jobs stay its.
+    # A key made since owns them by its own id, which no other key, of its name or not, has.
+    made = json.loads(redis_client.hget(Keys.API_KEYS, next(iter(redis_client.hkeys(Keys.API_KEYS)))))
+    assert keys.owner_of(json.dumps(made)) == (made["name"], f"key:{made['id']}")
+    assert keys.owner_of(json.dumps({"name": "old", "created_at": 0})) == ("old", "old")
 
 
 @pytest.mark.parametrize(
@@ -406,12 +419,12 @@ def test_keys_of_one_name_made_at_once_are_one_and_a_revoke_ends_all(redis_clien
     [
         "carol:ключключключключключ",
         "dave: davekey0123456789abc",
-        "a b:key0123456789abcdef",
+        "bad\tname:key0123456789abcdef",
         ":key0123456789abcdef",
     ],
 )
 def test_keys_from_the_environment_that_no_request_could_match_are_refused(entry: str) -> None:
-    # A key with a space or outside ASCII passed, and then never matched a request's.
+    # A key with a space at an end or outside ASCII passed, and then never matched a request's.
     with pytest.raises(pydantic.ValidationError) as raised:
         ApiSettings(api_keys=entry)
     said = " ".join(str(e["msg"]) for e in raised.value.errors())
