@@ -41,6 +41,7 @@ class ApiSettings(CommonSettings):
     job_timeout: int = Field(
         default=600,
         ge=1,
+        le=7 * 86400,  # a batch's limit is this many times its jobs, and must fit a C int
         description="Seconds one job may run before it fails with `timeout` "
         "(a batch of n jobs: n times that).",
     )

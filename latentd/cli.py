@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -99,7 +100,13 @@ def cmd_worker(_: argparse.Namespace) -> int:
     settings = get_settings()  # a bad setting is named before torch loads (about 5 s)
     configure(settings.log_level)
     if settings.ready_file:  # one a killed worker left (the same container, a reused volume)
-        settings.ready_file.unlink(missing_ok=True)  # says ready before the model is loaded
+        try:  # says ready before the model is loaded; and where it cannot be written, say so now
+            settings.ready_file.unlink(missing_ok=True)
+            settings.ready_file.parent.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=settings.ready_file.parent).close()
+        except OSError as exc:
+            print(f"latentd: invalid configuration: LATENTD_READY_FILE: {exc}", file=sys.stderr)
+            return 2
     event(logging.getLogger("latentd.worker"), "worker_starting", model=settings.served_name())
     from worker.main import run
 

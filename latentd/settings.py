@@ -10,6 +10,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 BUILTIN_MODEL = "builtin"
+MAX_TTL = 10 * 365 * 86400  # Redis refused longer expiries, and every job failed
 
 
 def shown_url(url: str) -> str:
@@ -30,10 +31,13 @@ class CommonSettings(BaseSettings):
         description="Redis URL. Unset: `latentd up` starts an embedded redis-server; "
         f"`latentd api` and `latentd worker` use {DEFAULT_REDIS_URL}.",
     )
-    results_ttl: int = Field(default=3600, ge=10, description="Seconds images are kept after a job ends.")
+    results_ttl: int = Field(
+        default=3600, ge=10, le=MAX_TTL, description="Seconds images are kept after a job ends."
+    )
     job_ttl: int = Field(
         default=86400,
         ge=10,
+        le=MAX_TTL,
         description="Seconds a finished job's record (status, parameters, error) is kept; "
         "longer than results_ttl so an expired image answers `expired`, not `not_found`.",
     )

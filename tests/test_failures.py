@@ -21,6 +21,7 @@ import pytest
 import redis
 
 from latentd.client import generate
+from latentd.contract import Keys
 from latentd.embedded import find_redis_server, free_port
 from tests.conftest import (
     ROOT,
@@ -277,9 +278,14 @@ def test_model_that_cannot_load_stops_the_worker_with_a_clear_message(
         name: spawn(["worker"], {**env, "LATENTD_MODEL": model}, tmp_path / f"{name}.log")
         for name, model in models.items()
     }
+    from worker.config import WorkerSettings
+
     for name, each in workers.items():
         assert each.proc.wait(120) == 3, (name, each.output()[-2000:])
         assert "Traceback" not in each.output()
+        # Submits were told a worker was loading the model (503, retry) for an hour.
+        served = WorkerSettings(model=models[name]).served_name()
+        assert redis_server.client().hget(Keys.MODELS_SEEN, served) is None, name
     out = {name: each.output() for name, each in workers.items()}
     assert "cannot load model" in out["broken"] and str(broken) in out["broken"]
     assert "does not exist" in out["missing"]
@@ -638,6 +644,8 @@ def test_redis_that_may_evict_jobs_is_refused(private_redis: RedisServer, tmp_pa
         ("api", "LATENTD_DEFAULT_SIZE", "2048"),  # over LATENTD_MAX_PIXELS
         ("api", "LATENTD_DEFAULT_SIZE", "65"),  # every request without a size would fail
         ("worker", "LATENTD_JOB_TTL", "60"),  # under LATENTD_RESULTS_TTL
+        ("worker", "LATENTD_READY_FILE", "/proc/latentd.ready"),  # a traceback once the model was loaded
+        ("worker", "LATENTD_MODEL", "/"),  # served as '', which no request can name
     ],
 )
 def test_bad_configuration_is_named_without_a_traceback(
@@ -646,6 +654,29 @@ def test_bad_configuration_is_named_without_a_traceback(
     proc = spawn([command], {**base_env("redis://127.0.0.1:1/0"), variable: value}, tmp_path / "out.log")
     assert proc.proc.wait(60) == 2, proc.output()
     assert f"invalid configuration: {variable}" in proc.output() and "Traceback" not in proc.output()
+
+
+@pytest.mark.parametrize(
+    ("settings", "values"),
+    [
+        ("api", {"job_timeout": 10**10}),  # every job failed: a batch's alarm overflowed a C int
+        ("api", {"results_ttl": 10**16, "job_ttl": 10**16}),  # every job failed: Redis refused the expiry
+        ("worker", {"torch_threads": 100_000}),  # the model "could not load", then a segfault
+        ("worker", {"heartbeat_interval": 1e12}),  # its thread died: the worker stayed listed
+        ("worker", {"heartbeat_interval": 1e-6}),  # 11,000 Redis calls a second, idle
+        ("worker", {"shutdown_grace": 1e300}),  # the grace's timer died at SIGTERM
+        ("worker", {"model_name": "m" * 201}),  # served, and no request could name it
+    ],
+)
+def test_settings_past_what_works_are_refused(settings: str, values: dict[str, object]) -> None:
+    from pydantic import ValidationError
+
+    from app.config import ApiSettings
+    from worker.config import WorkerSettings
+
+    kind = ApiSettings if settings == "api" else WorkerSettings
+    with pytest.raises(ValidationError):
+        kind(**values)
 
 
 def test_a_workers_bad_setting_is_named_before_torch_loads() -> None:

@@ -6,6 +6,7 @@ OutOfMemoryError for batches over a size, as a too-small GPU would.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +149,8 @@ def test_padded_batches_give_the_same_bytes_as_a_lone_run(runner: Runner, thread
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for pad_to in (4, 3):  # all four in one call, the last image last; two calls, c split over both
+        # All four in one call, the last image last; two calls, c split over both; one each.
+        for pad_to in (4, 3, 1):
             padded = Runner(pipe=runner.pipe, device=runner.device, model="tiny", pad_to=pad_to)
             seen: list[int] = []
 
@@ -358,6 +360,36 @@ def test_model_load_failures_past_reading_the_files_are_one_line_errors(
     with pytest.raises(ModelLoadError, match=r"configuration of its base model") as raised:
         load_pipeline(str(checkpoint), torch.device("cpu"), torch.float32, tmp_path)
     assert "not a local path" not in str(raised.value)
+
+
+def test_a_model_whose_parts_do_not_fit_together_is_refused_at_load(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """A UNet that reads another width of text than the text encoder gives (or an inpainting UNet)
+    loaded, said ready, and failed every job."""
+    from diffusers import UNet2DConditionModel
+
+    from worker.config import WorkerSettings
+    from worker.pipeline import load_runner
+
+    unfit = tmp_path / "unfit"
+    shutil.copytree(tiny_model_dir, unfit)
+    config = dict(UNet2DConditionModel.load_config(str(tiny_model_dir / "unet")))
+    unet = UNet2DConditionModel.from_config(
+        {**config, "cross_attention_dim": 2 * config["cross_attention_dim"]}
+    )
+    unet.save_pretrained(unfit / "unet")
+    with pytest.raises(
+        ModelLoadError, match=r"loads but cannot generate an image: RuntimeError: mat1"
+    ) as raised:
+        load_runner(WorkerSettings(model=str(unfit), cache_dir=tmp_path))
+    assert "\n" not in str(raised.value)
+    # LATENTD_BATCH_INVARIANT with one image a call: a job of several images ran in one call,
+    # and its images differed from lone runs.
+    settings = WorkerSettings(
+        model=str(tiny_model_dir), cache_dir=tmp_path, max_batch_images=1, batch_invariant=True
+    )
+    assert load_runner(settings).pad_to == 1
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from latentd.settings import BUILTIN_MODEL, CommonSettings
 
@@ -30,7 +30,9 @@ class WorkerSettings(CommonSettings):
         default="auto", description="auto: float16 on a GPU, float32 on the CPU."
     )
     worker_name: str | None = Field(default=None, description="Unique worker name; host and pid when unset.")
-    heartbeat_interval: float = Field(default=5.0, gt=0, description="Seconds between registrations.")
+    heartbeat_interval: float = Field(
+        default=5.0, ge=0.1, le=300, description="Seconds between registrations."
+    )
     max_batch_images: int = Field(
         default=8,
         ge=1,
@@ -60,6 +62,7 @@ class WorkerSettings(CommonSettings):
     shutdown_grace: float = Field(
         default=600,
         ge=0,
+        le=7 * 86400,
         description="After SIGTERM, seconds the current job may still run; past that the worker exits "
         "and the job's lease lapses, so another worker re-runs it.",
     )
@@ -85,8 +88,20 @@ class WorkerSettings(CommonSettings):
         "minute; the model's native size is compiled before the worker says ready.",
     )
     torch_threads: int | None = Field(
-        default=None, ge=1, description="CPU threads for torch; torch's default when unset."
+        default=None, ge=1, le=1024, description="CPU threads for torch; torch's default when unset."
     )
+
+    @model_validator(mode="after")
+    def _a_name_requests_can_give(self) -> WorkerSettings:
+        # The API takes model names of 1 to 200 characters: a worker served one no request could name.
+        name = self.served_name()
+        if not 1 <= len(name) <= 200:
+            shown = f"{name[:40]!r}{'...' if len(name) > 40 else ''}"
+            where = "LATENTD_MODEL_NAME" if self.model_name else "LATENTD_MODEL (set LATENTD_MODEL_NAME)"
+            raise ValueError(
+                f"{where}: the model's name {shown} has {len(name)} characters; requests name 1 to 200"
+            )
+        return self
 
     def served_name(self) -> str:
         if self.model_name:

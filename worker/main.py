@@ -474,6 +474,11 @@ def _take_name(connection: redis.Redis, name: str, interval: float) -> bool:
     return True
 
 
+_FORGET_LOAD = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then redis.call('HDEL', KEYS[1], ARGV[1]) end
+"""
+
+
 def run(settings: WorkerSettings) -> int:
     """The worker's life after `latentd worker` has read its settings and configured logging."""
     name = settings.effective_worker_name()
@@ -487,7 +492,8 @@ def run(settings: WorkerSettings) -> int:
         return EXIT_REDIS_UNREACHABLE
     try:
         check_eviction_policy(connection)
-        connection.hset(Keys.MODELS_SEEN, settings.served_name(), time.time())  # submits wait for the load
+        loading = str(time.time())
+        connection.hset(Keys.MODELS_SEEN, settings.served_name(), loading)  # submits wait for the load
     except UnsafeRedis as exc:
         print(f"latentd worker: {exc}", file=sys.stderr)
         return EXIT_REDIS_UNREACHABLE
@@ -501,6 +507,10 @@ def run(settings: WorkerSettings) -> int:
         runner = load_runner(settings)
     except ModelLoadError as exc:
         print(f"latentd worker: {exc}", file=sys.stderr)
+        # Submits were told to wait for this load (503, "loading?") for an hour; unless another
+        # worker began to load the model since, they are told no worker serves it.
+        with contextlib.suppress(redis.RedisError):
+            connection.eval(_FORGET_LOAD, 1, Keys.MODELS_SEEN, settings.served_name(), loading)
         return EXIT_MODEL_LOAD_FAILED
     # From here on diffusers' and transformers' warnings are about jobs, and quote their prompts
     # (the tokenizer's truncation notice: one batch of long prompts wrote a 700 kB line). Clients'

@@ -571,8 +571,18 @@ def load_runner(settings: WorkerSettings) -> Runner:
     source = resolve_source(settings)
     pipe = load_pipeline(source, device, dtype, settings.cache_dir)
     event(log, "model_loaded", model=settings.served_name(), source=source, device=device, dtype=dtype)
-    pad_to = settings.max_batch_images if settings.batch_invariant and settings.max_batch_images > 1 else None
+    pad_to = settings.max_batch_images if settings.batch_invariant else None  # 1 too: a job of several images
     runner = Runner(pipe=pipe, device=device, model=settings.served_name(), pad_to=pad_to)
     if settings.torch_compile:
-        compile_runner(runner)
+        compile_runner(runner)  # its warm-up is a short call
+    if runner.uncompile is None:
+        # One short call before the worker says ready: a model whose parts do not fit together
+        # (an inpainting UNet, a text encoder of another width) loaded, and failed every job.
+        try:
+            warm_up(runner)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"model {source!r} loads but cannot generate an image: {type(exc).__name__}: "
+                f"{first_line(exc)[:300]}"
+            ) from exc
     return runner
