@@ -6,6 +6,7 @@ OutOfMemoryError for batches over a size, as a too-small GPU would.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -382,6 +383,11 @@ def test_a_model_whose_parts_do_not_fit_together_is_refused_at_load(
     with pytest.raises(
         ModelLoadError, match=r"loads but cannot generate an image: RuntimeError: mat1"
     ) as raised:
+        load_runner(WorkerSettings(model=str(unfit), cache_dir=tmp_path))
+    assert "\n" not in str(raised.value)
+    # A configuration its weights do not fit: a line per mismatched tensor was printed, now one.
+    (unfit / "unet" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match=r"cannot load model .*size mismatch") as raised:
         load_runner(WorkerSettings(model=str(unfit), cache_dir=tmp_path))
     assert "\n" not in str(raised.value)
     # LATENTD_BATCH_INVARIANT with one image a call: a job of several images ran in one call,

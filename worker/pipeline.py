@@ -168,7 +168,9 @@ def load_pipeline(
                 f"cannot load model {source!r}: not a local path, not in the cache {cache_dir / 'hub'}, "
                 f"and {where} ({type(exc).__name__})"
             ) from exc
-        raise ModelLoadError(f"cannot load model {source!r}: {type(exc).__name__}: {exc}") from exc
+        raise ModelLoadError(
+            f"cannot load model {source!r}: {type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
+        ) from exc
     try:
         pipe = pipe.to(device)
     except Exception as exc:
