@@ -638,3 +638,23 @@ def test_a_negative_prompt_is_said_to_be_ignored_where_the_pipeline_ignores_it()
         prior_image_processor=None,
     )  # fmt: skip
     assert Runner(pipe=kandinsky, device=torch.device("cpu"), model="kandinsky").warnings(at_one) == []
+
+
+def test_a_model_is_served_by_the_name_it_is_given(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A link to a directory was served by its target's name, a link to a file by its own."""
+    from worker.config import WorkerSettings
+
+    (tmp_path / "current").symlink_to(tiny_model_dir)
+    (tmp_path / "weights.safetensors").write_bytes(b"")
+    (tmp_path / "latest.safetensors").symlink_to(tmp_path / "weights.safetensors")
+    monkeypatch.chdir(tmp_path)
+    for model, name in [
+        (tmp_path / "current", "current"),
+        (tmp_path / "latest.safetensors", "latest"),
+        (tiny_model_dir, tiny_model_dir.name),
+        (".", tmp_path.name),
+        ("current/..", tmp_path.name),
+    ]:
+        assert WorkerSettings(model=str(model)).served_name() == name, model

@@ -109,8 +109,9 @@ class WorkerSettings(CommonSettings):
         if self.model == BUILTIN_MODEL:
             return BUILTIN_MODEL
         path = Path(self.model)
-        if path.exists():
-            return path.stem if path.is_file() else path.resolve().name
+        if path.exists():  # by the name given, a link's too ("current" -> "v2" is "current")
+            named = Path(os.path.abspath(path))  # "." and ".." named by the directory they are
+            return named.stem if path.is_file() else named.name
         return self.model  # a hub id names itself
 
     def effective_worker_name(self) -> str:
