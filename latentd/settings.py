@@ -10,7 +10,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 BUILTIN_MODEL = "builtin"
-MAX_TTL = 10 * 365 * 86400  # Redis refused longer expiries, and every job failed
+MAX_TTL = 2**31 - 1  # 68 years; Redis refused expiries of 1e16 s, and every job failed
 
 
 def shown_url(url: str) -> str:

@@ -283,9 +283,20 @@ def test_model_that_cannot_load_stops_the_worker_with_a_clear_message(
     for name, each in workers.items():
         assert each.proc.wait(120) == 3, (name, each.output()[-2000:])
         assert "Traceback" not in each.output()
-        # Submits were told a worker was loading the model (503, retry) for an hour.
+        # Submits were told a worker was loading the model (503, retry) for an hour: they are told
+        # what they were before, here that no worker served it lately (400)...
         served = WorkerSettings(model=models[name]).served_name()
         assert redis_server.client().hget(Keys.MODELS_SEEN, served) is None, name
+    # ... and where a worker served it a minute ago (one restarting), still that (503).
+    r, served_lately = redis_server.client(), str(time.time() - 60)
+    r.hset(Keys.MODELS_SEEN, "restarting", served_lately)
+    again = spawn(
+        ["worker"],
+        {**env, "LATENTD_MODEL": str(broken), "LATENTD_MODEL_NAME": "restarting"},
+        tmp_path / "again.log",
+    )
+    assert again.proc.wait(120) == 3, again.output()[-2000:]
+    assert r.hget(Keys.MODELS_SEEN, "restarting") == served_lately.encode()
     out = {name: each.output() for name, each in workers.items()}
     assert "cannot load model" in out["broken"] and str(broken) in out["broken"]
     assert "does not exist" in out["missing"]

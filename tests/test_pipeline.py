@@ -390,6 +390,18 @@ def test_a_model_whose_parts_do_not_fit_together_is_refused_at_load(
     with pytest.raises(ModelLoadError, match=r"cannot load model .*size mismatch") as raised:
         load_runner(WorkerSettings(model=str(unfit), cache_dir=tmp_path))
     assert "\n" not in str(raised.value)
+    # A scheduler that cannot take few steps (PNDM without skip_prk_steps: 4 and up) still serves.
+    pndm = tmp_path / "pndm"
+    shutil.copytree(tiny_model_dir, pndm)
+    scheduler = json.loads((pndm / "scheduler" / "scheduler_config.json").read_text())
+    scheduler.update(_class_name="PNDMScheduler", skip_prk_steps=False)
+    (pndm / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
+    index = json.loads((pndm / "model_index.json").read_text())
+    (pndm / "model_index.json").write_text(json.dumps({**index, "scheduler": ["diffusers", "PNDMScheduler"]}))
+    assert (
+        type(load_runner(WorkerSettings(model=str(pndm), cache_dir=tmp_path)).pipe.scheduler).__name__
+        == "PNDMScheduler"
+    )
     # LATENTD_BATCH_INVARIANT with one image a call: a job of several images ran in one call,
     # and its images differed from lone runs.
     settings = WorkerSettings(

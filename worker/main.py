@@ -474,8 +474,17 @@ def _take_name(connection: redis.Redis, name: str, interval: float) -> bool:
     return True
 
 
+# A load's mark in MODELS_SEEN, and what it replaced (a worker that served the model lately).
+_MARK_LOAD = """
+local before = redis.call('HGET', KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return before
+"""
+# A failed load's mark taken back, unless another worker began to load the model since.
 _FORGET_LOAD = """
-if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then redis.call('HDEL', KEYS[1], ARGV[1]) end
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return end
+if ARGV[3] == '' then return redis.call('HDEL', KEYS[1], ARGV[1]) end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 """
 
 
@@ -492,8 +501,8 @@ def run(settings: WorkerSettings) -> int:
         return EXIT_REDIS_UNREACHABLE
     try:
         check_eviction_policy(connection)
-        loading = str(time.time())
-        connection.hset(Keys.MODELS_SEEN, settings.served_name(), loading)  # submits wait for the load
+        loading = str(time.time())  # submits wait for the load (503, "loading?")
+        before = connection.eval(_MARK_LOAD, 1, Keys.MODELS_SEEN, settings.served_name(), loading) or b""
     except UnsafeRedis as exc:
         print(f"latentd worker: {exc}", file=sys.stderr)
         return EXIT_REDIS_UNREACHABLE
@@ -507,10 +516,10 @@ def run(settings: WorkerSettings) -> int:
         runner = load_runner(settings)
     except ModelLoadError as exc:
         print(f"latentd worker: {exc}", file=sys.stderr)
-        # Submits were told to wait for this load (503, "loading?") for an hour; unless another
-        # worker began to load the model since, they are told no worker serves it.
+        # Submits were told to wait for this load for an hour: now as before it began (400 for a
+        # model no worker served lately).
         with contextlib.suppress(redis.RedisError):
-            connection.eval(_FORGET_LOAD, 1, Keys.MODELS_SEEN, settings.served_name(), loading)
+            connection.eval(_FORGET_LOAD, 1, Keys.MODELS_SEEN, settings.served_name(), loading, before)
         return EXIT_MODEL_LOAD_FAILED
     # From here on diffusers' and transformers' warnings are about jobs, and quote their prompts
     # (the tokenizer's truncation notice: one batch of long prompts wrote a 700 kB line). Clients'

@@ -482,15 +482,40 @@ class _Stopped(Exception):
     """Raised from the step callback to leave a pipeline call its jobs no longer want."""
 
 
-def compile_runner(runner: Runner, backend: str | Callable[..., Any] = "inductor") -> None:
-    """Compile the runner's pipeline and warm it up. A compile that fails, now or for a later job's
-    new shape (an image without the C compiler Triton or inductor needs, say), is logged and leaves
-    the pipeline eager, still serving; the job that met it runs eager."""
+def compile_runner(runner: Runner, backend: str | Callable[..., Any] = "inductor") -> bool:
+    """Compile the runner's pipeline and warm it up; whether the warm-up ran. A compile that fails,
+    now or for a later job's new shape (an image without the C compiler Triton or inductor needs,
+    say), is logged and leaves the pipeline eager, still serving; the job that met it runs eager."""
     runner.uncompile = compile_pipeline(runner.pipe, backend=backend)
     try:
         warm_up(runner)
     except Exception as exc:  # the warm-up failed other than as a compile error `generate` handles
         runner.run_eager(exc)
+        return False
+    return True
+
+
+def check_runs(runner: Runner) -> None:
+    """One short eager call before the worker says ready: a model whose parts do not fit together
+    (an inpainting UNet, a text encoder of another width) loaded, said ready, and failed every job.
+    One image at half the native size: on a CPU, Stable Diffusion's 512 took half a minute to
+    decode. Four steps: PNDM without `skip_prk_steps` takes no fewer, and serves jobs of more. A
+    ValueError, as for jobs (`invalid_parameters`), is about these parameters, not the model."""
+    size = max(64, (runner.native_size or 512) // 128 * 64)
+    check = JobPayload(
+        job_id="check", model=runner.model, prompt="check", width=size, height=size, steps=4,
+        guidance_scale=7.5, seed=0, num_images=1,
+    )  # fmt: skip
+    try:
+        Runner(pipe=runner.pipe, device=runner.device, model=runner.model).generate(
+            [check], lambda d, t: False
+        )
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {first_line(exc)[:300]}"
+        if isinstance(exc, ValueError) or is_out_of_memory(exc):
+            event(log, "model_check_inconclusive", logging.WARNING, size=size, error=reason)
+            return
+        raise ModelLoadError(f"model {runner.model!r} loads but cannot generate an image: {reason}") from exc
 
 
 def warm_up(runner: Runner) -> None:
@@ -575,16 +600,6 @@ def load_runner(settings: WorkerSettings) -> Runner:
     event(log, "model_loaded", model=settings.served_name(), source=source, device=device, dtype=dtype)
     pad_to = settings.max_batch_images if settings.batch_invariant else None  # 1 too: a job of several images
     runner = Runner(pipe=pipe, device=device, model=settings.served_name(), pad_to=pad_to)
-    if settings.torch_compile:
-        compile_runner(runner)  # its warm-up is a short call
-    if runner.uncompile is None:
-        # One short call before the worker says ready: a model whose parts do not fit together
-        # (an inpainting UNet, a text encoder of another width) loaded, and failed every job.
-        try:
-            warm_up(runner)
-        except Exception as exc:
-            raise ModelLoadError(
-                f"model {source!r} loads but cannot generate an image: {type(exc).__name__}: "
-                f"{first_line(exc)[:300]}"
-            ) from exc
+    if not (settings.torch_compile and compile_runner(runner)):  # a warm-up that ran shows it runs
+        check_runs(runner)
     return runner
