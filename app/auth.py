@@ -82,7 +82,7 @@ async def auth_required(request: Request, service: GenerationService) -> bool:
             note = "Redis held no key and no `latentd keys open`: requests stay refused until either"
             event(log, "auth_state_lost", logging.ERROR, note=note)
             required = True
-        elif required != state.required:
+        elif bool(required) != state.required:  # None: no key was ever made, and it stays open
             if required:
                 event(log, "auth_required")
             else:

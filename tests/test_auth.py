@@ -349,6 +349,9 @@ def test_a_redis_that_lost_its_keys_leaves_the_service_closed(tmp_path: Path) ->
     api, url = start_api(server.url, tmp_path)
     try:
         assert httpx.get(f"{url}/v1/models").status_code == 200  # open: no key was ever made
+        time.sleep(AUTH_STATE_TTL + 0.5)  # read again, and still open: said once, at the start
+        assert httpx.get(f"{url}/v1/models").status_code == 200
+        assert api.output().count("auth_open") == 1, api.output()[-2000:]
         # A key used at once, before the API reads that keys are on: its job was stored as
         # nobody's, and the key then got 404 for it.
         early = {"Authorization": f"Bearer {keys.create(server.client(), 'early')}"}
