@@ -139,6 +139,11 @@ redis.call('SET', KEYS[2], '1', 'EX', ARGV[1])
 return 1
 """
 
+# A queued job's id back at the head of its queue, if it is still queued. KEYS: job, queue.
+_BACK_IF_QUEUED = """
+if redis.call('HGET', KEYS[1], 'status') == 'queued' then redis.call('LPUSH', KEYS[2], ARGV[1]) end
+"""
+
 # Reserve an in-flight slot for an owner: drop members whose job has ended (or that
 # never became a job within a minute), then add this one if the owner is under its limit.
 # KEYS: the owner's in-flight set; ARGV: limit, job id, now, ttl.
@@ -734,6 +739,12 @@ class GenerationService:
             except (redis.WatchError, InvalidJobOperation):
                 # Changed meanwhile: back at the head of its queue, where the flag stops it.
                 self.redis.lpush(queue_key, job_id)
+            except redis.RedisError:
+                # Off its queue and maybe not canceled (Redis stalled, full, its reply lost): left
+                # so, it stayed queued for good. Back at its head unless the cancel went through.
+                with contextlib.suppress(redis.RedisError):
+                    self.redis.eval(_BACK_IF_QUEUED, 2, job.key, queue_key, job_id)
+                raise
 
     # -- waiting (OpenAI-style endpoint) -----------------------------------------
 

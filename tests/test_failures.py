@@ -24,6 +24,7 @@ from latentd.client import generate
 from latentd.contract import Keys
 from latentd.embedded import find_redis_server, free_port
 from tests.conftest import (
+    PRIVATE_DB,
     ROOT,
     TINY_MODEL,
     RedisServer,
@@ -361,6 +362,35 @@ def test_a_queued_job_canceled_is_counted_once_and_a_job_being_taken_is_left_to_
         assert counted in httpx.get(f"{url}/metrics").text
     finally:
         api.stop()
+
+
+def test_a_queued_job_whose_cancel_meets_a_redis_error_goes_back_to_its_queue(
+    redis_server: RedisServer, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Off its queue, then Redis stalled or refused the cancel's write: the job stayed `queued`
+    for good, on no queue, holding its key's in-flight slot."""
+    from fastapi.testclient import TestClient
+    from rq.job import Job
+
+    from app.config import ApiSettings
+    from app.main import create_app
+
+    register_ghost(redis_client, "tiny")
+    settings = ApiSettings(redis_url=redis_server.url_for(PRIVATE_DB), default_model="tiny")
+    with TestClient(create_app(settings)) as client:
+        job_id = client.post("/v1/generations", json={"prompt": "x"}).json()["id"]
+
+        def stalled(self: Job, *args: Any, **kwargs: Any) -> Any:
+            raise redis.TimeoutError("Timeout reading from socket")
+
+        monkeypatch.setattr(Job, "cancel", stalled)
+        refused = client.post(f"/v1/generations/{job_id}/cancel")
+        assert refused.status_code == 503, refused.text
+        assert redis_client.lrange("rq:queue:latentd:tiny", 0, -1) == [job_id.encode()]
+        view = client.get(f"/v1/generations/{job_id}").json()
+        assert view["status"] == "queued" and view["cancel_requested"]  # a worker ends it canceled
+        monkeypatch.undo()
+        assert client.post(f"/v1/generations/{job_id}/cancel").json()["status"] == "canceled"
 
 
 def test_a_model_whose_workers_are_gone_stays_in_the_metrics_while_its_jobs_wait(
