@@ -15,7 +15,7 @@ import secrets
 import time
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -748,10 +748,13 @@ class GenerationService:
 
     # -- waiting (OpenAI-style endpoint) -----------------------------------------
 
-    async def wait(self, job_id: str, owner: str | None, timeout: float) -> Generation:
-        """The job's view as soon as it ends, when `timeout` passes, or when the server stops. Woken
-        by `Keys.ENDED`; the record is re-read every RECHECK seconds too, in case a message was
-        missed."""
+    async def wait(
+        self, job_id: str, owner: str | None, timeout: float, gone: Callable[[], Awaitable[bool]]
+    ) -> Generation:
+        """The job's view as soon as it ends, when `timeout` passes, when the server stops, or when
+        the client is `gone` (a client that hung up was waited for to the end, a Redis read a
+        second each). Woken by `Keys.ENDED`; the record is re-read every RECHECK seconds too, in
+        case a message was missed."""
         deadline = time.monotonic() + timeout
         with self.ended.watch(job_id) as ended:
             while True:
@@ -759,7 +762,7 @@ class GenerationService:
                 if _cancel_requested():
                     raise asyncio.CancelledError
                 left = deadline - time.monotonic()
-                if view.status.is_terminal() or left <= 0 or self.ended.closing:
+                if view.status.is_terminal() or left <= 0 or self.ended.closing or await gone():
                     return view
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(ended.wait(), min(left, RECHECK))

@@ -393,6 +393,34 @@ def test_a_queued_job_whose_cancel_meets_a_redis_error_goes_back_to_its_queue(
         assert client.post(f"/v1/generations/{job_id}/cancel").json()["status"] == "canceled"
 
 
+def test_a_held_read_whose_client_hung_up_stops_reading(private_redis: RedisServer, tmp_path: Path) -> None:
+    """A `?wait=` read (and the OpenAI route) went on reading its job from Redis every second to the
+    end of its wait after its client hung up: 15,000 abandoned reads stalled the API."""
+    import socket
+
+    r = private_redis.client()
+    register_ghost(r, "tiny")
+    api, url = start_api(private_redis.url, tmp_path, LATENTD_DEFAULT_MODEL="tiny")
+    try:
+        job_id = httpx.post(f"{url}/v1/generations", json={"prompt": "x"}).json()["id"]
+
+        def commands_in(seconds: float) -> int:
+            before = r.info("stats")["total_commands_processed"]
+            time.sleep(seconds)
+            return int(r.info("stats")["total_commands_processed"]) - before - 2
+
+        idle = commands_in(3)
+        port = int(url.rpartition(":")[2])
+        for _ in range(20):
+            with socket.create_connection(("127.0.0.1", port)) as conn:
+                conn.sendall(f"GET /v1/generations/{job_id}?wait=60 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        time.sleep(2)  # each notices within a second
+        held = commands_in(3)
+        assert held < idle + 20, (idle, held)  # 20 reads a second, each of several commands, before
+    finally:
+        api.stop()
+
+
 def test_a_model_whose_workers_are_gone_stays_in_the_metrics_while_its_jobs_wait(
     private_redis: RedisServer, tmp_path: Path
 ) -> None:

@@ -135,6 +135,7 @@ async def submit(
 )
 async def get_generation(
     job_id: JobId,
+    request: Request,
     service: ServiceDep,
     caller: PrincipalDep,
     wait: Annotated[
@@ -148,7 +149,11 @@ async def get_generation(
         ),
     ] = 0,
 ) -> Response:
-    view = await (service.wait(job_id, caller.owner, wait) if wait else service.get(job_id, caller.owner))
+    view = await (
+        service.wait(job_id, caller.owner, wait, request.is_disconnected)
+        if wait
+        else service.get(job_id, caller.owner)
+    )
     return status_response(view)
 
 

@@ -149,7 +149,7 @@ async def _answer(
     settings: ApiSettings,
     owner: str | None,
 ) -> OpenAIImageResponse:
-    view = await service.wait(job_id, owner, settings.sync_timeout)
+    view = await service.wait(job_id, owner, settings.sync_timeout, request.is_disconnected)
     if view.status is JobStatus.SUCCEEDED:
         # A black picture the model's safety checker withheld is no answer to an OpenAI client;
         # OpenAI itself refuses such a prompt with this code.
