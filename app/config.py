@@ -54,6 +54,13 @@ class ApiSettings(CommonSettings):
     sync_timeout: float = Field(
         default=120.0, gt=0, description="Seconds the OpenAI-style endpoint waits for its job."
     )
+    request_read_timeout: float = Field(
+        default=30,
+        ge=1,
+        le=3600,
+        description="Seconds a connection may take to send a request's line, headers and body "
+        "(from its first byte, or from when it opened); a slower one is closed.",
+    )
     max_body_bytes: int = Field(
         default=64 * 1024, ge=1024, description="Largest request body; larger ones get 413 unread."
     )

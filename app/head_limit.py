@@ -9,8 +9,11 @@ through a real `latentd api`."""
 
 from __future__ import annotations
 
+import asyncio
+
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from app.config import get_settings
 from app.errors import ErrorBody, ErrorResponse
 from latentd.contract import ErrorCode
 
@@ -40,11 +43,37 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     _head: int | None = 0  # bytes received of the head being read; None once it is read
     _began = False  # a head began during the read being parsed
     _refused = False
+    # A connection that sends nothing, or a request that comes a byte at a time, is closed once
+    # LATENTD_REQUEST_READ_TIMEOUT passes: uvicorn times out only the wait between requests, and
+    # 20,000 such connections took every file descriptor the API had.
+    _read_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._read_from_now()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._read_done()
+        super().connection_lost(exc)
+
+    def _read_from_now(self) -> None:
+        self._read_done()
+        self._read_deadline = self.loop.call_later(get_settings().request_read_timeout, self._read_too_slow)
+
+    def _read_done(self) -> None:
+        if self._read_deadline is not None:
+            self._read_deadline.cancel()
+            self._read_deadline = None
+
+    def _read_too_slow(self) -> None:
+        self._read_deadline = None
+        self.transport.close()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._head = 0
         self._began = True
+        self._read_from_now()
 
     def on_headers_complete(self) -> None:
         self._head = None
@@ -60,6 +89,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             super().on_body(body)
 
     def on_message_complete(self) -> None:
+        self._read_done()
         if not self._refused:
             super().on_message_complete()
 

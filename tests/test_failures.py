@@ -421,6 +421,33 @@ def test_a_held_read_whose_client_hung_up_stops_reading(private_redis: RedisServ
         api.stop()
 
 
+def test_a_connection_slower_than_the_read_timeout_is_closed(
+    private_redis: RedisServer, tmp_path: Path
+) -> None:
+    """A connection that sent nothing, or a head a line at a time, was held for good: 20,000 of
+    them took every file descriptor the API had."""
+    import socket
+
+    r = private_redis.client()
+    register_ghost(r, "tiny")
+    api, url = start_api(private_redis.url, tmp_path, LATENTD_REQUEST_READ_TIMEOUT="2")
+    port = int(url.rpartition(":")[2])
+    try:
+        job_id = httpx.post(f"{url}/v1/generations", json={"prompt": "x"}).json()["id"]
+        body_due = b"POST /v1/generations HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"
+        for sent in (b"", b"GET /healthz HTTP/1.1\r\nHost: x\r\n", body_due):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+                conn.sendall(sent)
+                started = time.monotonic()
+                assert conn.recv(100) == b"", sent  # closed, unanswered
+                assert 1.5 < time.monotonic() - started < 6, sent
+        # A request read whole is not cut, however long its answer takes.
+        held = httpx.get(f"{url}/v1/generations/{job_id}?wait=4", timeout=10)
+        assert held.status_code == 200 and held.elapsed.total_seconds() > 3.5
+    finally:
+        api.stop()
+
+
 def test_a_model_whose_workers_are_gone_stays_in_the_metrics_while_its_jobs_wait(
     private_redis: RedisServer, tmp_path: Path
 ) -> None:
