@@ -74,6 +74,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._head = 0
         self._began = True
         self._read_from_now()
+        # A held read's way to tell its client hung up (app.serving.hung_up).
+        extensions: dict[str, object] = self.scope.setdefault("extensions", {})  # type: ignore[assignment]
+        extensions["latentd.gone"] = self.transport.is_closing
 
     def on_headers_complete(self) -> None:
         self._head = None
@@ -96,6 +99,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return  # dropped: the client has its answer and may still be sending
+        if self._read_deadline is None and (self.cycle is None or self.cycle.response_complete):
+            # Bytes between requests (a bare CRLF, which begins no message) stop uvicorn's
+            # keep-alive timer: the connection was then held for good.
+            self._read_from_now()
         self._began = False
         super().data_received(data)
         if self._head is None or self._began or self.transport.is_closing():
@@ -106,6 +113,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def _refuse(self) -> None:
         self._refused = True
+        self._read_done()  # the linger below closes it, after the answer
         if self.cycle is not None and not self.cycle.response_complete:
             # An earlier request of this connection (pipelined) is still being answered, and an
             # answer now would come before its own: the connection is closed instead.

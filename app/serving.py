@@ -15,9 +15,10 @@ import secrets
 import time
 import uuid
 import zlib
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import redis
 import redis.asyncio
@@ -138,6 +139,16 @@ if redis.call('HEXISTS', KEYS[1], 'images') == 1 then return 0 end
 redis.call('SET', KEYS[2], '1', 'EX', ARGV[1])
 return 1
 """
+
+
+def hung_up(scope: Mapping[str, Any]) -> Callable[[], bool]:
+    """Whether a request's client hung up: its connection is closing, as `latentd api`'s protocol
+    tells (app.head_limit; elsewhere, never). Not Starlette's `request.is_disconnected`, which
+    reads the request's channel: that resumed reading a connection uvicorn had paused, and piled
+    pipelined requests up in memory, and it missed a hang-up behind a pipelined request."""
+    gone: Callable[[], bool] = scope.get("extensions", {}).get("latentd.gone", lambda: False)
+    return gone
+
 
 # A queued job's id back at the head of its queue, if it is still queued. KEYS: job, queue.
 _BACK_IF_QUEUED = """
@@ -736,20 +747,20 @@ class GenerationService:
                 pipe.hincrby(Keys.OUTCOMES, f"{model}|{JobStatus.CANCELED.value}|", 1)
                 pipe.publish(Keys.ENDED, job_id)
                 pipe.execute()
-            except (redis.WatchError, InvalidJobOperation):
-                # Changed meanwhile: back at the head of its queue, where the flag stops it.
-                self.redis.lpush(queue_key, job_id)
-            except redis.RedisError:
-                # Off its queue and maybe not canceled (Redis stalled, full, its reply lost): left
-                # so, it stayed queued for good. Back at its head unless the cancel went through.
+            except (redis.WatchError, InvalidJobOperation, redis.RedisError) as exc:
+                # Changed meanwhile, or Redis stalled or full, or the reply lost (redis-py says
+                # WatchError for a connection lost while watching, though the cancel may have gone
+                # through): back at the head of its queue unless it was canceled, and its flag
+                # stops it there. Left off its queue, it stayed queued for good.
                 with contextlib.suppress(redis.RedisError):
                     self.redis.eval(_BACK_IF_QUEUED, 2, job.key, queue_key, job_id)
-                raise
+                if not isinstance(exc, redis.WatchError | InvalidJobOperation):
+                    raise
 
     # -- waiting (OpenAI-style endpoint) -----------------------------------------
 
     async def wait(
-        self, job_id: str, owner: str | None, timeout: float, gone: Callable[[], Awaitable[bool]]
+        self, job_id: str, owner: str | None, timeout: float, gone: Callable[[], bool]
     ) -> Generation:
         """The job's view as soon as it ends, when `timeout` passes, when the server stops, or when
         the client is `gone` (a client that hung up was waited for to the end, a Redis read a
@@ -762,7 +773,7 @@ class GenerationService:
                 if _cancel_requested():
                     raise asyncio.CancelledError
                 left = deadline - time.monotonic()
-                if view.status.is_terminal() or left <= 0 or self.ended.closing or await gone():
+                if view.status.is_terminal() or left <= 0 or self.ended.closing or gone():
                     return view
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(ended.wait(), min(left, RECHECK))

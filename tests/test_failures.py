@@ -390,7 +390,21 @@ def test_a_queued_job_whose_cancel_meets_a_redis_error_goes_back_to_its_queue(
         view = client.get(f"/v1/generations/{job_id}").json()
         assert view["status"] == "queued" and view["cancel_requested"]  # a worker ends it canceled
         monkeypatch.undo()
-        assert client.post(f"/v1/generations/{job_id}/cancel").json()["status"] == "canceled"
+        # The cancel went through, and its reply was lost: redis-py says WatchError for a
+        # connection lost while watching. The canceled job went back on its queue, to be run.
+        real_execute = redis.client.Pipeline.execute
+
+        def reply_lost(self: redis.client.Pipeline, *args: Any, **kwargs: Any) -> Any:
+            if self.command_stack:  # the cancel's transaction, not the WATCH
+                real_execute(self, *args, **kwargs)
+                raise redis.WatchError("A TimeoutError occurred while watching one or more keys")
+            return real_execute(self, *args, **kwargs)
+
+        monkeypatch.setattr(redis.client.Pipeline, "execute", reply_lost)
+        client.post(f"/v1/generations/{job_id}/cancel")
+        monkeypatch.undo()
+        assert client.get(f"/v1/generations/{job_id}").json()["status"] == "canceled"
+        assert redis_client.llen("rq:queue:latentd:tiny") == 0
 
 
 def test_a_held_read_whose_client_hung_up_stops_reading(private_redis: RedisServer, tmp_path: Path) -> None:
@@ -411,9 +425,10 @@ def test_a_held_read_whose_client_hung_up_stops_reading(private_redis: RedisServ
 
         idle = commands_in(3)
         port = int(url.rpartition(":")[2])
+        held = f"GET /v1/generations/{job_id}?wait=60 HTTP/1.1\r\nHost: x\r\n\r\n".encode()
         for _ in range(20):
             with socket.create_connection(("127.0.0.1", port)) as conn:
-                conn.sendall(f"GET /v1/generations/{job_id}?wait=60 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                conn.sendall(held)
         time.sleep(2)  # each notices within a second
         held = commands_in(3)
         assert held < idle + 20, (idle, held)  # 20 reads a second, each of several commands, before
@@ -441,6 +456,15 @@ def test_a_connection_slower_than_the_read_timeout_is_closed(
                 started = time.monotonic()
                 assert conn.recv(100) == b"", sent  # closed, unanswered
                 assert 1.5 < time.monotonic() - started < 6, sent
+        # Between requests, bytes that begin none (a bare CRLF) stopped the keep-alive timer.
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = b""
+            while not answer.endswith(b"}"):
+                answer += conn.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 200"), answer
+            conn.sendall(b"\r\n")
+            assert conn.recv(100) == b""
         # A request read whole is not cut, however long its answer takes.
         held = httpx.get(f"{url}/v1/generations/{job_id}?wait=4", timeout=10)
         assert held.status_code == 200 and held.elapsed.total_seconds() > 3.5

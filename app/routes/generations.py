@@ -29,7 +29,7 @@ from app.errors import (
 )
 from app.json_body import OnceEachRoute
 from app.protocol import Generation, GenerationRequest, SubmitResponse
-from app.serving import GenerationService
+from app.serving import GenerationService, hung_up
 
 PREFIX = "/v1/generations"
 MAX_WAIT = 60.0  # seconds a status read may be held open (`?wait=`)
@@ -150,7 +150,7 @@ async def get_generation(
     ] = 0,
 ) -> Response:
     view = await (
-        service.wait(job_id, caller.owner, wait, request.is_disconnected)
+        service.wait(job_id, caller.owner, wait, hung_up(request.scope))
         if wait
         else service.get(job_id, caller.owner)
     )

@@ -29,7 +29,7 @@ from app.errors import (
 )
 from app.json_body import OnceEachRoute
 from app.protocol import GenerationRequest, OpenAIImage, OpenAIImageRequest, OpenAIImageResponse
-from app.serving import GenerationService
+from app.serving import GenerationService, hung_up
 from latentd.contract import ErrorCode, JobStatus
 
 router = APIRouter(tags=["openai"], route_class=OnceEachRoute)
@@ -149,7 +149,7 @@ async def _answer(
     settings: ApiSettings,
     owner: str | None,
 ) -> OpenAIImageResponse:
-    view = await service.wait(job_id, owner, settings.sync_timeout, request.is_disconnected)
+    view = await service.wait(job_id, owner, settings.sync_timeout, hung_up(request.scope))
     if view.status is JobStatus.SUCCEEDED:
         # A black picture the model's safety checker withheld is no answer to an OpenAI client;
         # OpenAI itself refuses such a prompt with this code.
