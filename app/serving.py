@@ -760,7 +760,7 @@ class GenerationService:
     # -- waiting (OpenAI-style endpoint) -----------------------------------------
 
     async def wait(
-        self, job_id: str, owner: str | None, timeout: float, gone: Callable[[], bool]
+        self, job_id: str, owner: str | None, timeout: float, gone: Callable[[], bool] = lambda: False
     ) -> Generation:
         """The job's view as soon as it ends, when `timeout` passes, when the server stops, or when
         the client is `gone` (a client that hung up was waited for to the end, a Redis read a

@@ -636,6 +636,9 @@ _generate = Runner.generate
 
 
 def generate(self, payloads, on_step):
+    if payloads[0].job_id == "check":  # the worker's own call before it says ready
+        return _generate(self, payloads, on_step)
+
     def step(done, total):
         stop = on_step(done, total)  # it asks Redis at every step (LATENTD_PROGRESS_INTERVAL_MS=0)
         r = jobs.current().connection
