@@ -150,6 +150,19 @@ def hung_up(scope: Mapping[str, Any]) -> Callable[[], bool]:
     return gone
 
 
+# A queued job taken off its queue for its cancel: 1 if this took it, or found it on no list, still
+# queued (a cancel before this one took it off and canceled nothing: its reply was lost, or Redis
+# refused its writes; left so, it stayed queued for good). 0 where a worker has it (RQ moves a job
+# onto the queue's intermediate list, then marks it started and takes it off, in one step each).
+# KEYS: the queue, its intermediate list, the job; ARGV: the job's id.
+_OFF_ITS_QUEUE = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then return 1 end
+if redis.call('HGET', KEYS[3], 'status') == 'queued' and not redis.call('LPOS', KEYS[2], ARGV[1]) then
+    return 1
+end
+return 0
+"""
+
 # A queued job's id back at the head of its queue, if it is still queued. KEYS: job, queue.
 _BACK_IF_QUEUED = """
 if redis.call('HGET', KEYS[1], 'status') == 'queued' then redis.call('LPUSH', KEYS[2], ARGV[1]) end
@@ -734,7 +747,7 @@ class GenerationService:
         # Off its queue first, which settles the race with a worker: one that took the job before
         # has it (RQ moves a job off its queue before it marks it started, so the status alone
         # cannot tell), and none can take it after.
-        if self.redis.lrem(queue_key, 1, job_id) != 1:
+        if not self.redis.eval(_OFF_ITS_QUEUE, 3, queue_key, f"{queue_key}:intermediate", job.key, job_id):
             return
         model = str(job.args[0].get("model", "?")) if job.args else "?"
         with self.redis.pipeline() as pipe:

@@ -405,6 +405,16 @@ def test_a_queued_job_whose_cancel_meets_a_redis_error_goes_back_to_its_queue(
         monkeypatch.undo()
         assert client.get(f"/v1/generations/{job_id}").json()["status"] == "canceled"
         assert redis_client.llen("rq:queue:latentd:tiny") == 0
+        # Off its queue, and its cancel's reply lost before it canceled anything (or the push
+        # back refused by a full Redis): a second cancel answered `202 queued`, for good.
+        stranded = client.post("/v1/generations", json={"prompt": "x"}).json()["id"]
+        redis_client.lrem("rq:queue:latentd:tiny", 1, stranded)
+        assert client.post(f"/v1/generations/{stranded}/cancel").json()["status"] == "canceled"
+        # One a worker has taken (on the intermediate list, not yet started) is left to its flag.
+        taken = client.post("/v1/generations", json={"prompt": "x"}).json()["id"]
+        redis_client.lmove("rq:queue:latentd:tiny", "rq:queue:latentd:tiny:intermediate", "LEFT", "RIGHT")
+        reply = client.post(f"/v1/generations/{taken}/cancel").json()
+        assert reply["status"] == "queued" and reply["cancel_requested"], reply
 
 
 def test_a_held_read_whose_client_hung_up_stops_reading(private_redis: RedisServer, tmp_path: Path) -> None:
