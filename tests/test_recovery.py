@@ -970,6 +970,47 @@ def test_a_worker_stopped_while_redis_is_gone_exits_0(cluster: Cluster) -> None:
     cluster.redis.start()
 
 
+# The StopRequested that RQ's signal handler raises, lost in code that catches exceptions where
+# the signal lands (redis-py's metrics and `__del__` methods do).
+STOP_LOST = """
+from rq.exceptions import StopRequested
+
+from worker.main import LatentdWorker
+
+request_stop = LatentdWorker.request_stop
+
+
+def swallowed(self, signum, frame):
+    try:
+        request_stop(self, signum, frame)
+    except StopRequested:
+        pass
+
+
+LatentdWorker.request_stop = swallowed
+"""
+
+
+@pytest.mark.parametrize("redis_up", [True, False], ids=["redis_up", "redis_gone"])
+def test_an_idle_worker_whose_stop_signal_was_lost_in_flight_stops(cluster: Cluster, redis_up: bool) -> None:
+    # It waited on its queue for good (seen with Redis gone: 25 minutes), its stop flag set.
+    path = sitecustomize(cluster.tmp, STOP_LOST)
+    worker = start_worker(cluster.redis.url, cluster.model_dir, cluster.tmp, name="a", PYTHONPATH=path)
+    r = cluster.redis.client()
+    try:  # RQ's handlers are in place once its loop has said the worker is idle
+        wait_until(lambda: r.hget("rq:worker:a", "state") == b"idle", 30, what="RQ's loop")
+        if not redis_up:
+            cluster.redis.stop()
+            time.sleep(1)
+        worker.proc.send_signal(signal.SIGTERM)
+        assert worker.proc.wait(30) == 0, worker.output()[-3000:]
+        assert "Traceback" not in worker.output()
+    finally:
+        worker.proc.kill()
+        if not redis_up:
+            cluster.redis.start()
+
+
 def test_latentd_generate_rides_out_a_redis_outage_and_saves_its_image(cluster: Cluster) -> None:
     # A worker's registration without the worker, so the job waits in its queue through the outage.
     r = cluster.redis.client()

@@ -21,7 +21,7 @@ import diffusers.utils.logging
 import redis
 import transformers.utils.logging
 from rq import Queue, SimpleWorker
-from rq.exceptions import AbandonedJobError, DeserializationError
+from rq.exceptions import AbandonedJobError, DeserializationError, StopRequested
 from rq.job import Job
 from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
@@ -157,6 +157,21 @@ class LatentdWorker(SimpleWorker):
 
         signal.signal(signal.SIGTERM, early_stop)
         signal.signal(signal.SIGINT, early_stop)
+
+    # An idle worker waits on its queue this many seconds at a time (RQ: 405), so that it looks at
+    # its stop flag that often (`heartbeat`). RQ's socket timeout, derived from it, is kept.
+    dequeue_timeout = 5
+    connection_timeout = 415
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        """RQ's, where an idle worker asked to stop stops. RQ's loop waits for work until a job
+        comes, and reaches a stop request only as the StopRequested its signal handler raises,
+        wherever the main thread is: code that swallows exceptions (redis-py's metrics, `__del__`
+        methods) lost it, and an idle worker went on waiting for good (seen with Redis down; the
+        flag was set). RQ's loop calls this between waits, and after each job."""
+        if self._stop_requested and pipeline is None and self.get_state() == WorkerStatus.IDLE:
+            raise StopRequested()
+        super().heartbeat(timeout, pipeline)
 
     def request_stop(self, signum: Any, frame: Any) -> None:
         # RQ's warm shutdown: finish the current job, take no new one. Bound the wait.
