@@ -23,7 +23,7 @@ from typing import Any
 import redis
 import redis.asyncio
 from rq import Queue, Retry
-from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.exceptions import NoSuchJobError
 from rq.job import Job
 from rq.serializers import JSONSerializer
 from rq.utils import now, utcformat
@@ -150,22 +150,22 @@ def hung_up(scope: Mapping[str, Any]) -> Callable[[], bool]:
     return gone
 
 
-# A queued job taken off its queue for its cancel: 1 if this took it, or found it on no list, still
-# queued (a cancel before this one took it off and canceled nothing: its reply was lost, or Redis
-# refused its writes; left so, it stayed queued for good). 0 where a worker has it (RQ moves a job
-# onto the queue's intermediate list, then marks it started and takes it off, in one step each).
-# KEYS: the queue, its intermediate list, the job; ARGV: the job's id.
-_OFF_ITS_QUEUE = """
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then return 1 end
-if redis.call('HGET', KEYS[3], 'status') == 'queued' and not redis.call('LPOS', KEYS[2], ARGV[1]) then
-    return 1
-end
-return 0
-"""
-
-# A queued job's id back at the head of its queue, if it is still queued. KEYS: job, queue.
-_BACK_IF_QUEUED = """
-if redis.call('HGET', KEYS[1], 'status') == 'queued' then redis.call('LPUSH', KEYS[2], ARGV[1]) end
+# A queued job canceled: off its queue and recorded as RQ's `Job.cancel` records it, in one step, so
+# that no failure between the two (a lost reply, a full Redis) leaves it queued on no list, for
+# good. 1 if canceled; 0 where a worker has it (RQ moves a job onto the queue's intermediate list,
+# then marks it started and takes it off, one step each), or it is queued no longer. A job found
+# queued on no list (left so by a cancel of an earlier release) is canceled too.
+# KEYS: the queue, its intermediate list, the job, the queue's canceled registry, the outcomes hash.
+# ARGV: the job's id, the time, the job's ttl, its outcome's field, the channel of ended jobs.
+_CANCEL_QUEUED = """
+if redis.call('HGET', KEYS[3], 'status') ~= 'queued' then return 0 end
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 and redis.call('LPOS', KEYS[2], ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[3], 'status', 'canceled', 'ended_at', ARGV[2])
+redis.call('EXPIRE', KEYS[3], ARGV[3])
+redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
+redis.call('HINCRBY', KEYS[5], ARGV[5], 1)
+redis.call('PUBLISH', ARGV[6], ARGV[1])
+return 1
 """
 
 # Reserve an in-flight slot for an owner: drop members whose job has ended (or that
@@ -743,32 +743,20 @@ class GenerationService:
             job = Job.fetch(job_id, connection=self.redis, serializer=JSONSerializer)
         except NoSuchJobError:
             return  # expired meanwhile
-        queue_key = Queue.redis_queue_namespace_prefix + job.origin
-        # Off its queue first, which settles the race with a worker: one that took the job before
-        # has it (RQ moves a job off its queue before it marks it started, so the status alone
-        # cannot tell), and none can take it after.
-        if not self.redis.eval(_OFF_ITS_QUEUE, 3, queue_key, f"{queue_key}:intermediate", job.key, job_id):
-            return
+        queue = Queue(job.origin, connection=self.redis, serializer=JSONSerializer)
         model = str(job.args[0].get("model", "?")) if job.args else "?"
-        with self.redis.pipeline() as pipe:
-            try:
-                pipe.watch(job.key)  # type: ignore[no-untyped-call]
-                pipe.multi()
-                job.cancel(pipeline=pipe)
-                pipe.hset(job.key, "ended_at", utcformat(now()))  # RQ's cancel leaves it unset
-                pipe.expire(job.key, self.settings.job_ttl)
-                pipe.hincrby(Keys.OUTCOMES, f"{model}|{JobStatus.CANCELED.value}|", 1)
-                pipe.publish(Keys.ENDED, job_id)
-                pipe.execute()
-            except (redis.WatchError, InvalidJobOperation, redis.RedisError) as exc:
-                # Changed meanwhile, or Redis stalled or full, or the reply lost (redis-py says
-                # WatchError for a connection lost while watching, though the cancel may have gone
-                # through): back at the head of its queue unless it was canceled, and its flag
-                # stops it there. Left off its queue, it stayed queued for good.
-                with contextlib.suppress(redis.RedisError):
-                    self.redis.eval(_BACK_IF_QUEUED, 2, job.key, queue_key, job_id)
-                if not isinstance(exc, redis.WatchError | InvalidJobOperation):
-                    raise
+        at = now()
+        keys = (
+            queue.key,
+            queue.intermediate_queue_key,
+            job.key,
+            queue.canceled_job_registry.key,
+            Keys.OUTCOMES,
+        )
+        args = (job_id, utcformat(at), self.settings.job_ttl, int(at.timestamp()))
+        self.redis.eval(
+            _CANCEL_QUEUED, len(keys), *keys, *args, f"{model}|{JobStatus.CANCELED.value}|", Keys.ENDED
+        )
 
     # -- waiting (OpenAI-style endpoint) -----------------------------------------
 

@@ -92,6 +92,35 @@ def test_enqueue_writes_what_rq_enqueue_writes(redis_server: RedisServer, redis_
     assert fetched.get_status() == theirs.get_status() == "queued"
 
 
+def test_a_queued_jobs_cancel_writes_what_rq_cancel_writes(
+    redis_server: RedisServer, redis_client: redis.Redis
+) -> None:
+    async def scenario(service: GenerationService) -> GenerationService:
+        for job_id in ("ours", "theirs"):
+            await service._rq_enqueue(
+                service.queue("m"), PAYLOAD.model_copy(update={"job_id": job_id}), owner="a"
+            )
+        return service
+
+    service = run_with_service(redis_server, redis_client, scenario)
+    queue = service.queue("m")
+    service._cancel_queued("ours")
+    Job.fetch("theirs", connection=redis_client, serializer=JSONSerializer).cancel()
+    ours_hash, theirs_hash = _hash(redis_client, "ours"), _hash(redis_client, "theirs")
+    assert set(ours_hash) == set(theirs_hash)
+    differ = {k for k in theirs_hash if ours_hash[k] != theirs_hash[k]}
+    assert differ <= {"created_at", "enqueued_at", "data", "ended_at"}, differ
+    assert theirs_hash["ended_at"] == b""  # RQ's cancel leaves it unset; ours says when
+    assert Job.fetch("ours", connection=redis_client, serializer=JSONSerializer).ended_at is not None
+    assert ours_hash["status"] == b"canceled"
+    assert redis_client.llen(queue.key) == 0
+    registry = queue.canceled_job_registry
+    assert sorted(registry.get_job_ids(cleanup=False)) == ["ours", "theirs"]
+    assert abs(redis_client.zscore(registry.key, "ours") - redis_client.zscore(registry.key, "theirs")) <= 1  # type: ignore[operator]
+    assert redis_client.ttl("rq:job:ours") == service.settings.job_ttl
+    assert Job.fetch("ours", connection=redis_client, serializer=JSONSerializer).is_canceled
+
+
 def test_status_read_matches_rq_restore(redis_server: RedisServer, redis_client: redis.Redis) -> None:
     async def enqueue(service: GenerationService) -> None:
         await service._rq_enqueue(service.queue("m"), PAYLOAD, owner="bob")
