@@ -19,6 +19,7 @@ from rq import Queue
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.serving import hung_up
 from latentd.contract import BATCH_BUCKETS, DURATION_BUCKETS, Keys
 from latentd.store import as_text
 
@@ -151,11 +152,14 @@ class MetricsMiddleware:
             return
         start = time.perf_counter()
         status = 500
+        gone = hung_up(scope)
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
-                status = message["status"]
+                # An answer to a client that hung up (a held read's end, a sync image request's
+                # 504) is never sent: counted as nginx does, 499, not as the status it would have had.
+                status = 499 if gone() else message["status"]
             await send(message)
 
         try:

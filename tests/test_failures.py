@@ -453,6 +453,9 @@ def test_a_held_read_whose_client_hung_up_stops_reading(private_redis: RedisServ
         time.sleep(2)  # each notices within a second
         held = commands_in(3)
         assert held < idle + 20, (idle, held)  # 20 reads a second, each of several commands, before
+        # Their answers were never sent: counted as 499s (nginx's "client closed request"), not 200s.
+        metrics = httpx.get(f"{url}/metrics").text
+        assert 'route="/v1/generations/{id}",status="499"} 20.0' in metrics, metrics
     finally:
         api.stop()
 
