@@ -109,6 +109,8 @@ def pick_device(requested: str) -> torch.device:
 def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     if requested != "auto":
         dtype: torch.dtype = getattr(torch, requested)
+        if device.type == "cpu" and dtype is torch.float16:  # asked for, it is served; said once
+            event(log, "dtype_slow_on_cpu", logging.WARNING, dtype=requested, faster="float32")
         return dtype
     return torch.float32 if device.type == "cpu" else torch.float16
 
