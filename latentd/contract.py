@@ -129,6 +129,8 @@ class WorkerInfo(BaseModel):
     started_at: float
     # The side, in pixels, of the images the model was trained at: requests without a size get it.
     native_size: int | None = None
+    # A digest of the weights it serves (`worker.pipeline.fingerprint`); None from earlier releases.
+    weights: str | None = None
 
 
 class Keys:

@@ -171,12 +171,24 @@ def sitecustomize(tmp: Path, source: str) -> str:
 
 
 def register_ghost(
-    r: redis.Redis, model: str, name: str = "ghost", ttl: int = 120, native_size: int | None = 64
+    r: redis.Redis,
+    model: str,
+    name: str = "ghost",
+    ttl: int = 120,
+    native_size: int | None = 64,
+    weights: str | None = None,
 ) -> None:
     """A worker's registration without the worker: the API accepts jobs for `model`, and nothing
     runs them. Its native size is the tiny model's, so a job a real worker takes later is small."""
     info = WorkerInfo(
-        name=name, model=model, device="cpu", pid=1, hostname="h", started_at=0, native_size=native_size
+        name=name,
+        model=model,
+        device="cpu",
+        pid=1,
+        hostname="h",
+        started_at=0,
+        native_size=native_size,
+        weights=weights,
     )
     r.set(Keys.worker(name), info.model_dump_json(), ex=ttl)
     r.sadd(Keys.WORKERS, name)

@@ -21,7 +21,7 @@ import pytest
 import redis
 
 from latentd.client import generate
-from latentd.contract import Keys
+from latentd.contract import Keys, WorkerInfo
 from latentd.embedded import find_redis_server, free_port
 from tests.conftest import (
     PRIVATE_DB,
@@ -1038,3 +1038,28 @@ def test_the_api_signal_hook_leaves_an_ignored_signal_ignored_and_puts_back_only
     finally:
         for sig, handler in found.items():
             signal.signal(sig, handler)
+
+
+def test_a_worker_serving_a_name_with_other_weights_than_a_live_one_says_so(
+    private_redis: RedisServer, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # A fine-tune on one host under the shared name: one seed, other images, depending on the worker.
+    import torch
+
+    from worker.pipeline import fingerprint, load_pipeline
+
+    mine = fingerprint(load_pipeline(str(tiny_model_dir), torch.device("cpu"), torch.float32, tmp_path))
+    r = private_redis.client()
+    register_ghost(r, TINY_MODEL, name="same", weights=mine)
+    register_ghost(r, TINY_MODEL, name="older")  # an earlier release: no fingerprint
+    register_ghost(r, "another", name="elsewhere", weights="0" * 16)
+    register_ghost(r, TINY_MODEL, name="tuned", weights="1" * 16)
+    worker = start_worker(private_redis.url, tiny_model_dir, tmp_path)
+    try:
+        said = [line for line in worker.output().splitlines() if "model_weights_differ" in line]
+        assert (
+            len(said) == 1 and f"weights={mine}" in said[0] and "workers=tuned=1111111111111111" in said[0]
+        ), said
+        assert WorkerInfo.model_validate_json(r.get(Keys.worker("w1")) or b"").weights == mine
+    finally:
+        worker.stop()

@@ -18,7 +18,15 @@ import torch
 from latentd.contract import JobPayload
 from tests.conftest import TINY_MODEL, flag_everything_checker
 from worker.encode import encode
-from worker.pipeline import ModelLoadError, Runner, compile_runner, load_pipeline, pick_dtype, warm_up
+from worker.pipeline import (
+    ModelLoadError,
+    Runner,
+    compile_runner,
+    fingerprint,
+    load_pipeline,
+    pick_dtype,
+    warm_up,
+)
 
 
 @pytest.fixture(scope="module")
@@ -679,3 +687,16 @@ def test_half_precision_asked_for_on_a_cpu_is_served_with_a_warning(caplog: pyte
         assert pick_dtype("auto", torch.device("cpu")) is torch.float32
         assert pick_dtype("bfloat16", torch.device("cpu")) is torch.bfloat16
     assert caplog.text.count("dtype_slow_on_cpu") == 1, caplog.text
+
+
+def test_a_fingerprint_tells_other_weights_apart(tiny_model_dir: Path, tmp_path: Path) -> None:
+    def loaded(dtype: torch.dtype) -> Any:
+        return load_pipeline(str(tiny_model_dir), torch.device("cpu"), dtype, tmp_path)
+
+    pipe = loaded(torch.float32)
+    assert fingerprint(pipe) == fingerprint(loaded(torch.float32))  # the same files, loaded again
+    assert fingerprint(pipe) != fingerprint(loaded(torch.bfloat16))
+    before = fingerprint(pipe)
+    with torch.no_grad():
+        pipe.unet.conv_out.weight[-1, -1, -1, -1] += 0.001  # tuned: every tensor moves, this one too
+    assert fingerprint(pipe) != before

@@ -503,6 +503,28 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 """
 
 
+def _say_if_weights_differ(connection: redis.Redis, info: WorkerInfo) -> None:
+    """Warn where live workers serve this model's name with other weights: an image then depends on
+    the worker that ran its job, and its seed does not reproduce it. Advice: nothing stops."""
+    with contextlib.suppress(redis.RedisError, ValueError):
+        names = [as_text(n) for n in connection.smembers(Keys.WORKERS)]
+        blobs = connection.mget([Keys.worker(n) for n in names]) if names else []
+        others = sorted(
+            f"{w.name}={w.weights}"
+            for w in (WorkerInfo.model_validate_json(blob) for blob in blobs if blob is not None)
+            if w.model == info.model and w.name != info.name and w.weights not in (None, info.weights)
+        )
+        if others:
+            event(
+                log,
+                "model_weights_differ",
+                logging.WARNING,
+                model=info.model,
+                weights=info.weights,
+                workers=",".join(others),
+            )
+
+
 def run(settings: WorkerSettings) -> int:
     """The worker's life after `latentd worker` has read its settings and configured logging."""
     name = settings.effective_worker_name()
@@ -561,7 +583,9 @@ def run(settings: WorkerSettings) -> int:
         hostname=socket.gethostname(),
         started_at=time.time(),
         native_size=runner.native_size,
+        weights=runner.weights,
     )
+    _say_if_weights_differ(connection, info)
     queue = Queue(Keys.queue_name(runner.model), connection=connection, serializer=JSONSerializer)
     worker = LatentdWorker(
         [queue], connection=connection, name=name, serializer=JSONSerializer, model=runner.model

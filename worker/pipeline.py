@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import inspect
 import logging
 import os
@@ -226,6 +227,8 @@ class Runner:
     pad_to: int | None = None
     # Set while the UNet and VAE decoder run compiled: puts the eager modules back.
     uncompile: Callable[[], None] | None = None
+    # The weights' `fingerprint`, taken at load.
+    weights: str = ""
 
     @property
     def native_size(self) -> int | None:
@@ -592,6 +595,22 @@ def free_accelerator_memory() -> None:
             torch.cuda.empty_cache()
 
 
+def fingerprint(pipe: DiffusionPipeline) -> str:
+    """A short digest of the weights a pipeline holds, in their dtype: each tensor's name, shape,
+    and first and last values. Workers that serve one name with other weights (a fine-tune on one
+    host, float16 on another) give other images for one seed; they are told apart by this."""
+    digest = hashlib.sha256()
+    for part, module in sorted(pipe.components.items()):
+        if not isinstance(module, torch.nn.Module):
+            continue
+        for name, tensor in module.state_dict().items():
+            flat = tensor.detach().reshape(-1)
+            sample = torch.cat([flat[:8], flat[-8:]]).cpu().contiguous()
+            digest.update(f"{part}.{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+            digest.update(sample.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def load_runner(settings: WorkerSettings) -> Runner:
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
@@ -601,7 +620,9 @@ def load_runner(settings: WorkerSettings) -> Runner:
     pipe = load_pipeline(source, device, dtype, settings.cache_dir)
     event(log, "model_loaded", model=settings.served_name(), source=source, device=device, dtype=dtype)
     pad_to = settings.max_batch_images if settings.batch_invariant else None  # 1 too: a job of several images
-    runner = Runner(pipe=pipe, device=device, model=settings.served_name(), pad_to=pad_to)
+    runner = Runner(
+        pipe=pipe, device=device, model=settings.served_name(), pad_to=pad_to, weights=fingerprint(pipe)
+    )
     if not (settings.torch_compile and compile_runner(runner)):  # a warm-up that ran shows it runs
         check_runs(runner)
     return runner
