@@ -192,6 +192,11 @@ class ImageBlob:
     data: bytes
     content_type: str
     etag: str
+    expires_at: float | None = None  # unix seconds; None in records of earlier releases
+
+
+def _iso(unix: float) -> str:
+    return datetime.fromtimestamp(unix, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _aware(value: datetime | None) -> datetime | None:
@@ -711,13 +716,14 @@ class GenerationService:
         metas = [ImageMeta.model_validate(m) for m in json.loads(raw)] if raw else []
         if not 0 <= index < len(metas):
             raise NotFound(f"generation '{job_id}' has no image {index}", param="index")
-        if data is None:
-            raise Expired(
-                f"image {index} of generation '{job_id}' has expired (kept {self.settings.results_ttl} s)",
-                param="index",
-            )
+        meta = metas[index]
+        if data is None:  # the worker's LATENTD_RESULTS_TTL decides when, not this process's
+            when = f" at {_iso(meta.expires_at)}" if meta.expires_at else ""
+            raise Expired(f"image {index} of generation '{job_id}' has expired{when}", param="index")
         assert isinstance(data, bytes)  # the pool does not decode responses
-        return ImageBlob(data=data, content_type=metas[index].content_type, etag=metas[index].etag)
+        return ImageBlob(
+            data=data, content_type=meta.content_type, etag=meta.etag, expires_at=meta.expires_at
+        )
 
     # -- cancel ----------------------------------------------------------------
 

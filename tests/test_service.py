@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from latentd.client import generate
+from latentd.contract import Keys, StateField
 from tests.conftest import TINY_MODEL, RedisServer, Service, flag_everything_checker, start_worker, wait_until
 
 pytestmark = pytest.mark.integration
@@ -341,10 +342,18 @@ def test_images_expire_with_the_results_ttl(service: Service) -> None:
     lapses = time.time() + service.redis.pttl(key) / 1000
     assert lapses - 5 < stated <= lapses + 0.01
     assert service.redis.ttl(f"rq:job:{view['id']}") > 3600  # the record outlives the images
+    # A worker's LATENTD_RESULTS_TTL decides, not the API's: a cache is told when the bytes lapse.
+    state = Keys.state(view["id"])
+    images = json.loads(service.redis.hget(state, StateField.IMAGES) or b"")
+    images[0]["expires_at"] = time.time() + 100
+    service.redis.hset(state, StateField.IMAGES, json.dumps(images))
+    cache = service.http.get(view["images"][0]["url"]).headers["cache-control"]
+    assert cache in ("private, max-age=99, immutable", "private, max-age=98, immutable"), cache
     service.redis.delete(key)  # what the TTL does when it runs out
     gone = service.http.get(view["images"][0]["url"])
     assert gone.status_code == 404
     assert gone.json()["error"]["code"] == "expired"
+    assert "3600" not in gone.json()["error"]["message"]  # the API's TTL, not the worker's
     assert service.status(view["id"])["status"] == "succeeded"
 
 

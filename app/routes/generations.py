@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
@@ -219,11 +220,9 @@ async def get_image(
     caller: ImageCallerDep,
 ) -> Response:
     blob = await service.image(job_id, index, caller.owner, any_owner=caller.signed)
-    headers = {
-        "ETag": blob.etag,
-        # Content never changes for a given id and index, but it expires with the results TTL.
-        "Cache-Control": f"private, max-age={service.settings.results_ttl}, immutable",
-    }
+    # Content never changes for a given id and index, but it expires when the worker said it would.
+    left = service.settings.results_ttl if blob.expires_at is None else blob.expires_at - time.time()
+    headers = {"ETag": blob.etag, "Cache-Control": f"private, max-age={max(0, int(left))}, immutable"}
     if _matches(request.headers.get("if-none-match"), blob.etag):
         return Response(status_code=304, headers=headers)
     return Response(blob.data, media_type=blob.content_type, headers=headers)
