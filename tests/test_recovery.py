@@ -971,7 +971,7 @@ def test_a_worker_stopped_while_redis_is_gone_exits_0(cluster: Cluster) -> None:
 
 
 # The StopRequested that RQ's signal handler raises, lost in code that catches exceptions where
-# the signal lands (redis-py's metrics and `__del__` methods do).
+# the signal lands (logging's handlers did, see the next test).
 STOP_LOST = """
 from rq.exceptions import StopRequested
 
@@ -1009,6 +1009,79 @@ def test_an_idle_worker_whose_stop_signal_was_lost_in_flight_stops(cluster: Clus
         worker.proc.kill()
         if not redis_up:
             cluster.redis.start()
+
+
+def test_a_job_handed_to_a_worker_as_its_lost_stop_is_seen_runs_before_it_stops(cluster: Cluster) -> None:
+    # The stop was seen right after the wait handed it a job: the job was left on the queue's
+    # intermediate list, back on its queue only a minute after some other worker started.
+    path = sitecustomize(cluster.tmp, STOP_LOST)
+    worker = start_worker(cluster.redis.url, cluster.model_dir, cluster.tmp, name="a", PYTHONPATH=path)
+    r = cluster.redis.client()
+    try:
+        wait_until(lambda: r.hget("rq:worker:a", "state") == b"idle", 30, what="RQ's loop")
+        worker.proc.send_signal(signal.SIGTERM)
+        job_id = cluster.submit({"prompt": "x", "steps": 1})  # within the wait under way
+        assert worker.proc.wait(30) == 0, worker.output()[-3000:]
+        assert r.llen(f"rq:queue:latentd:{TINY_MODEL}:intermediate") == 0
+        status = cluster.status(job_id)["status"]
+        # Ran; or, where the wait had just ended without it, still on its queue for the next worker.
+        assert status == "succeeded" or r.lrange(f"rq:queue:latentd:{TINY_MODEL}", 0, -1) == [job_id.encode()]
+    finally:
+        worker.proc.kill()
+
+
+# A stop signal that lands while logging writes RQ's "could not connect to Redis" line, sent at
+# that moment: logging caught RQ's StopRequested and printed it as a 'Logging error'.
+STOP_IN_A_LOG_LINE = """
+import logging, os, signal
+
+formatted = logging.Handler.format
+sent = []
+
+
+def format(self, record):
+    text = formatted(self, record)
+    if "could not connect to Redis" in text and not sent:
+        sent.append(1)
+        os.kill(os.getpid(), signal.SIGTERM)  # its handler runs here, inside the handler's emit
+    return text
+
+
+logging.Handler.format = format
+"""
+
+
+def test_a_stop_signal_that_lands_in_a_log_line_stops_the_worker(cluster: Cluster) -> None:
+    path = sitecustomize(cluster.tmp, STOP_IN_A_LOG_LINE)
+    worker = start_worker(cluster.redis.url, cluster.model_dir, cluster.tmp, name="a", PYTHONPATH=path)
+    r = cluster.redis.client()
+    try:
+        wait_until(lambda: r.hget("rq:worker:a", "state") == b"idle", 30, what="RQ's loop")
+        cluster.redis.stop()
+        assert worker.proc.wait(30) == 0, worker.output()[-3000:]
+        assert "could not connect to Redis" in worker.output()  # the line it landed in
+        assert "Logging error" not in worker.output() and "Traceback" not in worker.output()
+    finally:
+        worker.proc.kill()
+        cluster.redis.start()
+
+
+def test_a_worker_stopped_while_redis_is_frozen_exits_in_seconds(cluster: Cluster) -> None:
+    # Each of its goodbyes to Redis (RQ's death record, the registration's removal) waited out
+    # the 415 s socket timeout: 14 minutes, past any stop grace, then killed.
+    worker = cluster.worker("a")
+    r = cluster.redis.client()
+    wait_until(lambda: r.hget("rq:worker:a", "state") == b"idle", 30, what="RQ's loop")
+    redis_proc = cluster.redis.proc
+    assert redis_proc is not None
+    redis_proc.send_signal(signal.SIGSTOP)
+    try:
+        worker.proc.send_signal(signal.SIGTERM)
+        assert worker.proc.wait(30) == 0, worker.output()[-3000:]
+        assert "Traceback" not in worker.output()
+    finally:
+        redis_proc.send_signal(signal.SIGCONT)
+        worker.proc.kill()
 
 
 def test_latentd_generate_rides_out_a_redis_outage_and_saves_its_image(cluster: Cluster) -> None:

@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -162,16 +162,36 @@ class LatentdWorker(SimpleWorker):
     # its stop flag that often (`heartbeat`). RQ's socket timeout, derived from it, is kept.
     dequeue_timeout = 5
     connection_timeout = 415
+    # With Redis gone, the longest pause between attempts to reach it (RQ: 60): a worker serves
+    # again within seconds of Redis's return, and sees a stop request as soon (`heartbeat`).
+    max_connection_wait_time = 5.0
+    _handed_a_job = False  # by the wait that just ended; it runs before a stop
 
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
         """RQ's, where an idle worker asked to stop stops. RQ's loop waits for work until a job
         comes, and reaches a stop request only as the StopRequested its signal handler raises,
-        wherever the main thread is: code that swallows exceptions (redis-py's metrics, `__del__`
-        methods) lost it, and an idle worker went on waiting for good (seen with Redis down; the
-        flag was set). RQ's loop calls this between waits, and after each job."""
-        if self._stop_requested and pipeline is None and self.get_state() == WorkerStatus.IDLE:
+        wherever the main thread is; one raised inside code that catches every exception was lost
+        (logging's, see `_let_stops_through_logging`), and an idle worker went on waiting for
+        good (seen with Redis down, the flag set). RQ's loop calls this before each wait, after a
+        wait that took a job (which runs first), and after each job."""
+        if (
+            self._stop_requested
+            and pipeline is None
+            and not self._handed_a_job
+            and self.get_state() == WorkerStatus.IDLE
+        ):
             raise StopRequested()
         super().heartbeat(timeout, pipeline)
+
+    def reorder_queues(self, reference_queue: Any) -> None:
+        self._handed_a_job = True  # RQ's wait calls this as it hands the worker a job
+        super().reorder_queues(reference_queue)
+
+    def teardown(self) -> None:
+        # RQ's goodbye on a client that gives up in seconds: a stalled Redis (frozen, swapping)
+        # held a stopping worker 415 s a call, past any stop grace; its records lapse on their own.
+        self.connection = _quick(self.connection)
+        super().teardown()
 
     def request_stop(self, signum: Any, frame: Any) -> None:
         # RQ's warm shutdown: finish the current job, take no new one. Bound the wait.
@@ -207,8 +227,18 @@ class LatentdWorker(SimpleWorker):
             event(log, "worker_death_unrecorded", logging.WARNING, error=type(exc).__name__)
 
     def unsubscribe(self) -> None:
+        """RQ's, but the pubsub's socket is not closed under its thread: with Redis frozen, the
+        thread outlived RQ's 1 s join, and the close raised in it (a traceback at every such stop).
+        The thread closes it as it ends; it is a daemon, gone with the process."""
+        thread = self.pubsub_thread
+        if thread is None:
+            return
         with contextlib.suppress(redis.RedisError):  # gone with Redis
-            super().unsubscribe()
+            self.pubsub.unsubscribe()
+        thread.stop()
+        thread.join(timeout=1)
+        if not thread.is_alive():
+            self.pubsub.close()
 
     def _grace_expired(self) -> None:
         if self.executions:
@@ -262,6 +292,7 @@ class LatentdWorker(SimpleWorker):
         The worker is BUSY from before the claim until every job is settled, so a stop request
         (SIGTERM) anywhere in between waits for the batch; RQ would raise it in an IDLE worker,
         inside whatever runs, and fail a job it interrupts."""
+        self._handed_a_job = False
         rt = jobs.current()
         execution = self.prepare_execution(job)  # the worker is BUSY from here
         claimed = self._claim_batch(job, queue) if self.max_batch_images > 1 else []
@@ -447,7 +478,7 @@ class Heartbeat(threading.Thread):
     def stop(self) -> None:
         self.stopped.set()
         try:
-            p = self.connection.pipeline(transaction=False)
+            p = _quick(self.connection).pipeline(transaction=False)
             p.delete(Keys.worker(self.info.name))
             p.srem(Keys.WORKERS, self.info.name)
             p.execute()
@@ -456,7 +487,14 @@ class Heartbeat(threading.Thread):
 
 
 def _connect(url: str, wait: float = 30.0) -> redis.Redis:
-    connection = redis.Redis.from_url(url, socket_connect_timeout=2, health_check_interval=30)
+    # The socket timeout RQ would set (it sets it only for connections made after it looked: this
+    # first one kept redis-py's, shorter than the wait on the queue).
+    connection = redis.Redis.from_url(
+        url,
+        socket_connect_timeout=2,
+        socket_timeout=LatentdWorker.connection_timeout,
+        health_check_interval=30,
+    )
     deadline = time.monotonic() + wait
     while True:
         try:
@@ -466,6 +504,30 @@ def _connect(url: str, wait: float = 30.0) -> redis.Redis:
             if time.monotonic() >= deadline:
                 raise
             time.sleep(0.5)
+
+
+def _quick(connection: redis.Redis) -> redis.Redis:
+    """A client of `connection`'s Redis whose calls give up within seconds."""
+    pool = connection.connection_pool
+    kwargs = {**pool.connection_kwargs, "socket_timeout": 5, "socket_connect_timeout": 2}
+    return redis.Redis(connection_pool=redis.ConnectionPool(connection_class=pool.connection_class, **kwargs))
+
+
+def _let_stops_through_logging() -> None:
+    """logging's handlers catch every exception a line's write raises and print it as a 'Logging
+    error': RQ's StopRequested, raised by its signal handler where the signal lands, was lost there
+    when it landed in the line RQ logs at each attempt to reach a Redis that is gone."""
+    for handler in logging.getLogger().handlers:
+        report = handler.handleError
+
+        def handle_error(
+            record: logging.LogRecord, report: Callable[[logging.LogRecord], None] = report
+        ) -> None:
+            if isinstance(sys.exc_info()[1], StopRequested):
+                raise
+            report(record)
+
+        handler.handleError = handle_error  # type: ignore[method-assign]
 
 
 def _take_name(connection: redis.Redis, name: str, interval: float) -> bool:
@@ -527,6 +589,7 @@ def _say_if_weights_differ(connection: redis.Redis, info: WorkerInfo) -> None:
 
 def run(settings: WorkerSettings) -> int:
     """The worker's life after `latentd worker` has read its settings and configured logging."""
+    _let_stops_through_logging()
     name = settings.effective_worker_name()
     try:
         connection = _connect(settings.effective_redis_url)
