@@ -1084,6 +1084,24 @@ def test_a_worker_stopped_while_redis_is_frozen_exits_in_seconds(cluster: Cluste
         worker.proc.kill()
 
 
+def test_a_redis_outage_longer_than_a_lease_leaves_the_running_job_to_its_worker(cluster: Cluster) -> None:
+    # Back from the outage, the worker's own reaper found its running job's lease lapsed before its
+    # lease thread renewed it, and re-queued it: run again from step 0 (on its last attempt, failed
+    # `worker_lost` while its worker was alive).
+    worker = cluster.worker("a")
+    try:
+        job_id = cluster.submit(LONG_JOB)
+        cluster.running_on(job_id)
+        cluster.redis.stop()
+        time.sleep(float(LEASE) + 2)
+        cluster.redis.start()
+        view = cluster.wait_terminal(job_id)
+        assert view["status"] == "succeeded" and view["attempts"] == 1, view
+        assert "job_lease_lost" not in worker.output()
+    finally:
+        worker.stop()
+
+
 def test_latentd_generate_rides_out_a_redis_outage_and_saves_its_image(cluster: Cluster) -> None:
     # A worker's registration without the worker, so the job waits in its queue through the outage.
     r = cluster.redis.client()

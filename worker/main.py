@@ -166,6 +166,7 @@ class LatentdWorker(SimpleWorker):
     # again within seconds of Redis's return, and sees a stop request as soon (`heartbeat`).
     max_connection_wait_time = 5.0
     _handed_a_job = False  # by the wait that just ended; it runs before a stop
+    _held: dict[str, Any] = {}
 
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
         """RQ's, where an idle worker asked to stop stops. RQ's loop waits for work until a job
@@ -298,10 +299,8 @@ class LatentdWorker(SimpleWorker):
         claimed = self._claim_batch(job, queue) if self.max_batch_images > 1 else []
         rt.batch = claimed
         done = threading.Event()
-        held = [job, *(c.job for c in claimed)]
-        lease = threading.Thread(
-            target=self._renew_lease, args=(held, done), name="latentd-lease", daemon=True
-        )
+        self._held = {j.id: j for j in (job, *(c.job for c in claimed))}
+        lease = threading.Thread(target=self._renew_lease, args=(done,), name="latentd-lease", daemon=True)
         lease.start()
         try:
             BatchTimeLimit.jobs = 1 + len(claimed)
@@ -322,6 +321,7 @@ class LatentdWorker(SimpleWorker):
             rt.settled.clear()
             done.set()
             lease.join()
+            self._held = {}
             self.set_state(WorkerStatus.IDLE)
         if rt.fatal:
             event(log, "device_broken_exiting", logging.ERROR, job_id=job.id)
@@ -399,19 +399,27 @@ class LatentdWorker(SimpleWorker):
             time.sleep(0.002)
         self._had_company = company
 
-    def _renew_lease(self, held: list[Any], done: threading.Event) -> None:
-        by_id = {j.id: j for j in held}
+    def _renew_lease(self, done: threading.Event) -> None:
         while not done.wait(self.lease_seconds / 3):
-            for execution in list(self.executions.values()):
-                job = by_id.get(execution.job_id)
-                if job is None:
-                    continue
-                try:
-                    self.maintain_heartbeats(job, execution)
-                except redis.RedisError as exc:
-                    event(
-                        log, "lease_renewal_failed", logging.WARNING, job_id=job.id, error=type(exc).__name__
-                    )
+            try:
+                self.renew_leases()
+            except redis.RedisError as exc:
+                event(
+                    log,
+                    "lease_renewal_failed",
+                    logging.WARNING,
+                    job_ids=",".join(self._held),
+                    error=type(exc).__name__,
+                )
+
+    def renew_leases(self) -> None:
+        """Renew the lease of each job this worker runs: its lease thread does every third of a
+        lease, and its reaper before it looks for lapsed ones (after a Redis outage longer than a
+        lease, the reaper found the worker's own running jobs lapsed and re-queued them)."""
+        for execution in list(self.executions.values()):
+            job = self._held.get(execution.job_id)
+            if job is not None:
+                self.maintain_heartbeats(job, execution)
 
 
 class Heartbeat(threading.Thread):
@@ -440,6 +448,7 @@ class Heartbeat(threading.Thread):
         """For each queue, one worker at a time hands RQ its expired executions: RQ retries them
         while retries are left, else fails them; we record why for the client. The lock is let go
         after the pass, for RQ's maintenance (`LatentdWorker.clean_registries`)."""
+        self.worker.renew_leases()  # its own running jobs are not abandoned, whatever their lease says
         prefix = Queue.redis_queue_namespace_prefix + Keys.queue_name("")
         others = {as_text(k) for k in self.connection.smembers(Queue.redis_queues_keys)} - {self.queue.key}
         queues = [self.queue, *(self._queue(k) for k in sorted(others) if k.startswith(prefix))]
@@ -463,13 +472,18 @@ class Heartbeat(threading.Thread):
 
     def run(self) -> None:
         failing = False
+        reap_from = 0.0
         while not self.stopped.wait(self.interval):
             try:
                 self.beat()
-                self.reap()
                 if failing:
+                    # No worker could renew a lease while Redis was gone: each gets a lease's time
+                    # to renew before a lapsed one counts as its worker's death.
+                    reap_from = time.monotonic() + self.worker.lease_seconds
                     event(log, "heartbeat_recovered")
                 failing = False
+                if time.monotonic() >= reap_from:
+                    self.reap()
             except redis.RedisError as exc:
                 if not failing:
                     event(log, "heartbeat_failed", logging.WARNING, error=type(exc).__name__)
