@@ -410,9 +410,34 @@ def test_job_whose_attempts_run_out_fails_with_worker_lost(one_attempt_cluster: 
         view = cluster.wait_terminal(job_id)
         assert view["status"] == "failed"
         assert view["error"]["code"] == "worker_lost"
+        assert view["timings"]["finished_at"] is not None  # RQ's failure of an abandoned job left it unset
         # The worker that reaped it serves new jobs.
         ok = cluster.wait_terminal(cluster.submit({"prompt": "next", "steps": 1}))
         assert ok["status"] == "succeeded"
+    finally:
+        second.stop()
+
+
+@pytest.mark.parametrize("attempts", ["one_attempt_cluster", "cluster"])
+def test_a_job_canceled_before_its_worker_died_ends_canceled(
+    attempts: str, request: pytest.FixtureRequest
+) -> None:
+    # Its cancel answered 202, and it ended `failed`, `worker_lost` (or started again, to be
+    # stopped by its flag, one attempt more on its count).
+    cluster: Cluster = request.getfixturevalue(attempts)
+    first = cluster.worker("a")
+    job_id = cluster.submit(LONG_JOB)
+    cluster.running_on(job_id)
+    first.proc.send_signal(signal.SIGSTOP)  # it never reads the flag
+    assert httpx.post(f"{cluster.url}/v1/generations/{job_id}/cancel").status_code == 202
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait()
+    second = cluster.worker("b")  # its reaper finds the lapsed lease
+    try:
+        view = cluster.wait_terminal(job_id)
+        assert view["status"] == "canceled" and view["attempts"] == 1 and view["error"] is None, view
+        assert view["timings"]["finished_at"] is not None
+        assert cluster.redis.client().hget(f"rq:job:{job_id}", "status") == b"stopped"  # as RQ records a stop
     finally:
         second.stop()
 

@@ -531,10 +531,17 @@ def grant_settle_start(r: redis.Redis, job_id: str) -> bool:
 
 
 def record_abandoned(
-    r: redis.Redis, job_id: str, model: str, will_retry: bool, settle: bool, ttl: int
+    r: redis.Redis,
+    job_id: str,
+    model: str,
+    will_retry: bool,
+    settle: bool,
+    ttl: int,
+    canceled: bool = False,
 ) -> None:
-    """Called for a job whose worker stopped renewing its lease, as RQ re-queues or fails it; `ttl`
-    is the job record's (its worker may have died before it began the run, which sets one)."""
+    """Called for a job whose worker stopped renewing its lease, as RQ re-queues or fails it
+    (`canceled`: ends it canceled, its cancel requested before); `ttl` is the job record's (its
+    worker may have died before it began the run, which sets one)."""
     state_key = Keys.state(job_id)
     if settle:
         event(log, "job_requeued", logging.WARNING, job_id=job_id, reason="images_stored")
@@ -544,6 +551,15 @@ def record_abandoned(
         event(log, "job_requeued", logging.WARNING, job_id=job_id, reason="worker_lost")
         return
     attempts = int(r.hget(state_key, StateField.ATTEMPTS) or 0)
+    if canceled:
+        p = r.pipeline(transaction=True)
+        if attempts:
+            p.hset(state_key, StateField.INFERENCE_FINISHED, time.time())
+        p.expire(state_key, ttl)
+        p.execute()
+        _record_outcome(r, model, JobStatus.CANCELED)
+        event(log, "job_canceled", job_id=job_id, reason="worker_lost")
+        return
     if attempts:
         lost = f"the worker running this job stopped responding, {attempts} time(s)"
     else:  # it died in the wait for batch mates, or between RQ's start and ours

@@ -22,7 +22,7 @@ import redis
 import transformers.utils.logging
 from rq import Queue, SimpleWorker
 from rq.exceptions import AbandonedJobError, DeserializationError, StopRequested
-from rq.job import Job
+from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
 from rq.utils import now, utcformat
@@ -120,17 +120,31 @@ class LatentdWorker(SimpleWorker):
         self.push_exc_handler(self.on_abandoned)
 
     def on_abandoned(self, job: Any, exc_type: Any, *_: Any) -> None:
+        """RQ calls this for a job whose lease lapsed, before it re-queues or fails it (with the
+        same `job`, which it then saves)."""
         if exc_type is AbandonedJobError:
-            will_retry = bool(job.retries_left and job.retries_left > 0)
+            # Canceled (`202`) before its worker died: it ended `failed`, `worker_lost`, or ran again.
+            canceled = bool(self.connection.exists(Keys.cancel(job.id)))
+            will_retry = not canceled and bool(job.retries_left and job.retries_left > 0)
             # Its images stored before its worker died, a job RQ would fail as lost gets one start
             # more: it settles the job succeeded with them, and runs nothing (`jobs._START`).
             settle = not will_retry and jobs.grant_settle_start(self.connection, job.id)
             if settle:
                 job.retries_left = 1
+            elif not will_retry:
+                job.retries_left = 0
+                job.ended_at = now()  # RQ's failure of an abandoned job left it unset
+                if canceled:  # RQ records it as it records a job stopped on request (`_stopped_job_id`)
+                    as_failed = job.set_status
+                    job.set_status = lambda status, pipeline=None: as_failed(
+                        JobStatus.STOPPED if status == JobStatus.FAILED else status, pipeline=pipeline
+                    )
             # The job's own model: a worker reaps every model's queue.
             model = (job.origin or "").removeprefix(Keys.queue_name("")) or self.model
             ttl = job.failure_ttl or self.job_ttl
-            jobs.record_abandoned(self.connection, job.id, model, will_retry, settle, ttl)
+            jobs.record_abandoned(
+                self.connection, job.id, model, will_retry, settle, ttl, canceled=canceled and not settle
+            )
 
     def clean_registries(self) -> None:
         """RQ's maintenance (every 10 minutes) hands each queue's expired jobs to RQ, as the
