@@ -16,6 +16,20 @@ class UnsafeRedis(RuntimeError):
     pass
 
 
+KEEPS_NOTHING = "Redis writes nothing to disk: its restart loses every job and image; set `appendonly yes`"
+
+
+def keeps_nothing(connection: redis.Redis) -> bool:
+    """Whether Redis writes nothing to disk (no AOF, no snapshots): a restart of it loses every job.
+    False where CONFIG is disabled (managed services, which persist on their own terms)."""
+    try:
+        config = connection.config_get("appendonly", "save")
+    except redis.ResponseError:
+        return False
+    values = {as_text(k or ""): as_text(v or "") for k, v in config.items()}
+    return values.get("appendonly") == "no" and values.get("save", "x").strip() == ""
+
+
 def check_eviction_policy(connection: redis.Redis) -> None:
     """Refuse a Redis that may evict keys: an evicted key is a lost job.
 

@@ -1063,3 +1063,29 @@ def test_a_worker_serving_a_name_with_other_weights_than_a_live_one_says_so(
         assert WorkerInfo.model_validate_json(r.get(Keys.worker("w1")) or b"").weights == mine
     finally:
         worker.stop()
+
+
+def test_a_redis_that_turns_unsafe_after_the_api_started_makes_it_unready(
+    private_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The policy was checked once, at start: an API started before its Redis, or whose Redis
+    # restarted or failed over with another config, said ready against one that evicts jobs.
+    from fastapi.testclient import TestClient
+
+    from app.config import ApiSettings
+    from app.main import create_app
+
+    r = private_redis.client()
+    with TestClient(create_app(ApiSettings(redis_url=private_redis.url))) as client:
+        assert client.get("/readyz").status_code == 200
+        r.config_set("maxmemory-policy", "allkeys-lru")
+        unready = client.get("/readyz")
+        assert unready.status_code == 503, unready.text
+        assert "maxmemory-policy is 'allkeys-lru'" in unready.json()["error"]["message"]
+        r.config_set("maxmemory-policy", "noeviction")
+        assert client.get("/readyz").status_code == 200
+    assert "redis_keeps_nothing" not in caplog.text  # this Redis writes its AOF
+    r.config_set("appendonly", "no")
+    with caplog.at_level("WARNING"), TestClient(create_app(ApiSettings(redis_url=private_redis.url))):
+        pass
+    assert "redis_keeps_nothing" in caplog.text  # a restart of it would lose every job

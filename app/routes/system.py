@@ -10,6 +10,7 @@ from app.auth import PrincipalDep
 from app.deps import ServiceDep
 from app.errors import COMMON_RESPONSES, ErrorResponse, ServiceUnavailable
 from app.protocol import Health, ModelList
+from latentd.store import UnsafeRedis, check_eviction_policy
 
 router = APIRouter(tags=["system"])
 # Each GET route answers HEAD too (RFC 9110): load balancers and uptime checks probe with it.
@@ -25,12 +26,20 @@ async def healthz() -> Health:
 @router.get(
     "/readyz",
     response_model=Health,
-    responses={503: {"model": ErrorResponse, "description": "Redis is unreachable."}},
-    summary="Ready to take requests (Redis reachable)",
+    responses={
+        503: {
+            "model": ErrorResponse,
+            "description": "Redis is unreachable, or its `maxmemory-policy` may evict keys.",
+        }
+    },
+    summary="Ready to take requests (Redis reachable and safe)",
 )
 def readyz(service: ServiceDep) -> Health:
     try:
         service.redis.ping()
+        check_eviction_policy(service.redis)
+    except UnsafeRedis as exc:
+        raise ServiceUnavailable(str(exc), retry_after=30) from None
     except Exception:
         raise ServiceUnavailable("the job store (Redis) is unreachable", retry_after=2) from None
     return Health(status="ready")
