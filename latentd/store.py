@@ -22,12 +22,12 @@ KEEPS_NOTHING = "Redis writes nothing to disk: its restart loses every job and i
 def keeps_nothing(connection: redis.Redis) -> bool:
     """Whether Redis writes nothing to disk (no AOF, no snapshots): a restart of it loses every job.
     False where CONFIG is disabled (managed services, which persist on their own terms)."""
-    try:
-        config = connection.config_get("appendonly", "save")
+    try:  # one parameter a call: Redis 6 takes no more
+        appendonly = connection.config_get("appendonly").get("appendonly")
+        save = connection.config_get("save").get("save")
     except redis.ResponseError:
         return False
-    values = {as_text(k or ""): as_text(v or "") for k, v in config.items()}
-    return values.get("appendonly") == "no" and values.get("save", "x").strip() == ""
+    return appendonly in ("no", b"no") and save is not None and not as_text(save).strip()
 
 
 def check_eviction_policy(connection: redis.Redis) -> None:

@@ -700,3 +700,8 @@ def test_a_fingerprint_tells_other_weights_apart(tiny_model_dir: Path, tmp_path:
     with torch.no_grad():
         pipe.unet.conv_out.weight[-1, -1, -1, -1] += 0.001  # tuned: every tensor moves, this one too
     assert fingerprint(pipe) != before
+    # Advice only: weights it cannot read (offloaded to the meta device) give none, and the worker serves.
+    pipe.unet.conv_out.weight = torch.nn.Parameter(
+        torch.empty(pipe.unet.conv_out.weight.shape, device="meta")
+    )
+    assert fingerprint(pipe) == ""

@@ -247,3 +247,65 @@ def test_a_waiting_read_stops_on_a_cancel_that_redis_py_swallowed(
 
     assert run_with_service(redis_server, redis_client, scenario)
     assert swallowed == [True]
+
+
+def _worker(r: redis.Redis) -> tuple[Any, Any]:
+    from rq import Queue
+
+    from worker.main import LatentdWorker
+
+    queue = Queue("latentd:m", connection=r, serializer=JSONSerializer)
+    worker = LatentdWorker([queue], connection=r, name="t", serializer=JSONSerializer, model="m")
+    worker.register_birth()
+    return worker, queue
+
+
+def test_lapsed_leases_are_no_deaths_within_a_lease_of_redis_trouble(redis_client: redis.Redis) -> None:
+    # Back from an outage, RQ's maintenance in a live worker took other live workers' running
+    # jobs for lost (their leases lapsed while no one could renew them).
+    worker, queue = _worker(redis_client)
+    queue.enqueue(JOB_FUNCTION, PAYLOAD.model_dump(mode="json"), job_id="ours")
+    job, _ = queue.dequeue_any([queue], None, connection=redis_client, serializer=JSONSerializer)
+    execution = worker.prepare_execution(job)
+    worker.prepare_job_execution(
+        job, remove_from_intermediate_queue=True
+    )  # started, as RQ's perform_job does
+    redis_client.zadd(queue.started_job_registry.key, {f"ours:{execution.id}": 1})  # lapsed long ago
+    worker.redis_trouble()  # Redis was out of reach just now
+    worker.clean_registries()  # RQ's maintenance
+    assert Job.fetch("ours", connection=redis_client, serializer=JSONSerializer).get_status() == "started"
+    worker.reap_from = 0.0  # a lease later
+    worker.clean_registries()
+    assert Job.fetch("ours", connection=redis_client, serializer=JSONSerializer).get_status() == "failed"
+
+
+def test_a_taken_job_canceled_before_it_goes_back_to_its_queue_stays_canceled(
+    redis_client: redis.Redis,
+) -> None:
+    # Its requeue took it off the intermediate list, then enqueued it: a cancel in between found it
+    # queued on no list and canceled it, and the enqueue saved it queued again.
+    from worker.main import STUCK_IN_INTERMEDIATE_QUEUE
+
+    worker, queue = _worker(redis_client)
+    for job_id in ("canceled", "taken"):
+        queue.enqueue(JOB_FUNCTION, PAYLOAD.model_dump(mode="json"), job_id=job_id)
+        redis_client.lmove(queue.key, queue.intermediate_queue_key, "LEFT", "RIGHT")  # its worker died
+    redis_client.hset("rq:job:canceled", "status", "canceled")
+    for job_id in ("canceled", "taken"):
+        job = Job.fetch(job_id, connection=redis_client, serializer=JSONSerializer)
+        worker.handle_job_failure(job, queue, exc_string=STUCK_IN_INTERMEDIATE_QUEUE)
+    assert redis_client.hget("rq:job:canceled", "status") == b"canceled"
+    assert redis_client.lrange(queue.key, 0, -1) == [b"taken"]
+    assert redis_client.llen(queue.intermediate_queue_key) == 0
+
+
+def test_the_reaper_trims_canceled_jobs_past_their_records_lifetime(redis_client: redis.Redis) -> None:
+    from latentd.contract import WorkerInfo
+    from worker.main import Heartbeat
+
+    worker, queue = _worker(redis_client)
+    info = WorkerInfo(name="t", model="m", device="cpu", pid=1, hostname="h", started_at=0)
+    now = time.time()
+    redis_client.zadd(queue.canceled_job_registry.key, {"old": now - worker.job_ttl - 10, "new": now})
+    Heartbeat(worker, info, 1.0, queue).reap()
+    assert redis_client.zrange(queue.canceled_job_registry.key, 0, -1) == [b"new"]

@@ -150,6 +150,8 @@ class LatentdWorker(SimpleWorker):
         """RQ's maintenance (every 10 minutes) hands each queue's expired jobs to RQ, as the
         heartbeat's reaper does: under the reaper's lock, so that the two never re-queue one job
         twice. While the lock is held it waits: RQ tries again at its next turn."""
+        if not self.may_reap():
+            return  # RQ asks again at its next turn
         names = [queue.name for queue in self.queues]
         with reaper_locks(self.connection, names, self.name) as taken:
             if len(taken) == len(names):
@@ -180,6 +182,9 @@ class LatentdWorker(SimpleWorker):
     # again within seconds of Redis's return, and sees a stop request as soon (`heartbeat`).
     max_connection_wait_time = 5.0
     _handed_a_job = False  # by the wait that just ended; it runs before a stop
+    # No lease counts as lapsed before this (`time.monotonic()`): while Redis was out of reach no
+    # worker could renew one, and each gets a lease's time after to do so (`redis_trouble`).
+    reap_from = 0.0
     _held: dict[str, Any] = {}
 
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
@@ -196,7 +201,20 @@ class LatentdWorker(SimpleWorker):
             and self.get_state() == WorkerStatus.IDLE
         ):
             raise StopRequested()
-        super().heartbeat(timeout, pipeline)
+        try:
+            super().heartbeat(timeout, pipeline)
+        except (redis.ConnectionError, redis.TimeoutError):
+            self.redis_trouble()
+            raise
+
+    def redis_trouble(self) -> None:
+        """Redis was out of reach just now (this worker's wait, lease thread or reaper found it)."""
+        self.reap_from = time.monotonic() + self.lease_seconds
+
+    def may_reap(self) -> bool:
+        """Whether lapsed leases may count as their workers' deaths: not within a lease of an
+        outage (a live worker's reaper, or RQ's maintenance, took live workers' jobs for lost)."""
+        return time.monotonic() >= self.reap_from
 
     def reorder_queues(self, reference_queue: Any) -> None:
         self._handed_a_job = True  # RQ's wait calls this as it hands the worker a job
@@ -283,9 +301,10 @@ class LatentdWorker(SimpleWorker):
             # Its worker died between taking it off the queue and starting it: it never ran. RQ
             # would fail it (and we allow no retries); it goes back to the head of its queue. Taken
             # off the intermediate list first: RQ's maintenance and a heartbeat may both find it.
-            if self.connection.lrem(queue.intermediate_queue_key, 1, job.id) == 1:
-                self.connection.delete(queue.intermediate_queue.get_first_seen_key(job.id))
-                queue.enqueue_job(job, at_front=True)
+            # In one step: between RQ's LREM and its enqueue, a cancel found the job queued on no
+            # list, and canceled it; the enqueue then saved it queued again.
+            keys = (queue.intermediate_queue_key, queue.intermediate_queue.get_first_seen_key(job.id))
+            if self.connection.eval(_REQUEUE_TAKEN, 4, *keys, job.key, queue.key, job.id):
                 event(log, "job_requeued", logging.WARNING, job_id=job.id, reason="taken_but_never_started")
             return
         rt = jobs.current()
@@ -418,6 +437,7 @@ class LatentdWorker(SimpleWorker):
             try:
                 self.renew_leases()
             except redis.RedisError as exc:
+                self.redis_trouble()
                 event(
                     log,
                     "lease_renewal_failed",
@@ -471,6 +491,10 @@ class Heartbeat(threading.Thread):
                 if not taken:
                     continue
                 queue.started_job_registry.cleanup(exception_handlers=[self.worker.on_abandoned])
+                # Queued jobs canceled (app/serving.py) outlive their records there: RQ trims
+                # that registry never.
+                canceled_before = time.time() - self.worker.job_ttl
+                self.connection.zremrangebyscore(queue.canceled_job_registry.key, "-inf", canceled_before)
                 # Jobs a dead worker had taken off the queue but not started (RQ does this only
                 # in its maintenance, every 10 minutes): back to their queue after a minute.
                 queue.intermediate_queue.cleanup(self.worker, queue)
@@ -486,19 +510,17 @@ class Heartbeat(threading.Thread):
 
     def run(self) -> None:
         failing = False
-        reap_from = 0.0
         while not self.stopped.wait(self.interval):
             try:
                 self.beat()
                 if failing:
-                    # No worker could renew a lease while Redis was gone: each gets a lease's time
-                    # to renew before a lapsed one counts as its worker's death.
-                    reap_from = time.monotonic() + self.worker.lease_seconds
                     event(log, "heartbeat_recovered")
                 failing = False
-                if time.monotonic() >= reap_from:
+                if self.worker.may_reap():
                     self.reap()
             except redis.RedisError as exc:
+                if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+                    self.worker.redis_trouble()
                 if not failing:
                     event(log, "heartbeat_failed", logging.WARNING, error=type(exc).__name__)
                 failing = True
@@ -585,6 +607,16 @@ local before = redis.call('HGET', KEYS[1], ARGV[1])
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return before
 """
+# A job a dead worker had taken off its queue but not started, back at the head of its queue unless
+# it was canceled meanwhile. KEYS: the intermediate list, its first-seen key, the job, the queue.
+_REQUEUE_TAKEN = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+redis.call('DEL', KEYS[2])
+if redis.call('HGET', KEYS[3], 'status') ~= 'queued' then return 0 end
+redis.call('LPUSH', KEYS[4], ARGV[1])
+return 1
+"""
+
 # A failed load's mark taken back, unless another worker began to load the model since.
 _FORGET_LOAD = """
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return end
@@ -596,6 +628,8 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 def _say_if_weights_differ(connection: redis.Redis, info: WorkerInfo) -> None:
     """Warn where live workers serve this model's name with other weights: an image then depends on
     the worker that ran its job, and its seed does not reproduce it. Advice: nothing stops."""
+    if info.weights is None:
+        return
     with contextlib.suppress(redis.RedisError, ValueError):
         names = [as_text(n) for n in connection.smembers(Keys.WORKERS)]
         blobs = connection.mget([Keys.worker(n) for n in names]) if names else []
@@ -676,7 +710,7 @@ def run(settings: WorkerSettings) -> int:
         hostname=socket.gethostname(),
         started_at=time.time(),
         native_size=runner.native_size,
-        weights=runner.weights,
+        weights=runner.weights or None,
     )
     _say_if_weights_differ(connection, info)
     queue = Queue(Keys.queue_name(runner.model), connection=connection, serializer=JSONSerializer)

@@ -600,14 +600,18 @@ def fingerprint(pipe: DiffusionPipeline) -> str:
     and first and last values. Workers that serve one name with other weights (a fine-tune on one
     host, float16 on another) give other images for one seed; they are told apart by this."""
     digest = hashlib.sha256()
-    for part, module in sorted(pipe.components.items()):
-        if not isinstance(module, torch.nn.Module):
-            continue
-        for name, tensor in module.state_dict().items():
-            flat = tensor.detach().reshape(-1)
-            sample = torch.cat([flat[:8], flat[-8:]]).cpu().contiguous()
-            digest.update(f"{part}.{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
-            digest.update(sample.view(torch.uint8).numpy().tobytes())
+    try:
+        for part, module in sorted(pipe.components.items()):
+            if not isinstance(module, torch.nn.Module):
+                continue
+            for name, tensor in module.state_dict().items():
+                flat = tensor.detach().reshape(-1)
+                sample = torch.cat([flat[:8], flat[-8:]]).cpu().contiguous()
+                digest.update(f"{part}.{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+                digest.update(sample.view(torch.uint8).numpy().tobytes())
+    except Exception as exc:  # advice only (weights offloaded to the meta device, say): none then
+        event(log, "weights_fingerprint_failed", logging.WARNING, error=first_line(exc))
+        return ""
     return digest.hexdigest()[:16]
 
 
