@@ -442,6 +442,27 @@ def test_a_job_canceled_before_its_worker_died_ends_canceled(
         second.stop()
 
 
+def test_a_job_whose_worker_died_runs_again_before_those_queued_behind_it(cluster: Cluster) -> None:
+    # It went to the back of its queue, behind every job submitted while it ran.
+    first = cluster.worker("a", LATENTD_MAX_BATCH_IMAGES="1")
+    lost = cluster.submit(LONG_JOB)
+    cluster.running_on(lost)
+    # Each long enough that the second worker's reaper (every 0.5 s) finds the lapsed lease first.
+    behind = [cluster.submit({**LONG_JOB, "steps": 10, "seed": n}) for n in range(2)]
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait()
+    second = cluster.worker("b", LATENTD_MAX_BATCH_IMAGES="1")
+    try:
+        views = {job_id: cluster.wait_terminal(job_id) for job_id in (lost, *behind)}
+        assert all(v["status"] == "succeeded" for v in views.values()), views
+        # The second worker's first wait takes the head of the queue before its reaper finds the
+        # lapsed lease; the job then goes before the rest.
+        started = {job_id: v["timings"]["started_at"] for job_id, v in views.items()}
+        assert started[lost] < started[behind[1]], started
+    finally:
+        second.stop()
+
+
 def test_frozen_worker_late_result_is_discarded(cluster: Cluster) -> None:
     workers = {"a": cluster.worker("a"), "b": cluster.worker("b")}
     try:

@@ -131,7 +131,9 @@ class LatentdWorker(SimpleWorker):
             settle = not will_retry and jobs.grant_settle_start(self.connection, job.id)
             if settle:
                 job.retries_left = 1
-            elif not will_retry:
+            if will_retry or settle:
+                job.enqueue_at_front_on_retry = True  # it had its turn: before jobs queued behind it
+            else:
                 job.retries_left = 0
                 job.ended_at = now()  # RQ's failure of an abandoned job left it unset
                 if canceled:  # RQ records it as it records a job stopped on request (`_stopped_job_id`)
