@@ -681,7 +681,7 @@ def test_a_model_is_served_by_the_name_it_is_given(
 
 
 def test_half_precision_asked_for_on_a_cpu_is_served_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
-    # Slower there than float32 (1.5-2.7x with the built-in model here), and nothing said so.
+    # Slower there than float32 (6.8x with the built-in model here, quiet), and nothing said so.
     with caplog.at_level("WARNING", logger="latentd.worker"):
         assert pick_dtype("float16", torch.device("cpu")) is torch.float16
         assert pick_dtype("auto", torch.device("cpu")) is torch.float32

@@ -51,6 +51,11 @@ class Cluster:
             self.redis.url, self.model_dir, self.tmp, name=name, **{"LATENTD_LEASE_SECONDS": LEASE, **env}
         )
 
+    def wait_idle(self, name: str) -> None:
+        """Until RQ's loop says worker `name` is idle: its signal handlers are in place then."""
+        r = self.redis.client()
+        wait_until(lambda: r.hget(f"rq:worker:{name}", "state") == b"idle", 30, what="RQ's loop")
+
     def submit(self, body: dict[str, Any]) -> str:
         response = httpx.post(f"{self.url}/v1/generations", json=body)
         assert response.status_code == 202, response.text
@@ -1040,11 +1045,9 @@ LatentdWorker.request_stop = swallowed
 @pytest.mark.parametrize("redis_up", [True, False], ids=["redis_up", "redis_gone"])
 def test_an_idle_worker_whose_stop_signal_was_lost_in_flight_stops(cluster: Cluster, redis_up: bool) -> None:
     # It waited on its queue for good (seen with Redis gone: 25 minutes), its stop flag set.
-    path = sitecustomize(cluster.tmp, STOP_LOST)
-    worker = start_worker(cluster.redis.url, cluster.model_dir, cluster.tmp, name="a", PYTHONPATH=path)
-    r = cluster.redis.client()
-    try:  # RQ's handlers are in place once its loop has said the worker is idle
-        wait_until(lambda: r.hget("rq:worker:a", "state") == b"idle", 30, what="RQ's loop")
+    worker = cluster.worker("a", STOP_LOST)
+    try:
+        cluster.wait_idle("a")
         if not redis_up:
             cluster.redis.stop()
             time.sleep(1)
@@ -1060,11 +1063,10 @@ def test_an_idle_worker_whose_stop_signal_was_lost_in_flight_stops(cluster: Clus
 def test_a_job_handed_to_a_worker_as_its_lost_stop_is_seen_runs_before_it_stops(cluster: Cluster) -> None:
     # The stop was seen right after the wait handed it a job: the job was left on the queue's
     # intermediate list, back on its queue only a minute after some other worker started.
-    path = sitecustomize(cluster.tmp, STOP_LOST)
-    worker = start_worker(cluster.redis.url, cluster.model_dir, cluster.tmp, name="a", PYTHONPATH=path)
+    worker = cluster.worker("a", STOP_LOST)
     r = cluster.redis.client()
     try:
-        wait_until(lambda: r.hget("rq:worker:a", "state") == b"idle", 30, what="RQ's loop")
+        cluster.wait_idle("a")
         worker.proc.send_signal(signal.SIGTERM)
         job_id = cluster.submit({"prompt": "x", "steps": 1})  # within the wait under way
         assert worker.proc.wait(30) == 0, worker.output()[-3000:]
@@ -1098,11 +1100,9 @@ logging.Handler.format = format
 
 
 def test_a_stop_signal_that_lands_in_a_log_line_stops_the_worker(cluster: Cluster) -> None:
-    path = sitecustomize(cluster.tmp, STOP_IN_A_LOG_LINE)
-    worker = start_worker(cluster.redis.url, cluster.model_dir, cluster.tmp, name="a", PYTHONPATH=path)
-    r = cluster.redis.client()
+    worker = cluster.worker("a", STOP_IN_A_LOG_LINE)
     try:
-        wait_until(lambda: r.hget("rq:worker:a", "state") == b"idle", 30, what="RQ's loop")
+        cluster.wait_idle("a")
         cluster.redis.stop()
         assert worker.proc.wait(30) == 0, worker.output()[-3000:]
         assert "could not connect to Redis" in worker.output()  # the line it landed in
@@ -1116,8 +1116,7 @@ def test_a_worker_stopped_while_redis_is_frozen_exits_in_seconds(cluster: Cluste
     # Each of its goodbyes to Redis (RQ's death record, the registration's removal) waited out
     # the 415 s socket timeout: 14 minutes, past any stop grace, then killed.
     worker = cluster.worker("a")
-    r = cluster.redis.client()
-    wait_until(lambda: r.hget("rq:worker:a", "state") == b"idle", 30, what="RQ's loop")
+    cluster.wait_idle("a")
     redis_proc = cluster.redis.proc
     assert redis_proc is not None
     redis_proc.send_signal(signal.SIGSTOP)

@@ -731,10 +731,11 @@ def run(settings: WorkerSettings) -> int:
     heartbeat = Heartbeat(worker, info, settings.heartbeat_interval, queue)
     heartbeat.beat()
     heartbeat.start()
+    # Said in the log before the file says it: a reader of both, woken by the file, finds the line.
+    event(log, "worker_ready", worker=name, model=runner.model, queue=queue.name)
     if settings.ready_file:
         settings.ready_file.parent.mkdir(parents=True, exist_ok=True)
         settings.ready_file.write_text(name)
-    event(log, "worker_ready", worker=name, model=runner.model, queue=queue.name)
     code = 0
     try:
         worker.work(logging_level=settings.log_level.upper(), with_scheduler=False)
