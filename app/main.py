@@ -29,7 +29,7 @@ from app.routes import generations, openai, system
 from app.serving import GenerationService
 from latentd import keys
 from latentd.logs import event
-from latentd.store import KEEPS_NOTHING, check_eviction_policy, keeps_nothing
+from latentd.store import check_eviction_policy, warn_if_keeps_nothing
 
 log = logging.getLogger("latentd.api")
 GC_YOUNG_THRESHOLD = 10_000  # Python's default is 700
@@ -119,8 +119,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         aconnection = redis.asyncio.Redis(connection_pool=apool)
         try:
             check_eviction_policy(connection)
-            if keeps_nothing(connection):
-                event(log, "redis_keeps_nothing", logging.WARNING, note=KEEPS_NOTHING)
+            warn_if_keeps_nothing(connection, log)
         except redis.ConnectionError:
             event(log, "redis_unreachable_at_start", logging.WARNING)  # /readyz says 503 until it is back
         app.state.settings = settings

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+
 import redis
+
+from latentd.logs import event
 
 SAFE_POLICIES = ("noeviction",)
 
@@ -16,18 +20,18 @@ class UnsafeRedis(RuntimeError):
     pass
 
 
-KEEPS_NOTHING = "Redis writes nothing to disk: its restart loses every job and image; set `appendonly yes`"
-
-
-def keeps_nothing(connection: redis.Redis) -> bool:
-    """Whether Redis writes nothing to disk (no AOF, no snapshots): a restart of it loses every job.
-    False where CONFIG is disabled (managed services, which persist on their own terms)."""
+def warn_if_keeps_nothing(connection: redis.Redis, log: logging.Logger) -> None:
+    """Log `redis_keeps_nothing` where Redis writes nothing to disk (no AOF, no snapshots): a
+    restart of it loses every job. Silent where CONFIG is disabled (managed services, which persist
+    on their own terms)."""
     try:  # one parameter a call: Redis 6 takes no more
         appendonly = connection.config_get("appendonly").get("appendonly")
         save = connection.config_get("save").get("save")
     except redis.ResponseError:
-        return False
-    return appendonly in ("no", b"no") and save is not None and not as_text(save).strip()
+        return
+    if appendonly in ("no", b"no") and save is not None and not as_text(save).strip():
+        note = "Redis writes nothing to disk: its restart loses every job and image; set `appendonly yes`"
+        event(log, "redis_keeps_nothing", logging.WARNING, note=note)
 
 
 def check_eviction_policy(connection: redis.Redis) -> None:

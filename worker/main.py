@@ -31,7 +31,7 @@ from rq.worker import WorkerStatus
 from latentd.contract import JobPayload, Keys, WorkerInfo
 from latentd.logs import event
 from latentd.settings import shown_url
-from latentd.store import KEEPS_NOTHING, UnsafeRedis, as_text, check_eviction_policy, keeps_nothing
+from latentd.store import UnsafeRedis, as_text, check_eviction_policy, warn_if_keeps_nothing
 from worker import jobs
 from worker.config import WorkerSettings
 from worker.pipeline import ModelLoadError, batch_key, load_runner
@@ -665,8 +665,7 @@ def run(settings: WorkerSettings) -> int:
         return EXIT_REDIS_UNREACHABLE
     try:
         check_eviction_policy(connection)
-        if keeps_nothing(connection):
-            event(log, "redis_keeps_nothing", logging.WARNING, note=KEEPS_NOTHING)
+        warn_if_keeps_nothing(connection, log)
         loading = str(time.time())  # submits wait for the load (503, "loading?")
         before = connection.eval(_MARK_LOAD, 1, Keys.MODELS_SEEN, settings.served_name(), loading) or b""
     except UnsafeRedis as exc:
