@@ -172,6 +172,7 @@ def test_a_killed_worker_restarted_under_its_name_serves_and_a_live_name_is_refu
     # RQ keeps a killed worker's record for minutes and refused a new worker of the same name
     # (a restarted container has it: the same host name, pid 1) with a traceback, for 8 minutes.
     first = cluster.worker("same")
+    cluster.wait_idle("same")  # RQ's record is written once its loop starts, after the ready file
     first.proc.send_signal(signal.SIGKILL)
     first.proc.wait()
     again = cluster.worker("same")

@@ -181,15 +181,23 @@ def test_what_up_started_stops_if_up_is_killed(tmp_path: Path, tiny_model_dir: P
 
 
 def child_of_up(data_dir: Path, kind: str) -> int:
-    """The pid of `up`'s `latentd KIND` child, found by the ready file its environment names."""
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            started_by_up = str(data_dir).encode() in (proc / "environ").read_bytes()
-            if started_by_up and (proc / "cmdline").read_bytes().endswith(f"latentd.cli\0{kind}\0".encode()):
-                return int(proc.name)
-        except OSError:
-            continue
-    raise AssertionError(f"no {kind} child of up")
+    """The pid of `up`'s `latentd KIND` child, found by the ready file its environment names; waits
+    for it (`up` says it starts one a moment before the process is there)."""
+
+    def find() -> int | None:
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                started_by_up = str(data_dir).encode() in (proc / "environ").read_bytes()
+                if started_by_up and (proc / "cmdline").read_bytes().endswith(
+                    f"latentd.cli\0{kind}\0".encode()
+                ):
+                    return int(proc.name)
+            except OSError:
+                continue
+        return None
+
+    pid: int = wait_until(find, 30, what=f"a {kind} child of up")
+    return pid
 
 
 @pytest.mark.parametrize(
