@@ -301,3 +301,99 @@ def service(
         http.close()
         api.stop()
         worker.stop()
+
+
+LEASE = "3"
+LONG_JOB = {"prompt": "a long job", "steps": 40, "width": 96, "height": 96, "seed": 3}
+
+
+@dataclass
+class Cluster:
+    redis: RedisServer
+    url: str
+    model_dir: Path
+    tmp: Path
+
+    def worker(self, name: str, injected: str | None = None, **env: str) -> Proc:
+        """A worker with a short lease; `injected`: code it runs as it starts (`sitecustomize`)."""
+        if injected is not None:
+            env["PYTHONPATH"] = str(sitecustomize(self.tmp, injected))
+        return start_worker(
+            self.redis.url, self.model_dir, self.tmp, name=name, **{"LATENTD_LEASE_SECONDS": LEASE, **env}
+        )
+
+    def wait_idle(self, name: str) -> None:
+        """Until RQ's loop says worker `name` is idle: its signal handlers are in place then."""
+        r = self.redis.client()
+        wait_until(lambda: r.hget(f"rq:worker:{name}", "state") == b"idle", 30, what="RQ's loop")
+
+    def submit(self, body: dict[str, Any]) -> str:
+        response = httpx.post(f"{self.url}/v1/generations", json=body)
+        assert response.status_code == 202, response.text
+        job_id: str = response.json()["id"]
+        return job_id
+
+    def status(self, job_id: str) -> dict[str, Any]:
+        view: dict[str, Any] = httpx.get(f"{self.url}/v1/generations/{job_id}").json()
+        return view
+
+    def wait_terminal(self, job_id: str, timeout: float = 90) -> dict[str, Any]:
+        view: dict[str, Any] = wait_until(
+            lambda: (v := self.status(job_id))["status"] in ("succeeded", "failed", "canceled") and v,
+            timeout,
+            interval=0.1,
+            what=f"job {job_id} to end",
+        )
+        return view
+
+    def ends_on_another_worker(self, job_id: str) -> dict[str, Any]:
+        """The job's final view, once a fresh worker ("b") has found its lapsed lease."""
+        second = self.worker("b")
+        try:
+            return self.wait_terminal(job_id)
+        finally:
+            second.stop()
+
+    def running_on(self, job_id: str) -> str:
+        def owner() -> str | None:
+            view = self.status(job_id)
+            if view["status"] == "running" and view["progress"]["step"] > 0:
+                worker = self.redis.client().hget(f"latentd:job:{job_id}", "worker")
+                return worker.decode() if isinstance(worker, bytes) else None
+            return None
+
+        name: str = wait_until(owner, 60, what="job running")
+        return name
+
+
+def make_cluster(tmp_path: Path, model_dir: Path, **api_env: str) -> Iterator[Cluster]:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    api, url = start_api(server.url, tmp_path, **api_env)
+    try:
+        yield Cluster(server, url, model_dir, tmp_path)
+    finally:
+        api.stop()
+        server.stop()
+
+
+def cluster_with_worker(
+    tmp_path: Path, model_dir: Path, name: str, **worker_env: str
+) -> Iterator[tuple[Cluster, Proc]]:
+    """A cluster plus one worker started with these settings, for fixtures."""
+    for cluster in make_cluster(tmp_path, model_dir):
+        worker = start_worker(cluster.redis.url, model_dir, tmp_path, name=name, **worker_env)
+        try:
+            yield cluster, worker
+        finally:
+            worker.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Cluster]:
+    yield from make_cluster(tmp_path, tiny_model_dir)
+
+
+@pytest.fixture
+def one_attempt_cluster(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Cluster]:
+    yield from make_cluster(tmp_path, tiny_model_dir, LATENTD_MAX_ATTEMPTS="1")

@@ -16,8 +16,7 @@ from PIL import Image
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from tests.conftest import Proc
-from tests.test_recovery import LONG_JOB, Cluster, cluster_with_worker
+from tests.conftest import LONG_JOB, Cluster, Proc, cluster_with_worker
 
 pytestmark = pytest.mark.integration
 

@@ -17,8 +17,7 @@ import torch
 from PIL import Image
 
 from latentd.contract import JobPayload
-from tests.conftest import TINY_MODEL
-from tests.test_recovery import cluster_with_worker
+from tests.conftest import TINY_MODEL, cluster_with_worker
 from worker.pipeline import Runner, load_pipeline
 
 pytestmark = pytest.mark.integration

@@ -14,9 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Proc, sitecustomize
+from tests.conftest import Cluster, Proc, cluster_with_worker, sitecustomize
 from tests.test_batching import pixels
-from tests.test_recovery import Cluster, cluster_with_worker
 
 pytestmark = pytest.mark.integration
 

@@ -9,8 +9,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Proc, sitecustomize, start_worker, wait_until
-from tests.test_recovery import LONG_JOB, Cluster, cluster_with_worker, make_cluster
+from tests.conftest import (
+    LONG_JOB,
+    Cluster,
+    Proc,
+    cluster_with_worker,
+    make_cluster,
+    sitecustomize,
+    start_worker,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 

@@ -1,0 +1,291 @@
+"""Redis restarts and outages lose no accepted job: workers, the API and `latentd generate` ride
+them out, and a job whose Redis replies were lost is counted once."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import httpx
+import pytest
+
+from latentd.embedded import free_port
+from tests.conftest import (
+    LEASE,
+    LONG_JOB,
+    TINY_MODEL,
+    Cluster,
+    Proc,
+    base_env,
+    register_ghost,
+    sitecustomize,
+    spawn,
+    start_worker,
+    wait_until,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def test_redis_restart_keeps_every_accepted_job(cluster: Cluster) -> None:
+    # Register a worker so submits are accepted, then stop it: jobs wait in the queue.
+    worker = cluster.worker("a")
+    worker.stop()
+    register_ghost(cluster.redis.client(), TINY_MODEL, name="holder", ttl=30)
+    accepted = [cluster.submit({"prompt": f"job {i}", "steps": 1}) for i in range(5)]
+    cluster.redis.stop()  # SIGTERM: Redis flushes its AOF
+    cluster.redis.start()  # same port, same directory
+    assert all(cluster.status(job_id)["status"] == "queued" for job_id in accepted)
+    worker = cluster.worker("b")
+    try:
+        assert all(cluster.wait_terminal(job_id)["status"] == "succeeded" for job_id in accepted)
+    finally:
+        worker.stop()
+
+
+def test_workers_ride_out_a_redis_outage(cluster: Cluster) -> None:
+    worker = cluster.worker("a")
+    try:
+        assert (
+            cluster.wait_terminal(cluster.submit({"prompt": "before", "steps": 1}))["status"] == "succeeded"
+        )
+        cluster.redis.stop()
+        outage = httpx.post(f"{cluster.url}/v1/generations", json={"prompt": "during"})
+        assert outage.status_code == 503 and outage.headers["retry-after"]
+        read = httpx.get(f"{cluster.url}/v1/generations/anyid")
+        assert read.status_code == 503 and read.json()["error"]["code"] == "service_unavailable"
+        time.sleep(3)
+        cluster.redis.start()
+        # Neither the API nor the worker was restarted.
+        wait_until(
+            lambda: httpx.get(f"{cluster.url}/v1/models").json()["data"], 30, what="worker re-registered"
+        )
+        after = cluster.wait_terminal(cluster.submit({"prompt": "after", "steps": 1}))
+        assert after["status"] == "succeeded"
+        assert worker.proc.poll() is None
+    finally:
+        worker.stop()
+
+
+# Each denoising step of a "slow" job takes 0.05 s more: a job that runs through an outage.
+SLOW_STEPS = """
+import time
+
+import worker.pipeline
+
+_generate = worker.pipeline.Runner.generate
+
+
+def generate(self, payloads, on_step):
+    def slow(done, total):
+        if any("slow" in p.prompt for p in payloads):
+            time.sleep(0.05)
+        return on_step(done, total)
+
+    return _generate(self, payloads, slow)
+
+
+worker.pipeline.Runner.generate = generate
+"""
+
+
+def test_a_job_runs_through_a_redis_outage_and_its_worker_serves_on(cluster: Cluster) -> None:
+    # The first progress write that found Redis gone failed the job, and RQ, failing it with
+    # Redis still gone, stopped the worker (exit 1): the job stayed running until another came.
+    path = sitecustomize(cluster.tmp, SLOW_STEPS)
+    worker = start_worker(cluster.redis.url, cluster.model_dir, cluster.tmp, name="a", PYTHONPATH=path)
+    try:
+        job_id = cluster.submit({"prompt": "slow", "steps": 100})
+        cluster.running_on(job_id)
+        cluster.redis.stop()
+        time.sleep(2)
+        cluster.redis.start()
+        view = cluster.wait_terminal(job_id)
+        assert view["status"] == "succeeded", view
+        assert "redis_unreachable_in_job" in worker.output() and worker.proc.poll() is None
+        after = cluster.wait_terminal(cluster.submit({"prompt": "after", "steps": 1}))
+        assert after["status"] == "succeeded"
+    finally:
+        worker.stop()
+
+
+def test_a_worker_asked_to_stop_while_its_job_waits_for_redis_leaves_the_job(cluster: Cluster) -> None:
+    # It waited for Redis, stop or not: `latentd up`, whose Redis had died, waited 10 min for it.
+    worker = cluster.worker("a", SLOW_STEPS)
+    job_id = cluster.submit({"prompt": "slow", "steps": 100})
+    cluster.running_on(job_id)
+    cluster.redis.stop()
+    wait_until(lambda: "redis_unreachable_in_job" in worker.output(), 30, what="the job to wait")
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.proc.wait(15) == 0, worker.output()[-3000:]
+    assert "left_job_redis_unreachable" in worker.output()
+    cluster.redis.start()
+    view = cluster.ends_on_another_worker(job_id)
+    assert view["status"] == "succeeded", view
+
+
+def test_a_second_stop_request_leaves_the_job_to_its_lease(cluster: Cluster) -> None:
+    # Ctrl-C twice: RQ's cold stop raised SystemExit inside the job, and RQ recorded it failed.
+    first = cluster.worker("a", SLOW_STEPS)
+    job_id = cluster.submit({"prompt": "slow", "steps": 100})
+    cluster.running_on(job_id)
+    first.proc.send_signal(signal.SIGINT)
+    time.sleep(1.5)  # RQ ignores a second signal within a second, as a duplicate
+    first.proc.send_signal(signal.SIGINT)
+    assert first.proc.wait(30) == 0, first.output()
+    assert "cold_shutdown" in first.output()
+    assert cluster.status(job_id)["status"] == "running"  # until its lease runs out
+    view = cluster.ends_on_another_worker(job_id)
+    assert view["status"] == "succeeded", view
+
+
+# The reply to a job's results commit is lost (the commit ran; the connection dropped after it).
+LOSE_THE_COMMIT_REPLY = """
+import redis
+from redis.commands.core import Script
+
+_call = Script.__call__
+lost = []
+
+
+def call(self, *args, **kwargs):
+    answer = _call(self, *args, **kwargs)
+    text = self.script if isinstance(self.script, str) else self.script.decode()
+    if "completions" in text and not lost:
+        lost.append(True)
+        raise redis.ConnectionError("Connection closed by server.")
+    return answer
+
+
+Script.__call__ = call
+"""
+
+
+def test_a_job_whose_commit_reply_was_lost_succeeds_counted_once(cluster: Cluster) -> None:
+    # It ended failed, generation_failed, its images stored, counted both succeeded and failed.
+    path = sitecustomize(cluster.tmp, LOSE_THE_COMMIT_REPLY)
+    worker = start_worker(cluster.redis.url, cluster.model_dir, cluster.tmp, name="a", PYTHONPATH=path)
+    try:
+        view = cluster.wait_terminal(cluster.submit({"prompt": "x", "steps": 1}))
+    finally:
+        worker.stop()
+    assert view["status"] == "succeeded", view
+    r = cluster.redis.client()
+    assert r.hget(f"latentd:job:{view['id']}", "completions") == b"1"
+    assert {k: v for k, v in r.hgetall("latentd:stats:outcomes").items() if b"tiny" in k} == {
+        b"tiny|succeeded|": b"1"
+    }
+
+
+# The first look for batch mates finds Redis gone.
+FIRST_BATCH_LOOK_FAILS = """
+import redis
+from rq.job import Job
+
+_fetch_many = Job.fetch_many.__func__
+failed = []
+
+
+@classmethod
+def fetch_many(cls, *args, **kwargs):
+    if not failed:
+        failed.append(True)
+        raise redis.ConnectionError("Error 111 connecting to Redis. Connection refused.")
+    return _fetch_many(cls, *args, **kwargs)
+
+
+Job.fetch_many = fetch_many
+"""
+
+
+def test_a_batch_whose_look_for_mates_fails_runs_and_its_worker_serves_on(cluster: Cluster) -> None:
+    # Raised outside the job, the error stopped the worker (exit 1), its job left to its lease.
+    path = sitecustomize(cluster.tmp, FIRST_BATCH_LOOK_FAILS)
+    worker = start_worker(cluster.redis.url, cluster.model_dir, cluster.tmp, name="a", PYTHONPATH=path)
+    try:
+        views = [cluster.wait_terminal(cluster.submit({"prompt": p, "steps": 1}), 30) for p in ("x", "y")]
+        assert [v["status"] for v in views] == ["succeeded", "succeeded"]
+        assert "batch_claim_failed" in worker.output() and worker.proc.poll() is None
+    finally:
+        worker.stop()
+
+
+def test_a_redis_outage_longer_than_a_lease_leaves_the_running_job_to_its_worker(cluster: Cluster) -> None:
+    # Back from the outage, the worker's own reaper found its running job's lease lapsed before its
+    # lease thread renewed it, and re-queued it: run again from step 0 (on its last attempt, failed
+    # `worker_lost` while its worker was alive).
+    worker = cluster.worker("a")
+    try:
+        job_id = cluster.submit(LONG_JOB)
+        cluster.running_on(job_id)
+        cluster.redis.stop()
+        time.sleep(float(LEASE) + 2)
+        cluster.redis.start()
+        view = cluster.wait_terminal(job_id)
+        assert view["status"] == "succeeded" and view["attempts"] == 1, view
+        assert "job_lease_lost" not in worker.output()
+    finally:
+        worker.stop()
+
+
+def test_latentd_generate_rides_out_a_redis_outage_and_saves_its_image(cluster: Cluster) -> None:
+    # A worker's registration without the worker, so the job waits in its queue through the outage.
+    r = cluster.redis.client()
+    register_ghost(r, TINY_MODEL)
+    out = cluster.tmp / "out"
+    client = spawn(
+        ["generate", "a red circle", "--url", cluster.url, "--out", str(out), "--steps", "2"],
+        base_env(cluster.redis.url),
+        cluster.tmp / "generate.log",
+    )
+    wait_until(lambda: "queued" in client.output(), 30, what="the job queued")
+    cluster.redis.stop()  # every read answers 503 with Retry-After: the client waits, and asks again
+    wait_until(lambda: "HTTP 503: waiting" in client.output(), 30, what="the client to wait")
+    cluster.redis.start()
+    worker = cluster.worker("a")
+    try:
+        assert client.proc.wait(120) == 0, client.output()
+    finally:
+        worker.stop()
+    assert len(list(out.glob("*.png"))) == 1  # it gave up at the first 503, the job going on unseen
+
+
+def test_latentd_generate_rides_out_an_api_restart(cluster: Cluster) -> None:
+    # A dropped connection ended the client (ReadError, ConnectError), its job going on unseen.
+    port = free_port()
+    api_env = base_env(cluster.redis.url, LATENTD_PORT=str(port), LATENTD_DEFAULT_MODEL=TINY_MODEL)
+    url = f"http://127.0.0.1:{port}"
+
+    def api_up(api: Proc) -> None:
+        def healthy() -> bool:
+            try:
+                return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(healthy, 30, what="the API")
+
+    register_ghost(cluster.redis.client(), TINY_MODEL)  # the job waits in its queue meanwhile
+    api = spawn(["api"], api_env, cluster.tmp / "api-a.log")
+    api_up(api)
+    out = cluster.tmp / "out"
+    client = spawn(
+        ["generate", "a red circle", "--url", url, "--out", str(out), "--steps", "2"],
+        base_env(cluster.redis.url),
+        cluster.tmp / "generate.log",
+    )
+    try:
+        wait_until(lambda: "queued" in client.output(), 30, what="the job queued")
+        assert api.stop() == 0
+        wait_until(lambda: "Error: waiting" in client.output(), 30, what="the client to wait")
+        api = spawn(["api"], api_env, cluster.tmp / "api-b.log")
+        api_up(api)
+        worker = cluster.worker("a")
+        try:
+            assert client.proc.wait(120) == 0, client.output()
+        finally:
+            worker.stop()
+    finally:
+        api.stop()
+        client.stop()
+    assert len(list(out.glob("*.png"))) == 1
