@@ -25,6 +25,7 @@ from app.config import ApiSettings, get_settings
 from app.errors import install_error_handlers
 from app.limits import BodySizeLimit
 from app.metrics import Metrics, MetricsMiddleware
+from app.reaper import Reaper
 from app.routes import generations, openai, system
 from app.serving import GenerationService
 from latentd import keys
@@ -147,6 +148,14 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             log, "api_started", redis=pool.connection_kwargs.get("host"), default_model=settings.default_model
         )
         listener = asyncio.create_task(service.ended.listen(), name="latentd-ended-jobs")
+        reaper = Reaper(
+            connection,
+            settings.lease_seconds,
+            settings.job_ttl,
+            settings.default_model,
+            any_worker_alive=lambda: bool(service.live_workers()),
+        )
+        reaper.start()
         # What is loaded by now lives as long as the process: kept out of the collector, a full
         # collection no longer walks it, which stalled every request in flight for ~50 ms. Young
         # collections every 10,000 allocations instead of 700: a request allocates hundreds.
@@ -158,6 +167,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             with ending_held_reads_on_exit(service):
                 yield
         finally:
+            reaper.stop()
             listener.cancel()
             # Bounded, in case a cancel is lost in a way `_cancel_requested` does not see.
             await asyncio.wait({listener}, timeout=5)

@@ -41,6 +41,13 @@ class CommonSettings(BaseSettings):
         description="Seconds a finished job's record (status, parameters, error) is kept; "
         "longer than results_ttl so an expired image answers `expired`, not `not_found`.",
     )
+    lease_seconds: int = Field(
+        default=30,
+        ge=2,
+        le=60,
+        description="A running job's lease: if its worker stops renewing it (killed, frozen) for this "
+        "long, a live worker re-queues the job, or an API process when no worker is alive.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="debug, info, warning or error."
     )

@@ -367,9 +367,12 @@ class Cluster:
 
 
 def make_cluster(tmp_path: Path, model_dir: Path, **api_env: str) -> Iterator[Cluster]:
+    """Redis and an API. The API reaps dead workers' jobs while no worker is alive, not within a
+    lease of its start: its lease is the longest allowed unless `api_env` says, which keeps it out of
+    tests of workers' reapers."""
     server = RedisServer(tmp_path / "redis")
     server.start()
-    api, url = start_api(server.url, tmp_path, **api_env)
+    api, url = start_api(server.url, tmp_path, **{"LATENTD_LEASE_SECONDS": "60", **api_env})
     try:
         yield Cluster(server, url, model_dir, tmp_path)
     finally:

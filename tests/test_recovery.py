@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -19,6 +21,7 @@ from tests.conftest import (
     Cluster,
     Proc,
     base_env,
+    make_cluster,
     register_ghost,
     sitecustomize,
     spawn,
@@ -221,6 +224,7 @@ def test_a_job_given_up_on_its_last_attempt_refuses_a_late_commit(redis_client: 
     frozen rather than dead, could still commit: the job ended `failed` with its images stored and
     counted as a success. The look now fences the job off, and the commit is refused. The scripts
     run against Redis as the worker and the reaper run them; the window is too narrow to hit."""
+    from latentd import reaping
     from worker import jobs
 
     r = redis_client
@@ -229,19 +233,19 @@ def test_a_job_given_up_on_its_last_attempt_refuses_a_late_commit(redis_client: 
 
     def commit() -> int:
         keys = ["rq:job:late", Keys.state("late"), Keys.cancel("late"), Keys.OUTCOMES, Keys.image("late", 0)]
-        args = ["frozen", 60, 60, '{"images": "[]"}', "tiny|succeeded|", jobs.GIVEN_UP_SECONDS, b"png"]
+        args = ["frozen", 60, 60, '{"images": "[]"}', "tiny|succeeded|", reaping.GIVEN_UP_SECONDS, b"png"]
         return int(r.eval(jobs._COMMIT, len(keys), *keys, *args))
 
-    assert not jobs.grant_settle_start(r, "late")  # no images: RQ fails it as lost
+    assert not reaping.grant_settle_start(r, "late")  # no images: RQ fails it as lost
     assert commit() == jobs.NOT_OURS
     assert not r.exists(Keys.image("late", 0)) and not r.exists(Keys.OUTCOMES)
     # Should RQ's write never land, the job is still its worker's to finish once the fence lapses.
-    r.hset(Keys.state("late"), "given_up_at", int(time.time()) - jobs.GIVEN_UP_SECONDS - 1)
+    r.hset(Keys.state("late"), "given_up_at", int(time.time()) - reaping.GIVEN_UP_SECONDS - 1)
     assert commit() == jobs.COMMITTED and r.get(Keys.image("late", 0)) == b"png"
-    assert not jobs.grant_settle_start(r, "gone") and not r.exists(Keys.state("gone"))  # no key made
+    assert not reaping.grant_settle_start(r, "gone") and not r.exists(Keys.state("gone"))  # no key made
     # Stored images earn one start more, once.
     r.hset(Keys.state("stored"), "images", "[]")
-    assert jobs.grant_settle_start(r, "stored") and not jobs.grant_settle_start(r, "stored")
+    assert reaping.grant_settle_start(r, "stored") and not reaping.grant_settle_start(r, "stored")
 
 
 def test_rqs_maintenance_waits_while_the_reaper_of_its_queue_works(redis_client: redis.Redis) -> None:
@@ -347,6 +351,56 @@ def test_a_job_canceled_before_its_worker_died_ends_canceled(
         assert cluster.redis.client().hget(f"rq:job:{job_id}", "status") == b"stopped"  # as RQ records a stop
     finally:
         second.stop()
+
+
+@pytest.fixture
+def api_reaping_cluster(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Cluster]:
+    """A cluster whose API has its workers' short lease: it reaps within seconds of their deaths."""
+    yield from make_cluster(tmp_path, tiny_model_dir, LATENTD_LEASE_SECONDS=LEASE)
+
+
+@pytest.fixture
+def api_reaping_one_attempt_cluster(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Cluster]:
+    yield from make_cluster(tmp_path, tiny_model_dir, LATENTD_LEASE_SECONDS=LEASE, LATENTD_MAX_ATTEMPTS="1")
+
+
+def test_with_no_worker_alive_the_api_requeues_a_dead_workers_job(api_reaping_cluster: Cluster) -> None:
+    # Only a live worker's reaper re-queued it: with none left, it read `running` for good.
+    cluster = api_reaping_cluster
+    worker = cluster.worker("a")
+    job_id = cluster.submit(LONG_JOB)
+    cluster.running_on(job_id)
+    worker.proc.send_signal(signal.SIGKILL)
+    worker.proc.wait()
+    wait_until(lambda: cluster.status(job_id)["status"] == "queued", 30, what="the API's reaper")
+    api_log = (cluster.tmp / "api.log").read_text()
+    assert f"job_requeued job_id={job_id} reason=worker_lost" in api_log, api_log[-3000:]
+    assert cluster.status(job_id)["attempts"] == 1  # a worker that comes runs it again
+    cancel = httpx.post(f"{cluster.url}/v1/generations/{job_id}/cancel")
+    assert cancel.status_code == 200 and cancel.json()["status"] == "canceled"  # queued: at once
+
+
+def test_with_no_worker_alive_the_api_ends_a_dead_workers_last_attempts(
+    api_reaping_one_attempt_cluster: Cluster,
+) -> None:
+    # A batch of two on their last attempt; one canceled (202) after its worker died: that cancel
+    # changed nothing until some worker started.
+    cluster = api_reaping_one_attempt_cluster
+    worker = cluster.worker("a")
+    cluster.wait_idle("a")
+    worker.proc.send_signal(signal.SIGSTOP)
+    lost, canceled = (cluster.submit({**LONG_JOB, "seed": seed}) for seed in (1, 2))
+    worker.proc.send_signal(signal.SIGCONT)  # it takes both into one pipeline call
+    cluster.running_on(lost)
+    assert cluster.status(canceled)["status"] == "running"
+    worker.proc.send_signal(signal.SIGKILL)
+    worker.proc.wait()
+    assert httpx.post(f"{cluster.url}/v1/generations/{canceled}/cancel").status_code == 202
+    failed = cluster.wait_terminal(lost, timeout=30)
+    assert failed["status"] == "failed" and failed["error"]["code"] == "worker_lost", failed
+    view = cluster.wait_terminal(canceled, timeout=30)
+    assert view["status"] == "canceled" and view["error"] is None, view
+    assert cluster.redis.client().hget(f"rq:job:{canceled}", "status") == b"stopped"
 
 
 def test_a_job_whose_worker_died_runs_again_before_those_queued_behind_it(cluster: Cluster) -> None:

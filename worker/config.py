@@ -66,13 +66,6 @@ class WorkerSettings(CommonSettings):
         description="After SIGTERM, seconds the current job may still run; past that the worker exits "
         "and the job's lease lapses, so another worker re-runs it.",
     )
-    lease_seconds: int = Field(
-        default=30,
-        ge=2,
-        le=60,
-        description="A running job's lease: if its worker stops renewing it (killed, frozen) for this "
-        "long, another worker re-queues the job.",
-    )
     cache_dir: Path = Field(
         default=Path(os.path.expanduser("~/.cache/latentd")),
         description="Where hub downloads and generated local models live.",

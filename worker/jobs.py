@@ -32,6 +32,7 @@ from latentd.contract import (
     StateField,
 )
 from latentd.logs import event
+from latentd.reaping import GIVEN_UP_SECONDS, outcome_field
 from worker.config import WorkerSettings
 from worker.encode import encode
 from worker.pipeline import Runner, first_line, free_accelerator_memory, is_out_of_memory
@@ -114,10 +115,6 @@ def current() -> Runtime:
     return _runtime
 
 
-def _outcome(model: str, status: JobStatus, code: str = "") -> str:
-    return f"{model}|{status.value}|{code}"
-
-
 def _record_outcome(
     r: redis.Redis,
     model: str,
@@ -128,7 +125,7 @@ def _record_outcome(
 ) -> None:
     pipe = r.pipeline(transaction=False)
     if not counted:
-        pipe.hincrby(Keys.OUTCOMES, _outcome(model, status, code), 1)
+        pipe.hincrby(Keys.OUTCOMES, outcome_field(model, status, code), 1)
     if seconds is not None:
         _observe(pipe, Keys.durations(model), DURATION_BUCKETS, seconds)
     pipe.execute()
@@ -440,7 +437,7 @@ def _commit(rt: Runtime, job_id: str, payload: JobPayload, images: list[Any], fi
                 rt.settings.results_ttl,
                 rt.settings.job_ttl,
                 json.dumps(fields),
-                _outcome(rt.runner.model, JobStatus.SUCCEEDED),
+                outcome_field(rt.runner.model, JobStatus.SUCCEEDED),
                 GIVEN_UP_SECONDS,
                 *(data for data, _ in encoded),
             ],
@@ -506,73 +503,6 @@ def _record_failure(
     if failure.code is ErrorCode.GENERATION_FAILED:
         log.error("job_failed_traceback job_id=%s", job_id, exc_info=exc)
     return failure
-
-
-# For a job on its last attempt whose worker stopped renewing its lease, as RQ is about to fail it:
-# if its images are stored, it earns one start more (once), which settles it succeeded with them
-# (`_START`); if not, a commit its worker makes after all (frozen, not dead) in the next
-# `GIVEN_UP_SECONDS` is refused (`_COMMIT`), so the job does not end failed with its images stored.
-# Past them, RQ has failed the job (the owner check refuses), or its write never landed and the
-# job is still its worker's to finish.
-_SETTLE_START = """
-if redis.call('HEXISTS', KEYS[1], 'images') == 1 then
-  return redis.call('HSETNX', KEYS[1], 'settle_start', 1)
-end
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('HSET', KEYS[1], 'given_up_at', redis.call('TIME')[1])
-end
-return 0
-"""
-GIVEN_UP_SECONDS = 10
-
-
-def grant_settle_start(r: redis.Redis, job_id: str) -> bool:
-    return bool(r.eval(_SETTLE_START, 1, Keys.state(job_id)))
-
-
-def record_abandoned(
-    r: redis.Redis,
-    job_id: str,
-    model: str,
-    will_retry: bool,
-    settle: bool,
-    ttl: int,
-    canceled: bool = False,
-) -> None:
-    """Called for a job whose worker stopped renewing its lease, as RQ re-queues or fails it
-    (`canceled`: ends it canceled, its cancel requested before); `ttl` is the job record's (its
-    worker may have died before it began the run, which sets one)."""
-    state_key = Keys.state(job_id)
-    if settle:
-        event(log, "job_requeued", logging.WARNING, job_id=job_id, reason="images_stored")
-        return
-    if will_retry:
-        r.hset(state_key, StateField.STEP, 0)
-        event(log, "job_requeued", logging.WARNING, job_id=job_id, reason="worker_lost")
-        return
-    attempts = int(r.hget(state_key, StateField.ATTEMPTS) or 0)
-    if canceled:
-        p = r.pipeline(transaction=True)
-        if attempts:
-            p.hset(state_key, StateField.INFERENCE_FINISHED, time.time())
-        p.expire(state_key, ttl)
-        p.execute()
-        _record_outcome(r, model, JobStatus.CANCELED)
-        event(log, "job_canceled", job_id=job_id, reason="worker_lost")
-        return
-    if attempts:
-        lost = f"the worker running this job stopped responding, {attempts} time(s)"
-    else:  # it died in the wait for batch mates, or between RQ's start and ours
-        lost = "the worker that took this job stopped responding before it began to run it"
-    error = JobError(code=ErrorCode.WORKER_LOST, message=f"{lost}; no attempts are left")
-    p = r.pipeline(transaction=True)
-    p.hset(state_key, StateField.ERROR, error.model_dump_json())
-    if attempts:
-        p.hset(state_key, StateField.INFERENCE_FINISHED, time.time())
-    p.expire(state_key, ttl)
-    p.execute()
-    _record_outcome(r, model, JobStatus.FAILED, ErrorCode.WORKER_LOST.value)
-    event(log, "job_failed", logging.WARNING, job_id=job_id, code=ErrorCode.WORKER_LOST.value)
 
 
 def _fallback(raw: dict[str, Any]) -> JobPayload:

@@ -11,9 +11,7 @@ import socket
 import sys
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +20,13 @@ import redis
 import transformers.utils.logging
 from rq import Queue, SimpleWorker
 from rq.exceptions import AbandonedJobError, DeserializationError, StopRequested
-from rq.job import Job, JobStatus
+from rq.job import Job
 from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
 from rq.utils import now, utcformat
 from rq.worker import WorkerStatus
 
+from latentd import reaping
 from latentd.contract import JobPayload, Keys, WorkerInfo
 from latentd.logs import event
 from latentd.settings import shown_url
@@ -46,10 +45,6 @@ EXIT_RQ_QUIT = 1  # RQ's loop met an error it does not handle ("found an unhandl
 # What RQ's maintenance says of a job left in a queue's intermediate list for over a minute.
 STUCK_IN_INTERMEDIATE_QUEUE = "Job was stuck in intermediate queue."
 
-# The most a queue's reaper lock is held, should its holder die during a pass (a pass takes
-# milliseconds): abandoned jobs then wait for it as long as for a lapsed lease.
-REAPER_LOCK_MS = 30_000
-_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 # A batch's claim of a queued job: off its queue and onto the queue's intermediate list in one
 # step, as RQ's own dequeue moves a job, so that a worker that dies before it starts the job
 # leaves it where the reaper finds it (`LatentdWorker.handle_job_failure`). KEYS: the queue, its
@@ -59,20 +54,6 @@ if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
 redis.call('RPUSH', KEYS[2], ARGV[1])
 return 1
 """
-
-
-@contextmanager
-def reaper_locks(connection: redis.Redis, queues: list[str], holder: str) -> Iterator[list[str]]:
-    """Takes the reaper lock of each queue that is free and gives the names of those taken; lets
-    them go on leaving. A hold has its own value: the heartbeat and RQ's maintenance of one worker
-    never let go the other's."""
-    token = f"{holder}:{uuid.uuid4().hex}"
-    taken = [q for q in queues if connection.set(Keys.reaper_lock(q), token, nx=True, px=REAPER_LOCK_MS)]
-    try:
-        yield taken
-    finally:
-        for q in taken:
-            connection.eval(_RELEASE, 1, Keys.reaper_lock(q), token)
 
 
 def payload_of(job: Any) -> JobPayload:
@@ -120,33 +101,9 @@ class LatentdWorker(SimpleWorker):
         self.push_exc_handler(self.on_abandoned)
 
     def on_abandoned(self, job: Any, exc_type: Any, *_: Any) -> None:
-        """RQ calls this for a job whose lease lapsed, before it re-queues or fails it (with the
-        same `job`, which it then saves)."""
+        """RQ calls this for a job whose lease lapsed, before it re-queues or fails it."""
         if exc_type is AbandonedJobError:
-            # Canceled (`202`) before its worker died: it ended `failed`, `worker_lost`, or ran again.
-            canceled = bool(self.connection.exists(Keys.cancel(job.id)))
-            will_retry = not canceled and bool(job.retries_left and job.retries_left > 0)
-            # Its images stored before its worker died, a job RQ would fail as lost gets one start
-            # more: it settles the job succeeded with them, and runs nothing (`jobs._START`).
-            settle = not will_retry and jobs.grant_settle_start(self.connection, job.id)
-            if settle:
-                job.retries_left = 1
-            if will_retry or settle:
-                job.enqueue_at_front_on_retry = True  # it had its turn: before jobs queued behind it
-            else:
-                job.retries_left = 0
-                job.ended_at = now()  # RQ's failure of an abandoned job left it unset
-                if canceled:  # RQ records it as it records a job stopped on request (`_stopped_job_id`)
-                    as_failed = job.set_status
-                    job.set_status = lambda status, pipeline=None: as_failed(
-                        JobStatus.STOPPED if status == JobStatus.FAILED else status, pipeline=pipeline
-                    )
-            # The job's own model: a worker reaps every model's queue.
-            model = (job.origin or "").removeprefix(Keys.queue_name("")) or self.model
-            ttl = job.failure_ttl or self.job_ttl
-            jobs.record_abandoned(
-                self.connection, job.id, model, will_retry, settle, ttl, canceled=canceled and not settle
-            )
+            reaping.handle_abandoned(self.connection, job, self.model, self.job_ttl)
 
     def clean_registries(self) -> None:
         """RQ's maintenance (every 10 minutes) hands each queue's expired jobs to RQ, as the
@@ -155,7 +112,7 @@ class LatentdWorker(SimpleWorker):
         if not self.may_reap():
             return  # RQ asks again at its next turn
         names = [queue.name for queue in self.queues]
-        with reaper_locks(self.connection, names, self.name) as taken:
+        with reaping.reaper_locks(self.connection, names, self.name) as taken:
             if len(taken) == len(names):
                 super().clean_registries()
 
@@ -485,30 +442,16 @@ class Heartbeat(threading.Thread):
         while retries are left, else fails them; we record why for the client. The lock is let go
         after the pass, for RQ's maintenance (`LatentdWorker.clean_registries`)."""
         self.worker.renew_leases()  # its own running jobs are not abandoned, whatever their lease says
-        prefix = Queue.redis_queue_namespace_prefix + Keys.queue_name("")
-        others = {as_text(k) for k in self.connection.smembers(Queue.redis_queues_keys)} - {self.queue.key}
-        queues = [self.queue, *(self._queue(k) for k in sorted(others) if k.startswith(prefix))]
+        others = reaping.model_queues(self.connection, self._queues)
+        queues = [self.queue, *(q for q in others if q.key != self.queue.key)]
         for queue in queues:
-            with reaper_locks(self.connection, [queue.name], self.info.name) as taken:
+            with reaping.reaper_locks(self.connection, [queue.name], self.info.name) as taken:
                 if not taken:
                     continue
-                queue.started_job_registry.cleanup(exception_handlers=[self.worker.on_abandoned])
-                # Queued jobs canceled (app/serving.py) outlive their records there: RQ trims
-                # that registry never.
-                canceled_before = time.time() - self.worker.job_ttl
-                self.connection.zremrangebyscore(queue.canceled_job_registry.key, "-inf", canceled_before)
+                reaping.reap(queue, self.worker.job_ttl, self.worker.on_abandoned)
                 # Jobs a dead worker had taken off the queue but not started (RQ does this only
                 # in its maintenance, every 10 minutes): back to their queue after a minute.
                 queue.intermediate_queue.cleanup(self.worker, queue)
-
-    def _queue(self, key: str) -> Queue:
-        queue = self._queues.get(key)
-        if queue is None:  # kept: a Queue reads the server's version once
-            name = key.removeprefix(Queue.redis_queue_namespace_prefix)
-            queue = self._queues[key] = Queue(
-                name, connection=self.connection, serializer=self.queue.serializer
-            )
-        return queue
 
     def run(self) -> None:
         failing = False

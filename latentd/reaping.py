@@ -1,0 +1,178 @@
+"""Jobs whose worker stopped renewing their lease (killed, frozen): handed back to RQ, which
+re-queues them while attempts are left and fails them after, with what the client is told
+recorded beside. Live workers reap every model's queue; the API reaps when none is alive
+(app/reaper.py). Needs Redis and RQ only: the API imports it."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import redis
+from rq import Queue
+from rq.exceptions import AbandonedJobError
+from rq.job import JobStatus as RQStatus
+from rq.serializers import JSONSerializer
+from rq.utils import now
+
+from latentd.contract import ErrorCode, JobError, JobStatus, Keys, StateField
+from latentd.logs import event
+from latentd.store import as_text
+
+log = logging.getLogger("latentd.reaper")
+
+# The most a queue's reaper lock is held, should its holder die during a pass (a pass takes
+# milliseconds): abandoned jobs then wait for it as long as for a lapsed lease.
+REAPER_LOCK_MS = 30_000
+_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+
+# For a job on its last attempt whose worker stopped renewing its lease, as RQ is about to fail it:
+# if its images are stored, it earns one start more (once), which settles it succeeded with them
+# (worker/jobs.py `_START`); if not, a commit its worker makes after all (frozen, not dead) in the
+# next `GIVEN_UP_SECONDS` is refused (`_COMMIT`), so the job does not end failed with its images
+# stored. Past them, RQ has failed the job (the owner check refuses), or its write never landed and
+# the job is still its worker's to finish.
+_SETTLE_START = """
+if redis.call('HEXISTS', KEYS[1], 'images') == 1 then
+  return redis.call('HSETNX', KEYS[1], 'settle_start', 1)
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'given_up_at', redis.call('TIME')[1])
+end
+return 0
+"""
+GIVEN_UP_SECONDS = 10
+
+
+def outcome_field(model: str, status: JobStatus, code: str = "") -> str:
+    """A job outcome's field in `Keys.OUTCOMES` (app/metrics.py reads it)."""
+    return f"{model}|{status.value}|{code}"
+
+
+@contextmanager
+def reaper_locks(connection: redis.Redis, queues: list[str], holder: str) -> Iterator[list[str]]:
+    """Takes the reaper lock of each queue that is free and gives the names of those taken; lets
+    them go on leaving. A hold has its own value: the heartbeat and RQ's maintenance of one worker
+    never let go the other's."""
+    token = f"{holder}:{uuid.uuid4().hex}"
+    taken = [q for q in queues if connection.set(Keys.reaper_lock(q), token, nx=True, px=REAPER_LOCK_MS)]
+    try:
+        yield taken
+    finally:
+        for q in taken:
+            connection.eval(_RELEASE, 1, Keys.reaper_lock(q), token)
+
+
+def model_queues(connection: redis.Redis, known: dict[str, Queue]) -> list[Queue]:
+    """Every model's queue RQ knows of, in name order; `known` keeps them (a Queue reads the
+    server's version once)."""
+    prefix = Queue.redis_queue_namespace_prefix + Keys.queue_name("")
+    queues = []
+    for key in sorted(as_text(k) for k in connection.smembers(Queue.redis_queues_keys)):
+        if key.startswith(prefix):
+            if key not in known:
+                name = key.removeprefix(Queue.redis_queue_namespace_prefix)
+                known[key] = Queue(name, connection=connection, serializer=JSONSerializer)
+            queues.append(known[key])
+    return queues
+
+
+def reap(queue: Queue, job_ttl: int, on_abandoned: Callable[..., Any]) -> None:
+    """Under `queue`'s reaper lock: RQ re-queues or fails its expired executions, calling
+    `on_abandoned` for each first; queued jobs canceled (app/serving.py) outlive their records in
+    its canceled registry, which RQ trims never."""
+    queue.started_job_registry.cleanup(exception_handlers=[on_abandoned])
+    canceled_before = time.time() - job_ttl
+    queue.connection.zremrangebyscore(queue.canceled_job_registry.key, "-inf", canceled_before)
+
+
+def grant_settle_start(r: redis.Redis, job_id: str) -> bool:
+    return bool(r.eval(_SETTLE_START, 1, Keys.state(job_id)))
+
+
+def handle_abandoned(connection: redis.Redis, job: Any, default_model: str, job_ttl: int) -> None:
+    """RQ's exception handler for a job whose lease lapsed, called before RQ re-queues or fails it
+    (with the same `job`, which it then saves)."""
+    # Canceled (`202`) before its worker died: it ended `failed`, `worker_lost`, or ran again.
+    canceled = bool(connection.exists(Keys.cancel(job.id)))
+    will_retry = not canceled and bool(job.retries_left and job.retries_left > 0)
+    # Its images stored before its worker died, a job RQ would fail as lost gets one start
+    # more: it settles the job succeeded with them, and runs nothing (worker/jobs.py `_START`).
+    settle = not will_retry and grant_settle_start(connection, job.id)
+    if settle:
+        job.retries_left = 1
+    if will_retry or settle:
+        job.enqueue_at_front_on_retry = True  # it had its turn: before jobs queued behind it
+    else:
+        job.retries_left = 0
+        job.ended_at = now()  # RQ's failure of an abandoned job left it unset
+        if canceled:  # RQ records it as it records a job stopped on request (`_stopped_job_id`)
+            as_failed = job.set_status
+            job.set_status = lambda status, pipeline=None: as_failed(
+                RQStatus.STOPPED if status == RQStatus.FAILED else status, pipeline=pipeline
+            )
+    # The job's own model: a reaper reaps every model's queue.
+    model = (job.origin or "").removeprefix(Keys.queue_name("")) or default_model
+    ttl = job.failure_ttl or job_ttl
+    record_abandoned(connection, job.id, model, will_retry, settle, ttl, canceled=canceled and not settle)
+
+
+def abandoned_handler(
+    connection: redis.Redis, default_model: str, job_ttl: int
+) -> Callable[[Any, Any, Any, Any, Any], None]:
+    """`handle_abandoned` as an RQ exception handler: it acts on abandoned jobs only."""
+
+    def handler(job: Any, exc_type: Any, *_: Any) -> None:
+        if exc_type is AbandonedJobError:
+            handle_abandoned(connection, job, default_model, job_ttl)
+
+    return handler
+
+
+def record_abandoned(
+    r: redis.Redis,
+    job_id: str,
+    model: str,
+    will_retry: bool,
+    settle: bool,
+    ttl: int,
+    canceled: bool = False,
+) -> None:
+    """What the client is told of a job RQ re-queues or fails as abandoned (`canceled`: ends it
+    canceled, its cancel requested before); `ttl` is the job record's (its worker may have died
+    before it began the run, which sets one)."""
+    state_key = Keys.state(job_id)
+    if settle:
+        event(log, "job_requeued", logging.WARNING, job_id=job_id, reason="images_stored")
+        return
+    if will_retry:
+        r.hset(state_key, StateField.STEP, 0)
+        event(log, "job_requeued", logging.WARNING, job_id=job_id, reason="worker_lost")
+        return
+    attempts = int(r.hget(state_key, StateField.ATTEMPTS) or 0)
+    if canceled:
+        p = r.pipeline(transaction=True)
+        if attempts:
+            p.hset(state_key, StateField.INFERENCE_FINISHED, time.time())
+        p.expire(state_key, ttl)
+        p.hincrby(Keys.OUTCOMES, outcome_field(model, JobStatus.CANCELED), 1)
+        p.execute()
+        event(log, "job_canceled", job_id=job_id, reason="worker_lost")
+        return
+    if attempts:
+        lost = f"the worker running this job stopped responding, {attempts} time(s)"
+    else:  # it died in the wait for batch mates, or between RQ's start and ours
+        lost = "the worker that took this job stopped responding before it began to run it"
+    error = JobError(code=ErrorCode.WORKER_LOST, message=f"{lost}; no attempts are left")
+    p = r.pipeline(transaction=True)
+    p.hset(state_key, StateField.ERROR, error.model_dump_json())
+    if attempts:
+        p.hset(state_key, StateField.INFERENCE_FINISHED, time.time())
+    p.expire(state_key, ttl)
+    p.hincrby(Keys.OUTCOMES, outcome_field(model, JobStatus.FAILED, ErrorCode.WORKER_LOST.value), 1)
+    p.execute()
+    event(log, "job_failed", logging.WARNING, job_id=job_id, code=ErrorCode.WORKER_LOST.value)
