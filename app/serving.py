@@ -64,7 +64,7 @@ from latentd.contract import (
     WorkerInfo,
 )
 from latentd.logs import event
-from latentd.store import as_text
+from latentd.store import as_text, live_workers, registrations
 
 log = logging.getLogger("latentd.api")
 
@@ -269,12 +269,6 @@ def _cancel_requested() -> bool:
     return task is not None and task.cancelling() > 0
 
 
-def _registrations(names: list[str], blobs: list[bytes | str | None]) -> tuple[list[WorkerInfo], list[str]]:
-    """The live workers among `names` (their registration blobs, in order), and the expired names."""
-    workers = [WorkerInfo.model_validate_json(blob) for blob in blobs if blob is not None]
-    return workers, [name for name, blob in zip(names, blobs, strict=True) if blob is None]
-
-
 def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
     return dict(zip(flat[::2], flat[1::2], strict=True))
 
@@ -354,18 +348,13 @@ class GenerationService:
         names = sorted(as_text(n) for n in await self.aredis.smembers(Keys.WORKERS))
         blobs = await self.aredis.mget([Keys.worker(n) for n in names]) if names else []
         served: dict[str, int | None] = {}
-        for w in _registrations(names, blobs)[0]:
+        for w in registrations(names, blobs)[0]:
             served[w.model] = served.get(w.model) or w.native_size
         self._served, self._served_at = served, time.monotonic()
         return served
 
     def live_workers(self) -> list[WorkerInfo]:
-        names = sorted(as_text(n) for n in self.redis.smembers(Keys.WORKERS))
-        blobs = self.redis.mget([Keys.worker(n) for n in names]) if names else []
-        workers, stale = _registrations(names, blobs)
-        if stale:  # registrations whose heartbeat expired
-            self.redis.srem(Keys.WORKERS, *stale)
-        return workers
+        return live_workers(self.redis)
 
     def models(self) -> list[ModelInfo]:
         by_model: dict[str, list[WorkerInfo]] = {}

@@ -6,6 +6,7 @@ import logging
 
 import redis
 
+from latentd.contract import Keys, WorkerInfo
 from latentd.logs import event
 
 SAFE_POLICIES = ("noeviction",)
@@ -14,6 +15,22 @@ SAFE_POLICIES = ("noeviction",)
 def as_text(value: bytes | str) -> str:
     """A Redis reply as text, whether or not the client decodes responses."""
     return value.decode() if isinstance(value, bytes) else value
+
+
+def registrations(names: list[str], blobs: list[bytes | str | None]) -> tuple[list[WorkerInfo], list[str]]:
+    """The live workers among `names` (their registration blobs, in order), and the expired names."""
+    workers = [WorkerInfo.model_validate_json(blob) for blob in blobs if blob is not None]
+    return workers, [name for name, blob in zip(names, blobs, strict=True) if blob is None]
+
+
+def live_workers(connection: redis.Redis) -> list[WorkerInfo]:
+    """Every worker whose registration (its heartbeat) is alive; expired names leave the set."""
+    names = sorted(as_text(n) for n in connection.smembers(Keys.WORKERS))
+    blobs = connection.mget([Keys.worker(n) for n in names]) if names else []
+    workers, stale = registrations(names, blobs)
+    if stale:
+        connection.srem(Keys.WORKERS, *stale)
+    return workers
 
 
 class UnsafeRedis(RuntimeError):

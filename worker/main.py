@@ -30,7 +30,7 @@ from latentd import reaping
 from latentd.contract import JobPayload, Keys, WorkerInfo
 from latentd.logs import event
 from latentd.settings import shown_url
-from latentd.store import UnsafeRedis, as_text, check_eviction_policy, warn_if_keeps_nothing
+from latentd.store import UnsafeRedis, as_text, check_eviction_policy, live_workers, warn_if_keeps_nothing
 from worker import jobs
 from worker.config import WorkerSettings
 from worker.pipeline import ModelLoadError, batch_key, load_runner
@@ -576,11 +576,9 @@ def _say_if_weights_differ(connection: redis.Redis, info: WorkerInfo) -> None:
     if info.weights is None:
         return
     with contextlib.suppress(redis.RedisError, ValueError):
-        names = [as_text(n) for n in connection.smembers(Keys.WORKERS)]
-        blobs = connection.mget([Keys.worker(n) for n in names]) if names else []
         others = sorted(
             f"{w.name}={w.weights}"
-            for w in (WorkerInfo.model_validate_json(blob) for blob in blobs if blob is not None)
+            for w in live_workers(connection)
             if w.model == info.model and w.name != info.name and w.weights not in (None, info.weights)
         )
         if others:
