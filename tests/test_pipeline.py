@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -80,24 +81,38 @@ def test_out_of_memory_splits_the_batch_and_keeps_each_images_seed(
         assert np.abs(np.asarray(got).astype(int) - want.astype(int)).max() <= 1
 
 
+def cpu_allocation_failure() -> RuntimeError:
+    """What torch's CPU allocator raises for memory the host does not have (a real one)."""
+    try:
+        torch.empty(2**50, dtype=torch.uint8)
+    except RuntimeError as exc:
+        return exc
+    raise AssertionError("a 1 PiB allocation succeeded")
+
+
 @pytest.mark.parametrize(
-    "message",
+    "error",
     [
-        "CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported",
-        "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+        lambda: RuntimeError(
+            "CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported"
+        ),
+        lambda: RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+        cpu_allocation_failure,
     ],
+    ids=["cuda", "cublas", "cpu"],
 )
-def test_what_cuda_libraries_raise_for_memory_counts_as_out_of_memory(
-    runner: Runner, monkeypatch: pytest.MonkeyPatch, message: str
+def test_what_allocators_outside_the_caching_one_raise_for_memory_counts_as_out_of_memory(
+    runner: Runner, monkeypatch: pytest.MonkeyPatch, error: Callable[[], RuntimeError]
 ) -> None:
-    """Allocations outside PyTorch's caching allocator fail as a plain RuntimeError: split, then
-    `out_of_memory`, and the device is not taken for broken (which would stop the worker)."""
+    """Allocations outside PyTorch's CUDA caching allocator, and the CPU's, fail as a plain
+    RuntimeError: split, then `out_of_memory` (on a CPU host it was `generation_failed`), and the
+    device is not taken for broken (which would stop the worker)."""
     from worker.jobs import _classify, _device_is_broken
 
-    seen = limit_unet_batch(runner, monkeypatch, max_batch=2, error=RuntimeError(message))
+    seen = limit_unet_batch(runner, monkeypatch, max_batch=2, error=error())
     [images], _ = runner.generate([payload(2)], never)
     assert len(images) == 2 and seen[0] == 4 and set(seen[1:]) == {2}  # split, one image a call
-    limit_unet_batch(runner, monkeypatch, max_batch=1, error=RuntimeError(message))
+    limit_unet_batch(runner, monkeypatch, max_batch=1, error=error())
     with pytest.raises(RuntimeError) as raised:
         runner.generate([payload(1)], never)
     assert _classify(raised.value, payload(1)).code == "out_of_memory"

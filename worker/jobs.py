@@ -153,9 +153,7 @@ def _classify(exc: BaseException, payload: JobPayload, pad_to: int | None = None
             if pad_to
             else f"even one {size} image (the request asked for {payload.num_images})"
         )
-        return JobFailure(
-            ErrorCode.OUT_OF_MEMORY, f"out of accelerator memory for {what}; try a smaller size"
-        )
+        return JobFailure(ErrorCode.OUT_OF_MEMORY, f"out of memory for {what}; try a smaller size")
     if isinstance(exc, ValueError):
         # diffusers raises ValueError for parameters a model cannot take; its message is for users.
         return JobFailure(ErrorCode.INVALID_PARAMETERS, first_line(exc, "invalid parameters")[:500])

@@ -571,13 +571,18 @@ def batch_key(payload: JobPayload, zeros_empty_negatives: bool = False) -> tuple
 
 def is_out_of_memory(exc: BaseException) -> bool:
     """torch's OutOfMemoryError, or the plain RuntimeError CUDA libraries raise when an allocation
-    outside PyTorch's caching allocator fails (a cuBLAS handle or workspace, say). Neither leaves
-    the device unusable."""
+    outside PyTorch's caching allocator fails (a cuBLAS handle or workspace, say), or torch's CPU
+    allocator does (a size the host's memory cannot hold). None leaves the device unusable."""
     if isinstance(exc, torch.OutOfMemoryError):
         return True
     message = str(exc)
-    return isinstance(exc, RuntimeError) and (
-        "CUDA error: out of memory" in message or "CUBLAS_STATUS_ALLOC_FAILED" in message
+    return isinstance(exc, RuntimeError) and any(
+        sign in message
+        for sign in (
+            "CUDA error: out of memory",
+            "CUBLAS_STATUS_ALLOC_FAILED",
+            "DefaultCPUAllocator: can't allocate memory",
+        )
     )
 
 
