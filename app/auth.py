@@ -191,9 +191,20 @@ async def image_caller(
         str | None, Query(description="Of a signed URL, as the OpenAI route gives: downloads without a key.")
     ] = None,
 ) -> Principal:
-    """The caller of an image download: the key's owner, or anyone with a signed URL."""
+    """The caller of an image download: the key's owner, or anyone with a signed URL. A request
+    that carries a key and a signature that fails (changed, lapsed, or signed with a secret Redis
+    lost) is the key's: a client may send its key with every request."""
     if signature is None:
         return await authenticate(request)
+    try:
+        return await _signed_caller(request, expires, signature)
+    except (Unauthorized, Expired):
+        if "authorization" not in request.headers:
+            raise
+        return await authenticate(request)
+
+
+async def _signed_caller(request: Request, expires: int | None, signature: str) -> Principal:
     secret = await _stored_secret(request.app.state.service)  # none: no URL was signed since
     # With no secret nothing was signed: an empty signature matched an empty expectation, and
     # downloaded any image without a key.

@@ -207,6 +207,16 @@ def test_the_openai_routes_image_urls_download_without_a_key_until_they_expire(s
     signed = hmac.new(secret, f"{urlparse(path).path}\n{lapsed}".encode(), hashlib.sha256).hexdigest()
     expired = httpx.get(f"{path}?expires={lapsed}&signature={signed}")
     assert expired.status_code == 404 and expired.json()["error"]["code"] == "expired", expired.text
+    # A URL whose signature fails, fetched with a key (a client that sends its key with every
+    # request): the key decides, as without the signature. It was refused 401 whatever the key.
+    for query_that_fails in (
+        f"expires={expires}&signature={changed}",
+        f"expires={lapsed}&signature={signed}",
+    ):
+        owner = httpx.get(f"{path}?{query_that_fails}", headers=secured.alice)
+        assert owner.status_code == 200 and owner.content == first.content, owner.text
+        stranger = httpx.get(f"{path}?{query_that_fails}", headers=secured.bob)
+        assert stranger.status_code == 404 and stranger.json()["error"]["code"] == "not_found", stranger.text
     bad = httpx.get(f"{path}?expires=soon&signature={signature}")
     assert bad.status_code == 422 and bad.json()["error"]["param"] == "expires", bad.text
     # Should Redis lose the secret (flushed, restarted without its file), every API process

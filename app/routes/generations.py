@@ -200,7 +200,7 @@ def cancel_generation(job_id: JobId, service: ServiceDep, caller: PrincipalDep) 
         401: {
             "model": ErrorResponse,
             "description": "API keys exist and this request has none, or a wrong one, or a signed "
-            "URL's signature does not match it (`unauthorized`).",
+            "URL's signature does not match it and no key came with it (`unauthorized`).",
         },
         404: {
             "model": ErrorResponse,
