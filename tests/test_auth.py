@@ -23,6 +23,7 @@ from app.auth import AUTH_STATE_TTL
 from app.config import ApiSettings
 from app.main import create_app
 from tests.conftest import (
+    HTTP,
     PRIVATE_DB,
     Proc,
     RedisServer,
@@ -111,27 +112,27 @@ def test_every_api_route_requires_a_valid_key(secured: Secured) -> None:
     ]
     for auth in ({}, {"Authorization": "Bearer ltd_wrong"}, {"Authorization": "Basic abc"}):
         for method, path, body in routes:
-            response = httpx.request(method, secured.url + path, json=body, headers=auth)
+            response = HTTP.request(method, secured.url + path, json=body, headers=auth)
             assert response.status_code == 401, (method, path, auth, response.text)
             assert response.json()["error"]["code"] == "unauthorized"
             assert response.headers["www-authenticate"] == "Bearer"
         # A body that cannot be decoded (FastAPI decodes it before it asks for the key).
         for path in ("/v1/generations", "/v1/images/generations"):
             for raw in (b"{bad", b'{"prompt": "\xff"}'):
-                response = httpx.post(
+                response = HTTP.post(
                     secured.url + path, content=raw, headers={**auth, "Content-Type": "application/json"}
                 )
                 assert response.status_code == 401, (path, raw, auth, response.text)
     for raw in (b"{bad", b'{"prompt": "\xff"}'):  # with a key: the body's own error
-        response = httpx.post(
+        response = HTTP.post(
             secured.url + "/v1/generations",
             content=raw,
             headers={**secured.alice, "Content-Type": "application/json"},
         )
         assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_request"
     for open_path in ("/healthz", "/readyz", "/metrics"):
-        assert httpx.get(secured.url + open_path).status_code == 200
-    assert httpx.get(secured.url + "/v1/models", headers=secured.alice).status_code == 200
+        assert HTTP.get(secured.url + open_path).status_code == 200
+    assert HTTP.get(secured.url + "/v1/models", headers=secured.alice).status_code == 200
 
 
 def test_a_key_sees_and_cancels_only_its_own_jobs(secured: Secured) -> None:
@@ -162,11 +163,11 @@ def test_a_key_sees_and_cancels_only_its_own_jobs(secured: Secured) -> None:
 def test_a_key_made_again_under_a_revoked_keys_name_does_not_see_its_jobs(secured: Secured) -> None:
     # Jobs belonged to the key's name: whoever got the name next saw the revoked key's jobs.
     first = {"Authorization": f"Bearer {create_key(secured.redis.url, 'carol')}"}
-    job_id = httpx.post(f"{secured.url}/v1/generations", json={"prompt": "old"}, headers=first).json()["id"]
-    assert httpx.get(f"{secured.url}/v1/generations/{job_id}", headers=first).status_code == 200
+    job_id = HTTP.post(f"{secured.url}/v1/generations", json={"prompt": "old"}, headers=first).json()["id"]
+    assert HTTP.get(f"{secured.url}/v1/generations/{job_id}", headers=first).status_code == 200
     assert keys_command(secured.redis.url, "revoke", "carol").returncode == 0
     again = {"Authorization": f"Bearer {create_key(secured.redis.url, 'carol')}"}
-    hidden = httpx.get(f"{secured.url}/v1/generations/{job_id}", headers=again)
+    hidden = HTTP.get(f"{secured.url}/v1/generations/{job_id}", headers=again)
     assert hidden.status_code == 404 and hidden.json()["error"]["code"] == "not_found", hidden.text
     assert keys_command(secured.redis.url, "revoke", "carol").returncode == 0
 
@@ -174,7 +175,7 @@ def test_a_key_made_again_under_a_revoked_keys_name_does_not_see_its_jobs(secure
 def test_the_openai_routes_image_urls_download_without_a_key_until_they_expire(secured: Secured) -> None:
     # OpenAI's image URLs need no key, and what takes one often hands it to a browser: with keys
     # on, ours answered 401 to any download without the bearer header.
-    reply = httpx.post(
+    reply = HTTP.post(
         f"{secured.url}/v1/images/generations",
         json={"prompt": "a red circle", "n": 2, "size": "64x64"},
         headers=secured.alice,
@@ -182,22 +183,22 @@ def test_the_openai_routes_image_urls_download_without_a_key_until_they_expire(s
     )
     assert reply.status_code == 200, reply.text
     urls = [image["url"] for image in reply.json()["data"]]
-    first = httpx.get(urls[0])
+    first = HTTP.get(urls[0])
     assert first.status_code == 200 and first.headers["content-type"] == "image/png"
     path, _, query = urls[0].partition("?")
-    assert first.content == httpx.get(path, headers=secured.alice).content
+    assert first.content == HTTP.get(path, headers=secured.alice).content
     params = dict(pair.split("=") for pair in query.split("&"))
     expires, signature = int(params["expires"]), params["signature"]
     assert 3000 < expires - time.time() <= 3601  # as the image: LATENTD_RESULTS_TTL
     other = urls[1].partition("?")[0]
     changed = signature[:-1] + ("1" if signature.endswith("0") else "0")
     refused = {
-        "no signature": httpx.get(path),
-        "another image": httpx.get(f"{other}?{query}"),
-        "a later expiry": httpx.get(f"{path}?expires={expires + 1}&signature={signature}"),
-        "a changed signature": httpx.get(f"{path}?expires={expires}&signature={changed}"),
-        "no expiry": httpx.get(f"{path}?signature={signature}"),
-        "not ASCII": httpx.get(f"{path}?expires={expires}&signature=%C3%A9"),
+        "no signature": HTTP.get(path),
+        "another image": HTTP.get(f"{other}?{query}"),
+        "a later expiry": HTTP.get(f"{path}?expires={expires + 1}&signature={signature}"),
+        "a changed signature": HTTP.get(f"{path}?expires={expires}&signature={changed}"),
+        "no expiry": HTTP.get(f"{path}?signature={signature}"),
+        "not ASCII": HTTP.get(f"{path}?expires={expires}&signature=%C3%A9"),
     }
     for why, response in refused.items():
         assert response.status_code == 401, (why, response.text)
@@ -205,7 +206,7 @@ def test_the_openai_routes_image_urls_download_without_a_key_until_they_expire(s
     secret = secured.redis.client().get("latentd:url_secret")
     lapsed = int(time.time()) - 1
     signed = hmac.new(secret, f"{urlparse(path).path}\n{lapsed}".encode(), hashlib.sha256).hexdigest()
-    expired = httpx.get(f"{path}?expires={lapsed}&signature={signed}")
+    expired = HTTP.get(f"{path}?expires={lapsed}&signature={signed}")
     assert expired.status_code == 404 and expired.json()["error"]["code"] == "expired", expired.text
     # A URL whose signature fails, fetched with a key (a client that sends its key with every
     # request): the key decides, as without the signature. It was refused 401 whatever the key.
@@ -213,11 +214,11 @@ def test_the_openai_routes_image_urls_download_without_a_key_until_they_expire(s
         f"expires={expires}&signature={changed}",
         f"expires={lapsed}&signature={signed}",
     ):
-        owner = httpx.get(f"{path}?{query_that_fails}", headers=secured.alice)
+        owner = HTTP.get(f"{path}?{query_that_fails}", headers=secured.alice)
         assert owner.status_code == 200 and owner.content == first.content, owner.text
-        stranger = httpx.get(f"{path}?{query_that_fails}", headers=secured.bob)
+        stranger = HTTP.get(f"{path}?{query_that_fails}", headers=secured.bob)
         assert stranger.status_code == 404 and stranger.json()["error"]["code"] == "not_found", stranger.text
-    bad = httpx.get(f"{path}?expires=soon&signature={signature}")
+    bad = HTTP.get(f"{path}?expires=soon&signature={signature}")
     assert bad.status_code == 422 and bad.json()["error"]["param"] == "expires", bad.text
     # Should Redis lose the secret (flushed, restarted without its file), every API process
     # takes up the one made next: this one kept the first for good, and its URLs failed elsewhere.
@@ -225,13 +226,13 @@ def test_the_openai_routes_image_urls_download_without_a_key_until_they_expire(s
     for secret in (None, b"made by another API process"):
         r.delete("latentd:url_secret")
         if secret is None:  # a download checks against the secret there is, and makes none
-            assert httpx.get(urls[0]).status_code == 401 and not r.exists("latentd:url_secret")
+            assert HTTP.get(urls[0]).status_code == 401 and not r.exists("latentd:url_secret")
             # An empty signature matched the empty one expected then: any image, without a key.
-            forged = httpx.get(f"{path}?expires={expires}&signature=")
+            forged = HTTP.get(f"{path}?expires={expires}&signature=")
             assert forged.status_code == 401 and not r.exists("latentd:url_secret"), forged.text
         else:
             r.set("latentd:url_secret", secret)
-        reply = httpx.post(
+        reply = HTTP.post(
             f"{secured.url}/v1/images/generations", json={"prompt": "a red circle", "size": "64x64"},
             headers=secured.alice, timeout=60,
         )  # fmt: skip
@@ -242,7 +243,7 @@ def test_the_openai_routes_image_urls_download_without_a_key_until_they_expire(s
         assert made is not None and made == (secret or made)
         signed = hmac.new(made, f"{urlparse(path).path}\n{params['expires']}".encode(), hashlib.sha256)
         assert params["signature"] == signed.hexdigest()
-        assert httpx.get(url).status_code == 200
+        assert HTTP.get(url).status_code == 200
 
 
 def test_latentd_generate_takes_a_key_read_from_a_file_and_never_shows_one(
@@ -262,7 +263,7 @@ def test_latentd_generate_takes_a_key_read_from_a_file_and_never_shows_one(
 
 
 def test_no_log_line_carries_a_key(secured: Secured) -> None:
-    httpx.get(secured.url + "/v1/models", headers={"Authorization": "Bearer ltd_guess"})
+    HTTP.get(secured.url + "/v1/models", headers={"Authorization": "Bearer ltd_guess"})
     log = secured.api.output()
     for headers in (secured.alice, secured.bob):
         assert headers["Authorization"].split()[1] not in log
@@ -271,7 +272,7 @@ def test_no_log_line_carries_a_key(secured: Secured) -> None:
 
 def test_forged_forwarded_for_changes_nothing(secured: Secured) -> None:
     headers = {"X-Forwarded-For": "127.0.0.1", "X-Real-IP": "127.0.0.1"}
-    assert httpx.get(secured.url + "/v1/models", headers=headers).status_code == 401
+    assert HTTP.get(secured.url + "/v1/models", headers=headers).status_code == 401
 
 
 @pytest.fixture
@@ -294,24 +295,22 @@ def test_jobs_in_flight_and_requests_per_minute_are_capped_per_key(limited: tupl
     server, url = limited
     carol = {"Authorization": f"Bearer {create_key(server.url, 'carol')}"}
     dave = {"Authorization": f"Bearer {create_key(server.url, 'dave')}"}
-    wait_until(lambda: httpx.get(f"{url}/v1/models").status_code == 401, 10, what="auth on")
+    wait_until(lambda: HTTP.get(f"{url}/v1/models").status_code == 401, 10, what="auth on")
     # The budget is per calendar minute: start well inside one so the count cannot reset midway.
     if time.time() % 60 > 45:
         time.sleep(61 - time.time() % 60)
-    codes = [httpx.post(f"{url}/v1/generations", json={"prompt": "x"}, headers=carol) for _ in range(3)]
+    codes = [HTTP.post(f"{url}/v1/generations", json={"prompt": "x"}, headers=carol) for _ in range(3)]
     assert [c.status_code for c in codes] == [202, 202, 429]
     assert codes[2].json()["error"]["code"] == "too_many_jobs"
     # Canceling one frees its slot.
-    assert (
-        httpx.post(f"{url}/v1/generations/{codes[0].json()['id']}/cancel", headers=carol).status_code == 200
-    )
-    assert httpx.post(f"{url}/v1/generations", json={"prompt": "x"}, headers=carol).status_code == 202
+    assert HTTP.post(f"{url}/v1/generations/{codes[0].json()['id']}/cancel", headers=carol).status_code == 200
+    assert HTTP.post(f"{url}/v1/generations", json={"prompt": "x"}, headers=carol).status_code == 202
     # Five requests this minute are spent: the sixth is refused, another key is not affected.
-    limited_response = httpx.get(f"{url}/v1/models", headers={**carol, "X-Forwarded-For": "10.9.8.7"})
+    limited_response = HTTP.get(f"{url}/v1/models", headers={**carol, "X-Forwarded-For": "10.9.8.7"})
     assert limited_response.status_code == 429
     assert limited_response.json()["error"]["code"] == "rate_limited"
     assert 1 <= int(limited_response.headers["retry-after"]) <= 60
-    assert httpx.get(f"{url}/v1/models", headers=dave).status_code == 200
+    assert HTTP.get(f"{url}/v1/models", headers=dave).status_code == 200
 
 
 def test_revoking_the_last_key_leaves_the_service_closed_until_it_is_opened(tmp_path: Path) -> None:
@@ -322,10 +321,10 @@ def test_revoking_the_last_key_leaves_the_service_closed_until_it_is_opened(tmp_
     register_ghost(server.client(), "tiny")
     api, url = start_api(server.url, tmp_path)
     try:
-        made_open = httpx.post(f"{url}/v1/generations", json={"prompt": "x"}).json()["id"]
+        made_open = HTTP.post(f"{url}/v1/generations", json={"prompt": "x"}).json()["id"]
         solo = {"Authorization": f"Bearer {create_key(server.url, 'solo')}"}
-        wait_until(lambda: httpx.get(f"{url}/v1/models").status_code == 401, 10, what="auth on")
-        keyed = httpx.post(f"{url}/v1/generations", json={"prompt": "x"}, headers=solo).json()["id"]
+        wait_until(lambda: HTTP.get(f"{url}/v1/models").status_code == 401, 10, what="auth on")
+        keyed = HTTP.post(f"{url}/v1/generations", json={"prompt": "x"}, headers=solo).json()["id"]
         create_key(server.url, "other")
         refused = keys_command(server.url, "open")
         assert refused.returncode == 1 and "revoke them first" in refused.stderr
@@ -333,16 +332,16 @@ def test_revoking_the_last_key_leaves_the_service_closed_until_it_is_opened(tmp_
         last = keys_command(server.url, "revoke", "solo")
         assert last.returncode == 0 and "refuses every request" in last.stderr, last.stderr
         time.sleep(AUTH_STATE_TTL + 1)  # every API process has read the keys again
-        assert httpx.get(f"{url}/v1/models").status_code == 401
-        assert httpx.get(f"{url}/v1/models", headers=solo).status_code == 401
-        assert httpx.get(f"{url}/v1/generations/{keyed}").status_code == 401
+        assert HTTP.get(f"{url}/v1/models").status_code == 401
+        assert HTTP.get(f"{url}/v1/models", headers=solo).status_code == 401
+        assert HTTP.get(f"{url}/v1/generations/{keyed}").status_code == 401
         assert keys_command(server.url, "open").returncode == 0
-        wait_until(lambda: httpx.get(f"{url}/v1/models").status_code == 200, 10, what="auth off")
+        wait_until(lambda: HTTP.get(f"{url}/v1/models").status_code == 200, 10, what="auth off")
         assert "auth_open" in api.output()
-        assert httpx.get(f"{url}/v1/generations/{made_open}").status_code == 200
-        hidden = httpx.get(f"{url}/v1/generations/{keyed}")  # a key's job stays the key's
+        assert HTTP.get(f"{url}/v1/generations/{made_open}").status_code == 200
+        hidden = HTTP.get(f"{url}/v1/generations/{keyed}")  # a key's job stays the key's
         assert hidden.status_code == 404 and hidden.json()["error"]["code"] == "not_found"
-        assert httpx.post(f"{url}/v1/generations/{keyed}/cancel").status_code == 404
+        assert HTTP.post(f"{url}/v1/generations/{keyed}/cancel").status_code == 404
     finally:
         api.stop()
         server.stop()
@@ -358,36 +357,36 @@ def test_a_redis_that_lost_its_keys_leaves_the_service_closed(tmp_path: Path) ->
     register_ghost(server.client(), "tiny")
     api, url = start_api(server.url, tmp_path)
     try:
-        assert httpx.get(f"{url}/v1/models").status_code == 200  # open: no key was ever made
+        assert HTTP.get(f"{url}/v1/models").status_code == 200  # open: no key was ever made
         time.sleep(AUTH_STATE_TTL + 0.5)  # read again, and still open: said once, at the start
-        assert httpx.get(f"{url}/v1/models").status_code == 200
+        assert HTTP.get(f"{url}/v1/models").status_code == 200
         assert api.output().count("auth_open") == 1, api.output()[-2000:]
         # A key used at once, before the API reads that keys are on: its job was stored as
         # nobody's, and the key then got 404 for it.
         early = {"Authorization": f"Bearer {keys.create(server.client(), 'early')}"}
-        job_id = httpx.post(f"{url}/v1/generations", json={"prompt": "x"}, headers=early).json()["id"]
-        wait_until(lambda: httpx.get(f"{url}/v1/models").status_code == 401, 10, what="auth on")
-        assert httpx.get(f"{url}/v1/generations/{job_id}", headers=early).status_code == 200
+        job_id = HTTP.post(f"{url}/v1/generations", json={"prompt": "x"}, headers=early).json()["id"]
+        wait_until(lambda: HTTP.get(f"{url}/v1/models").status_code == 401, 10, what="auth on")
+        assert HTTP.get(f"{url}/v1/generations/{job_id}", headers=early).status_code == 200
         server.client().flushall()
         time.sleep(AUTH_STATE_TTL + 1)
-        refused = httpx.get(f"{url}/v1/models")
+        refused = HTTP.get(f"{url}/v1/models")
         assert refused.status_code == 401 and refused.json()["error"]["code"] == "unauthorized"
         assert api.output().count("auth_state_lost") == 1, api.output()[-2000:]
         # It says so in Redis again, for the API processes that start from then on.
         later, later_url = start_api(server.url, tmp_path, "later")
         try:
-            assert httpx.get(f"{later_url}/v1/models").status_code == 401
+            assert HTTP.get(f"{later_url}/v1/models").status_code == 401
         finally:
             later.stop()
         assert keys_command(server.url, "open").returncode == 0  # the way to open it
-        wait_until(lambda: httpx.get(f"{url}/v1/models").status_code == 200, 10, what="auth off")
+        wait_until(lambda: HTTP.get(f"{url}/v1/models").status_code == 200, 10, what="auth off")
         # A Redis that lost its data with no API running cannot be told from a new one, but for
         # LATENTD_REQUIRE_KEYS, which holds whatever Redis says.
         server.client().flushall()
         required, required_url = start_api(server.url, tmp_path, "required", LATENTD_REQUIRE_KEYS="true")
         try:
-            assert httpx.get(f"{required_url}/v1/models").status_code == 401
-            assert httpx.get(f"{url}/v1/models").status_code == 200
+            assert HTTP.get(f"{required_url}/v1/models").status_code == 401
+            assert HTTP.get(f"{url}/v1/models").status_code == 200
         finally:
             required.stop()
     finally:
@@ -462,16 +461,16 @@ def test_keys_from_the_environment(tmp_path: Path) -> None:
     key = "k8s-secret-key-0123456789abcdef"
     api, url = start_api(server.url, tmp_path, LATENTD_API_KEYS=f"ops:{key}")
     try:
-        assert httpx.get(f"{url}/v1/models").status_code == 401
+        assert HTTP.get(f"{url}/v1/models").status_code == 401
         ops = {"Authorization": f"Bearer {key}"}
-        assert httpx.get(f"{url}/v1/models", headers=ops).status_code == 200
+        assert HTTP.get(f"{url}/v1/models", headers=ops).status_code == 200
         assert key not in api.output()
         # A stored key of the same name is another key: it saw the other's jobs.
         stored = {"Authorization": f"Bearer {create_key(server.url, 'ops')}"}
         register_ghost(server.client(), "tiny")
-        job_id = httpx.post(f"{url}/v1/generations", json={"prompt": "x"}, headers=ops).json()["id"]
-        assert httpx.get(f"{url}/v1/generations/{job_id}", headers=ops).status_code == 200
-        assert httpx.get(f"{url}/v1/generations/{job_id}", headers=stored).status_code == 404
+        job_id = HTTP.post(f"{url}/v1/generations", json={"prompt": "x"}, headers=ops).json()["id"]
+        assert HTTP.get(f"{url}/v1/generations/{job_id}", headers=ops).status_code == 200
+        assert HTTP.get(f"{url}/v1/generations/{job_id}", headers=stored).status_code == 404
     finally:
         api.stop()
         server.stop()

@@ -9,14 +9,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from tests.conftest import LONG_JOB, Cluster, Proc, cluster_with_worker
+from tests.conftest import HTTP, LONG_JOB, Cluster, Proc, cluster_with_worker
 
 pytestmark = pytest.mark.integration
 
@@ -29,7 +28,7 @@ def batching(tmp_path: Path, tiny_model_dir: Path) -> Iterator[tuple[Cluster, Pr
 
 
 def pixels(cluster: Cluster, view: dict[str, Any], index: int = 0) -> np.ndarray:
-    data = httpx.get(cluster.url + view["images"][index]["url"]).content
+    data = HTTP.get(cluster.url + view["images"][index]["url"]).content
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
 
 
@@ -68,7 +67,7 @@ def test_compatible_jobs_share_a_call_and_others_keep_their_place(batching: tupl
             assert np.abs(pixels(cluster, views[name], i) - pixels(cluster, alone, i)).max() <= 2
 
     # Operators see how full the calls were: 6 calls (blocker, batch, x, three alone), 10 images.
-    text = httpx.get(f"{cluster.url}/metrics").text
+    text = HTTP.get(f"{cluster.url}/metrics").text
     assert 'latentd_batch_images_count{model="tiny"} 6.0' in text
     assert 'latentd_batch_images_sum{model="tiny"} 10.0' in text
     assert 'latentd_batch_images_bucket{le="2.0",model="tiny"} 5.0' in text  # all but the batch of 4
@@ -82,7 +81,7 @@ def test_canceling_one_job_of_a_batch_spares_the_others(batching: tuple[Cluster,
     keep, drop = cluster.submit({**body, "seed": 1}), cluster.submit({**body, "seed": 2})
     cluster.running_on(keep)
     assert cluster.status(drop)["status"] == "running"  # batched with `keep`
-    assert httpx.post(f"{cluster.url}/v1/generations/{drop}/cancel").status_code == 202
+    assert HTTP.post(f"{cluster.url}/v1/generations/{drop}/cancel").status_code == 202
     assert cluster.wait_terminal(drop)["status"] == "canceled"
     kept = cluster.wait_terminal(keep)
     assert kept["status"] == "succeeded" and len(kept["images"]) == 1
@@ -134,4 +133,4 @@ def test_with_batch_invariance_a_batched_image_is_the_same_file_as_a_lone_one(
         alone = cluster.wait_terminal(cluster.submit(body))
         assert state(cluster, alone["id"], "batch_jobs") == "1"
         for a, b in zip(together["images"], alone["images"], strict=True):
-            assert httpx.get(cluster.url + a["url"]).content == httpx.get(cluster.url + b["url"]).content
+            assert HTTP.get(cluster.url + a["url"]).content == HTTP.get(cluster.url + b["url"]).content

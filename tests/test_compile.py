@@ -10,14 +10,13 @@ import io
 import re
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from latentd.contract import JobPayload
-from tests.conftest import TINY_MODEL, cluster_with_worker
+from tests.conftest import HTTP, TINY_MODEL, cluster_with_worker
 from worker.pipeline import Runner, load_pipeline
 
 pytestmark = pytest.mark.integration
@@ -42,7 +41,7 @@ def test_a_compiled_worker_warms_up_before_ready_and_gives_the_eager_image(
         job_id = cluster.submit(BODY)
         view = cluster.wait_terminal(job_id, timeout=300)
         assert view["status"] == "succeeded", view
-        png = httpx.get(f"{cluster.url}{view['images'][0]['url']}").content
+        png = HTTP.get(f"{cluster.url}{view['images'][0]['url']}").content
         assert "Recompiling function" not in worker.output()  # the warm-up's graphs served it
 
         # Guidance off halves the UNet's batch: a new shape, compiled in this job, which dynamo

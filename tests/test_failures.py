@@ -24,6 +24,7 @@ from latentd.client import generate
 from latentd.contract import Keys, WorkerInfo
 from latentd.embedded import find_redis_server, free_port
 from tests.conftest import (
+    HTTP,
     PRIVATE_DB,
     ROOT,
     TINY_MODEL,
@@ -58,22 +59,22 @@ def test_redis_outage_gives_503_then_recovers(private_redis: RedisServer, tmp_pa
         private_redis.client().hset(f"rq:job:{job_id}", "status", "queued")
         private_redis.stop()
 
-        submit = httpx.post(f"{url}/v1/generations", json={"prompt": "a red circle"}, timeout=10)
-        status = httpx.get(f"{url}/v1/generations/{job_id}", timeout=10)
-        ready = httpx.get(f"{url}/readyz", timeout=10)
-        models = httpx.get(f"{url}/v1/models", timeout=10)
+        submit = HTTP.post(f"{url}/v1/generations", json={"prompt": "a red circle"}, timeout=10)
+        status = HTTP.get(f"{url}/v1/generations/{job_id}", timeout=10)
+        ready = HTTP.get(f"{url}/readyz", timeout=10)
+        models = HTTP.get(f"{url}/v1/models", timeout=10)
         for response in (submit, status, ready, models):
             assert response.status_code == 503, response.text
             assert response.headers["retry-after"].isdigit()
             assert response.json()["error"]["code"] == "service_unavailable"
             assert "Traceback" not in response.text
-        assert httpx.get(f"{url}/healthz").status_code == 200  # alive, just not ready
+        assert HTTP.get(f"{url}/healthz").status_code == 200  # alive, just not ready
 
         private_redis.start()  # same port, same AOF directory
-        wait_until(lambda: httpx.get(f"{url}/readyz").status_code == 200, 15, what="API ready again")
-        assert httpx.get(f"{url}/v1/models").status_code == 200
+        wait_until(lambda: HTTP.get(f"{url}/readyz").status_code == 200, 15, what="API ready again")
+        assert HTTP.get(f"{url}/v1/models").status_code == 200
         # No live worker in this fixture: a clear 4xx, not a hang and not a 5xx.
-        refused = httpx.post(f"{url}/v1/generations", json={"prompt": "a red circle"})
+        refused = HTTP.post(f"{url}/v1/generations", json={"prompt": "a red circle"})
         assert refused.status_code == 400 and refused.json()["error"]["code"] == "model_unavailable"
     finally:
         api.stop()
@@ -85,7 +86,7 @@ def test_a_model_whose_worker_is_restarting_answers_503_with_retry_after(
     """A submit while the model's only worker restarted got 400, which no client retries."""
     api, url = start_api(private_redis.url, tmp_path)
     try:
-        never = httpx.post(f"{url}/v1/generations", json={"prompt": "x", "model": "never-served"})
+        never = HTTP.post(f"{url}/v1/generations", json={"prompt": "x", "model": "never-served"})
         assert never.status_code == 400 and "retry-after" not in never.headers, never.text
         assert never.json()["error"]["code"] == "model_unavailable"
         start_worker(private_redis.url, tiny_model_dir, tmp_path).stop()  # its registration goes too
@@ -94,7 +95,7 @@ def test_a_model_whose_worker_is_restarting_answers_503_with_retry_after(
             ("/v1/generations", {"prompt": "x"}),
             ("/v1/images/generations", {"prompt": "x"}),
         ):
-            gone = httpx.post(f"{url}{route}", json={**body, "model": TINY_MODEL})
+            gone = HTTP.post(f"{url}{route}", json={**body, "model": TINY_MODEL})
             assert gone.status_code == 503 and gone.headers["retry-after"] == "5", gone.text
             error = gone.json()["error"]
             assert error["code"] == "model_unavailable" and error["param"] == "model"
@@ -115,7 +116,7 @@ def test_a_stalled_redis_gives_503_after_one_socket_timeout(
     private_redis.proc.send_signal(signal.SIGSTOP)
     try:
         for method, path, body in (("GET", "/v1/models", None), ("POST", "/v1/generations", {"prompt": "x"})):
-            response = httpx.request(method, url + path, json=body, timeout=15)
+            response = HTTP.request(method, url + path, json=body, timeout=15)
             assert response.status_code == 503, response.text
             assert response.json()["error"]["code"] == "service_unavailable"
     finally:
@@ -137,19 +138,19 @@ def test_a_full_redis_refuses_writes_with_503_and_reads_go_on(
         private_redis.url, tmp_path, LATENTD_API_KEYS=f"ops:{key}", LATENTD_RATE_LIMIT_PER_MINUTE="100"
     )
     try:
-        job_id = httpx.post(f"{url}/v1/generations", json={"prompt": "x"}, headers=auth).json()["id"]
+        job_id = HTTP.post(f"{url}/v1/generations", json={"prompt": "x"}, headers=auth).json()["id"]
         r.config_set("maxmemory", r.info("memory")["used_memory"])
-        submit = httpx.post(f"{url}/v1/generations", json={"prompt": "x"}, headers=auth)
-        cancel = httpx.post(f"{url}/v1/generations/{job_id}/cancel", headers=auth)
+        submit = HTTP.post(f"{url}/v1/generations", json={"prompt": "x"}, headers=auth)
+        cancel = HTTP.post(f"{url}/v1/generations/{job_id}/cancel", headers=auth)
         for response in (submit, cancel):
             assert response.status_code == 503, response.text
             assert response.json()["error"]["code"] == "service_unavailable"
             assert "full" in response.json()["error"]["message"]
             assert response.headers["retry-after"].isdigit()
-        assert httpx.get(f"{url}/v1/generations/{job_id}", headers=auth).json()["status"] == "queued"
-        assert httpx.get(f"{url}/v1/models", headers=auth).status_code == 200
+        assert HTTP.get(f"{url}/v1/generations/{job_id}", headers=auth).json()["status"] == "queued"
+        assert HTTP.get(f"{url}/v1/models", headers=auth).status_code == 200
         r.config_set("maxmemory", 0)
-        assert httpx.post(f"{url}/v1/generations", json={"prompt": "x"}, headers=auth).status_code == 202
+        assert HTTP.post(f"{url}/v1/generations", json={"prompt": "x"}, headers=auth).status_code == 202
         assert r.llen("rq:queue:latentd:tiny") == 2  # the refused submit left nothing behind
         assert "Traceback" not in api.output()
     finally:
@@ -327,7 +328,7 @@ def test_full_queue_answers_429(redis_server: RedisServer, tmp_path: Path) -> No
         # together (they all did, when the check was a round trip of its own).
         codes = asyncio.run(submit_together(f"{url}/v1/generations", 16))
         assert sorted(codes) == [202] * 2 + [429] * 14
-        full = httpx.post(f"{url}/v1/generations", json={"prompt": "x"})
+        full = HTTP.post(f"{url}/v1/generations", json={"prompt": "x"})
         assert full.json()["error"]["code"] == "queue_full"
         assert int(full.headers["retry-after"]) > 0
         assert r.llen(f"rq:queue:latentd:{model}") == 2  # accepted jobs kept, the refused one not added
@@ -345,21 +346,21 @@ def test_a_queued_job_canceled_is_counted_once_and_a_job_being_taken_is_left_to_
     api, url = start_api(private_redis.url, tmp_path, LATENTD_DEFAULT_MODEL="tiny")
     counted = 'latentd_jobs_total{code="",model="tiny",status="canceled"} 1.0'
     try:
-        queued = httpx.post(f"{url}/v1/generations", json={"prompt": "x"}).json()["id"]
-        canceled = httpx.post(f"{url}/v1/generations/{queued}/cancel").json()
+        queued = HTTP.post(f"{url}/v1/generations", json={"prompt": "x"}).json()["id"]
+        canceled = HTTP.post(f"{url}/v1/generations/{queued}/cancel").json()
         assert canceled["status"] == "canceled"
         timings = canceled["timings"]  # it ended: when, as a job that ran says
         assert timings["finished_at"] is not None and timings["finished_at"] >= timings["created_at"]
-        assert counted in httpx.get(f"{url}/metrics").text  # no worker ever sees it: the API counts it
+        assert counted in HTTP.get(f"{url}/metrics").text  # no worker ever sees it: the API counts it
         # A job a worker is taking: RQ moves it off its queue, then marks it started. A cancel in
         # between must not end it in RQ, or it would go canceled, then running, then canceled.
-        taken = httpx.post(f"{url}/v1/generations", json={"prompt": "x"}).json()["id"]
+        taken = HTTP.post(f"{url}/v1/generations", json={"prompt": "x"}).json()["id"]
         r.lmove("rq:queue:latentd:tiny", "rq:queue:latentd:tiny:intermediate", "LEFT", "RIGHT")
-        reply = httpx.post(f"{url}/v1/generations/{taken}/cancel").json()
+        reply = HTTP.post(f"{url}/v1/generations/{taken}/cancel").json()
         assert reply["status"] == "queued" and reply["cancel_requested"], reply
         r.hset(f"rq:job:{taken}", "status", "started")  # the worker then sees the flag
-        assert httpx.get(f"{url}/v1/generations/{taken}").json()["status"] == "running"
-        assert counted in httpx.get(f"{url}/metrics").text
+        assert HTTP.get(f"{url}/v1/generations/{taken}").json()["status"] == "running"
+        assert counted in HTTP.get(f"{url}/metrics").text
     finally:
         api.stop()
 
@@ -437,7 +438,7 @@ def test_a_held_read_whose_client_hung_up_stops_reading(private_redis: RedisServ
     register_ghost(r, "tiny")
     api, url = start_api(private_redis.url, tmp_path, LATENTD_DEFAULT_MODEL="tiny")
     try:
-        job_id = httpx.post(f"{url}/v1/generations", json={"prompt": "x"}).json()["id"]
+        job_id = HTTP.post(f"{url}/v1/generations", json={"prompt": "x"}).json()["id"]
 
         def commands_in(seconds: float) -> int:
             before = r.info("stats")["total_commands_processed"]
@@ -454,7 +455,7 @@ def test_a_held_read_whose_client_hung_up_stops_reading(private_redis: RedisServ
         held = commands_in(3)
         assert held < idle + 20, (idle, held)  # 20 reads a second, each of several commands, before
         # Their answers were never sent: counted as 499s (nginx's "client closed request"), not 200s.
-        metrics = httpx.get(f"{url}/metrics").text
+        metrics = HTTP.get(f"{url}/metrics").text
         assert 'route="/v1/generations/{id}",status="499"} 20.0' in metrics, metrics
     finally:
         api.stop()
@@ -472,7 +473,7 @@ def test_a_connection_slower_than_the_read_timeout_is_closed(
     api, url = start_api(private_redis.url, tmp_path, LATENTD_REQUEST_READ_TIMEOUT="2")
     port = int(url.rpartition(":")[2])
     try:
-        job_id = httpx.post(f"{url}/v1/generations", json={"prompt": "x"}).json()["id"]
+        job_id = HTTP.post(f"{url}/v1/generations", json={"prompt": "x"}).json()["id"]
         body_due = b"POST /v1/generations HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"
         for sent in (b"", b"GET /healthz HTTP/1.1\r\nHost: x\r\n", body_due):
             with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
@@ -490,7 +491,7 @@ def test_a_connection_slower_than_the_read_timeout_is_closed(
             conn.sendall(b"\r\n")
             assert conn.recv(100) == b""
         # A request read whole is not cut, however long its answer takes.
-        held = httpx.get(f"{url}/v1/generations/{job_id}?wait=4", timeout=10)
+        held = HTTP.get(f"{url}/v1/generations/{job_id}?wait=4", timeout=10)
         assert held.status_code == 200 and held.elapsed.total_seconds() > 3.5
     finally:
         api.stop()
@@ -503,9 +504,9 @@ def test_a_model_whose_workers_are_gone_stays_in_the_metrics_while_its_jobs_wait
     register_ghost(r, "other")
     api, url = start_api(private_redis.url, tmp_path, LATENTD_DEFAULT_MODEL="tiny")
     try:
-        assert httpx.post(f"{url}/v1/generations", json={"prompt": "x", "model": "other"}).status_code == 202
+        assert HTTP.post(f"{url}/v1/generations", json={"prompt": "x", "model": "other"}).status_code == 202
         r.delete("latentd:worker:ghost")  # its heartbeat lapses
-        text = httpx.get(f"{url}/metrics").text
+        text = HTTP.get(f"{url}/metrics").text
         assert 'latentd_workers{model="other"} 0.0' in text  # LatentdNoWorkers fires for it
         assert 'latentd_queue_depth{model="other"} 1.0' in text
     finally:
@@ -520,13 +521,13 @@ def test_openai_route_tells_openais_clients_not_to_resend_an_accepted_job(
     register_ghost(r, "tiny")  # nothing runs the job: the wait runs out
     api, url = start_api(private_redis.url, tmp_path, LATENTD_DEFAULT_MODEL="tiny", LATENTD_SYNC_TIMEOUT="1")
     try:
-        response = httpx.post(
+        response = HTTP.post(
             f"{url}/v1/images/generations", json={"prompt": "x", "size": "64x64"}, timeout=30
         )
         assert response.status_code == 504 and response.json()["error"]["code"] == "wait_timeout"
         assert response.headers["x-should-retry"] == "false"
         assert r.llen("rq:queue:latentd:tiny") == 1
-        refused = httpx.post(f"{url}/v1/images/generations", json={"prompt": "x", "model": "nobody"})
+        refused = HTTP.post(f"{url}/v1/images/generations", json={"prompt": "x", "model": "nobody"})
         assert refused.status_code == 400 and "x-should-retry" not in refused.headers  # nothing accepted
     finally:
         api.stop()
@@ -553,17 +554,17 @@ def test_an_idempotency_key_claimed_by_an_api_that_died_frees_itself(
         private_redis.url, tmp_path, "dying", PYTHONPATH=sitecustomize(tmp_path, DIE_BEFORE_ENQUEUE)
     )
     with pytest.raises(httpx.HTTPError):
-        httpx.post(f"{url}/v1/generations", json=body, headers=headers, timeout=10)
+        HTTP.post(f"{url}/v1/generations", json=body, headers=headers, timeout=10)
     assert dying.proc.wait(10) == 9
     api, url = start_api(private_redis.url, tmp_path)
     try:
         # Its claim stands only briefly; a replay then gets a job (it got 409 for a day).
-        replay = httpx.post(f"{url}/v1/generations", json=body, headers=headers, timeout=10)
+        replay = HTTP.post(f"{url}/v1/generations", json=body, headers=headers, timeout=10)
         if replay.status_code == 409:
             assert replay.json()["error"]["code"] == "idempotency_conflict"
             replay = wait_until(
                 lambda: (
-                    (a := httpx.post(f"{url}/v1/generations", json=body, headers=headers)).status_code == 202
+                    (a := HTTP.post(f"{url}/v1/generations", json=body, headers=headers)).status_code == 202
                     and a
                 ),
                 15,
@@ -572,7 +573,7 @@ def test_an_idempotency_key_claimed_by_an_api_that_died_frees_itself(
         assert replay.status_code == 202, replay.text
         [claim] = r.keys("latentd:idempotency:*")
         assert r.ttl(claim) > 3600  # an accepted job holds its key as long as the job lives
-        again = httpx.post(f"{url}/v1/generations", json=body, headers=headers)
+        again = HTTP.post(f"{url}/v1/generations", json=body, headers=headers)
         assert again.json()["id"] == replay.json()["id"]
         assert r.llen("rq:queue:latentd:tiny") == 1
     finally:
@@ -611,9 +612,9 @@ def test_a_replay_after_a_lost_enqueue_reply_gets_the_job_that_was_taken(
         private_redis.url, tmp_path, PYTHONPATH=sitecustomize(tmp_path, LOSE_THE_FIRST_ENQUEUE_REPLY)
     )
     try:
-        first = httpx.post(f"{url}/v1/generations", json=body, headers=headers, timeout=10)
+        first = HTTP.post(f"{url}/v1/generations", json=body, headers=headers, timeout=10)
         assert first.status_code == 503, first.text
-        replay = httpx.post(f"{url}/v1/generations", json=body, headers=headers, timeout=10)
+        replay = HTTP.post(f"{url}/v1/generations", json=body, headers=headers, timeout=10)
         assert replay.status_code == 202, replay.text
         assert r.lrange("rq:queue:latentd:tiny", 0, -1) == [replay.json()["id"].encode()]
     finally:
@@ -875,7 +876,7 @@ def test_a_request_head_over_the_bound_is_refused_while_it_is_read(
     api, url = start_api(private_redis.url, tmp_path)
     port = int(url.rsplit(":", 1)[1])
     try:
-        large = httpx.get(f"{url}/healthz", headers={"X-Large": "k" * (MAX_HEAD_BYTES // 2)})
+        large = HTTP.get(f"{url}/healthz", headers={"X-Large": "k" * (MAX_HEAD_BYTES // 2)})
         assert large.status_code == 200, large.text  # long, within the bound
         with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
             conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Junk: ")
@@ -885,7 +886,7 @@ def test_a_request_head_over_the_bound_is_refused_while_it_is_read(
             except OSError:
                 pass  # closed on us: the answer is waiting
             assert error_answer(conn) == ("431", "headers_too_large")
-        assert httpx.get(f"{url}/healthz").status_code == 200  # and serves on
+        assert HTTP.get(f"{url}/healthz").status_code == 200  # and serves on
         # A head over the bound that comes in one read: it was parsed whole and served (200).
         with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
             over = b"k" * (MAX_HEAD_BYTES + 1024)
@@ -895,7 +896,7 @@ def test_a_request_head_over_the_bound_is_refused_while_it_is_read(
             upgrade = b"Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
             conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + upgrade + b"X-Over: " + over + b"\r\n\r\n")
             assert error_answer(conn) == ("431", "headers_too_large")
-        assert httpx.get(f"{url}/healthz").status_code == 200
+        assert HTTP.get(f"{url}/healthz").status_code == 200
         assert "Traceback" not in api.output()  # uvicorn upgraded the refused WebSocket request, and raised
         # Pipelined requests that come in one read are not one head: every one is answered.
         many = 8 * MAX_HEAD_BYTES // 36
@@ -961,12 +962,12 @@ def test_sigterm_answers_held_reads_at_once_and_the_api_exits(
     register_ghost(private_redis.client(), TINY_MODEL)  # jobs are accepted, and nothing runs them
     api, url = start_api(private_redis.url, tmp_path)
     try:
-        job_id = httpx.post(f"{url}/v1/generations", json={"prompt": "x"}).json()["id"]
+        job_id = HTTP.post(f"{url}/v1/generations", json={"prompt": "x"}).json()["id"]
         answers: dict[str, httpx.Response] = {}
 
         def hold(name: str, method: str, path: str, **kwargs: object) -> threading.Thread:
             def run() -> None:
-                answers[name] = httpx.request(method, f"{url}{path}", timeout=30, **kwargs)  # type: ignore[arg-type]
+                answers[name] = HTTP.request(method, f"{url}{path}", timeout=30, **kwargs)  # type: ignore[arg-type]
 
             thread = threading.Thread(target=run)
             thread.start()

@@ -11,10 +11,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.conftest import Cluster, Proc, cluster_with_worker, sitecustomize
+from tests.conftest import HTTP, Cluster, Proc, cluster_with_worker, sitecustomize
 from tests.test_batching import pixels
 
 pytestmark = pytest.mark.integration
@@ -67,7 +66,7 @@ def test_out_of_memory_splits_or_fails_the_job_and_the_worker_serves_on(
     assert big["error"]["code"] == "out_of_memory"
     assert "128x128" in big["error"]["message"] and "Traceback" not in big["error"]["message"]
 
-    metrics = httpx.get(f"{cluster.url}/metrics").text
+    metrics = HTTP.get(f"{cluster.url}/metrics").text
     assert 'latentd_out_of_memory_splits_total{model="tiny"} 1.0' in metrics  # the pair's call only
 
     # The worker is still there and takes the next job.

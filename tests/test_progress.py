@@ -6,10 +6,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.conftest import (
+    HTTP,
     LONG_JOB,
     Cluster,
     Proc,
@@ -33,7 +33,7 @@ def test_progress_and_cancel_are_read_once_per_interval(rare_checks: tuple[Clust
     cluster, _ = rare_checks
     job_id = cluster.submit(LONG_JOB)
     wait_until(lambda: cluster.status(job_id)["progress"]["step"] > 0, 60, what="the first step")
-    assert httpx.post(f"{cluster.url}/v1/generations/{job_id}/cancel").status_code == 202
+    assert HTTP.post(f"{cluster.url}/v1/generations/{job_id}/cancel").status_code == 202
     seen = set()
     while (view := cluster.status(job_id))["status"] == "running":
         seen.add(view["progress"]["step"])
@@ -69,7 +69,7 @@ commit = worker.jobs._commit
 
 def cancel():
     job_id = os.environ["CANCEL_JOB_ID_FILE"]
-    answer = httpx.post(os.environ["CANCEL_URL"] + "/v1/generations/" + open(job_id).read() + "/cancel")
+    answer = HTTP.post(os.environ["CANCEL_URL"] + "/v1/generations/" + open(job_id).read() + "/cancel")
     open(os.environ["CANCEL_ANSWER_FILE"], "w").write(str(answer.status_code))
 
 def _commit(*args, **kwargs):

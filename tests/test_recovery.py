@@ -9,12 +9,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 import redis
 
 from latentd.contract import Keys, WorkerInfo
 from tests.conftest import (
+    HTTP,
     LEASE,
     LONG_JOB,
     TINY_MODEL,
@@ -43,7 +43,7 @@ def test_killed_worker_job_is_requeued_and_completed(cluster: Cluster) -> None:
     view = cluster.ends_on_another_worker(job_id)
     assert view["status"] == "succeeded"
     assert view["attempts"] == 2
-    assert httpx.get(f"{cluster.url}{view['images'][0]['url']}").status_code == 200
+    assert HTTP.get(f"{cluster.url}{view['images'][0]['url']}").status_code == 200
     assert cluster.redis.client().hget(f"latentd:job:{job_id}", "completions") == b"1"
 
 
@@ -216,7 +216,7 @@ def test_a_job_whose_images_were_stored_before_its_worker_died_is_not_run_again(
     assert f"job_started job_id={job_id}" not in worker.output()
     assert r.hget(f"latentd:job:{job_id}", "completions") == b"1"
     assert r.hgetall("latentd:stats:outcomes") == {b"tiny|succeeded|": b"1"}  # counted as stored
-    assert httpx.get(f"{cluster.url}{view['images'][0]['url']}").content == stored
+    assert HTTP.get(f"{cluster.url}{view['images'][0]['url']}").content == stored
 
 
 def test_a_job_given_up_on_its_last_attempt_refuses_a_late_commit(redis_client: redis.Redis) -> None:
@@ -340,7 +340,7 @@ def test_a_job_canceled_before_its_worker_died_ends_canceled(
     job_id = cluster.submit(LONG_JOB)
     cluster.running_on(job_id)
     first.proc.send_signal(signal.SIGSTOP)  # it never reads the flag
-    assert httpx.post(f"{cluster.url}/v1/generations/{job_id}/cancel").status_code == 202
+    assert HTTP.post(f"{cluster.url}/v1/generations/{job_id}/cancel").status_code == 202
     first.proc.send_signal(signal.SIGKILL)
     first.proc.wait()
     second = cluster.worker("b")  # its reaper finds the lapsed lease
@@ -376,7 +376,7 @@ def test_with_no_worker_alive_the_api_requeues_a_dead_workers_job(api_reaping_cl
     api_log = (cluster.tmp / "api.log").read_text()
     assert f"job_requeued job_id={job_id} reason=worker_lost" in api_log, api_log[-3000:]
     assert cluster.status(job_id)["attempts"] == 1  # a worker that comes runs it again
-    cancel = httpx.post(f"{cluster.url}/v1/generations/{job_id}/cancel")
+    cancel = HTTP.post(f"{cluster.url}/v1/generations/{job_id}/cancel")
     assert cancel.status_code == 200 and cancel.json()["status"] == "canceled"  # queued: at once
 
 
@@ -395,7 +395,7 @@ def test_with_no_worker_alive_the_api_ends_a_dead_workers_last_attempts(
     assert cluster.status(canceled)["status"] == "running"
     worker.proc.send_signal(signal.SIGKILL)
     worker.proc.wait()
-    assert httpx.post(f"{cluster.url}/v1/generations/{canceled}/cancel").status_code == 202
+    assert HTTP.post(f"{cluster.url}/v1/generations/{canceled}/cancel").status_code == 202
     failed = cluster.wait_terminal(lost, timeout=30)
     assert failed["status"] == "failed" and failed["error"]["code"] == "worker_lost", failed
     view = cluster.wait_terminal(canceled, timeout=30)
@@ -433,14 +433,14 @@ def test_frozen_worker_late_result_is_discarded(cluster: Cluster) -> None:
         frozen.proc.send_signal(signal.SIGSTOP)
         view = cluster.wait_terminal(job_id)  # the other worker re-runs it after the lease lapses
         assert view["status"] == "succeeded" and view["attempts"] == 2
-        image = httpx.get(f"{cluster.url}{view['images'][0]['url']}").content
+        image = HTTP.get(f"{cluster.url}{view['images'][0]['url']}").content
 
         frozen.proc.send_signal(signal.SIGCONT)
         wait_until(lambda: "job_lease_lost" in frozen.output(), 30, what="the thawed worker to give up")
         after = cluster.status(job_id)
         assert after["status"] == "succeeded" and after["attempts"] == 2
         assert cluster.redis.client().hget(f"latentd:job:{job_id}", "completions") == b"1"
-        assert httpx.get(f"{cluster.url}{view['images'][0]['url']}").content == image
+        assert HTTP.get(f"{cluster.url}{view['images'][0]['url']}").content == image
         # The thawed worker carries on serving.
         for _ in range(3):
             assert (

@@ -11,6 +11,7 @@ import pytest
 
 from latentd.embedded import free_port
 from tests.conftest import (
+    HTTP,
     LEASE,
     LONG_JOB,
     TINY_MODEL,
@@ -50,15 +51,15 @@ def test_workers_ride_out_a_redis_outage(cluster: Cluster) -> None:
             cluster.wait_terminal(cluster.submit({"prompt": "before", "steps": 1}))["status"] == "succeeded"
         )
         cluster.redis.stop()
-        outage = httpx.post(f"{cluster.url}/v1/generations", json={"prompt": "during"})
+        outage = HTTP.post(f"{cluster.url}/v1/generations", json={"prompt": "during"})
         assert outage.status_code == 503 and outage.headers["retry-after"]
-        read = httpx.get(f"{cluster.url}/v1/generations/anyid")
+        read = HTTP.get(f"{cluster.url}/v1/generations/anyid")
         assert read.status_code == 503 and read.json()["error"]["code"] == "service_unavailable"
         time.sleep(3)
         cluster.redis.start()
         # Neither the API nor the worker was restarted.
         wait_until(
-            lambda: httpx.get(f"{cluster.url}/v1/models").json()["data"], 30, what="worker re-registered"
+            lambda: HTTP.get(f"{cluster.url}/v1/models").json()["data"], 30, what="worker re-registered"
         )
         after = cluster.wait_terminal(cluster.submit({"prompt": "after", "steps": 1}))
         assert after["status"] == "succeeded"
@@ -259,7 +260,7 @@ def test_latentd_generate_rides_out_an_api_restart(cluster: Cluster) -> None:
     def api_up(api: Proc) -> None:
         def healthy() -> bool:
             try:
-                return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+                return HTTP.get(f"{url}/healthz", timeout=1).status_code == 200
             except httpx.HTTPError:
                 return False
 

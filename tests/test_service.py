@@ -18,7 +18,15 @@ from PIL import Image
 
 from latentd.client import generate
 from latentd.contract import Keys, StateField
-from tests.conftest import TINY_MODEL, RedisServer, Service, flag_everything_checker, start_worker, wait_until
+from tests.conftest import (
+    HTTP,
+    TINY_MODEL,
+    RedisServer,
+    Service,
+    flag_everything_checker,
+    start_worker,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -262,7 +270,7 @@ def test_openai_endpoint_b64_and_url(service: Service) -> None:
     assert response.status_code == 200, response.text
     [item] = response.json()["data"]
     assert item["url"].startswith(service.url)
-    fetched = httpx.get(item["url"])
+    fetched = HTTP.get(item["url"])
     assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
 
     # What newer OpenAI clients send: a size of "auto", n of null, an output format.
@@ -272,7 +280,7 @@ def test_openai_endpoint_b64_and_url(service: Service) -> None:
     )
     assert response.status_code == 200, response.text
     [item] = response.json()["data"]
-    fetched = httpx.get(item["url"])
+    fetched = HTTP.get(item["url"])
     assert fetched.headers["content-type"] == "image/webp"
     assert Image.open(io.BytesIO(fetched.content)).size == (64, 64)  # LATENTD_DEFAULT_SIZE
 

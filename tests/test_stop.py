@@ -8,11 +8,11 @@ import os
 import signal
 import time
 
-import httpx
 import pytest
 
 from latentd.contract import Keys
 from tests.conftest import (
+    HTTP,
     LEASE,
     LONG_JOB,
     TINY_MODEL,
@@ -264,7 +264,7 @@ def test_sigusr1_writes_every_threads_stack_and_the_processes_go_on(cluster: Clu
             what="the worker's stack dump",
         )
         wait_until(lambda: "(most recent call first)" in api.output(), 10, what="the API's stack dump")
-        job_id = httpx.post(f"{url}/v1/generations", json={"prompt": "after", "steps": 1}).json()["id"]
+        job_id = HTTP.post(f"{url}/v1/generations", json={"prompt": "after", "steps": 1}).json()["id"]
         assert cluster.wait_terminal(job_id)["status"] == "succeeded"
     finally:
         api.stop()

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from latentd.embedded import free_port
-from tests.conftest import ROOT, RedisServer, base_env, spawn, wait_until
+from tests.conftest import HTTP, ROOT, RedisServer, base_env, spawn, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -54,7 +54,7 @@ def test_up_serves_a_generation_and_stops_cleanly(tmp_path: Path, tiny_model_dir
         def serving() -> bool:
             assert up.proc.poll() is None, up.output()[-3000:]
             try:
-                return bool(httpx.get(f"{url}/v1/models", timeout=2).json()["data"])
+                return bool(HTTP.get(f"{url}/v1/models", timeout=2).json()["data"])
             except (httpx.HTTPError, KeyError, ValueError):
                 return False
 
@@ -65,18 +65,18 @@ def test_up_serves_a_generation_and_stops_cleanly(tmp_path: Path, tiny_model_dir
             60,
             what="the ready line",
         )
-        job = httpx.post(
+        job = HTTP.post(
             f"{url}/v1/generations", json={"prompt": "a red circle on a blue background", "seed": 7}
         )
         assert job.status_code == 202
         view = wait_until(
             lambda: (
-                (v := httpx.get(f"{url}/v1/generations/{job.json()['id']}").json())["status"] == "succeeded"
+                (v := HTTP.get(f"{url}/v1/generations/{job.json()['id']}").json())["status"] == "succeeded"
                 and v
             ),
             60,
         )
-        image = httpx.get(url + view["images"][0]["url"])
+        image = HTTP.get(url + view["images"][0]["url"])
         assert image.status_code == 200 and image.content[:8] == b"\x89PNG\r\n\x1a\n"
         assert (tmp_path / "data" / "redis").is_dir()  # the embedded Redis keeps its AOF there
 
@@ -100,8 +100,8 @@ def test_up_serves_a_generation_and_stops_cleanly(tmp_path: Path, tiny_model_dir
         assert keys.returncode == 0, keys.stderr
         assert "embedded Redis" in keys.stderr
         key = keys.stdout.strip()
-        wait_until(lambda: httpx.get(f"{url}/v1/models").status_code == 401, 30, what="keys required")
-        authorized = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"})
+        wait_until(lambda: HTTP.get(f"{url}/v1/models").status_code == 401, 30, what="keys required")
+        authorized = HTTP.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"})
         assert authorized.status_code == 200
 
         # One `up` per data directory: a second one would run a second Redis on the same AOF.
@@ -115,14 +115,14 @@ def test_up_serves_a_generation_and_stops_cleanly(tmp_path: Path, tiny_model_dir
         # Stopped as a terminal stops it, with a job running: the signal reaches the whole
         # process group. The worker finishes the job before Redis goes.
         headers = {"Authorization": f"Bearer {key}"}
-        job_id = httpx.post(
+        job_id = HTTP.post(
             f"{url}/v1/generations",
             json={"prompt": "a long one", "steps": 40, "width": 128, "height": 128},  # about 8 s here
             headers=headers,
         ).json()["id"]
         wait_until(
             lambda: (
-                httpx.get(f"{url}/v1/generations/{job_id}", headers=headers).json()["progress"]["step"] > 0
+                HTTP.get(f"{url}/v1/generations/{job_id}", headers=headers).json()["progress"]["step"] > 0
             ),
             60,
             what="the job running",
@@ -226,12 +226,12 @@ def test_up_starts_again_a_worker_that_failed_after_serving(tmp_path: Path, tiny
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: "latentd up: ready" in up.output(), 120, what="up ready")
-        wait_until(lambda: httpx.get(f"{url}/v1/models", timeout=2).status_code == 200, 60, what="the API")
-        job_id = httpx.post(
+        wait_until(lambda: HTTP.get(f"{url}/v1/models", timeout=2).status_code == 200, 60, what="the API")
+        job_id = HTTP.post(
             f"{url}/v1/generations", json={"prompt": "a long one", "steps": 40, "width": 128, "height": 128}
         ).json()["id"]
         wait_until(
-            lambda: httpx.get(f"{url}/v1/generations/{job_id}").json()["progress"]["step"] > 0,
+            lambda: HTTP.get(f"{url}/v1/generations/{job_id}").json()["progress"]["step"] > 0,
             60,
             what="the job running",
         )
@@ -239,7 +239,7 @@ def test_up_starts_again_a_worker_that_failed_after_serving(tmp_path: Path, tiny
         wait_until(lambda: up.output().count("latentd up: ready") == 2, 120, what="a second worker ready")
         assert "latentd up: worker exited with -9; starting another" in up.output()
         view = wait_until(
-            lambda: (v := httpx.get(f"{url}/v1/generations/{job_id}").json())["status"] == "succeeded" and v,
+            lambda: (v := HTTP.get(f"{url}/v1/generations/{job_id}").json())["status"] == "succeeded" and v,
             120,
             what="the job run again",
         )
