@@ -167,7 +167,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             with ending_held_reads_on_exit(service):
                 yield
         finally:
-            reaper.stop()
+            await asyncio.to_thread(reaper.stop)
             listener.cancel()
             # Bounded, in case a cancel is lost in a way `_cancel_requested` does not see.
             await asyncio.wait({listener}, timeout=5)

@@ -11,22 +11,25 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 import redis
 from rq import Queue
 
 from latentd import reaping
+from latentd.logs import event
 
 log = logging.getLogger("latentd.api")
 
 
 class Reaper(threading.Thread):
     """Every third of a lease, while no worker is alive: each model's jobs whose lease lapsed go to
-    RQ, which re-queues them or fails them, as a worker's reaper would. Never within a lease of this
-    process's start or of Redis trouble it saw (an error, or a Redis restarted since its last look):
-    a live worker renews its leases every third of a lease once Redis is back, and re-registers,
-    but until then its jobs' leases and its registration may read as lapsed."""
+    RQ, which re-queues them or fails them, as a worker's reaper would.
+
+    Never within a lease of this process's start, or of Redis's return from trouble it saw (no
+    answer, or a Redis restarted since its last look): a live worker renews its leases every third
+    of a lease once Redis is back, and registers again, but until then its jobs' leases and its
+    registration may read as lapsed. The lease waited is the longest any worker has held jobs
+    under (`reaping.record_lease`), or this process's own if longer."""
 
     def __init__(
         self,
@@ -44,31 +47,54 @@ class Reaper(threading.Thread):
         self.holder = f"api:{socket.gethostname()}:{os.getpid()}"
         self.handler = reaping.abandoned_handler(connection, default_model, job_ttl)
         self.stopped = threading.Event()
-        self.reap_from = time.monotonic() + lease_seconds
-        self.redis_run: Any = None  # the Redis server's run id at the last look
+        self.reap_from: float | None = time.monotonic() + lease_seconds  # None: once Redis answers
+        self.redis_run: object = None  # the Redis server's run id at the last look
+        self.info_refused = False  # INFO is disabled (an ACL, a renamed command): no run id
+        self.failures = reaping.Failures(log)
         self._queues: dict[str, Queue] = {}
 
     def run(self) -> None:
         while not self.stopped.wait(self.lease / 3):
             try:
                 self.reap()
-            except redis.RedisError:
-                self.reap_from = time.monotonic() + self.lease
-            except Exception:  # a job RQ cannot read, say: the next pass tries again
-                log.exception("reaper_failed")
+                self.failures.ok("redis")
+            except (redis.ConnectionError, redis.TimeoutError):
+                self.reap_from = None
+            except Exception as exc:  # a refused command, say: logged once, tried again
+                self.failures.failed("redis", exc)
 
     def reap(self) -> None:
-        run = self.connection.info("server").get("run_id")
-        if run != self.redis_run:
-            if self.redis_run is not None:  # restarted: its data may be older than the leases
-                self.reap_from = time.monotonic() + self.lease
-            self.redis_run = run
+        self._look_for_a_restart()
+        if self.reap_from is None:
+            self.reap_from = time.monotonic() + reaping.longest_lease(self.connection, self.lease)
         if time.monotonic() < self.reap_from or self.any_worker_alive():
             return
         for queue in reaping.model_queues(self.connection, self._queues):
-            with reaping.reaper_locks(self.connection, [queue.name], self.holder) as taken:
-                if taken and not self.stopped.is_set():
-                    reaping.reap(queue, self.job_ttl, self.handler)
+            if self.stopped.is_set():
+                return
+            try:
+                with reaping.reaper_locks(self.connection, [queue.name], self.holder) as taken:
+                    if taken:
+                        reaping.reap(queue, self.job_ttl, self.handler)
+                self.failures.ok(queue.name)
+            except (redis.ConnectionError, redis.TimeoutError):
+                raise
+            except Exception as exc:  # one queue's trouble leaves the others reaped
+                self.failures.failed(queue.name, exc)
+
+    def _look_for_a_restart(self) -> None:
+        if self.info_refused:
+            return
+        try:
+            run = self.connection.info("server").get("run_id")
+        except redis.ResponseError as exc:
+            self.info_refused = True
+            event(log, "redis_info_refused", logging.WARNING, error=str(exc)[:200], note="restarts go unseen")
+            return
+        if run != self.redis_run:
+            if self.redis_run is not None:  # restarted: its data may be older than the leases
+                self.reap_from = None
+            self.redis_run = run
 
     def stop(self) -> None:
         self.stopped.set()

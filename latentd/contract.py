@@ -147,6 +147,9 @@ class Keys:
     # without a live worker that had one lately is coming back (a restart, a load), not unknown.
     MODELS_SEEN = f"{PREFIX}:models_seen"
     URL_SECRET = f"{PREFIX}:url_secret"  # signs the image URLs the OpenAI route gives (app.auth)
+    # The longest lease a worker has held jobs under (seconds), kept for good: how long an API
+    # process waits after Redis trouble before it reaps in place of workers (app.reaper).
+    LONGEST_LEASE = f"{PREFIX}:longest_lease"
 
     @staticmethod
     def rate(owner: str, minute: int) -> str:

@@ -14,7 +14,8 @@ from typing import Any
 
 import redis
 from rq import Queue
-from rq.exceptions import AbandonedJobError
+from rq.exceptions import AbandonedJobError, NoSuchJobError
+from rq.job import Job
 from rq.job import JobStatus as RQStatus
 from rq.serializers import JSONSerializer
 from rq.utils import now
@@ -36,9 +37,12 @@ _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL
 # next `GIVEN_UP_SECONDS` is refused (`_COMMIT`), so the job does not end failed with its images
 # stored. Past them, RQ has failed the job (the owner check refuses), or its write never landed and
 # the job is still its worker's to finish.
+# The grant is the abandoned run's (ARGV[1]): a pass cut short after it (a Redis error, a stop) and
+# the pass after it grant it alike; a later run's abandonment (the settle start's own) does not.
 _SETTLE_START = """
 if redis.call('HEXISTS', KEYS[1], 'images') == 1 then
-  return redis.call('HSETNX', KEYS[1], 'settle_start', 1)
+  redis.call('HSETNX', KEYS[1], 'settle_start', ARGV[1])
+  return redis.call('HGET', KEYS[1], 'settle_start') == ARGV[1] and 1 or 0
 end
 if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('HSET', KEYS[1], 'given_up_at', redis.call('TIME')[1])
@@ -85,13 +89,43 @@ def reap(queue: Queue, job_ttl: int, on_abandoned: Callable[..., Any]) -> None:
     """Under `queue`'s reaper lock: RQ re-queues or fails its expired executions, calling
     `on_abandoned` for each first; queued jobs canceled (app/serving.py) outlive their records in
     its canceled registry, which RQ trims never."""
-    queue.started_job_registry.cleanup(exception_handlers=[on_abandoned])
+    registry = queue.started_job_registry
+    # RQ's pass stops at the first job it cannot read (a status or date it does not know), before
+    # it saves any: the jobs before it were handled again at every pass, those after it never.
+    for entry in registry.connection.zrangebyscore(registry.key, 0, time.time()):
+        job_id = registry.parse_job_id(entry)
+        try:
+            Job.fetch(job_id, connection=registry.connection, serializer=registry.serializer)
+        except NoSuchJobError:
+            continue  # RQ drops it
+        except Exception as exc:
+            registry.connection.zrem(registry.key, entry)
+            event(log, "unreadable_job_dropped", logging.ERROR, job_id=job_id, error=type(exc).__name__)
+    registry.cleanup(exception_handlers=[on_abandoned])
     canceled_before = time.time() - job_ttl
     queue.connection.zremrangebyscore(queue.canceled_job_registry.key, "-inf", canceled_before)
 
 
-def grant_settle_start(r: redis.Redis, job_id: str) -> bool:
-    return bool(r.eval(_SETTLE_START, 1, Keys.state(job_id)))
+# KEYS: the longest lease; ARGV: this worker's.
+_RECORD_LEASE = """
+if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+"""
+
+
+def record_lease(connection: redis.Redis, lease_seconds: int) -> None:
+    """A worker's lease, kept if it is the longest so far (`Keys.LONGEST_LEASE`)."""
+    connection.eval(_RECORD_LEASE, 1, Keys.LONGEST_LEASE, lease_seconds)
+
+
+def longest_lease(connection: redis.Redis, at_least: int) -> int:
+    return max(at_least, int(connection.get(Keys.LONGEST_LEASE) or 0))
+
+
+def grant_settle_start(r: redis.Redis, job_id: str, run: str) -> bool:
+    """`run`: the abandoned run's mark (when RQ started it)."""
+    return bool(r.eval(_SETTLE_START, 1, Keys.state(job_id), run))
 
 
 def handle_abandoned(connection: redis.Redis, job: Any, default_model: str, job_ttl: int) -> None:
@@ -102,7 +136,7 @@ def handle_abandoned(connection: redis.Redis, job: Any, default_model: str, job_
     will_retry = not canceled and bool(job.retries_left and job.retries_left > 0)
     # Its images stored before its worker died, a job RQ would fail as lost gets one start
     # more: it settles the job succeeded with them, and runs nothing (worker/jobs.py `_START`).
-    settle = not will_retry and grant_settle_start(connection, job.id)
+    settle = not will_retry and grant_settle_start(connection, job.id, str(job.started_at))
     if settle:
         job.retries_left = 1
     if will_retry or settle:
@@ -176,3 +210,23 @@ def record_abandoned(
     p.hincrby(Keys.OUTCOMES, outcome_field(model, JobStatus.FAILED, ErrorCode.WORKER_LOST.value), 1)
     p.execute()
     event(log, "job_failed", logging.WARNING, job_id=job_id, code=ErrorCode.WORKER_LOST.value)
+
+
+class Failures:
+    """What failed at a reaper's last pass (a queue, Redis), each logged once as it fails and once
+    as it recovers: a reaper that fails every pass would say so every few seconds."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.log = logger
+        self.failing: set[str] = set()
+
+    def ok(self, what: str) -> None:
+        if what in self.failing:
+            self.failing.discard(what)
+            event(self.log, "reaper_recovered", what=what)
+
+    def failed(self, what: str, exc: BaseException) -> None:
+        if what not in self.failing:
+            self.failing.add(what)
+            error, message = type(exc).__name__, str(exc)[:200]
+            event(self.log, "reaper_failed", logging.ERROR, what=what, error=error, message=message)

@@ -309,3 +309,82 @@ def test_the_reaper_trims_canceled_jobs_past_their_records_lifetime(redis_client
     redis_client.zadd(queue.canceled_job_registry.key, {"old": now - worker.job_ttl - 10, "new": now})
     Heartbeat(worker, info, 1.0, queue).reap()
     assert redis_client.zrange(queue.canceled_job_registry.key, 0, -1) == [b"new"]
+
+
+def _lapsed(r: redis.Redis, queue: Any, job_id: str) -> None:
+    """A job its worker took and started, then died: its lease lapsed long ago."""
+    queue.enqueue(JOB_FUNCTION, PAYLOAD.model_dump(mode="json"), job_id=job_id)
+    r.lrem(queue.key, 1, job_id)
+    r.hset(f"rq:job:{job_id}", "status", "started")
+    r.zadd(queue.started_job_registry.key, {f"{job_id}:run": 1})
+
+
+def _api_reaper(r: redis.Redis, lease: int = 2) -> Any:
+    from app.reaper import Reaper
+
+    return Reaper(r, lease, 3600, "a", any_worker_alive=lambda: False)
+
+
+def test_the_apis_reaper_drops_a_job_it_cannot_read_and_reaps_the_rest(redis_client: redis.Redis) -> None:
+    # RQ's pass stopped at a job it could not read, before it saved any: the jobs after it, and
+    # every queue after its own, were never reaped; those before it were counted lost at each pass.
+    from rq import Queue
+
+    r = redis_client
+    first, second = (Queue(f"latentd:{m}", connection=r, serializer=JSONSerializer) for m in "ab")
+    for queue, job_id in ((first, "a-bad"), (first, "a-good"), (second, "b-good")):
+        _lapsed(r, queue, job_id)
+    r.hset("rq:job:a-bad", "status", "no status RQ knows")
+    reaper = _api_reaper(r)
+    reaper.reap_from = 0.0  # a lease after its start
+    reaper.reap()
+    reaper.reap()
+    for job_id in ("a-good", "b-good"):  # one attempt each: failed, as lost
+        assert Job.fetch(job_id, connection=r, serializer=JSONSerializer).get_status() == "failed"
+    assert r.hgetall(Keys.OUTCOMES) == {b"a|failed|worker_lost": b"1", b"b|failed|worker_lost": b"1"}
+    assert r.zcard(first.started_job_registry.key) == 0 and r.hget("rq:job:a-bad", "status")
+
+
+def test_the_apis_reaper_reaps_where_redis_refuses_info(redis_server: RedisServer) -> None:
+    # INFO (its restarts' sign) refused, by an ACL (`-@dangerous`) or a renamed command: each pass
+    # failed on it and was taken for Redis trouble, and nothing was ever reaped.
+    from rq import Queue
+
+    admin = redis.Redis.from_url(redis_server.url_for(PRIVATE_DB))
+    admin.flushdb()
+    admin.acl_setuser(
+        "no-info", enabled=True, nopass=True, keys=["*"], channels=["*"], commands=["+@all", "-info"]
+    )
+    try:
+        r = redis.Redis.from_url(redis_server.url_for(PRIVATE_DB), username="no-info", password="x")
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            r.info("server")
+        _lapsed(r, Queue("latentd:a", connection=r, serializer=JSONSerializer), "lost")
+        reaper = _api_reaper(r)
+        reaper.reap_from = 0.0
+        reaper.reap()
+        assert Job.fetch("lost", connection=r, serializer=JSONSerializer).get_status() == "failed"
+    finally:
+        admin.acl_deluser("no-info")
+        admin.flushdb()
+
+
+def test_the_apis_reaper_waits_the_longest_workers_lease_after_redis_trouble(
+    redis_client: redis.Redis,
+) -> None:
+    # An API given a shorter lease than its workers' reaped a live worker's running job as Redis
+    # came back, before the worker renewed the lease it had let lapse while Redis was gone.
+    from rq import Queue
+
+    from latentd import reaping
+
+    r = redis_client
+    reaping.record_lease(r, 30)
+    reaping.record_lease(r, 10)  # the longest is kept
+    assert reaping.longest_lease(r, 2) == 30 and reaping.longest_lease(r, 45) == 45
+    _lapsed(r, Queue("latentd:a", connection=r, serializer=JSONSerializer), "running")
+    reaper = _api_reaper(r, lease=2)
+    reaper.reap_from = None  # Redis just answered again
+    reaper.reap()
+    assert reaper.reap_from is not None and reaper.reap_from - time.monotonic() > 25
+    assert Job.fetch("running", connection=r, serializer=JSONSerializer).get_status() == "started"

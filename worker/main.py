@@ -428,6 +428,7 @@ class Heartbeat(threading.Thread):
         self.interval = interval
         self.queue = queue
         self._queues: dict[str, Queue] = {}
+        self.failures = reaping.Failures(log)
         self.stopped = threading.Event()
 
     def beat(self) -> None:
@@ -445,13 +446,19 @@ class Heartbeat(threading.Thread):
         others = reaping.model_queues(self.connection, self._queues)
         queues = [self.queue, *(q for q in others if q.key != self.queue.key)]
         for queue in queues:
-            with reaping.reaper_locks(self.connection, [queue.name], self.info.name) as taken:
-                if not taken:
-                    continue
-                reaping.reap(queue, self.worker.job_ttl, self.worker.on_abandoned)
-                # Jobs a dead worker had taken off the queue but not started (RQ does this only
-                # in its maintenance, every 10 minutes): back to their queue after a minute.
-                queue.intermediate_queue.cleanup(self.worker, queue)
+            try:
+                with reaping.reaper_locks(self.connection, [queue.name], self.info.name) as taken:
+                    if taken:
+                        reaping.reap(queue, self.worker.job_ttl, self.worker.on_abandoned)
+                        # Jobs a dead worker had taken off the queue but not started (RQ does
+                        # this only in its maintenance, every 10 minutes): back to their queue
+                        # after a minute.
+                        queue.intermediate_queue.cleanup(self.worker, queue)
+                self.failures.ok(queue.name)
+            except redis.RedisError:
+                raise  # the heartbeat's own handling
+            except Exception as exc:  # one queue's trouble: the others reaped, the thread alive
+                self.failures.failed(queue.name, exc)
 
     def run(self) -> None:
         failing = False
@@ -668,6 +675,7 @@ def run(settings: WorkerSettings) -> int:
     runtime.stop_requested = lambda: bool(worker._stop_requested)
     runtime.leave = worker._leave_the_job
     worker.stop_on_signals()  # before anyone is told the worker is ready
+    reaping.record_lease(connection, settings.lease_seconds)  # an API's reaper waits that long
     heartbeat = Heartbeat(worker, info, settings.heartbeat_interval, queue)
     heartbeat.beat()
     heartbeat.start()
