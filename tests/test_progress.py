@@ -69,7 +69,7 @@ commit = worker.jobs._commit
 
 def cancel():
     job_id = os.environ["CANCEL_JOB_ID_FILE"]
-    answer = HTTP.post(os.environ["CANCEL_URL"] + "/v1/generations/" + open(job_id).read() + "/cancel")
+    answer = httpx.post(os.environ["CANCEL_URL"] + "/v1/generations/" + open(job_id).read() + "/cancel")
     open(os.environ["CANCEL_ANSWER_FILE"], "w").write(str(answer.status_code))
 
 def _commit(*args, **kwargs):
