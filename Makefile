@@ -31,8 +31,8 @@ $(STAMP): pyproject.toml Makefile
 run: setup
 	$(BIN)/latentd up
 
-# One pytest process per core (up to 4), each taking whole files. Most tests wait on worker
-# processes and leases: on 2 cores the suite takes 8 min so, 12.8 in one (docs/benchmarks.md).
+# One pytest process per core (up to 4), each taking whole files. The suite is CPU-bound, mostly
+# worker starts: more processes than cores gained nothing; 11 min on 2 cores (docs/benchmarks.md).
 test: setup
 	$(BIN)/python -m pytest -n auto --maxprocesses 4 --dist loadfile
 
