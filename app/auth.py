@@ -192,15 +192,15 @@ async def image_caller(
     ] = None,
 ) -> Principal:
     """The caller of an image download: the key's owner, or anyone with a signed URL. A request
-    that carries a key and a signature that fails (changed, lapsed, or signed with a secret Redis
+    that carries a bearer key and a signature that fails (changed, lapsed, or signed with a secret Redis
     lost) is the key's: a client may send its key with every request."""
     if signature is None:
         return await authenticate(request)
     try:
         return await _signed_caller(request, expires, signature)
     except (Unauthorized, Expired):
-        if "authorization" not in request.headers:
-            raise
+        if not request.headers.get("authorization", "").lower().startswith("bearer "):
+            raise  # a proxy's Basic login, say: the URL's own error
         return await authenticate(request)
 
 

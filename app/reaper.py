@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 
 import redis
+from redis.exceptions import NoPermissionError
 from rq import Queue
 
 from latentd import reaping
@@ -47,7 +48,7 @@ class Reaper(threading.Thread):
         self.holder = f"api:{socket.gethostname()}:{os.getpid()}"
         self.handler = reaping.abandoned_handler(connection, default_model, job_ttl)
         self.stopped = threading.Event()
-        self.reap_from: float | None = time.monotonic() + lease_seconds  # None: once Redis answers
+        self.reap_from: float | None = None  # a lease from Redis's first answer (its return)
         self.redis_run: object = None  # the Redis server's run id at the last look
         self.info_refused = False  # INFO is disabled (an ACL, a renamed command): no run id
         self.failures = reaping.Failures(log)
@@ -88,6 +89,10 @@ class Reaper(threading.Thread):
         try:
             run = self.connection.info("server").get("run_id")
         except redis.ResponseError as exc:
+            # Refused by an ACL, or renamed away (unknown); any other (BUSY: a slow script) is
+            # this pass's only.
+            if not isinstance(exc, NoPermissionError) and "unknown command" not in str(exc).lower():
+                raise
             self.info_refused = True
             event(log, "redis_info_refused", logging.WARNING, error=str(exc)[:200], note="restarts go unseen")
             return

@@ -85,6 +85,15 @@ def model_queues(connection: redis.Redis, known: dict[str, Queue]) -> list[Queue
     return queues
 
 
+# An entry of the started registry dropped only if its lease is still lapsed (its worker, alive
+# after all, may have renewed it since the look). KEYS: the registry; ARGV: the entry, the cutoff.
+_DROP_IF_LAPSED = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and tonumber(score) <= tonumber(ARGV[2]) then return redis.call('ZREM', KEYS[1], ARGV[1]) end
+return 0
+"""
+
+
 def reap(queue: Queue, job_ttl: int, on_abandoned: Callable[..., Any]) -> None:
     """Under `queue`'s reaper lock: RQ re-queues or fails its expired executions, calling
     `on_abandoned` for each first; queued jobs canceled (app/serving.py) outlive their records in
@@ -92,15 +101,16 @@ def reap(queue: Queue, job_ttl: int, on_abandoned: Callable[..., Any]) -> None:
     registry = queue.started_job_registry
     # RQ's pass stops at the first job it cannot read (a status or date it does not know), before
     # it saves any: the jobs before it were handled again at every pass, those after it never.
-    for entry in registry.connection.zrangebyscore(registry.key, 0, time.time()):
+    lapsed = time.time()
+    for entry in registry.connection.zrangebyscore(registry.key, 0, lapsed):
         job_id = registry.parse_job_id(entry)
         try:
             Job.fetch(job_id, connection=registry.connection, serializer=registry.serializer)
-        except NoSuchJobError:
-            continue  # RQ drops it
-        except Exception as exc:
-            registry.connection.zrem(registry.key, entry)
-            event(log, "unreadable_job_dropped", logging.ERROR, job_id=job_id, error=type(exc).__name__)
+        except (NoSuchJobError, redis.ConnectionError, redis.TimeoutError):
+            continue  # RQ drops the first; the others: Redis, not the job (RQ's pass meets it too)
+        except Exception as exc:  # RQ's reading of the job: a status or a date it does not know
+            if registry.connection.eval(_DROP_IF_LAPSED, 1, registry.key, entry, lapsed):
+                event(log, "unreadable_job_dropped", logging.ERROR, job_id=job_id, error=type(exc).__name__)
     registry.cleanup(exception_handlers=[on_abandoned])
     canceled_before = time.time() - job_ttl
     queue.connection.zremrangebyscore(queue.canceled_job_registry.key, "-inf", canceled_before)

@@ -218,6 +218,9 @@ def test_the_openai_routes_image_urls_download_without_a_key_until_they_expire(s
         assert owner.status_code == 200 and owner.content == first.content, owner.text
         stranger = HTTP.get(f"{path}?{query_that_fails}", headers=secured.bob)
         assert stranger.status_code == 404 and stranger.json()["error"]["code"] == "not_found", stranger.text
+    # Not a key (a proxy's Basic login): the URL's own answer.
+    basic = HTTP.get(f"{path}?expires={lapsed}&signature={signed}", headers={"authorization": "Basic eDp5"})
+    assert basic.status_code == 404 and basic.json()["error"]["code"] == "expired", basic.text
     bad = HTTP.get(f"{path}?expires=soon&signature={signature}")
     assert bad.status_code == 422 and bad.json()["error"]["param"] == "expires", bad.text
     # Should Redis lose the secret (flushed, restarted without its file), every API process

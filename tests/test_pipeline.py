@@ -98,11 +98,12 @@ def cpu_allocation_failure() -> RuntimeError:
         ),
         lambda: RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
         cpu_allocation_failure,
+        MemoryError,
     ],
-    ids=["cuda", "cublas", "cpu"],
+    ids=["cuda", "cublas", "cpu", "python"],
 )
 def test_what_allocators_outside_the_caching_one_raise_for_memory_counts_as_out_of_memory(
-    runner: Runner, monkeypatch: pytest.MonkeyPatch, error: Callable[[], RuntimeError]
+    runner: Runner, monkeypatch: pytest.MonkeyPatch, error: Callable[[], Exception]
 ) -> None:
     """Allocations outside PyTorch's CUDA caching allocator, and the CPU's, fail as a plain
     RuntimeError: split, then `out_of_memory` (on a CPU host it was `generation_failed`), and the
@@ -113,7 +114,7 @@ def test_what_allocators_outside_the_caching_one_raise_for_memory_counts_as_out_
     [images], _ = runner.generate([payload(2)], never)
     assert len(images) == 2 and seen[0] == 4 and set(seen[1:]) == {2}  # split, one image a call
     limit_unet_batch(runner, monkeypatch, max_batch=1, error=error())
-    with pytest.raises(RuntimeError) as raised:
+    with pytest.raises((RuntimeError, MemoryError)) as raised:
         runner.generate([payload(1)], never)
     assert _classify(raised.value, payload(1)).code == "out_of_memory"
     assert not _device_is_broken(raised.value)

@@ -388,3 +388,55 @@ def test_the_apis_reaper_waits_the_longest_workers_lease_after_redis_trouble(
     reaper.reap()
     assert reaper.reap_from is not None and reaper.reap_from - time.monotonic() > 25
     assert Job.fetch("running", connection=r, serializer=JSONSerializer).get_status() == "started"
+
+
+def test_the_reapers_look_for_unreadable_jobs_drops_none_for_a_redis_error(
+    redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A timeout reading a job dropped it from the registry: never reaped, `running` for good.
+    from rq import Queue
+
+    from latentd import reaping
+
+    r = redis_client
+    queue = Queue("latentd:a", connection=r, serializer=JSONSerializer)
+    _lapsed(r, queue, "lost")
+    fetch = Job.fetch.__func__  # type: ignore[attr-defined]
+    calls = iter([redis.TimeoutError("slow")])
+
+    def slow_once(cls: Any, *args: Any, **kwargs: Any) -> Any:
+        if (error := next(calls, None)) is not None:
+            raise error
+        return fetch(cls, *args, **kwargs)
+
+    monkeypatch.setattr(Job, "fetch", classmethod(slow_once))
+    reaping.reap(queue, 3600, reaping.abandoned_handler(r, "a", 3600))
+    assert Job.fetch("lost", connection=r, serializer=JSONSerializer).get_status() == "failed"
+
+
+def test_the_apis_reaper_looks_for_restarts_again_after_a_busy_redis(redis_client: redis.Redis) -> None:
+    # A BUSY answer to INFO (a slow script) turned the restart check off for good.
+    reaper = _api_reaper(redis_client)
+    info = reaper.connection.info
+
+    def answers(*args: Any, **kwargs: Any) -> Any:
+        raise redis.ResponseError("BUSY Redis is busy running a script. You can only call SCRIPT KILL")
+
+    reaper.connection.info = answers  # type: ignore[method-assign]
+    with pytest.raises(redis.ResponseError):
+        reaper.reap()
+    reaper.connection.info = info  # type: ignore[method-assign]
+    reaper.reap()
+    assert not reaper.info_refused and reaper.redis_run is not None
+
+
+def test_a_worker_waits_the_longest_lease_after_redis_trouble(redis_client: redis.Redis) -> None:
+    # A worker of a short lease reaped a live worker's job of a longer one as Redis came back.
+    from latentd import reaping
+
+    worker, _ = _worker(redis_client)
+    worker.lease_seconds = 3
+    reaping.record_lease(redis_client, 60)
+    worker.longest_lease = reaping.longest_lease(redis_client, worker.lease_seconds)
+    worker.redis_trouble()
+    assert not worker.may_reap() and worker.reap_from - time.monotonic() > 55

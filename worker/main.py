@@ -87,6 +87,7 @@ class LatentdWorker(SimpleWorker):
 
     death_penalty_class = BatchTimeLimit
     lease_seconds = 30
+    longest_lease = 0  # of any worker's, as Redis last said (`reaping.longest_lease`)
     shutdown_grace = 600.0
     max_batch_images = 1
     batch_wait = 0.005
@@ -167,8 +168,10 @@ class LatentdWorker(SimpleWorker):
             raise
 
     def redis_trouble(self) -> None:
-        """Redis was out of reach just now (this worker's wait, lease thread or reaper found it)."""
-        self.reap_from = time.monotonic() + self.lease_seconds
+        """Redis was out of reach just now (this worker's wait, lease thread or reaper found it):
+        no reaping for the longest lease any worker holds jobs under (a live worker renews its own
+        every third of its lease once Redis is back)."""
+        self.reap_from = time.monotonic() + max(self.lease_seconds, self.longest_lease)
 
     def may_reap(self) -> bool:
         """Whether lapsed leases may count as their workers' deaths: not within a lease of an
@@ -443,6 +446,7 @@ class Heartbeat(threading.Thread):
         while retries are left, else fails them; we record why for the client. The lock is let go
         after the pass, for RQ's maintenance (`LatentdWorker.clean_registries`)."""
         self.worker.renew_leases()  # its own running jobs are not abandoned, whatever their lease says
+        self.worker.longest_lease = reaping.longest_lease(self.connection, self.worker.lease_seconds)
         others = reaping.model_queues(self.connection, self._queues)
         queues = [self.queue, *(q for q in others if q.key != self.queue.key)]
         for queue in queues:
@@ -455,8 +459,8 @@ class Heartbeat(threading.Thread):
                         # after a minute.
                         queue.intermediate_queue.cleanup(self.worker, queue)
                 self.failures.ok(queue.name)
-            except redis.RedisError:
-                raise  # the heartbeat's own handling
+            except (redis.ConnectionError, redis.TimeoutError):
+                raise  # Redis out of reach: the heartbeat's own handling
             except Exception as exc:  # one queue's trouble: the others reaped, the thread alive
                 self.failures.failed(queue.name, exc)
 
@@ -675,7 +679,8 @@ def run(settings: WorkerSettings) -> int:
     runtime.stop_requested = lambda: bool(worker._stop_requested)
     runtime.leave = worker._leave_the_job
     worker.stop_on_signals()  # before anyone is told the worker is ready
-    reaping.record_lease(connection, settings.lease_seconds)  # an API's reaper waits that long
+    reaping.record_lease(connection, settings.lease_seconds)  # other reapers wait that long
+    worker.longest_lease = reaping.longest_lease(connection, settings.lease_seconds)
     heartbeat = Heartbeat(worker, info, settings.heartbeat_interval, queue)
     heartbeat.beat()
     heartbeat.start()

@@ -572,8 +572,9 @@ def batch_key(payload: JobPayload, zeros_empty_negatives: bool = False) -> tuple
 def is_out_of_memory(exc: BaseException) -> bool:
     """torch's OutOfMemoryError, or the plain RuntimeError CUDA libraries raise when an allocation
     outside PyTorch's caching allocator fails (a cuBLAS handle or workspace, say), or torch's CPU
-    allocator does (a size the host's memory cannot hold). None leaves the device unusable."""
-    if isinstance(exc, torch.OutOfMemoryError):
+    allocator does (a size the host's memory cannot hold), or Python's MemoryError. None leaves
+    the device unusable."""
+    if isinstance(exc, torch.OutOfMemoryError | MemoryError):
         return True
     message = str(exc)
     return isinstance(exc, RuntimeError) and any(
@@ -581,7 +582,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
         for sign in (
             "CUDA error: out of memory",
             "CUBLAS_STATUS_ALLOC_FAILED",
-            "DefaultCPUAllocator: can't allocate memory",
+            "DefaultCPUAllocator:",  # "can't allocate memory"; on Windows "not enough memory"
         )
     )
 
