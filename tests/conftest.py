@@ -4,6 +4,7 @@ real worker and API processes talking to each other over Redis and HTTP."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -357,6 +358,15 @@ class Cluster:
             return self.wait_terminal(job_id)
         finally:
             second.stop()
+
+    def killed_mid_job(self) -> str:
+        """The id of a long job whose worker ("a") was killed (SIGKILL) as it ran."""
+        worker = self.worker("a")
+        job_id = self.submit(LONG_JOB)
+        self.running_on(job_id)
+        worker.proc.send_signal(signal.SIGKILL)
+        worker.proc.wait()
+        return job_id
 
     def running_on(self, job_id: str) -> str:
         def owner() -> str | None:

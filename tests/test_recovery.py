@@ -33,11 +33,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_killed_worker_job_is_requeued_and_completed(cluster: Cluster) -> None:
-    first = cluster.worker("a")
-    job_id = cluster.submit(LONG_JOB)
-    assert cluster.running_on(job_id) == "a"
-    first.proc.send_signal(signal.SIGKILL)
-    first.proc.wait()
+    job_id = cluster.killed_mid_job()
     assert cluster.status(job_id)["status"] == "running"  # until its lease runs out
 
     view = cluster.ends_on_another_worker(job_id)
@@ -320,11 +316,7 @@ def test_a_job_lost_before_its_run_began_reads_as_failed(one_attempt_cluster: Cl
 
 def test_job_whose_attempts_run_out_fails_with_worker_lost(one_attempt_cluster: Cluster) -> None:
     cluster = one_attempt_cluster
-    first = cluster.worker("a")
-    job_id = cluster.submit(LONG_JOB)
-    cluster.running_on(job_id)
-    first.proc.send_signal(signal.SIGKILL)
-    first.proc.wait()
+    job_id = cluster.killed_mid_job()
     second = cluster.worker("b")  # its reaper finds the lapsed lease
     try:
         view = cluster.wait_terminal(job_id)
@@ -376,11 +368,7 @@ def api_reaping_one_attempt_cluster(tmp_path: Path, tiny_model_dir: Path) -> Ite
 def test_with_no_worker_alive_the_api_requeues_a_dead_workers_job(api_reaping_cluster: Cluster) -> None:
     # Only a live worker's reaper re-queued it: with none left, it read `running` for good.
     cluster = api_reaping_cluster
-    worker = cluster.worker("a")
-    job_id = cluster.submit(LONG_JOB)
-    cluster.running_on(job_id)
-    worker.proc.send_signal(signal.SIGKILL)
-    worker.proc.wait()
+    job_id = cluster.killed_mid_job()
     wait_until(lambda: cluster.status(job_id)["status"] == "queued", 30, what="the API's reaper")
     api_log = (cluster.tmp / "api.log").read_text()
     assert f"job_requeued job_id={job_id} reason=worker_lost" in api_log, api_log[-3000:]
