@@ -23,14 +23,29 @@ def registrations(names: list[str], blobs: list[bytes | str | None]) -> tuple[li
     return workers, [name for name, blob in zip(names, blobs, strict=True) if blob is None]
 
 
+# Names whose registration had expired at a look leave the workers' set, each only if it is still
+# expired (a worker that registered again since stays). KEYS: the set, then each name's
+# registration; ARGV: the names.
+_FORGET_EXPIRED = """
+for i, name in ipairs(ARGV) do
+  if redis.call('EXISTS', KEYS[i + 1]) == 0 then redis.call('SREM', KEYS[1], name) end
+end
+"""
+
+
 def live_workers(connection: redis.Redis) -> list[WorkerInfo]:
     """Every worker whose registration (its heartbeat) is alive; expired names leave the set."""
     names = sorted(as_text(n) for n in connection.smembers(Keys.WORKERS))
     blobs = connection.mget([Keys.worker(n) for n in names]) if names else []
     workers, stale = registrations(names, blobs)
     if stale:
-        connection.srem(Keys.WORKERS, *stale)
+        forget_expired(connection, stale)
     return workers
+
+
+def forget_expired(connection: redis.Redis, names: list[str]) -> None:
+    keys = [Keys.WORKERS, *(Keys.worker(n) for n in names)]
+    connection.eval(_FORGET_EXPIRED, len(keys), *keys, *names)
 
 
 class UnsafeRedis(RuntimeError):

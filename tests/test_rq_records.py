@@ -440,3 +440,15 @@ def test_a_worker_waits_the_longest_lease_after_redis_trouble(redis_client: redi
     worker.longest_lease = reaping.longest_lease(redis_client, worker.lease_seconds)
     worker.redis_trouble()
     assert not worker.may_reap() and worker.reap_from - time.monotonic() > 55
+
+
+def test_a_worker_registered_again_since_the_look_stays_in_the_workers_set(redis_client: redis.Redis) -> None:
+    # The look found its registration expired; it registered again before the expired names were
+    # removed from the set, and went unlisted (no model, no reaper's "alive") until its next beat.
+    from latentd.store import forget_expired
+
+    r = redis_client
+    r.sadd(Keys.WORKERS, "back", "gone")
+    r.set(Keys.worker("back"), "{}")  # registered again since the look
+    forget_expired(r, ["back", "gone"])
+    assert r.smembers(Keys.WORKERS) == {b"back"}
