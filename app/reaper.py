@@ -70,18 +70,14 @@ class Reaper(threading.Thread):
             self.reap_from = time.monotonic() + reaping.longest_lease(self.connection, self.lease)
         if time.monotonic() < self.reap_from or self.any_worker_alive():
             return
-        for queue in reaping.model_queues(self.connection, self._queues):
-            if self.stopped.is_set():
-                return
-            try:
-                with reaping.reaper_locks(self.connection, [queue.name], self.holder) as taken:
-                    if taken:
-                        reaping.reap(queue, self.job_ttl, self.handler)
-                self.failures.ok(queue.name)
-            except (redis.ConnectionError, redis.TimeoutError):
-                raise
-            except Exception as exc:  # one queue's trouble leaves the others reaped
-                self.failures.failed(queue.name, exc)
+        reaping.reap_each(
+            self.connection,
+            reaping.model_queues(self.connection, self._queues),
+            self.holder,
+            self.failures,
+            lambda queue: reaping.reap(queue, self.job_ttl, self.handler),
+            stopped=self.stopped.is_set,
+        )
 
     def _look_for_a_restart(self) -> None:
         if self.info_refused:

@@ -85,6 +85,30 @@ def model_queues(connection: redis.Redis, known: dict[str, Queue]) -> list[Queue
     return queues
 
 
+def reap_each(
+    connection: redis.Redis,
+    queues: list[Queue],
+    holder: str,
+    failures: Failures,
+    reap_one: Callable[[Queue], None],
+    stopped: Callable[[], bool] = lambda: False,
+) -> None:
+    """`reap_one` for each queue whose reaper lock is free, under it. One queue's failure, logged once
+    by `failures`, leaves the others reaped; Redis out of reach ends the pass."""
+    for queue in queues:
+        if stopped():
+            return
+        try:
+            with reaper_locks(connection, [queue.name], holder) as taken:
+                if taken:
+                    reap_one(queue)
+            failures.ok(queue.name)
+        except (redis.ConnectionError, redis.TimeoutError):
+            raise
+        except Exception as exc:  # one queue's trouble: the others reaped, the reaper's thread alive
+            failures.failed(queue.name, exc)
+
+
 # An entry of the started registry dropped only if its lease is still lapsed (its worker, alive
 # after all, may have renewed it since the look). KEYS: the registry; ARGV: the entry, the cutoff.
 _DROP_IF_LAPSED = """

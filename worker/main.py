@@ -449,20 +449,14 @@ class Heartbeat(threading.Thread):
         self.worker.longest_lease = reaping.longest_lease(self.connection, self.worker.lease_seconds)
         others = reaping.model_queues(self.connection, self._queues)
         queues = [self.queue, *(q for q in others if q.key != self.queue.key)]
-        for queue in queues:
-            try:
-                with reaping.reaper_locks(self.connection, [queue.name], self.info.name) as taken:
-                    if taken:
-                        reaping.reap(queue, self.worker.job_ttl, self.worker.on_abandoned)
-                        # Jobs a dead worker had taken off the queue but not started (RQ does
-                        # this only in its maintenance, every 10 minutes): back to their queue
-                        # after a minute.
-                        queue.intermediate_queue.cleanup(self.worker, queue)
-                self.failures.ok(queue.name)
-            except (redis.ConnectionError, redis.TimeoutError):
-                raise  # Redis out of reach: the heartbeat's own handling
-            except Exception as exc:  # one queue's trouble: the others reaped, the thread alive
-                self.failures.failed(queue.name, exc)
+
+        def reap_one(queue: Queue) -> None:
+            reaping.reap(queue, self.worker.job_ttl, self.worker.on_abandoned)
+            # Jobs a dead worker had taken off the queue but not started (RQ does this only in its
+            # maintenance, every 10 minutes): back to their queue after a minute.
+            queue.intermediate_queue.cleanup(self.worker, queue)
+
+        reaping.reap_each(self.connection, queues, self.info.name, self.failures, reap_one)
 
     def run(self) -> None:
         failing = False
