@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ import pytest
 import torch
 
 from latentd.contract import JobPayload
-from tests.conftest import TINY_MODEL, flag_everything_checker
+from tests.conftest import ROOT, TINY_MODEL, flag_everything_checker
 from worker.encode import encode
 from worker.pipeline import (
     ModelLoadError,
@@ -694,6 +696,31 @@ def test_a_model_is_served_by_the_name_it_is_given(
         ("current/..", tmp_path.name),
     ]:
         assert WorkerSettings(model=str(model)).served_name() == name, model
+
+
+def test_a_stable_diffusion_directory_loads_without_diffusers_auto_pipeline(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The auto pipeline's module imports every pipeline diffusers has, about 1.7 s of each worker's
+    start here: a Stable Diffusion directory loads without it, and a directory of another pipeline
+    (image to image here) still loads for text to image through it."""
+    load = (
+        f"load_pipeline({str(tiny_model_dir)!r}, torch.device('cpu'), torch.float32, Path({str(tmp_path)!r}))"
+    )
+    code = (
+        "import sys, torch; from pathlib import Path; from worker.pipeline import load_pipeline;"
+        f"{load}; print('diffusers.pipelines.auto_pipeline' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.split()[-1] == "False", out.stdout
+    other = tmp_path / "img2img"
+    shutil.copytree(tiny_model_dir, other)
+    index = json.loads((other / "model_index.json").read_text())
+    (other / "model_index.json").write_text(
+        json.dumps({**index, "_class_name": "StableDiffusionImg2ImgPipeline"})
+    )
+    pipe = load_pipeline(str(other), torch.device("cpu"), torch.float32, tmp_path)
+    assert type(pipe).__name__ == "StableDiffusionPipeline"
 
 
 def test_half_precision_asked_for_on_a_cpu_is_served_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
