@@ -69,12 +69,14 @@ def warn_if_keeps_nothing(connection: redis.Redis, log: logging.Logger) -> None:
 def check_eviction_policy(connection: redis.Redis) -> None:
     """Refuse a Redis that may evict keys: an evicted key is a lost job.
 
-    Managed Redis services that disable CONFIG pass: their policy cannot be read here
-    and the deployment guide says to set it.
+    Managed Redis services that disable CONFIG pass, as do servers that answer it without the
+    policy: it cannot be read here, and the deployment guide says to set it.
     """
     try:
         policy = connection.config_get("maxmemory-policy").get("maxmemory-policy")
     except redis.ResponseError:
+        return
+    if policy is None:  # refused as "maxmemory-policy is 'None'", API and worker alike
         return
     if isinstance(policy, bytes):
         policy = policy.decode()

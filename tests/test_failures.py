@@ -23,6 +23,7 @@ import redis
 from latentd.client import generate
 from latentd.contract import Keys, WorkerInfo
 from latentd.embedded import find_redis_server, free_port
+from latentd.store import check_eviction_policy
 from tests.conftest import (
     HTTP,
     PRIVATE_DB,
@@ -773,6 +774,17 @@ def test_redis_that_may_evict_jobs_is_refused(private_redis: RedisServer, tmp_pa
     api = spawn(["api"], {**env, "LATENTD_PORT": str(free_port())}, tmp_path / "api.log")
     assert api.proc.wait(60) == 4
     assert "noeviction" in api.output() and "Traceback" not in api.output()
+
+
+def test_a_redis_like_server_that_answers_config_without_the_policy_is_served() -> None:
+    """Some Redis-compatible servers answer CONFIG GET with an empty map (none here to start):
+    the API and the worker refused them for good, as "maxmemory-policy is 'None'"."""
+
+    class AnswersNothing(redis.Redis):
+        def config_get(self, *args: Any, **kwargs: Any) -> dict[str, str]:
+            return {}
+
+    check_eviction_policy(AnswersNothing())
 
 
 @pytest.mark.parametrize(
