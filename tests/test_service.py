@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -339,6 +340,15 @@ def test_the_worker_log_holds_no_prompt(service: Service) -> None:
     # Nor advice to install torchvision, which transformers gave at each start (its PIL image
     # processors are what the worker uses).
     assert "torchvision" not in service.worker.output()
+
+
+def test_a_workers_start_is_logged_in_its_own_lines_only(service: Service) -> None:
+    # Loading wrote diffusers' and transformers' progress bars, and diffusers' advice to install
+    # accelerate (a warning of seven lines), at each start.
+    lines = service.worker.output().splitlines()
+    start = lines[: next(n for n, each in enumerate(lines) if "worker_ready" in each)]
+    line = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO|WARNING) latentd\.worker [a-z_]+( |$)")
+    assert start and all(line.match(each) for each in start), "\n".join(start)
 
 
 def test_images_expire_with_the_results_ttl(service: Service) -> None:
