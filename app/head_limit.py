@@ -1,6 +1,7 @@
 """uvicorn's httptools protocol with a bound on a request's head (its line and headers), which
-httptools reads whole however long (one 100 MB header took the API 200 MB of memory), and its
-refusals in the one error envelope. `latentd api` serves with it; where httptools is missing it
+httptools reads whole however long (one 100 MB header took the API 200 MB of memory), its
+refusals in the one error envelope, and requests that offer to switch protocols answered as
+HTTP/1.1 requests, body and all. `latentd api` serves with it; where httptools is missing it
 serves with h11, which keeps a bound of its own (16 KiB) and refuses in plain text.
 
 It subclasses uvicorn's protocol and so leans on its method names and its `cycle` and `transport`
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 
+import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from app.config import get_settings
@@ -43,6 +45,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     _head: int | None = 0  # bytes received of the head being read; None once it is read
     _began = False  # a head began during the read being parsed
     _refused = False
+    # The head of a request that offered to switch protocols, without the offer (see `_feed`).
+    _offer: bytes | None = None
     # A connection that sends nothing, or a request that comes a byte at a time, is closed once
     # LATENTD_REQUEST_READ_TIMEOUT passes: uvicorn times out only the wait between requests, and
     # 20,000 such connections took every file descriptor the API had.
@@ -85,13 +89,34 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers) > MAX_HEAD_BYTES:
             self._refuse()
             return
+        if self.parser.should_upgrade() and self.parser.get_method() != b"CONNECT":
+            self._offer = self._head_without_offer()
+            return  # answered once it is read again, body and all
         super().on_headers_complete()
+
+    def _head_without_offer(self) -> bytes:
+        """The request's head without its offer to switch protocols (its Upgrade header, and the
+        `upgrade` token and the headers it names in Connection)."""
+        named: set[bytes] = {b"upgrade"}
+        for name, value in self.headers:
+            if name == b"connection":
+                named.update(token.strip().lower() for token in value.split(b","))
+        version = self.parser.get_http_version().encode()
+        lines = [self.parser.get_method() + b" " + self.url + b" HTTP/" + version]
+        for name, value in self.headers:
+            if name == b"connection":
+                value = b", ".join(t.strip() for t in value.split(b",") if t.strip().lower() != b"upgrade")
+            if name not in named or (name == b"connection" and value):
+                lines.append(name + b": " + value)
+        return b"\r\n".join(lines) + b"\r\n\r\n"
 
     def on_body(self, body: bytes) -> None:
         if not self._refused:
             super().on_body(body)
 
     def on_message_complete(self) -> None:
+        if self._offer is not None:
+            return  # its body is still to come (`_feed`)
         self._read_done()
         if not self._refused:
             super().on_message_complete()
@@ -104,12 +129,34 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             # keep-alive timer: the connection was then held for good.
             self._read_from_now()
         self._began = False
-        super().data_received(data)
+        self._feed(data)
         if self._head is None or self._began or self.transport.is_closing():
             return
         self._head += len(data)
         if self._head > MAX_HEAD_BYTES:
             self._refuse()
+
+    def _feed(self, data: bytes) -> None:
+        """uvicorn's `data_received`, but for a request that offers to switch protocols (`Upgrade:
+        h2c`, which Java's HttpClient sends with every request to an http:// URL, and `curl
+        --http2`; or a WebSocket's): this API speaks HTTP/1.1 only, and answers such a request as
+        the plain request it also is (RFC 9110, 7.8). httptools ends the request at its head and
+        takes what follows for the new protocol's: the body was lost (`422`, body missing), or
+        read as the next request (`400`). The head is read again without the offer, and what
+        followed it after."""
+        self._unset_keepalive_if_required()
+        while True:  # once per offer in `data` (pipelined): each turn reads one request
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserError:
+                self.logger.warning("Invalid HTTP request received.")
+                self.send_400_response("Invalid HTTP request received.")
+            except httptools.HttpParserUpgrade as upgrade:
+                if self._offer is not None:  # else a CONNECT, or a refused head: answered
+                    data, self._offer = self._offer + data[upgrade.args[0] :], None
+                    self.parser = httptools.HttpRequestParser(self)
+                    continue
+            return
 
     def _refuse(self) -> None:
         self._refused = True
@@ -131,15 +178,6 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         # and the connection closed when the client closes it, or after LINGER_S.
         self.transport.write_eof()
         self.loop.call_later(LINGER_S, self.transport.close)
-
-    def _should_upgrade(self) -> bool:
-        # A refused head is not upgraded: uvicorn's upgrade of a WebSocket request whose head was
-        # refused (no scope method) logged a traceback per request.
-        return not self._refused and super()._should_upgrade()
-
-    def _unsupported_upgrade_warning(self) -> None:
-        if not self._refused:
-            super()._unsupported_upgrade_warning()
 
     def send_400_response(self, msg: str) -> None:
         """A request HTTP itself cannot read (a control character in a header, an unknown method,

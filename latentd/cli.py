@@ -86,6 +86,7 @@ def cmd_api(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=API_STOP_GRACE,
         workers=args.workers,
         http=http,
+        ws="none",
     )
     return 0
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -868,8 +870,6 @@ def test_a_worker_stops_at_once_while_it_loads_and_says_ready_only_once_loaded(t
 
 def error_answer(conn: Any) -> tuple[str, str]:
     """The status and error code of the one answer a socket gets before the server closes it."""
-    import json
-
     reply = b""
     while chunk := conn.recv(65536):
         reply += chunk
@@ -926,6 +926,54 @@ def test_a_request_head_over_the_bound_is_refused_while_it_is_read(
     finally:
         api.stop()
     assert "Traceback" not in api.output()
+
+
+def test_a_request_that_offers_another_protocol_is_answered_as_the_http_request_it_is(
+    private_redis: RedisServer, tmp_path: Path
+) -> None:
+    """Java's HttpClient offers `Upgrade: h2c` with every request to an http:// URL (so does `curl
+    --http2`): the API answered such a submit as if it had no body (422), or, with its body sent
+    apart, took the body for the next request (400). A WebSocket's offer got a bare 403."""
+    import socket
+
+    api, url = start_api(private_redis.url, tmp_path)
+    port = int(url.rsplit(":", 1)[1])
+
+    def answers(*parts: bytes, count: int = 1) -> list[tuple[int, dict[str, Any]]]:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+            for part in parts:
+                conn.sendall(part)
+                time.sleep(0.2)  # apart, as a client that writes the head and the body in turn
+            reply = b""
+            while reply.count(b"HTTP/1.1 ") < count or not reply.endswith(b"}"):
+                chunk = conn.recv(65536)
+                assert chunk, reply
+                reply += chunk
+        found = re.findall(rb"HTTP/1.1 (\d+) .*?\r\n\r\n(\{.*?\})(?=HTTP/|$)", reply, re.S)
+        return [(int(status), json.loads(body)) for status, body in found]
+
+    body = b'{"prompt": "a red circle", "model": "not-served"}'
+    offer = (
+        b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n"
+    )
+    head = b"POST /v1/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + offer
+    sized = head + b"Content-Length: %d\r\n\r\n" % len(body)
+    chunked = head + b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    read = (400, "model_unavailable", "model")  # the body was read: it names a model no worker serves
+    try:
+        for parts in ([sized + body], [sized, body], [chunked]):
+            [(status, answer)] = answers(*parts)
+            assert (status, answer["error"]["code"], answer["error"]["param"]) == read, (parts, answer)
+        # The connection serves on: a request after it, in the same read, is answered too.
+        then = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        assert [status for status, _ in answers(sized + body + then, count=2)] == [400, 200]
+        websocket = b"Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+        assert answers(b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + websocket + b"\r\n") == [
+            (200, {"status": "ok"})
+        ]
+    finally:
+        api.stop()
+    assert "Traceback" not in api.output() and "upgrade" not in api.output().lower()
 
 
 def test_a_log_level_in_capitals_is_taken_and_an_empty_variable_is_unset() -> None:
