@@ -124,7 +124,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     # Every setting is checked before anything starts: a bad one must not leave a Redis behind.
     settings = CommonSettings()
     worker_settings = WorkerSettings()
-    ApiSettings()
+    host = ApiSettings().host
     data_dir = Path(args.data_dir)
     lock = lock_data_dir(data_dir)
     served = worker_settings.served_name()
@@ -162,7 +162,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         children.append(("worker", subprocess.Popen([*me, "worker"], env=env, **child_options())))
         children.append(("api", subprocess.Popen([*me, "api"], env=env, **child_options())))
         port = env.get("LATENTD_PORT", "8000")
-        _say(f"API on http://127.0.0.1:{port} (docs at /docs); Ctrl-C stops")
+        wildcard = host in ("0.0.0.0", "::")  # noqa: S104 (compared with, not bound to)
+        shown = "127.0.0.1" if wildcard else f"[{host}]" if ":" in host else host
+        _say(f"API on http://{shown}:{port} (docs at /docs); Ctrl-C stops")
         _say("the worker is loading its model ...")
         loading = True
         restarts: list[float] = []  # when a worker that had served was started again

@@ -208,9 +208,11 @@ def test_up_stops_when_a_child_ends_and_says_how(
 ) -> None:
     # A child that ends of its own is a failure (1, where 0 gave 128); one killed by signal N
     # gives 128 + N, as a shell reports it.
-    data = tmp_path / "data"
-    up = spawn(["up", "--data-dir", str(data)], up_env(tiny_model_dir, free_port()), tmp_path / "up.log")
+    data, port = tmp_path / "data", free_port()
+    env = up_env(tiny_model_dir, port, LATENTD_HOST="127.0.0.3")
+    up = spawn(["up", "--data-dir", str(data)], env, tmp_path / "up.log")
     wait_until(lambda: "latentd up: ready" in up.output(), 120, what="up ready")
+    assert f"API on http://127.0.0.3:{port} " in up.output()  # where it listens (it said 127.0.0.1)
     os.kill(child_of_up(data, kind), stop)  # a worker asked to stop, stops: exit status 0
     assert up.proc.wait(60) == code, up.output()[-2000:]
     assert f"latentd up: {kind} exited with" in up.output()
