@@ -11,6 +11,7 @@ through a real `latentd api`."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -47,6 +48,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     _refused = False
     # The head of a request that offered to switch protocols, without the offer (see `_feed`).
     _offer: bytes | None = None
+    _rereading = False  # that head is being read again: its read deadline runs on
     # A connection that sends nothing, or a request that comes a byte at a time, is closed once
     # LATENTD_REQUEST_READ_TIMEOUT passes: uvicorn times out only the wait between requests, and
     # 20,000 such connections took every file descriptor the API had.
@@ -77,7 +79,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._head = 0
         self._began = True
-        self._read_from_now()
+        if self._rereading:
+            self._rereading = False
+        else:
+            self._read_from_now()
         # A held read's way to tell its client hung up (app.serving.hung_up).
         extensions: dict[str, object] = self.scope.setdefault("extensions", {})  # type: ignore[assignment]
         extensions["latentd.gone"] = self.transport.is_closing
@@ -95,18 +100,15 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().on_headers_complete()
 
     def _head_without_offer(self) -> bytes:
-        """The request's head without its offer to switch protocols (its Upgrade header, and the
-        `upgrade` token and the headers it names in Connection)."""
-        named: set[bytes] = {b"upgrade"}
-        for name, value in self.headers:
-            if name == b"connection":
-                named.update(token.strip().lower() for token in value.split(b","))
+        """The request's head without its offer to switch protocols: its Upgrade header, and the
+        `upgrade` token of Connection. Every other header stays as it came, those that Connection
+        names too (Content-Length there would otherwise go, and the body be read as a request)."""
         version = self.parser.get_http_version().encode()
         lines = [self.parser.get_method() + b" " + self.url + b" HTTP/" + version]
         for name, value in self.headers:
             if name == b"connection":
                 value = b", ".join(t.strip() for t in value.split(b",") if t.strip().lower() != b"upgrade")
-            if name not in named or (name == b"connection" and value):
+            if name != b"upgrade" and (value or name != b"connection"):
                 lines.append(name + b": " + value)
         return b"\r\n".join(lines) + b"\r\n\r\n"
 
@@ -145,18 +147,26 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         read as the next request (`400`). The head is read again without the offer, and what
         followed it after."""
         self._unset_keepalive_if_required()
-        while True:  # once per offer in `data` (pipelined): each turn reads one request
+        chunks: list[bytes | memoryview] = [data]
+        while chunks:  # past an offer: its head again, then what followed it (more offers, pipelined)
+            chunk = chunks.pop(0)
             try:
-                self.parser.feed_data(data)
+                self.parser.feed_data(chunk)
             except httptools.HttpParserError:
                 self.logger.warning("Invalid HTTP request received.")
                 self.send_400_response("Invalid HTTP request received.")
+                return
             except httptools.HttpParserUpgrade as upgrade:
-                if self._offer is not None:  # else a CONNECT, or a refused head: answered
-                    data, self._offer = self._offer + data[upgrade.args[0] :], None
-                    self.parser = httptools.HttpRequestParser(self)
-                    continue
-            return
+                if self._offer is None:  # a CONNECT, or a refused head: answered
+                    return
+                head, self._offer = self._offer, None
+                self.parser = httptools.HttpRequestParser(self)
+                # As uvicorn's own: a request that closes the connection is answered, and what
+                # came after it dropped (not a 400 for it, before its answer).
+                with contextlib.suppress(AttributeError):  # httptools before 0.6.3
+                    self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
+                self._rereading = True
+                chunks = [head, memoryview(chunk)[upgrade.args[0] :]]
 
     def _refuse(self) -> None:
         self._refused = True
