@@ -211,6 +211,44 @@ def test_a_batch_whose_look_for_mates_fails_runs_and_its_worker_serves_on(cluste
         worker.stop()
 
 
+# Redis out of reach as RQ's loop, outside its wait for work, looks whether workers are suspended
+# and runs its maintenance (as a worker starts, and between jobs every 10 minutes).
+REDIS_GONE_OUTSIDE_THE_WAIT = """
+import redis
+from rq.worker.base import BaseWorker
+
+_maintenance, _suspension = BaseWorker.clean_registries, BaseWorker.check_for_suspension
+failed = []
+
+
+def once(real, what):
+    def call(self, *args, **kwargs):
+        if what not in failed:
+            failed.append(what)
+            raise redis.ConnectionError("Error 111 connecting to Redis. Connection refused.")
+        return real(self, *args, **kwargs)
+
+    return call
+
+
+BaseWorker.clean_registries = once(_maintenance, "maintenance")
+BaseWorker.check_for_suspension = once(_suspension, "suspension")
+"""
+
+
+def test_redis_gone_as_rqs_loop_looks_outside_its_wait_leaves_the_worker_serving(cluster: Cluster) -> None:
+    # RQ's loop ended on the error (found an unhandled exception, quitting): the worker exited 1
+    # (seen in CI, Redis stopped as a worker started) and reloaded its model under its supervisor.
+    worker = cluster.worker("a", REDIS_GONE_OUTSIDE_THE_WAIT)
+    try:
+        view = cluster.wait_terminal(cluster.submit({"prompt": "x", "steps": 1}), 30)
+        assert view["status"] == "succeeded", view
+        assert worker.proc.poll() is None and "quitting" not in worker.output()
+    finally:
+        assert worker.stop() == 0
+    assert "Traceback" not in worker.output()
+
+
 def test_a_redis_outage_longer_than_a_lease_leaves_the_running_job_to_its_worker(cluster: Cluster) -> None:
     # Back from the outage, the worker's own reaper found its running job's lease lapsed before its
     # lease thread renewed it, and re-queued it: run again from step 0 (on its last attempt, failed

@@ -106,6 +106,22 @@ class LatentdWorker(SimpleWorker):
         if exc_type is AbandonedJobError:
             reaping.handle_abandoned(self.connection, job, self.model, self.job_ttl)
 
+    def run_maintenance_tasks(self) -> None:
+        """RQ's, left for its next turn while Redis is out of reach. RQ's loop runs it as the
+        worker starts, and between jobs every 10 minutes, where an error ends the loop: a worker
+        whose Redis went away then quit (exit 1), as one starting beside a Redis restart did."""
+        try:
+            super().run_maintenance_tasks()
+        except (redis.ConnectionError, redis.TimeoutError):
+            self.redis_trouble()  # the wait for work that comes next waits for Redis
+
+    def check_for_suspension(self, burst: bool) -> None:
+        """RQ's (`rq suspend`), passed while Redis is out of reach, for the same reason."""
+        try:
+            super().check_for_suspension(burst)
+        except (redis.ConnectionError, redis.TimeoutError):
+            self.redis_trouble()
+
     def clean_registries(self) -> None:
         """RQ's maintenance (every 10 minutes) hands each queue's expired jobs to RQ, as the
         heartbeat's reaper does: under the reaper's lock, so that the two never re-queue one job
