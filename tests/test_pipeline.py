@@ -701,7 +701,7 @@ def test_a_model_is_served_by_the_name_it_is_given(
 def test_a_stable_diffusion_directory_loads_without_diffusers_auto_pipeline(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    """The auto pipeline's module imports every pipeline diffusers has, about 1.7 s of each worker's
+    """The auto pipeline's module imports every pipeline diffusers has, about 1 s of each worker's
     start here: a Stable Diffusion directory loads without it, and a directory of another pipeline
     (image to image here) still loads for text to image through it."""
     load = (

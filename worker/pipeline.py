@@ -208,7 +208,7 @@ def _text_to_image(path: Path) -> Any:
     """The class that loads the diffusers directory `path` for text to image: the Stable Diffusion
     pipelines themselves, else diffusers' auto pipeline (it maps an image-to-image or inpainting
     directory to its text-to-image class). That one is imported only here: its module imports every
-    pipeline diffusers has, about 1.7 s of each worker's start on two CPU cores."""
+    pipeline diffusers has, about 1 s of each worker's start on two CPU cores."""
     try:
         named = json.loads((path / "model_index.json").read_text()).get("_class_name")
     except (OSError, ValueError, AttributeError):
