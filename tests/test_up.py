@@ -212,9 +212,9 @@ def test_up_stops_when_a_child_ends_and_says_how(
     env = up_env(tiny_model_dir, port, LATENTD_HOST="127.0.0.3")
     up = spawn(["up", "--data-dir", str(data)], env, tmp_path / "up.log")
     wait_until(lambda: "latentd up: ready" in up.output(), 120, what="up ready")
-    assert f"API on http://127.0.0.3:{port} " in up.output()  # where it listens (it said 127.0.0.1)
     os.kill(child_of_up(data, kind), stop)  # a worker asked to stop, stops: exit status 0
     assert up.proc.wait(60) == code, up.output()[-2000:]
+    assert f"API on http://127.0.0.3:{port} " in up.output()  # where it listens (it said 127.0.0.1)
     assert f"latentd up: {kind} exited with" in up.output()
     assert not processes_using(data)
 
