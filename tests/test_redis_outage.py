@@ -211,28 +211,51 @@ def test_a_batch_whose_look_for_mates_fails_runs_and_its_worker_serves_on(cluste
         worker.stop()
 
 
-# Redis out of reach as RQ's loop, outside its wait for work, looks whether workers are suspended
-# and runs its maintenance (as a worker starts, and between jobs every 10 minutes).
+# Redis out of reach, once each, where RQ's loop calls it outside its wait for work: as it looks
+# whether workers are suspended and runs its maintenance (as a worker starts, and between jobs every
+# 10 minutes), as it notes the worker idle before the wait, as it starts the job the wait handed
+# over, and in the heartbeat after a job.
 REDIS_GONE_OUTSIDE_THE_WAIT = """
+import sys
+
 import redis
 from rq.worker.base import BaseWorker
 
-_maintenance, _suspension = BaseWorker.clean_registries, BaseWorker.check_for_suspension
+real = {name: getattr(BaseWorker, name) for name in
+        ("run_maintenance_tasks", "check_for_suspension", "set_state", "prepare_execution", "perform_job",
+         "heartbeat")}
 failed = []
+ran = []
 
 
-def once(real, what):
+def fail_once(what):
+    if what not in failed:
+        failed.append(what)
+        print("injected:", what, file=sys.stderr, flush=True)
+        raise redis.ConnectionError("Error 111 connecting to Redis. Connection refused.")
+
+
+def once(name, when=lambda *args, **kwargs: True):
     def call(self, *args, **kwargs):
-        if what not in failed:
-            failed.append(what)
-            raise redis.ConnectionError("Error 111 connecting to Redis. Connection refused.")
-        return real(self, *args, **kwargs)
+        if when(*args, **kwargs):
+            fail_once(name)
+        return real[name](self, *args, **kwargs)
 
     return call
 
 
-BaseWorker.clean_registries = once(_maintenance, "maintenance")
-BaseWorker.check_for_suspension = once(_suspension, "suspension")
+def performed(self, *args, **kwargs):
+    result = real["perform_job"](self, *args, **kwargs)
+    ran.append(True)
+    return result
+
+
+BaseWorker.run_maintenance_tasks = once("run_maintenance_tasks")
+BaseWorker.check_for_suspension = once("check_for_suspension")
+BaseWorker.set_state = once("set_state", lambda state, pipeline=None: state == "idle" and pipeline is None)
+BaseWorker.prepare_execution = once("prepare_execution")
+BaseWorker.perform_job = performed
+BaseWorker.heartbeat = once("heartbeat", lambda timeout=None, pipeline=None: bool(ran) and pipeline is None)
 """
 
 
@@ -241,12 +264,27 @@ def test_redis_gone_as_rqs_loop_looks_outside_its_wait_leaves_the_worker_serving
     # (seen in CI, Redis stopped as a worker started) and reloaded its model under its supervisor.
     worker = cluster.worker("a", REDIS_GONE_OUTSIDE_THE_WAIT)
     try:
-        view = cluster.wait_terminal(cluster.submit({"prompt": "x", "steps": 1}), 30)
+        # The first job's start fails: it waits on the intermediate list for RQ's clean-up, which
+        # puts it back on its queue a minute on (aged here, as if that minute had passed).
+        first = cluster.submit({"prompt": "x", "steps": 1})
+        wait_until(lambda: "job_start_failed" in worker.output(), 30, what="the failed start")
+        r = cluster.redis.client()
+        r.set(f"rq:queue:latentd:{TINY_MODEL}:intermediate:first_seen:{first}", time.time() - 120)
+        assert cluster.wait_terminal(first, 60)["status"] == "succeeded"
+        view = cluster.wait_terminal(cluster.submit({"prompt": "y", "steps": 1}), 30)
         assert view["status"] == "succeeded", view
         assert worker.proc.poll() is None and "quitting" not in worker.output()
     finally:
         assert worker.stop() == 0
     assert "Traceback" not in worker.output()
+    injected = {line.split()[-1] for line in worker.output().splitlines() if line.startswith("injected:")}
+    assert injected == {
+        "run_maintenance_tasks",
+        "check_for_suspension",
+        "set_state",
+        "prepare_execution",
+        "heartbeat",
+    }
 
 
 def test_a_redis_outage_longer_than_a_lease_leaves_the_running_job_to_its_worker(cluster: Cluster) -> None:

@@ -180,8 +180,18 @@ class LatentdWorker(SimpleWorker):
         try:
             super().heartbeat(timeout, pipeline)
         except (redis.ConnectionError, redis.TimeoutError):
+            # Not raised: outside RQ's wait for work (after the wait, after each job) it ended RQ's
+            # loop and the worker exited 1; inside it, the wait's own call finds the trouble too.
             self.redis_trouble()
-            raise
+
+    def set_state(self, state: str, pipeline: Any = None) -> None:
+        """RQ's note of the worker's state (idle, busy) for `rq info`, left for the next one while
+        Redis is out of reach: RQ's loop sets it before its wait for work, outside the wait's
+        retries, and an error there ended the loop (exit 1)."""
+        try:
+            super().set_state(state, pipeline)
+        except (redis.ConnectionError, redis.TimeoutError):
+            self.redis_trouble()
 
     def redis_trouble(self) -> None:
         """Redis was out of reach just now (this worker's wait, lease thread or reaper found it):
@@ -306,7 +316,16 @@ class LatentdWorker(SimpleWorker):
         inside whatever runs, and fail a job it interrupts."""
         self._handed_a_job = False
         rt = jobs.current()
-        execution = self.prepare_execution(job)  # the worker is BUSY from here
+        try:
+            execution = self.prepare_execution(job)  # the worker is BUSY from here
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            # Redis went away since the wait handed the job over: it is left on its queue's
+            # intermediate list, from where a reaper puts it back at the head of its queue a minute
+            # on (`Heartbeat.reap`, `handle_job_failure`). Raised, it ended RQ's loop: exit 1.
+            self.executions.clear()
+            self.redis_trouble()
+            event(log, "job_start_failed", logging.WARNING, job_id=job.id, error=type(exc).__name__)
+            return
         claimed = self._claim_batch(job, queue) if self.max_batch_images > 1 else []
         rt.batch = claimed
         done = threading.Event()
