@@ -1025,6 +1025,40 @@ def test_a_device_this_host_lacks_stops_the_worker_in_one_line(
     assert "LATENTD_DEVICE=cuda:7" in worker.output() and "Traceback" not in worker.output()
 
 
+# A CUDA error in the worker's check of its model, as on a GPU whose context broke at start.
+DEVICE_BREAKS_IN_THE_CHECK = """
+from worker.pipeline import Runner
+
+real = Runner.generate
+
+
+def generate(self, payloads, *args, **kwargs):
+    if payloads[0].job_id == "check":
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    return real(self, payloads, *args, **kwargs)
+
+
+Runner.generate = generate
+"""
+
+
+def test_a_device_that_breaks_as_the_model_is_checked_exits_70(
+    private_redis: RedisServer, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # It exited 3, "loads but cannot generate": a model that cannot serve, which supervisors that
+    # restart a broken device's worker (on 70, as `latentd up` does after ready) leave down.
+    env = base_env(
+        private_redis.url,
+        LATENTD_MODEL=str(tiny_model_dir),
+        LATENTD_MODEL_NAME=TINY_MODEL,
+        PYTHONPATH=sitecustomize(tmp_path, DEVICE_BREAKS_IN_THE_CHECK),
+    )
+    worker = spawn(["worker"], env, tmp_path / "worker.log")
+    assert worker.proc.wait(120) == 70, worker.output()
+    assert "illegal memory access" in worker.output() and "Traceback" not in worker.output()
+    assert private_redis.client().hget(Keys.MODELS_SEEN, TINY_MODEL) is None  # not "loading" for an hour
+
+
 def test_sigterm_answers_held_reads_at_once_and_the_api_exits(
     private_redis: RedisServer, tmp_path: Path
 ) -> None:

@@ -110,7 +110,8 @@ def test_what_allocators_outside_the_caching_one_raise_for_memory_counts_as_out_
     """Allocations outside PyTorch's CUDA caching allocator, and the CPU's, fail as a plain
     RuntimeError: split, then `out_of_memory` (on a CPU host it was `generation_failed`), and the
     device is not taken for broken (which would stop the worker)."""
-    from worker.jobs import _classify, _device_is_broken
+    from worker.jobs import _classify
+    from worker.pipeline import is_device_broken
 
     seen = limit_unet_batch(runner, monkeypatch, max_batch=2, error=error())
     [images], _ = runner.generate([payload(2)], never)
@@ -119,8 +120,8 @@ def test_what_allocators_outside_the_caching_one_raise_for_memory_counts_as_out_
     with pytest.raises((RuntimeError, MemoryError)) as raised:
         runner.generate([payload(1)], never)
     assert _classify(raised.value, payload(1)).code == "out_of_memory"
-    assert not _device_is_broken(raised.value)
-    assert _device_is_broken(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert not is_device_broken(raised.value)
+    assert is_device_broken(RuntimeError("CUDA error: an illegal memory access was encountered"))
 
 
 def test_a_single_image_that_does_not_fit_raises(runner: Runner, monkeypatch: pytest.MonkeyPatch) -> None:

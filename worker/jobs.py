@@ -35,7 +35,7 @@ from latentd.logs import event
 from latentd.reaping import GIVEN_UP_SECONDS, outcome_field
 from worker.config import WorkerSettings
 from worker.encode import encode
-from worker.pipeline import Runner, first_line, free_accelerator_memory, is_out_of_memory
+from worker.pipeline import Runner, first_line, free_accelerator_memory, is_device_broken, is_out_of_memory
 
 log = logging.getLogger("latentd.worker")
 T = TypeVar("T")
@@ -158,14 +158,6 @@ def _classify(exc: BaseException, payload: JobPayload, pad_to: int | None = None
         # diffusers raises ValueError for parameters a model cannot take; its message is for users.
         return JobFailure(ErrorCode.INVALID_PARAMETERS, first_line(exc, "invalid parameters")[:500])
     return JobFailure(ErrorCode.GENERATION_FAILED, f"generation failed ({type(exc).__name__})")
-
-
-def _device_is_broken(exc: BaseException) -> bool:
-    return (
-        isinstance(exc, RuntimeError)
-        and not is_out_of_memory(exc)
-        and ("CUDA error" in str(exc) or "device-side assert" in str(exc))
-    )
 
 
 # Run for each job as its worker starts it. A job whose images are stored already (its worker died
@@ -361,7 +353,7 @@ def _run(rt: Runtime, members: list[tuple[str, JobPayload]], outcomes: dict[str,
         if isinstance(exc, KeyboardInterrupt | SystemExit):
             raise
         _count_rare(rt, counted, images_asked, rt.runner.oom_splits - splits_before)
-        if _device_is_broken(exc):
+        if is_device_broken(exc):
             rt.fatal = True
         for job_id, payload in active:
             if job_id in lost:  # another worker's now: its state is not ours to write

@@ -33,7 +33,7 @@ from latentd.settings import shown_url
 from latentd.store import UnsafeRedis, as_text, check_eviction_policy, live_workers, warn_if_keeps_nothing
 from worker import jobs
 from worker.config import WorkerSettings
-from worker.pipeline import ModelLoadError, batch_key, load_runner
+from worker.pipeline import DeviceBroken, ModelLoadError, batch_key, load_runner
 
 log = logging.getLogger("latentd.worker")
 
@@ -666,7 +666,7 @@ def run(settings: WorkerSettings) -> int:
         # model no worker served lately).
         with contextlib.suppress(redis.RedisError):
             connection.eval(_FORGET_LOAD, 1, Keys.MODELS_SEEN, settings.served_name(), loading, before)
-        return EXIT_MODEL_LOAD_FAILED
+        return EXIT_DEVICE_BROKEN if isinstance(exc, DeviceBroken) else EXIT_MODEL_LOAD_FAILED
     # From here on diffusers' and transformers' warnings are about jobs, and quote their prompts
     # (the tokenizer's truncation notice: one batch of long prompts wrote a 700 kB line). Clients'
     # text stays out of the log; what loading had to say is said by now.

@@ -93,6 +93,21 @@ class ModelLoadError(RuntimeError):
     """The configured model cannot be loaded: the worker must not start."""
 
 
+class DeviceBroken(ModelLoadError):
+    """The accelerator failed as the model loaded or was checked (a CUDA error, not the model's):
+    the worker exits as it does when the device breaks under a job, for its supervisor to start
+    it again."""
+
+
+def is_device_broken(exc: BaseException) -> bool:
+    """A CUDA error that leaves the device's context unusable for the rest of the process."""
+    return (
+        isinstance(exc, RuntimeError)
+        and not is_out_of_memory(exc)
+        and ("CUDA error" in str(exc) or "device-side assert" in str(exc))
+    )
+
+
 def pick_device(requested: str) -> torch.device:
     if requested != "auto":
         device = torch.device(requested)
@@ -197,7 +212,8 @@ def load_pipeline(
         free_accelerator_memory()
         if is_out_of_memory(exc):
             raise ModelLoadError(f"model {source!r} does not fit on {device} in {dtype}") from exc
-        raise ModelLoadError(
+        broken = DeviceBroken if is_device_broken(exc) else ModelLoadError
+        raise broken(
             f"cannot move model {source!r} to {device}: {type(exc).__name__}: {first_line(exc)[:300]}"
         ) from exc
     pipe.set_progress_bar_config(disable=True)
@@ -554,6 +570,10 @@ def check_runs(runner: Runner) -> None:
         if isinstance(exc, ValueError) or is_out_of_memory(exc):
             event(log, "model_check_inconclusive", logging.WARNING, size=size, error=reason)
             return
+        if is_device_broken(exc):
+            raise DeviceBroken(
+                f"{runner.device} failed as model {runner.model!r} was checked: {reason}"
+            ) from exc
         raise ModelLoadError(f"model {runner.model!r} loads but cannot generate an image: {reason}") from exc
 
 
