@@ -273,9 +273,12 @@ def test_sigusr1_writes_every_threads_stack_and_the_processes_go_on(cluster: Clu
 
 # RQ's loop meets an error it does not handle, and quits.
 RQ_QUITS = """
+import sys
 import time
 
 from rq.worker.base import BaseWorker
+
+register_death = BaseWorker.register_death
 
 
 def dequeue_job_and_maintain_ttl(self, *args, **kwargs):
@@ -283,16 +286,29 @@ def dequeue_job_and_maintain_ttl(self, *args, **kwargs):
     raise RuntimeError("injected")
 
 
+def slow_goodbye(self):
+    print("saying goodbye", file=sys.stderr, flush=True)
+    time.sleep(2)  # for the test's stop signal to land in it
+    register_death(self)
+
+
 BaseWorker.dequeue_job_and_maintain_ttl = dequeue_job_and_maintain_ttl
+BaseWorker.register_death = slow_goodbye
 """
 
 
 def test_a_worker_whose_rq_loop_quits_unasked_exits_1(cluster: Cluster) -> None:
-    # It exited 0, as if asked to stop: a supervisor that restarts on failure left it down.
+    # It exited 0, as if asked to stop: a supervisor that restarts on failure left it down. A stop
+    # signal in the goodbye that follows raised RQ's StopRequested there: a traceback, the goodbye
+    # left half done.
     path = sitecustomize(cluster.tmp, RQ_QUITS)
     worker = start_worker(cluster.redis.url, cluster.model_dir, cluster.tmp, name="a", PYTHONPATH=path)
+    wait_until(lambda: "saying goodbye" in worker.output(), 30, what="RQ's goodbye")
+    worker.proc.send_signal(signal.SIGTERM)
     assert worker.proc.wait(30) == 1, worker.output()[-3000:]
     assert "found an unhandled exception, quitting" in worker.output()
+    assert "Traceback" not in worker.output().split("saying goodbye")[1]
+    assert cluster.redis.client().hexists("rq:worker:a", "death")  # the goodbye was said
 
 
 def test_a_worker_stopped_while_redis_is_gone_exits_0(cluster: Cluster) -> None:

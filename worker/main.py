@@ -208,10 +208,16 @@ class LatentdWorker(SimpleWorker):
         self._handed_a_job = True  # RQ's wait calls this as it hands the worker a job
         super().reorder_queues(reference_queue)
 
+    ended_unasked = False  # RQ's loop ended on an error, no stop asked (`run`: exit 1)
+
     def teardown(self) -> None:
         # RQ's goodbye on a client that gives up in seconds: a stalled Redis (frozen, swapping)
         # held a stopping worker 415 s a call, past any stop grace; its records lapse on their own.
         self.connection = _quick(self.connection)
+        self.ended_unasked = not self._stop_requested
+        # A stop asked from here on is kept, not raised: RQ's handler raised StopRequested inside
+        # the goodbye, which it left half said, and out of `work` (a traceback).
+        self.stop_on_signals()
         super().teardown()
 
     def request_stop(self, signum: Any, frame: Any) -> None:
@@ -721,7 +727,7 @@ def run(settings: WorkerSettings) -> int:
     code = 0
     try:
         worker.work(logging_level=settings.log_level.upper(), with_scheduler=False)
-        if not worker._stop_requested:  # RQ logged the error it quit on
+        if worker.ended_unasked:  # RQ logged the error it quit on
             code = EXIT_RQ_QUIT
     except SystemExit as exc:
         code = int(exc.code or 0)
