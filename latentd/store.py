@@ -11,6 +11,24 @@ from latentd.logs import event
 
 SAFE_POLICIES = ("noeviction",)
 
+# What Redis answers, in a plain error, while it refuses for a time what it will take again: writes
+# after a failed save, a blocked command as it turns replica, writes short of replicas.
+_REFUSING_FOR_NOW = ("MISCONF", "UNBLOCKED", "NOREPLICAS")
+
+
+def redis_away(exc: BaseException) -> bool:
+    """Whether `exc` says Redis cannot serve now but may soon: out of reach, no reply in time,
+    loading its data, full (`maxmemory`), read-only (a replica, mid-failover), or refusing writes
+    after a failed save. A worker waits such an error out, as an outage; it is never the job's
+    fault nor a reason to exit."""
+    if isinstance(exc, redis.ConnectionError | redis.TimeoutError):  # loading too (BusyLoadingError)
+        return True
+    if isinstance(
+        exc, redis.exceptions.OutOfMemoryError | redis.ReadOnlyError | redis.exceptions.MasterDownError
+    ):
+        return True
+    return isinstance(exc, redis.ResponseError) and str(exc).startswith(_REFUSING_FOR_NOW)
+
 
 def as_text(value: bytes | str) -> str:
     """A Redis reply as text, whether or not the client decodes responses."""

@@ -4,6 +4,8 @@ them out, and a job whose Redis replies were lost is counted once."""
 from __future__ import annotations
 
 import signal
+import socket
+import threading
 import time
 
 import httpx
@@ -211,19 +213,25 @@ def test_a_batch_whose_look_for_mates_fails_runs_and_its_worker_serves_on(cluste
         worker.stop()
 
 
-# Redis out of reach, once each, where RQ's loop calls it outside its wait for work: as it looks
-# whether workers are suspended and runs its maintenance (as a worker starts, and between jobs every
-# 10 minutes), as it notes the worker idle before the wait, as it starts the job the wait handed
-# over, and in the heartbeat after a job.
-REDIS_GONE_OUTSIDE_THE_WAIT = """
+# Redis out of reach, once each, at each call a worker makes outside RQ's wait for work and the
+# job's own retries. Between the model's load and RQ's loop: as the worker takes its name, as RQ
+# learns its address, as it records its lease, as RQ registers it and subscribes it. In RQ's loop:
+# as it looks whether workers are suspended and runs its maintenance (as a worker starts, and
+# between jobs every 10 minutes), as it notes the worker idle before the wait, as it starts the
+# job the wait handed over, and in the heartbeat after a job. In a job's records: RQ's of its
+# start, end and success, and latentd's of its start, whose reply is lost (the start was made).
+REDIS_GONE_ONCE_AT_EACH_CALL = """
 import sys
 
 import redis
+import latentd.reaping
+import worker.main
 from rq.worker.base import BaseWorker
 
-real = {name: getattr(BaseWorker, name) for name in
-        ("run_maintenance_tasks", "check_for_suspension", "set_state", "prepare_execution", "perform_job",
-         "heartbeat")}
+names = ("run_maintenance_tasks", "check_for_suspension", "set_state", "prepare_execution", "perform_job",
+         "heartbeat", "register_birth", "subscribe", "_set_ip_address", "prepare_job_execution",
+         "handle_execution_ended", "handle_job_success")
+real = {name: getattr(BaseWorker, name) for name in names}
 failed = []
 ran = []
 
@@ -235,13 +243,15 @@ def fail_once(what):
         raise redis.ConnectionError("Error 111 connecting to Redis. Connection refused.")
 
 
-def once(name, when=lambda *args, **kwargs: True):
-    def call(self, *args, **kwargs):
-        if when(*args, **kwargs):
-            fail_once(name)
-        return real[name](self, *args, **kwargs)
+def once(name, when=lambda *args, **kwargs: True, call=None):
+    call = call or (lambda self, *args, **kwargs: real[name](self, *args, **kwargs))
 
-    return call
+    def wrapped(*args, **kwargs):
+        if when(*args[1:], **kwargs):
+            fail_once(name)
+        return call(*args, **kwargs)
+
+    return wrapped
 
 
 def performed(self, *args, **kwargs):
@@ -250,19 +260,36 @@ def performed(self, *args, **kwargs):
     return result
 
 
-BaseWorker.run_maintenance_tasks = once("run_maintenance_tasks")
-BaseWorker.check_for_suspension = once("check_for_suspension")
+for name in ("run_maintenance_tasks", "check_for_suspension", "prepare_execution", "register_birth",
+             "subscribe", "_set_ip_address", "prepare_job_execution", "handle_execution_ended",
+             "handle_job_success"):
+    setattr(BaseWorker, name, once(name))
 BaseWorker.set_state = once("set_state", lambda state, pipeline=None: state == "idle" and pipeline is None)
-BaseWorker.prepare_execution = once("prepare_execution")
 BaseWorker.perform_job = performed
 BaseWorker.heartbeat = once("heartbeat", lambda timeout=None, pipeline=None: bool(ran) and pipeline is None)
+worker.main._take_name = once("_take_name", call=worker.main._take_name, when=lambda *a: True)
+latentd.reaping.record_lease = once("record_lease", call=latentd.reaping.record_lease, when=lambda *a: True)
+
+_eval = redis.Redis.eval
+
+
+def eval_(self, script, *args):
+    if "'attempts'" in script and "start" not in failed:
+        _eval(self, script, *args)
+        fail_once("start")
+    return _eval(self, script, *args)
+
+
+redis.Redis.eval = eval_
 """
 
 
-def test_redis_gone_as_rqs_loop_looks_outside_its_wait_leaves_the_worker_serving(cluster: Cluster) -> None:
+def test_redis_gone_once_at_each_call_outside_rqs_wait_leaves_the_worker_serving(cluster: Cluster) -> None:
     # RQ's loop ended on the error (found an unhandled exception, quitting): the worker exited 1
     # (seen in CI, Redis stopped as a worker started) and reloaded its model under its supervisor.
-    worker = cluster.worker("a", REDIS_GONE_OUTSIDE_THE_WAIT)
+    # Before the loop, a traceback and exit 1. In a job's records, RQ failed the job (after its
+    # images were stored, too), and a lost reply to the start counted a second attempt.
+    worker = cluster.worker("a", REDIS_GONE_ONCE_AT_EACH_CALL)
     try:
         # The first job's start fails: it waits on the intermediate list for RQ's clean-up, which
         # puts it back on its queue a minute on (aged here, as if that minute had passed).
@@ -270,7 +297,8 @@ def test_redis_gone_as_rqs_loop_looks_outside_its_wait_leaves_the_worker_serving
         wait_until(lambda: "job_start_failed" in worker.output(), 30, what="the failed start")
         r = cluster.redis.client()
         r.set(f"rq:queue:latentd:{TINY_MODEL}:intermediate:first_seen:{first}", time.time() - 120)
-        assert cluster.wait_terminal(first, 60)["status"] == "succeeded"
+        view = cluster.wait_terminal(first, 60)
+        assert view["status"] == "succeeded" and view["attempts"] == 1, view
         view = cluster.wait_terminal(cluster.submit({"prompt": "y", "steps": 1}), 30)
         assert view["status"] == "succeeded", view
         assert worker.proc.poll() is None and "quitting" not in worker.output()
@@ -279,12 +307,144 @@ def test_redis_gone_as_rqs_loop_looks_outside_its_wait_leaves_the_worker_serving
     assert "Traceback" not in worker.output()
     injected = {line.split()[-1] for line in worker.output().splitlines() if line.startswith("injected:")}
     assert injected == {
+        "_take_name",
+        "_set_ip_address",
+        "record_lease",
+        "register_birth",
+        "subscribe",
         "run_maintenance_tasks",
         "check_for_suspension",
         "set_state",
         "prepare_execution",
         "heartbeat",
+        "prepare_job_execution",
+        "start",
+        "handle_execution_ended",
+        "handle_job_success",
     }
+
+
+def test_a_redis_that_refuses_writes_for_a_while_is_waited_out(cluster: Cluster) -> None:
+    # Full (`maxmemory`, OOM) or turned replica (READONLY; the wait for work gets UNBLOCKED): the
+    # running job failed `generation_failed`, and RQ's loop, its own writes refused, ended: exit 1
+    # (under `latentd up`, whose restarted worker then exits 4, the whole stack stopped).
+    worker = cluster.worker("a", SLOW_STEPS)
+    r = cluster.redis.client()
+
+    def accepted() -> str | None:  # the worker's registration lapses while Redis refuses it
+        response = HTTP.post(f"{cluster.url}/v1/generations", json={"prompt": "after", "steps": 1})
+        return str(response.json()["id"]) if response.status_code == 202 else None
+
+    try:
+        job_id = cluster.submit({"prompt": "slow", "steps": 60})
+        cluster.running_on(job_id)
+        r.config_set("maxmemory", 1)
+        wait_until(lambda: "OutOfMemoryError" in worker.output(), 30, what="the job's writes refused")
+        time.sleep(1)
+        r.config_set("maxmemory", 0)
+        view = cluster.wait_terminal(job_id)
+        assert view["status"] == "succeeded" and view["attempts"] == 1, view
+        for refuse, allow in (
+            (lambda: r.config_set("maxmemory", 1), lambda: r.config_set("maxmemory", 0)),
+            (lambda: r.replicaof("127.0.0.1", free_port()), lambda: r.replicaof("NO", "ONE")),
+        ):
+            refuse()  # the worker idle, in its wait for work
+            time.sleep(3)
+            allow()
+            view = cluster.wait_terminal(wait_until(accepted, 30, what="the worker back"), 30)
+            assert view["status"] == "succeeded", view
+        assert worker.proc.poll() is None and "quitting" not in worker.output()
+    finally:
+        r.config_set("maxmemory", 0)
+        r.replicaof("NO", "ONE")
+        assert worker.stop() == 0
+    assert "Traceback" not in worker.output()
+    assert "ReadOnlyError" in worker.output() or "UNBLOCKED" in worker.output()
+
+
+class Blackhole:
+    """A TCP relay to a local port whose connections can go dead without a word: each then takes
+    what either end sends and delivers none of it, as a Redis behind a dead network path does (its
+    host gone without a reset, a failover to a new primary). Connections made after work."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.links: list[tuple[socket.socket, socket.socket, threading.Event]] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            dead = threading.Event()
+            self.links.append((client, upstream, dead))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._relay, args=(a, b, dead), daemon=True).start()
+
+    @staticmethod
+    def _relay(source: socket.socket, sink: socket.socket, dead: threading.Event) -> None:
+        while data := Blackhole._read(source):
+            if not dead.is_set():
+                try:
+                    sink.sendall(data)
+                except OSError:
+                    break
+        for end in (source, sink):
+            end.close()
+
+    @staticmethod
+    def _read(source: socket.socket) -> bytes:
+        try:
+            return source.recv(65536)
+        except OSError:
+            return b""
+
+    def go_dead(self) -> None:
+        """Every connection open now goes dead."""
+        for *_, dead in list(self.links):
+            dead.set()
+
+    def close(self) -> None:
+        self.server.close()
+        for client, upstream, _ in list(self.links):
+            client.close()
+            upstream.close()
+
+
+def test_a_worker_whose_redis_connections_go_dead_serves_again_within_seconds(cluster: Cluster) -> None:
+    # Its wait for work held a dead connection for RQ's socket timeout, 415 s: jobs waited that long.
+    hole = Blackhole(cluster.redis.port)
+    worker = start_worker(
+        f"redis://127.0.0.1:{hole.port}/0",
+        cluster.model_dir,
+        cluster.tmp,
+        name="a",
+        LATENTD_LEASE_SECONDS=LEASE,
+    )
+    try:
+        cluster.wait_idle("a")
+        hole.go_dead()
+        wait_until(
+            lambda: "Timeout reading from socket" in worker.output(), 40, what="the dead connection seen"
+        )
+
+        def accepted() -> str | None:
+            response = HTTP.post(f"{cluster.url}/v1/generations", json={"prompt": "after", "steps": 1})
+            return str(response.json()["id"]) if response.status_code == 202 else None
+
+        job_id = wait_until(accepted, 30, what="the worker registered again")
+        view = cluster.wait_terminal(job_id, 30)
+        assert view["status"] == "succeeded", view
+        assert worker.proc.poll() is None
+    finally:
+        worker.stop()
+        hole.close()
+    assert "Traceback" not in worker.output()
 
 
 def test_a_redis_outage_longer_than_a_lease_leaves_the_running_job_to_its_worker(cluster: Cluster) -> None:

@@ -7,11 +7,13 @@ no fork), so it reaches that pipeline through the process's `Runtime`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import logging
 import math
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -33,6 +35,7 @@ from latentd.contract import (
 )
 from latentd.logs import event
 from latentd.reaping import GIVEN_UP_SECONDS, outcome_field
+from latentd.store import redis_away
 from worker.config import WorkerSettings
 from worker.encode import encode
 from worker.pipeline import Runner, first_line, free_accelerator_memory, is_device_broken, is_out_of_memory
@@ -162,13 +165,14 @@ def _classify(exc: BaseException, payload: JobPayload, pad_to: int | None = None
 
 # Run for each job as its worker starts it. A job whose images are stored already (its worker died
 # after the commit, before RQ marked it finished, and it was re-queued) is not run again: returns
-# the images' metadata. Else records the start (ARGV: job_ttl, then field, value...) and returns
-# whether the cancel flag is up.
+# the images' metadata. Else records the start (ARGV: job_ttl, this run's token, then field,
+# value...) and returns whether the cancel flag is up. Sent again after its reply was lost, it
+# finds its run's token and counts no further attempt.
 _START = """
 local images = redis.call('HGET', KEYS[1], 'images')
 if images then return images end
-redis.call('HSET', KEYS[1], unpack(ARGV, 2))
-redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+if redis.call('HGET', KEYS[1], 'run') ~= ARGV[2] then redis.call('HINCRBY', KEYS[1], 'attempts', 1) end
+redis.call('HSET', KEYS[1], 'run', ARGV[2], unpack(ARGV, 3))
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 return redis.call('EXISTS', KEYS[2])
 """
@@ -283,7 +287,16 @@ def _run(rt: Runtime, members: list[tuple[str, JobPayload]], outcomes: dict[str,
             StateField.WARNINGS: json.dumps(rt.runner.warnings(payload)),
         }
         keys = [Keys.state(job_id), Keys.cancel(job_id)]
-        answer = r.eval(_START, len(keys), *keys, rt.settings.job_ttl, *itertools.chain(*fields.items()))
+        start = functools.partial(
+            r.eval,
+            _START,
+            len(keys),
+            *keys,
+            rt.settings.job_ttl,
+            uuid.uuid4().hex,
+            *itertools.chain(*fields.items()),
+        )
+        answer = resent_while_away(start, "start", rt.stop_requested, rt.leave)
         if isinstance(answer, bytes | str):  # its images: stored by a worker that died before RQ knew
             outcomes[job_id] = Succeeded(len(json.loads(answer)))
             event(log, "job_already_succeeded", job_id=job_id)
@@ -335,7 +348,7 @@ def _run(rt: Runtime, members: list[tuple[str, JobPayload]], outcomes: dict[str,
             observe = False
             return replies
 
-        replies = _resent_while_unreachable(rt, send, "progress")
+        replies = resent_while_away(send, "progress", rt.stop_requested, rt.leave)
         for job_id, answer in zip(asked, map(int, replies[len(replies) - len(asked) :]), strict=True):
             if answer < 0:
                 lost.add(job_id)
@@ -412,8 +425,7 @@ def _commit(rt: Runtime, job_id: str, payload: JobPayload, images: list[Any], fi
         StateField.INFERENCE_FINISHED: finished,
     }
     commit = rt.connection.register_script(_COMMIT)
-    committed = _resent_while_unreachable(
-        rt,
+    committed = resent_while_away(
         lambda: commit(
             keys=[
                 _rq_key(job_id),
@@ -433,24 +445,31 @@ def _commit(rt: Runtime, job_id: str, payload: JobPayload, images: list[Any], fi
             ],
         ),
         "commit",
+        rt.stop_requested,
+        rt.leave,
     )
     return int(committed)
 
 
-def _resent_while_unreachable(rt: Runtime, send: Callable[[], T], what: str) -> T:
-    """`send()`, sent again while Redis cannot be reached or its reply does not come (a restart,
-    a failover, a dropped connection), as an idle worker waits for it: a job in its run failed on
-    the first such error, and RQ, failing it with Redis still gone, stopped the worker. `send`
-    must be safe to run twice (its reply may be what was lost). RQ's time limit ends the wait,
-    and so does a stop request: the worker then leaves its jobs to their leases (under `latentd
-    up`, whose Redis had died, it waited for one that would not come back)."""
+def resent_while_away(
+    send: Callable[[], T], what: str, stop_requested: Callable[[], bool], leave: Callable[[str], Any] | None
+) -> T:
+    """`send()`, sent again while Redis cannot be reached, its reply does not come (a restart, a
+    failover, a dropped connection) or it refuses for now (full, a replica: `redis_away`), as an
+    idle worker waits for it: a job in its run failed on the first such error, and RQ, failing it
+    with Redis still gone, stopped the worker. `send` must be safe to run twice (its reply may be
+    what was lost). RQ's time limit ends the wait, and so does a stop request: the worker then
+    `leave`s its jobs to their leases (under `latentd up`, whose Redis had died, it waited for one
+    that would not come back)."""
     delay, waiting = 0.1, False
     while True:
         try:
             answer = send()
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            if rt.stop_requested() and rt.leave is not None:
-                rt.leave("left_job_redis_unreachable")
+        except redis.RedisError as exc:
+            if not redis_away(exc):
+                raise
+            if stop_requested() and leave is not None:
+                leave("left_job_redis_unreachable")
             if not waiting:
                 event(log, "redis_unreachable_in_job", logging.WARNING, at=what, error=type(exc).__name__)
                 waiting = True

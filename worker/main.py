@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
 import os
@@ -11,9 +12,9 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import diffusers.utils.logging
 import redis
@@ -30,13 +31,21 @@ from latentd import reaping
 from latentd.contract import JobPayload, Keys, WorkerInfo
 from latentd.logs import event
 from latentd.settings import shown_url
-from latentd.store import UnsafeRedis, as_text, check_eviction_policy, live_workers, warn_if_keeps_nothing
+from latentd.store import (
+    UnsafeRedis,
+    as_text,
+    check_eviction_policy,
+    live_workers,
+    redis_away,
+    warn_if_keeps_nothing,
+)
 from worker import jobs
 from worker.config import WorkerSettings
-from worker.pipeline import DeviceBroken, ModelLoadError, batch_key, load_runner
+from worker.pipeline import DeviceBroken, ModelLoadError, batch_key, first_line, load_runner
 
 log = logging.getLogger("latentd.worker")
 
+T = TypeVar("T")
 EXIT_MODEL_LOAD_FAILED = 3
 EXIT_REDIS_UNREACHABLE = 4  # or unsafe (it may evict jobs), or refusing writes
 EXIT_DEVICE_BROKEN = 70
@@ -110,17 +119,45 @@ class LatentdWorker(SimpleWorker):
         """RQ's, left for its next turn while Redis is out of reach. RQ's loop runs it as the
         worker starts, and between jobs every 10 minutes, where an error ends the loop: a worker
         whose Redis went away then quit (exit 1), as one starting beside a Redis restart did."""
-        try:
+        with self._riding_out():  # the wait for work that comes next waits for Redis
             super().run_maintenance_tasks()
-        except (redis.ConnectionError, redis.TimeoutError):
-            self.redis_trouble()  # the wait for work that comes next waits for Redis
 
     def check_for_suspension(self, burst: bool) -> None:
         """RQ's (`rq suspend`), passed while Redis is out of reach, for the same reason."""
-        try:
+        with self._riding_out():
             super().check_for_suspension(burst)
-        except (redis.ConnectionError, redis.TimeoutError):
+
+    def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
+        """RQ's wait for work, which waits out only Redis out of reach: one that refuses the wait's
+        move (full, turned replica) ended RQ's loop, and the worker exited 1. Waited out here too;
+        a stop request ends the wait (`heartbeat`, at the start of RQ's)."""
+        pause = 1.0
+        while True:
+            with self._riding_out(quietly=False):
+                return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+            time.sleep(pause)
+            pause = min(2 * pause, self.max_connection_wait_time)
+
+    @contextlib.contextmanager
+    def _riding_out(self, quietly: bool = True) -> Iterator[None]:
+        """Redis away inside (`redis_away`: out of reach, full, a replica...) is noted
+        (`redis_trouble`) and passed over; logged unless `quietly`, where the next wait says so."""
+        try:
+            yield
+        except redis.RedisError as exc:
+            if not redis_away(exc):
+                raise
             self.redis_trouble()
+            if not quietly:
+                event(
+                    log, "redis_away", logging.WARNING, error=f"{type(exc).__name__}: {first_line(exc)[:200]}"
+                )
+
+    def _until_redis_answers(self, what: str, call: Callable[[], Any]) -> Any:
+        """`call()`, sent again while Redis is away, for RQ's records of a job: raised, RQ took an
+        error in its start or its end for the job's failure (a job whose images were stored ended
+        `failed`), or ended its loop (exit 1). A stop request leaves the job to its lease."""
+        return jobs.resent_while_away(call, what, lambda: self._stop_requested, self._leave_the_job)
 
     def clean_registries(self) -> None:
         """RQ's maintenance (every 10 minutes) hands each queue's expired jobs to RQ, as the
@@ -151,9 +188,12 @@ class LatentdWorker(SimpleWorker):
         signal.signal(signal.SIGINT, early_stop)
 
     # An idle worker waits on its queue this many seconds at a time (RQ: 405), so that it looks at
-    # its stop flag that often (`heartbeat`). RQ's socket timeout, derived from it, is kept.
+    # its stop flag that often (`heartbeat`); and gives up on a Redis reply after this many, as RQ
+    # derives it. RQ's own, 415 s, held a connection that had gone dead without a reset (a host
+    # gone, a failover) that long, in the wait or in a job. Every call outside the wait's retries
+    # rides out the timeout as it does Redis gone (`heartbeat`, `set_state`, `execute_job`...).
     dequeue_timeout = 5
-    connection_timeout = 415
+    connection_timeout = dequeue_timeout + 10
     # With Redis gone, the longest pause between attempts to reach it (RQ: 60): a worker serves
     # again within seconds of Redis's return, and sees a stop request as soon (`heartbeat`).
     max_connection_wait_time = 5.0
@@ -177,21 +217,17 @@ class LatentdWorker(SimpleWorker):
             and self.get_state() == WorkerStatus.IDLE
         ):
             raise StopRequested()
-        try:
+        # Not raised: outside RQ's wait for work (after the wait, after each job) it ended RQ's
+        # loop and the worker exited 1; inside it, the wait's own call finds the trouble too.
+        with self._riding_out():
             super().heartbeat(timeout, pipeline)
-        except (redis.ConnectionError, redis.TimeoutError):
-            # Not raised: outside RQ's wait for work (after the wait, after each job) it ended RQ's
-            # loop and the worker exited 1; inside it, the wait's own call finds the trouble too.
-            self.redis_trouble()
 
     def set_state(self, state: str, pipeline: Any = None) -> None:
         """RQ's note of the worker's state (idle, busy) for `rq info`, left for the next one while
         Redis is out of reach: RQ's loop sets it before its wait for work, outside the wait's
         retries, and an error there ended the loop (exit 1)."""
-        try:
+        with self._riding_out():
             super().set_state(state, pipeline)
-        except (redis.ConnectionError, redis.TimeoutError):
-            self.redis_trouble()
 
     def redis_trouble(self) -> None:
         """Redis was out of reach just now (this worker's wait, lease thread or reaper found it):
@@ -244,6 +280,31 @@ class LatentdWorker(SimpleWorker):
     def set_shutdown_requested_date(self) -> None:
         with contextlib.suppress(redis.RedisError):  # a note for `rq info`; raised, it reached the job
             super().set_shutdown_requested_date()
+
+    def register_birth(self) -> None:
+        """RQ's, as its loop begins (outside its retries), waiting while Redis is away: raised, it
+        was a traceback and exit 1. A stop request ends the wait, and RQ's loop then ends."""
+        tried = False
+        while not self._stop_requested:
+            try:
+                super().register_birth()
+                return
+            except ValueError:  # "an active worker named ...": after a lost reply, this one
+                if not tried:
+                    raise
+                return
+            except redis.RedisError as exc:
+                if not redis_away(exc):
+                    raise
+                tried = True
+                self.redis_trouble()
+                time.sleep(1)
+
+    def subscribe(self) -> None:
+        """RQ's channel for `rq` commands to this worker (latentd sends none): left out if Redis
+        is away as the loop begins, where raised it ended the worker (exit 1)."""
+        with self._riding_out(quietly=False):
+            super().subscribe()
 
     def register_death(self) -> None:
         """RQ's goodbye. With Redis gone it raised, and a worker stopped then exited 1 with a
@@ -311,9 +372,24 @@ class LatentdWorker(SimpleWorker):
             self._stopped_job_id = job.id  # RQ then marks it STOPPED, never retried
             rt.stopped_job_id = None
         job.retries_left = 0
-        super().handle_job_failure(
-            job, queue, started_job_registry=started_job_registry, exc_string=exc_string, execution=execution
-        )
+        record = functools.partial(
+            super().handle_job_failure,
+            job, queue, started_job_registry=started_job_registry, exc_string=exc_string, execution=execution,
+        )  # fmt: skip
+        self._until_redis_answers("rq_failure", record)
+
+    # RQ's records of a job's start and end, each sent again while Redis is away (`_until_redis_answers`).
+    def prepare_job_execution(self, job: Any, remove_from_intermediate_queue: bool = False) -> None:
+        start = functools.partial(super().prepare_job_execution, job, remove_from_intermediate_queue)
+        self._until_redis_answers("rq_start", start)
+
+    def handle_execution_ended(self, job: Any, queue: Any, heartbeat_ttl: int) -> None:
+        ended = functools.partial(super().handle_execution_ended, job, queue, heartbeat_ttl)
+        self._until_redis_answers("rq_end", ended)
+
+    def handle_job_success(self, job: Any, queue: Any, started_job_registry: Any, execution: Any) -> None:
+        record = functools.partial(super().handle_job_success, job, queue, started_job_registry, execution)
+        self._until_redis_answers("rq_success", record)
 
     def execute_job(self, job: Any, queue: Any) -> None:
         """SimpleWorker's execute_job, for a batch: the job, then each job claimed into its call.
@@ -324,7 +400,9 @@ class LatentdWorker(SimpleWorker):
         rt = jobs.current()
         try:
             execution = self.prepare_execution(job)  # the worker is BUSY from here
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except redis.RedisError as exc:
+            if not redis_away(exc):
+                raise
             # Redis went away since the wait handed the job over: it is left on its queue's
             # intermediate list, from where a reaper puts it back at the head of its queue a minute
             # on (`Heartbeat.reap`, `handle_job_failure`). Raised, it ended RQ's loop: exit 1.
@@ -396,7 +474,9 @@ class LatentdWorker(SimpleWorker):
         claimed: list[jobs.Claimed] = []
         try:
             self._claim_into(queue, key, zeros, budget, deadline, claimed)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except redis.RedisError as exc:
+            if not redis_away(exc):
+                raise
             # The batch runs with what it has; raised here, outside the job, it stopped the worker.
             event(log, "batch_claim_failed", logging.WARNING, job_id=first.id, error=type(exc).__name__)
         return claimed
@@ -427,7 +507,11 @@ class LatentdWorker(SimpleWorker):
                 if not self.connection.eval(_CLAIM, 2, queue.key, queue.intermediate_queue_key, candidate.id):
                     continue  # another worker took it first
                 execution = self.prepare_execution(candidate)
-                self.prepare_job_execution(candidate, remove_from_intermediate_queue=True)
+                try:
+                    super().prepare_job_execution(candidate, remove_from_intermediate_queue=True)
+                except redis.RedisError:
+                    self.executions.pop(execution.id, None)  # back to its queue from the list, as above
+                    raise
                 claimed.append(jobs.Claimed(job=candidate, payload=other, execution=execution))
                 budget -= other.num_images
             if budget <= 0 or time.monotonic() >= deadline or not (company or self._had_company):
@@ -510,7 +594,7 @@ class Heartbeat(threading.Thread):
                 if self.worker.may_reap():
                     self.reap()
             except redis.RedisError as exc:
-                if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+                if redis_away(exc):
                     self.worker.redis_trouble()
                 if not failing:
                     event(log, "heartbeat_failed", logging.WARNING, error=type(exc).__name__)
@@ -616,6 +700,23 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 """
 
 
+def _once_redis_answers(call: Callable[[], T]) -> T:
+    """`call()`, tried again while Redis is away (`redis_away`), saying so once."""
+    said = False
+    while True:
+        try:
+            return call()
+        except redis.RedisError as exc:
+            if not redis_away(exc):
+                raise
+            if not said:
+                event(
+                    log, "redis_away", logging.WARNING, error=f"{type(exc).__name__}: {first_line(exc)[:200]}"
+                )
+                said = True
+            time.sleep(1)
+
+
 def _say_if_weights_differ(connection: redis.Redis, info: WorkerInfo) -> None:
     """Warn where live workers serve this model's name with other weights: an image then depends on
     the worker that ran its job, and its seed does not reproduce it. Advice: nothing stops."""
@@ -682,7 +783,10 @@ def run(settings: WorkerSettings) -> int:
     # of the collector: a full collection walked them for ~250 ms, inside some job's time.
     gc.collect()
     gc.freeze()
-    if not _take_name(connection, name, settings.heartbeat_interval):
+    # Redis away from here until RQ's loop (restarted, or loading its data, as the model loaded) is
+    # waited for: it ended the worker with a traceback (exit 1), and its model was loaded again. A
+    # stop signal meanwhile ends it at once (`latentd.cli`), as during the load.
+    if not _once_redis_answers(functools.partial(_take_name, connection, name, settings.heartbeat_interval)):
         print(
             f"latentd worker: a live worker is named {name!r}; give this one another LATENTD_WORKER_NAME",
             file=sys.stderr,
@@ -702,8 +806,15 @@ def run(settings: WorkerSettings) -> int:
     )
     _say_if_weights_differ(connection, info)
     queue = Queue(Keys.queue_name(runner.model), connection=connection, serializer=JSONSerializer)
-    worker = LatentdWorker(
-        [queue], connection=connection, name=name, serializer=JSONSerializer, model=runner.model
+    worker = _once_redis_answers(
+        functools.partial(
+            LatentdWorker,
+            [queue],
+            connection=connection,
+            name=name,
+            serializer=JSONSerializer,
+            model=runner.model,
+        )
     )
     worker.lease_seconds = settings.lease_seconds
     worker.shutdown_grace = settings.shutdown_grace
@@ -713,11 +824,14 @@ def run(settings: WorkerSettings) -> int:
     worker.ready_file = settings.ready_file
     runtime.stop_requested = lambda: bool(worker._stop_requested)
     runtime.leave = worker._leave_the_job
-    worker.stop_on_signals()  # before anyone is told the worker is ready
-    reaping.record_lease(connection, settings.lease_seconds)  # other reapers wait that long
-    worker.longest_lease = reaping.longest_lease(connection, settings.lease_seconds)
+    # Other reapers wait this worker's lease after an outage.
+    _once_redis_answers(functools.partial(reaping.record_lease, connection, settings.lease_seconds))
+    worker.longest_lease = _once_redis_answers(
+        functools.partial(reaping.longest_lease, connection, settings.lease_seconds)
+    )
     heartbeat = Heartbeat(worker, info, settings.heartbeat_interval, queue)
-    heartbeat.beat()
+    _once_redis_answers(heartbeat.beat)
+    worker.stop_on_signals()  # before anyone is told the worker is ready
     heartbeat.start()
     # Said in the log before the file says it: a reader of both, woken by the file, finds the line.
     event(log, "worker_ready", worker=name, model=runner.model, queue=queue.name)
