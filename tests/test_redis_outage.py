@@ -465,6 +465,29 @@ def test_a_redis_outage_longer_than_a_lease_leaves_the_running_job_to_its_worker
         worker.stop()
 
 
+def test_a_redis_frozen_longer_than_a_lease_leaves_running_jobs_to_their_workers(cluster: Cluster) -> None:
+    # Frozen (SIGSTOP: no error, shorter than the socket timeout), no one could renew a lease; the
+    # first reaper to wake with Redis took the running job for lost and it ran again (helper-47:
+    # two runs in three).
+    worker = cluster.worker("a", SLOW_STEPS)
+    other = cluster.worker("b")
+    try:
+        job_id = cluster.submit({"prompt": "slow", "steps": 100})
+        cluster.running_on(job_id)
+        assert cluster.redis.proc is not None
+        cluster.redis.proc.send_signal(signal.SIGSTOP)
+        time.sleep(2 * float(LEASE))
+        cluster.redis.proc.send_signal(signal.SIGCONT)
+        view = cluster.wait_terminal(job_id)
+        assert view["status"] == "succeeded" and view["attempts"] == 1, view
+        assert "job_lease_lost" not in worker.output()
+    finally:
+        cluster.redis.proc.send_signal(signal.SIGCONT)
+        worker.stop()
+        other.stop()
+    assert "redis_stalled" in worker.output() + other.output()
+
+
 def test_latentd_generate_rides_out_a_redis_outage_and_saves_its_image(cluster: Cluster) -> None:
     # A worker's registration without the worker, so the job waits in its queue through the outage.
     r = cluster.redis.client()

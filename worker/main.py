@@ -570,12 +570,15 @@ class Heartbeat(threading.Thread):
         """For each queue, one worker at a time hands RQ its expired executions: RQ retries them
         while retries are left, else fails them; we record why for the client. The lock is let go
         after the pass, for RQ's maintenance (`LatentdWorker.clean_registries`)."""
+        renewed = time.monotonic()
         self.worker.renew_leases()  # its own running jobs are not abandoned, whatever their lease says
         self.worker.longest_lease = reaping.longest_lease(self.connection, self.worker.lease_seconds)
         others = reaping.model_queues(self.connection, self._queues)
         queues = [self.queue, *(q for q in others if q.key != self.queue.key)]
 
         def reap_one(queue: Queue) -> None:
+            if self._stalled(renewed):
+                return
             reaping.reap(queue, self.worker.job_ttl, self.worker.on_abandoned)
             # Jobs a dead worker had taken off the queue but not started (RQ does this only in its
             # maintenance, every 10 minutes): back to their queue after a minute.
@@ -583,11 +586,25 @@ class Heartbeat(threading.Thread):
 
         reaping.reap_each(self.connection, queues, self.info.name, self.failures, reap_one)
 
+    def _stalled(self, since: float) -> bool:
+        """Whether Redis kept this thread waiting a third of a lease or more since `since`: frozen
+        or swapping, with no error to show for it (a freeze shorter than the socket timeout). No
+        one could renew a lease meanwhile, and live workers' running jobs looked lapsed to the
+        reaper that woke with Redis: they ran again, an attempt spent. As after an outage, there is
+        no reaping for a lease (`redis_trouble`)."""
+        if time.monotonic() - since < self.worker.lease_seconds / 3:
+            return False
+        self.worker.redis_trouble()
+        event(log, "redis_stalled", logging.WARNING, seconds=round(time.monotonic() - since, 1))
+        return True
+
     def run(self) -> None:
         failing = False
         while not self.stopped.wait(self.interval):
             try:
+                began = time.monotonic()
                 self.beat()
+                self._stalled(began)
                 if failing:
                     event(log, "heartbeat_recovered")
                 failing = False
