@@ -135,7 +135,8 @@ def reap(queue: Queue, job_ttl: int, on_abandoned: Callable[..., Any]) -> None:
         except Exception as exc:  # RQ's reading of the job: a status or a date it does not know
             if registry.connection.eval(_DROP_IF_LAPSED, 1, registry.key, entry, lapsed):
                 event(log, "unreadable_job_dropped", logging.ERROR, job_id=job_id, error=type(exc).__name__)
-    registry.cleanup(exception_handlers=[on_abandoned])
+    # As of the look above: Redis stalled since (frozen, swapping) left live workers' leases unrenewed.
+    registry.cleanup(timestamp=lapsed, exception_handlers=[on_abandoned])
     canceled_before = time.time() - job_ttl
     queue.connection.zremrangebyscore(queue.canceled_job_registry.key, "-inf", canceled_before)
 

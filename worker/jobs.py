@@ -165,14 +165,17 @@ def _classify(exc: BaseException, payload: JobPayload, pad_to: int | None = None
 
 # Run for each job as its worker starts it. A job whose images are stored already (its worker died
 # after the commit, before RQ marked it finished, and it was re-queued) is not run again: returns
-# the images' metadata. Else records the start (ARGV: job_ttl, this run's token, then field,
-# value...) and returns whether the cancel flag is up. Sent again after its reply was lost, it
-# finds its run's token and counts no further attempt.
+# the images' metadata. Else, unless another worker owns the job now (-1: its start was sent
+# again through an outage, after its lease lapsed), records the start (KEYS: state, cancel flag,
+# RQ's job; ARGV: job_ttl, this run's token, worker, then field, value...) and returns whether the
+# cancel flag is up. Sent again after its reply was lost, it counts no further attempt.
 _START = """
 local images = redis.call('HGET', KEYS[1], 'images')
 if images then return images end
+local owner = redis.call('HMGET', KEYS[3], 'status', 'worker_name')
+if owner[1] ~= 'started' or owner[2] ~= ARGV[3] then return -1 end
 if redis.call('HGET', KEYS[1], 'run') ~= ARGV[2] then redis.call('HINCRBY', KEYS[1], 'attempts', 1) end
-redis.call('HSET', KEYS[1], 'run', ARGV[2], unpack(ARGV, 3))
+redis.call('HSET', KEYS[1], 'run', ARGV[2], unpack(ARGV, 4))
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 return redis.call('EXISTS', KEYS[2])
 """
@@ -286,20 +289,18 @@ def _run(rt: Runtime, members: list[tuple[str, JobPayload]], outcomes: dict[str,
             StateField.BATCH_JOBS: len(members),
             StateField.WARNINGS: json.dumps(rt.runner.warnings(payload)),
         }
-        keys = [Keys.state(job_id), Keys.cancel(job_id)]
+        keys = [Keys.state(job_id), Keys.cancel(job_id), _rq_key(job_id)]
+        token = uuid.uuid4().hex
         start = functools.partial(
-            r.eval,
-            _START,
-            len(keys),
-            *keys,
-            rt.settings.job_ttl,
-            uuid.uuid4().hex,
+            r.eval, _START, len(keys), *keys, rt.settings.job_ttl, token, rt.worker_name,
             *itertools.chain(*fields.items()),
-        )
+        )  # fmt: skip
         answer = resent_while_away(start, "start", rt.stop_requested, rt.leave)
         if isinstance(answer, bytes | str):  # its images: stored by a worker that died before RQ knew
             outcomes[job_id] = Succeeded(len(json.loads(answer)))
             event(log, "job_already_succeeded", job_id=job_id)
+        elif answer == -1:
+            outcomes[job_id] = _record_lost(job_id)
         elif answer:
             outcomes[job_id] = _record_canceled(rt, job_id)
         else:

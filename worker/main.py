@@ -131,10 +131,11 @@ class LatentdWorker(SimpleWorker):
         """RQ's wait for work, which waits out only Redis out of reach: one that refuses the wait's
         move (full, turned replica) ended RQ's loop, and the worker exited 1. Waited out here too;
         a stop request ends the wait (`heartbeat`, at the start of RQ's)."""
-        pause = 1.0
+        pause, quietly = 1.0, False
         while True:
-            with self._riding_out(quietly=False):
+            with self._riding_out(quietly):
                 return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+            quietly = True  # said once a spell
             time.sleep(pause)
             pause = min(2 * pause, self.max_connection_wait_time)
 
@@ -368,14 +369,25 @@ class LatentdWorker(SimpleWorker):
             rt.lost_job_id = None
             self._drop_execution(job, execution)
             return
+        stopped = self._stopped_job_id
         if rt.stopped_job_id == job.id:
-            self._stopped_job_id = job.id  # RQ then marks it STOPPED, never retried
+            stopped = job.id  # RQ then marks it STOPPED, never retried
             rt.stopped_job_id = None
-        job.retries_left = 0
-        record = functools.partial(
+        fail = functools.partial(
             super().handle_job_failure,
             job, queue, started_job_registry=started_job_registry, exc_string=exc_string, execution=execution,
         )  # fmt: skip
+
+        def record() -> None:
+            self._stopped_job_id = stopped  # RQ clears it as it writes
+            job.retries_left = 0
+            fail()
+            # RQ logs a failure it could not write, and goes on: the job stayed started, its lease
+            # unrenewed, and its reaper ran it again or failed it `worker_lost`. Read back.
+            status, owner = self.connection.hmget(job.key, "status", "worker_name")
+            if status == b"started" and owner == self.name.encode():
+                raise redis.ConnectionError("RQ could not record the job's failure")
+
         self._until_redis_answers("rq_failure", record)
 
     # RQ's records of a job's start and end, each sent again while Redis is away (`_until_redis_answers`).
@@ -443,9 +455,12 @@ class LatentdWorker(SimpleWorker):
             raise SystemExit(EXIT_DEVICE_BROKEN)
 
     def _drop_execution(self, job: Any, execution: Any) -> None:
-        with self.connection.pipeline() as pipeline:
-            self.cleanup_execution(job, pipeline=pipeline, execution=execution)
-            pipeline.execute()
+        def drop() -> None:
+            with self.connection.pipeline() as pipeline:
+                self.cleanup_execution(job, pipeline=pipeline, execution=execution)
+                pipeline.execute()
+
+        self._until_redis_answers("rq_drop", drop)
 
     def cleanup_execution(self, job: Any, pipeline: Any, execution: Any = None) -> None:
         """RQ calls this in the transaction that ends a job (success, failure, retry, stop): wake the
@@ -506,12 +521,18 @@ class LatentdWorker(SimpleWorker):
                     continue
                 if not self.connection.eval(_CLAIM, 2, queue.key, queue.intermediate_queue_key, candidate.id):
                     continue  # another worker took it first
-                execution = self.prepare_execution(candidate)
                 try:
-                    super().prepare_job_execution(candidate, remove_from_intermediate_queue=True)
+                    execution = self.prepare_execution(candidate)
                 except redis.RedisError:
-                    self.executions.pop(execution.id, None)  # back to its queue from the list, as above
+                    # Not started: back to its queue from the intermediate list, a minute on. RQ
+                    # keeps the execution it could not write among the worker's (busy for good).
+                    for execution_id, each in list(self.executions.items()):
+                        if each.job_id == candidate.id:
+                            del self.executions[execution_id]
                     raise
+                # Its execution written, it is this batch's: a job whose execution is in the started
+                # registry is left out of the intermediate list's clean-up, to its lease (an attempt).
+                self.prepare_job_execution(candidate, remove_from_intermediate_queue=True)
                 claimed.append(jobs.Claimed(job=candidate, payload=other, execution=execution))
                 budget -= other.num_images
             if budget <= 0 or time.monotonic() >= deadline or not (company or self._had_company):
@@ -558,6 +579,7 @@ class Heartbeat(threading.Thread):
         self._queues: dict[str, Queue] = {}
         self.failures = reaping.Failures(log)
         self.stopped = threading.Event()
+        self._stalled_since = 0.0
 
     def beat(self) -> None:
         p = self.connection.pipeline(transaction=False)
@@ -576,15 +598,17 @@ class Heartbeat(threading.Thread):
         others = reaping.model_queues(self.connection, self._queues)
         queues = [self.queue, *(q for q in others if q.key != self.queue.key)]
 
+        stalled = functools.partial(self._stalled, renewed)
+
         def reap_one(queue: Queue) -> None:
-            if self._stalled(renewed):
+            if stalled():  # looked at under the queue's lock, which Redis may have held up too
                 return
             reaping.reap(queue, self.worker.job_ttl, self.worker.on_abandoned)
             # Jobs a dead worker had taken off the queue but not started (RQ does this only in its
             # maintenance, every 10 minutes): back to their queue after a minute.
             queue.intermediate_queue.cleanup(self.worker, queue)
 
-        reaping.reap_each(self.connection, queues, self.info.name, self.failures, reap_one)
+        reaping.reap_each(self.connection, queues, self.info.name, self.failures, reap_one, stalled)
 
     def _stalled(self, since: float) -> bool:
         """Whether Redis kept this thread waiting a third of a lease or more since `since`: frozen
@@ -594,8 +618,10 @@ class Heartbeat(threading.Thread):
         no reaping for a lease (`redis_trouble`)."""
         if time.monotonic() - since < self.worker.lease_seconds / 3:
             return False
-        self.worker.redis_trouble()
-        event(log, "redis_stalled", logging.WARNING, seconds=round(time.monotonic() - since, 1))
+        if since != self._stalled_since:  # said once a pass
+            self._stalled_since = since
+            self.worker.redis_trouble()
+            event(log, "redis_stalled", logging.WARNING, seconds=round(time.monotonic() - since, 1))
         return True
 
     def run(self) -> None:
