@@ -219,7 +219,8 @@ def test_a_batch_whose_look_for_mates_fails_runs_and_its_worker_serves_on(cluste
 # as it looks whether workers are suspended and runs its maintenance (as a worker starts, and
 # between jobs every 10 minutes), as it notes the worker idle before the wait, as it starts the
 # job the wait handed over, and in the heartbeat after a job. In a job's records: RQ's of its
-# start, end and success, and latentd's of its start, whose reply is lost (the start was made).
+# start, end and success, and latentd's of its start, whose reply is lost (the start was made);
+# RQ's of a failure ("fail-here"), which RQ logs and does not raise.
 REDIS_GONE_ONCE_AT_EACH_CALL = """
 import sys
 
@@ -281,6 +282,33 @@ def eval_(self, script, *args):
 
 
 redis.Redis.eval = eval_
+
+_generate = worker.main.jobs.Runner.generate
+
+
+def generate(self, payloads, *args, **kwargs):
+    if payloads[0].prompt == "fail-here":
+        raise RuntimeError("injected failure")
+    return _generate(self, payloads, *args, **kwargs)
+
+
+worker.main.jobs.Runner.generate = generate
+_cleanup = BaseWorker.cleanup_execution
+
+
+def cleanup_execution(self, job, pipeline, execution=None):
+    _cleanup(self, job, pipeline, execution)
+    if job.get_status(refresh=False) == "failed" and "rq_failure" not in failed:
+        execute = pipeline.execute
+
+        def refused(*args, **kwargs):
+            pipeline.execute = execute
+            fail_once("rq_failure")
+
+        pipeline.execute = refused
+
+
+BaseWorker.cleanup_execution = cleanup_execution
 """
 
 
@@ -301,12 +329,19 @@ def test_redis_gone_once_at_each_call_outside_rqs_wait_leaves_the_worker_serving
         assert view["status"] == "succeeded" and view["attempts"] == 1, view
         view = cluster.wait_terminal(cluster.submit({"prompt": "y", "steps": 1}), 30)
         assert view["status"] == "succeeded", view
+        # Its failure unwritten, RQ left the job started, and its reaper ran it again.
+        failing = cluster.submit({"prompt": "fail-here", "steps": 1})
+        view = cluster.wait_terminal(failing, 30)
+        assert view["status"] == "failed" and view["error"]["code"] == "generation_failed", view
+        time.sleep(2 * float(LEASE))
+        assert cluster.status(failing)["attempts"] == 1 and r.hget(f"rq:job:{failing}", "status") == b"failed"
         assert worker.proc.poll() is None and "quitting" not in worker.output()
     finally:
         assert worker.stop() == 0
-    assert "Traceback" not in worker.output()
+    assert worker.output().count("Traceback") == 1  # the failing job's own (job_failed_traceback)
     injected = {line.split()[-1] for line in worker.output().splitlines() if line.startswith("injected:")}
     assert injected == {
+        "rq_failure",
         "_take_name",
         "_set_ip_address",
         "record_lease",

@@ -681,6 +681,15 @@ def _quick(connection: redis.Redis) -> redis.Redis:
     return redis.Redis(connection_pool=redis.ConnectionPool(connection_class=pool.connection_class, **kwargs))
 
 
+def _rq_says_its_failed_write_in_a_line(record: logging.LogRecord) -> bool:
+    """RQ logs a job's failure it could not write to Redis with two tracebacks (the job's, then
+    Redis's); the worker writes it again (`handle_job_failure`), and the job's own line has said
+    why it failed."""
+    if str(record.msg).startswith("Worker %s: failed to persist failure"):
+        record.exc_info, record.exc_text = None, None
+    return True
+
+
 def _let_stops_through_logging() -> None:
     """logging's handlers catch every exception a line's write raises and print it as a 'Logging
     error': RQ's StopRequested, raised by its signal handler where the signal lands, was lost there
@@ -785,6 +794,7 @@ def _say_if_weights_differ(connection: redis.Redis, info: WorkerInfo) -> None:
 def run(settings: WorkerSettings) -> int:
     """The worker's life after `latentd worker` has read its settings and configured logging."""
     _let_stops_through_logging()
+    logging.getLogger("rq.worker").addFilter(_rq_says_its_failed_write_in_a_line)
     name = settings.effective_worker_name()
     try:
         connection = _connect(settings.effective_redis_url)
