@@ -131,13 +131,8 @@ class LatentdWorker(SimpleWorker):
         """RQ's wait for work, which waits out only Redis out of reach: one that refuses the wait's
         move (full, turned replica) ended RQ's loop, and the worker exited 1. Waited out here too;
         a stop request ends the wait (`heartbeat`, at the start of RQ's)."""
-        pause, quietly = 1.0, False
-        while True:
-            with self._riding_out(quietly):
-                return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
-            quietly = True  # said once a spell
-            time.sleep(pause)
-            pause = min(2 * pause, self.max_connection_wait_time)
+        wait = functools.partial(super().dequeue_job_and_maintain_ttl, timeout, max_idle_time)
+        return _once_redis_answers(wait, self.redis_trouble)
 
     @contextlib.contextmanager
     def _riding_out(self, quietly: bool = True) -> Iterator[None]:
@@ -752,8 +747,9 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 """
 
 
-def _once_redis_answers(call: Callable[[], T]) -> T:
-    """`call()`, tried again while Redis is away (`redis_away`), saying so once."""
+def _once_redis_answers(call: Callable[[], T], trouble: Callable[[], object] = lambda: None) -> T:
+    """`call()`, tried again while Redis is away (`redis_away`), saying so once; `trouble()` at
+    each time it is."""
     said = False
     while True:
         try:
@@ -761,6 +757,7 @@ def _once_redis_answers(call: Callable[[], T]) -> T:
         except redis.RedisError as exc:
             if not redis_away(exc):
                 raise
+            trouble()
             if not said:
                 event(
                     log, "redis_away", logging.WARNING, error=f"{type(exc).__name__}: {first_line(exc)[:200]}"
