@@ -18,6 +18,7 @@ from rq import Queue
 
 from latentd import reaping
 from latentd.logs import event
+from latentd.store import redis_away
 
 log = logging.getLogger("latentd.api")
 
@@ -27,10 +28,10 @@ class Reaper(threading.Thread):
     RQ, which re-queues them or fails them, as a worker's reaper would.
 
     Never within a lease of this process's start, or of Redis's return from trouble it saw (no
-    answer, or a Redis restarted since its last look): a live worker renews its leases every third
-    of a lease once Redis is back, and registers again, but until then its jobs' leases and its
-    registration may read as lapsed. The lease waited is the longest any worker has held jobs
-    under (`reaping.record_lease`), or this process's own if longer."""
+    answer, full or read-only, or a Redis restarted since its last look): a live worker renews its
+    leases every third of a lease once Redis is back, and registers again, but until then its
+    jobs' leases and its registration may read as lapsed. The lease waited is the longest any
+    worker has held jobs under (`reaping.record_lease`), or this process's own if longer."""
 
     def __init__(
         self,
@@ -59,10 +60,13 @@ class Reaper(threading.Thread):
             try:
                 self.reap()
                 self.failures.ok("redis")
-            except (redis.ConnectionError, redis.TimeoutError):
-                self.reap_from = None
-            except Exception as exc:  # a refused command, say: logged once, tried again
-                self.failures.failed("redis", exc)
+            except Exception as exc:
+                if isinstance(exc, redis.RedisError) and redis_away(exc):
+                    # Out of reach, full or read-only: no worker could renew a lease or register
+                    # meanwhile, so a lease from its return (a full Redis's jobs ran twice).
+                    self.reap_from = None
+                else:  # a refused command, say: logged once, tried again
+                    self.failures.failed("redis", exc)
 
     def reap(self) -> None:
         self._look_for_a_restart()

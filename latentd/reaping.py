@@ -22,7 +22,7 @@ from rq.utils import now
 
 from latentd.contract import ErrorCode, JobError, JobStatus, Keys, StateField
 from latentd.logs import event
-from latentd.store import as_text
+from latentd.store import as_text, redis_away
 
 log = logging.getLogger("latentd.reaper")
 
@@ -94,7 +94,8 @@ def reap_each(
     stopped: Callable[[], bool] = lambda: False,
 ) -> None:
     """`reap_one` for each queue whose reaper lock is free, under it. One queue's failure, logged once
-    by `failures`, leaves the others reaped; Redis out of reach ends the pass."""
+    by `failures`, leaves the others reaped; Redis away (`redis_away`: out of reach, full, a
+    replica) ends the pass, for the caller to wait a lease after it."""
     for queue in queues:
         if stopped():
             return
@@ -103,9 +104,9 @@ def reap_each(
                 if taken:
                     reap_one(queue)
             failures.ok(queue.name)
-        except (redis.ConnectionError, redis.TimeoutError):
-            raise
         except Exception as exc:  # one queue's trouble: the others reaped, the reaper's thread alive
+            if isinstance(exc, redis.RedisError) and redis_away(exc):
+                raise
             failures.failed(queue.name, exc)
 
 

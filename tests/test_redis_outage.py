@@ -23,6 +23,7 @@ from tests.conftest import (
     register_ghost,
     sitecustomize,
     spawn,
+    start_api,
     start_worker,
     wait_until,
 )
@@ -498,6 +499,32 @@ def test_a_redis_outage_longer_than_a_lease_leaves_the_running_job_to_its_worker
         assert "job_lease_lost" not in worker.output()
     finally:
         worker.stop()
+
+
+def test_a_redis_full_longer_than_a_lease_leaves_a_live_workers_job_to_it(cluster: Cluster) -> None:
+    # Full, Redis refused the workers' registrations and lease renewals, and the API's reaper took
+    # its own refused writes for one queue's failure, not for Redis's trouble: as Redis took writes
+    # again it found no worker and the lease lapsed, and the job ran again on the other worker
+    # (helper-50: 3 runs in 4).
+    api, _ = start_api(cluster.redis.url, cluster.tmp, name="reaping-api", LATENTD_LEASE_SECONDS=LEASE)
+    worker = cluster.worker("a", SLOW_STEPS)
+    other = cluster.worker("b")
+    r = cluster.redis.client()
+    try:
+        job_id = cluster.submit({"prompt": "slow", "steps": 100})
+        cluster.running_on(job_id)
+        r.config_set("maxmemory", 1)
+        time.sleep(3 * float(LEASE))
+        r.config_set("maxmemory", 0)
+        view = cluster.wait_terminal(job_id)
+        assert view["status"] == "succeeded" and view["attempts"] == 1, view
+        assert "job_lease_lost" not in worker.output()
+    finally:
+        r.config_set("maxmemory", 0)
+        worker.stop()
+        other.stop()
+        api.stop()
+    assert "reaper_failed" not in api.output()
 
 
 def test_a_redis_frozen_longer_than_a_lease_leaves_running_jobs_to_their_workers(cluster: Cluster) -> None:
