@@ -61,7 +61,7 @@ class Reaper(threading.Thread):
                 self.reap()
                 self.failures.ok("redis")
             except Exception as exc:
-                if isinstance(exc, redis.RedisError) and redis_away(exc):
+                if redis_away(exc):
                     # Out of reach, full or read-only: no worker could renew a lease or register
                     # meanwhile, so a lease from its return (a full Redis's jobs ran twice).
                     self.reap_from = None

@@ -105,7 +105,7 @@ def reap_each(
                     reap_one(queue)
             failures.ok(queue.name)
         except Exception as exc:  # one queue's trouble: the others reaped, the reaper's thread alive
-            if isinstance(exc, redis.RedisError) and redis_away(exc):
+            if redis_away(exc):
                 raise
             failures.failed(queue.name, exc)
 

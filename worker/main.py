@@ -145,9 +145,7 @@ class LatentdWorker(SimpleWorker):
                 raise
             self.redis_trouble()
             if not quietly:
-                event(
-                    log, "redis_away", logging.WARNING, error=f"{type(exc).__name__}: {first_line(exc)[:200]}"
-                )
+                _say_redis_away(exc)
 
     def _until_redis_answers(self, what: str, call: Callable[[], Any]) -> Any:
         """`call()`, sent again while Redis is away, for RQ's records of a job: raised, RQ took an
@@ -747,6 +745,10 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 """
 
 
+def _say_redis_away(exc: BaseException) -> None:
+    event(log, "redis_away", logging.WARNING, error=f"{type(exc).__name__}: {first_line(exc)[:200]}")
+
+
 def _once_redis_answers(call: Callable[[], T], trouble: Callable[[], object] = lambda: None) -> T:
     """`call()`, tried again while Redis is away (`redis_away`), saying so once; `trouble()` at
     each time it is."""
@@ -759,9 +761,7 @@ def _once_redis_answers(call: Callable[[], T], trouble: Callable[[], object] = l
                 raise
             trouble()
             if not said:
-                event(
-                    log, "redis_away", logging.WARNING, error=f"{type(exc).__name__}: {first_line(exc)[:200]}"
-                )
+                _say_redis_away(exc)
                 said = True
             time.sleep(1)
 
