@@ -230,7 +230,8 @@ def start_worker(redis_url: str, model_dir: Path, tmp: Path, name: str = "w1", *
     except AssertionError:
         worker.stop()
         raise
-    if worker.proc.poll() is not None:
+    # Ready counts even if it has died since: a worker meant to die on the job waiting for it may.
+    if not ready.exists():
         raise AssertionError(f"worker exited with {worker.proc.returncode}:\n{worker.output()[-3000:]}")
     return worker
 
