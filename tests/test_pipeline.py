@@ -437,6 +437,21 @@ def test_a_model_whose_parts_do_not_fit_together_is_refused_at_load(
     assert load_runner(settings).pad_to == 1
 
 
+def test_the_collector_is_on_again_once_the_weights_are_loaded(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # `latentd worker` turns it off for its imports and the load: left off, every job's cycles stayed.
+    import gc
+
+    from worker.config import WorkerSettings
+    from worker.pipeline import load_runner
+
+    gc.disable()
+    try:
+        load_runner(WorkerSettings(model=str(tiny_model_dir), cache_dir=tmp_path))
+        assert gc.isenabled()
+    finally:
+        gc.enable()
+
+
 @pytest.fixture(scope="module")
 def tiny_xl(tmp_path_factory: pytest.TempPathFactory) -> Runner:
     """A tiny SDXL pipeline, random weights, loaded as the worker loads a directory."""

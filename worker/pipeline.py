@@ -683,6 +683,7 @@ def load_runner(settings: WorkerSettings) -> Runner:
     source = resolve_source(settings)
     pipe = load_pipeline(source, device, dtype, settings.cache_dir)
     event(log, "model_loaded", model=settings.served_name(), source=source, device=device, dtype=dtype)
+    gc.enable()  # `latentd worker` turned collections off for the imports and this load (see there)
     pad_to = settings.max_batch_images if settings.batch_invariant else None  # 1 too: a job of several images
     runner = Runner(
         pipe=pipe, device=device, model=settings.served_name(), pad_to=pad_to, weights=fingerprint(pipe)
