@@ -69,19 +69,37 @@ class Reaper(threading.Thread):
                     self.failures.failed("redis", exc)
 
     def reap(self) -> None:
+        began = time.monotonic()
         self._look_for_a_restart()
         if self.reap_from is None:
             self.reap_from = time.monotonic() + reaping.longest_lease(self.connection, self.lease)
-        if time.monotonic() < self.reap_from or self.any_worker_alive():
+        if time.monotonic() < self.reap_from or self.any_worker_alive() or self._stalled(began):
             return
+
+        def reap_one(queue: Queue) -> None:
+            if not self._stalled(began):  # looked at under the queue's lock, which Redis may have held up too
+                reaping.reap(queue, self.job_ttl, self.handler)
+
         reaping.reap_each(
             self.connection,
             reaping.model_queues(self.connection, self._queues),
             self.holder,
             self.failures,
-            lambda queue: reaping.reap(queue, self.job_ttl, self.handler),
-            stopped=self.stopped.is_set,
+            reap_one,
+            stopped=lambda: self.stopped.is_set() or self._stalled(began),
         )
+
+    def _stalled(self, since: float) -> bool:
+        """Whether Redis kept this pass waiting a third of a lease or more: frozen or swapping, with no
+        error to show for it. Live workers could neither renew their leases nor their registrations
+        (a few seconds' TTL) meanwhile, and the pass that woke with Redis found no worker alive and
+        re-queued their running jobs. As after an outage, no reaping for a lease."""
+        if time.monotonic() - since < self.lease / 3:
+            return False
+        if self.reap_from is not None:  # said once
+            event(log, "redis_stalled", logging.WARNING, seconds=round(time.monotonic() - since, 1))
+        self.reap_from = None
+        return True
 
     def _look_for_a_restart(self) -> None:
         if self.info_refused:

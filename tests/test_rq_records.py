@@ -390,6 +390,43 @@ def test_the_apis_reaper_waits_the_longest_workers_lease_after_redis_trouble(
     assert Job.fetch("running", connection=r, serializer=JSONSerializer).get_status() == "started"
 
 
+@pytest.mark.parametrize("where", ["look_for_workers", "queue_lock"])
+def test_the_apis_reaper_leaves_running_jobs_alone_after_redis_kept_it_waiting(
+    redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, where: str
+) -> None:
+    # Redis frozen (SIGSTOP, swapping) for more than a lease but less than the API's socket timeout:
+    # no error, and as it woke the workers' registrations (TTL 2 s) and their jobs' leases read as
+    # lapsed. The API's pass re-queued a live worker's running job.
+    from rq import Queue
+
+    from latentd import reaping
+
+    r = redis_client
+    _lapsed(r, Queue("latentd:a", connection=r, serializer=JSONSerializer), "running")
+    reaper = _api_reaper(r, lease=3)
+    reaper.reap_from = 0.0  # a lease after its start
+
+    def frozen() -> None:
+        time.sleep(1.1)  # a third of the lease and more
+
+    if where == "look_for_workers":
+        reaper.any_worker_alive = lambda: bool(frozen())
+    else:
+        locks = reaping.reaper_locks
+
+        @contextlib.contextmanager
+        def slow_locks(*args: Any) -> Any:
+            frozen()
+            with locks(*args) as taken:
+                yield taken
+
+        monkeypatch.setattr(reaping, "reaper_locks", slow_locks)
+    reaper.reap()
+    assert Job.fetch("running", connection=r, serializer=JSONSerializer).get_status() == "started"
+    assert reaper.reap_from is None  # a lease from the next pass
+    assert sum(rec.getMessage().startswith("redis_stalled") for rec in caplog.records) == 1
+
+
 def test_the_reapers_look_for_unreadable_jobs_drops_none_for_a_redis_error(
     redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
