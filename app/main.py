@@ -121,7 +121,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         try:
             check_eviction_policy(connection)
             warn_if_keeps_nothing(connection, log)
-        except redis.ConnectionError:
+        except (redis.ConnectionError, redis.TimeoutError):  # a silent one (a dropped path) times out
             event(log, "redis_unreachable_at_start", logging.WARNING)  # /readyz says 503 until it is back
         app.state.settings = settings
         app.state.service = service = GenerationService(connection, aconnection, settings)
@@ -129,7 +129,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         app.state.auth = AuthState(settings.static_key_digests(), settings.require_keys)
         try:
             keyed = app.state.auth.always or bool(keys.read_required(connection))
-        except redis.ConnectionError:
+        except (redis.ConnectionError, redis.TimeoutError):
             keyed = app.state.auth.always
         app.state.auth.required = keyed  # what was logged: a change from here on is logged too
         if keyed:

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -52,6 +53,22 @@ def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+def test_an_api_whose_redis_answers_nothing_starts_unready(tmp_path: Path) -> None:
+    # A Redis behind a path that drops packets (a firewall, a NetworkPolicy): its connect is taken
+    # and nothing answers. The API exited 3 with a traceback (TimeoutError), restarted for good.
+    silent = socket.create_server(("127.0.0.1", 0))  # the kernel accepts; nothing reads or answers
+    try:
+        api, url = start_api(f"redis://127.0.0.1:{silent.getsockname()[1]}/0", tmp_path)
+        try:
+            ready = HTTP.get(f"{url}/readyz", timeout=20)
+            assert ready.status_code == 503 and ready.json()["error"]["code"] == "service_unavailable"
+            assert "redis_unreachable_at_start" in api.output() and "Traceback" not in api.output()
+        finally:
+            api.stop()
+    finally:
+        silent.close()
 
 
 def test_redis_outage_gives_503_then_recovers(private_redis: RedisServer, tmp_path: Path) -> None:
