@@ -9,7 +9,16 @@ from pydantic import Field, SecretStr, model_validator
 from latentd import keys
 from latentd.settings import BUILTIN_MODEL, CommonSettings
 
-PLACEHOLDER_KEYS = {"changeme", "change-me-please", "changethis", "secret", "password", "xxxxxxxxxxxxxxxx"}
+# Including .env.example's: uncommented as it stands, it put the API behind a published key.
+PLACEHOLDER_KEYS = {
+    "changeme",
+    "change-me-please",
+    "changethis",
+    "secret",
+    "password",
+    "xxxxxxxxxxxxxxxx",
+    "replace-with-a-long-random-key",
+}
 
 
 class ApiSettings(CommonSettings):

@@ -25,6 +25,7 @@ from app.main import create_app
 from tests.conftest import (
     HTTP,
     PRIVATE_DB,
+    ROOT,
     Proc,
     RedisServer,
     base_env,
@@ -480,6 +481,13 @@ def test_keys_from_the_environment(tmp_path: Path) -> None:
     placeholder = spawn(["api"], base_env(server.url, LATENTD_API_KEYS="ops:changeme"), tmp_path / "bad.log")
     assert placeholder.proc.wait(60) == 2
     assert "LATENTD_API_KEYS" in placeholder.output() and "Traceback" not in placeholder.output()
+
+
+def test_the_example_key_of_env_example_is_refused() -> None:
+    # Uncommented as it stands, it served the API behind a key anyone could read.
+    example = (ROOT / ".env.example").read_text().split("#LATENTD_API_KEYS=", 1)[1].splitlines()[0]
+    with pytest.raises(ValueError, match="not a placeholder"):
+        ApiSettings(api_keys=example).static_key_digests()
 
 
 SECRET = "s3cret-Basic-credential"
