@@ -94,7 +94,24 @@ def test_redis_is_durable_and_never_evicts() -> None:
     assert re.search(r"--appendonly yes\b", command)
     assert re.search(r"--maxmemory-policy noeviction\b", command)
     assert any(v.endswith(":/data") for v in redis["volumes"]), "the AOF must live on a volume"
-    assert "healthcheck" in redis
+
+
+def test_redis_is_healthy_only_once_it_answers_pong(tmp_path: Path) -> None:
+    # redis-cli exits 0 on an error reply: a Redis still loading its AOF (LOADING) was healthy, and
+    # the worker that started then gave up on it. Here the error reply is NOAUTH.
+    from tests.conftest import RedisServer
+
+    kind, check = base()["services"]["redis"]["healthcheck"]["test"]
+    assert kind == "CMD-SHELL"
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        local = check.replace("redis-cli", f"redis-cli -p {server.port}")
+        assert subprocess.run(["sh", "-c", local]).returncode == 0
+        server.client().config_set("requirepass", "x")
+        assert subprocess.run(["sh", "-c", local], capture_output=True).returncode != 0
+    finally:
+        server.stop()
 
 
 def test_api_and_worker_wait_for_a_healthy_redis() -> None:

@@ -193,6 +193,16 @@ def test_worker_requests_a_gpu_and_drains_before_it_is_killed(rendered: dict[str
         assert spec["terminationGracePeriodSeconds"] > shutdown_grace >= job_timeout > 0
 
 
+def test_redis_is_ready_on_pong_and_alive_on_any_answer() -> None:
+    # redis-cli exits 0 on an error reply: ready on PONG (not LOADING); a liveness probe that wanted
+    # PONG would kill a Redis loading a large AOF.
+    redis = yaml.safe_load_all((KUBERNETES / "redis" / "redis.yaml").read_text())
+    (statefulset,) = (r for r in redis if r and r["kind"] == "StatefulSet")
+    (container,) = statefulset["spec"]["template"]["spec"]["containers"]
+    assert container["readinessProbe"]["exec"]["command"] == ["sh", "-c", "redis-cli ping | grep -q PONG"]
+    assert container["livenessProbe"]["exec"]["command"] == ["redis-cli", "ping"]
+
+
 def test_worker_readiness_is_the_ready_file(rendered: dict[str, Resources]) -> None:
     for resources in rendered.values():
         worker = find(resources, "Deployment", "latentd-worker")
