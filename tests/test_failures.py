@@ -177,6 +177,62 @@ def test_a_full_redis_refuses_writes_with_503_and_reads_go_on(
         api.stop()
 
 
+# The first job asking for it deadlocks in native code, the GIL released: deaf to signals, as a
+# hung accelerator's call is.
+HANG_ONCE = """
+import ctypes
+import os
+
+import worker.pipeline
+
+_generate = worker.pipeline.Runner.generate
+
+
+def generate(self, payloads, on_step):
+    if any("hang" in p.prompt for p in payloads) and not os.path.exists({mark!r}):
+        open({mark!r}, "w").close()
+        mutex = ctypes.create_string_buffer(64)  # a default pthread mutex, unlocked
+        lock = ctypes.CDLL(None).pthread_mutex_lock
+        lock(mutex)
+        lock(mutex)
+    return _generate(self, payloads, on_step)
+
+
+worker.pipeline.Runner.generate = generate
+"""
+
+
+def test_a_job_stuck_past_its_time_limit_ends_its_worker_and_runs_elsewhere(
+    private_redis: RedisServer, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # Its time limit's signal never reached the stuck call: the job read `running` for good, its
+    # lease renewed by the worker's thread, and the worker held its device.
+    injected = sitecustomize(tmp_path, HANG_ONCE.format(mark=str(tmp_path / "hung")))
+    lease = {"LATENTD_LEASE_SECONDS": "3"}
+    stuck = start_worker(
+        private_redis.url, tiny_model_dir, tmp_path, name="stuck", PYTHONPATH=injected, **lease
+    )
+    api, url = start_api(private_redis.url, tmp_path, LATENTD_JOB_TIMEOUT="1")
+    other = None
+    try:
+        job_id = HTTP.post(f"{url}/v1/generations", json={"prompt": "hang", "steps": 2}).json()["id"]
+        wait_until(lambda: (tmp_path / "hung").exists(), 30, what="the call to hang")
+        other = start_worker(private_redis.url, tiny_model_dir, tmp_path, name="other", **lease)
+        assert stuck.proc.wait(30) == 70  # its limit (1 s) and two leases (6 s) on
+        assert f"job_stuck job_ids={job_id}" in stuck.output()
+        view = wait_until(
+            lambda: (v := HTTP.get(f"{url}/v1/generations/{job_id}").json())["status"] == "succeeded" and v,
+            30,
+            what="the job to run again",
+        )
+        assert view["attempts"] == 2
+    finally:
+        api.stop()
+        stuck.stop()
+        if other is not None:
+            other.stop()
+
+
 def test_job_over_its_time_limit_fails_with_timeout(
     redis_server: RedisServer, tiny_model_dir: Path, tmp_path: Path
 ) -> None:

@@ -78,9 +78,25 @@ class BatchTimeLimit(UnixSignalDeathPenalty):
     time its `jobs` would have had, run one after another: that many times the job time limit."""
 
     jobs = 1
+    # When the limit set is due, until the limit is lifted or its signal handled: a signal is handled
+    # only once the main thread runs Python again (`LatentdWorker._renew_lease` watches for one that
+    # never does).
+    due: float | None = None
 
     def __init__(self, timeout: int, exception: Any = JobTimeoutException, **kwargs: Any) -> None:
         super().__init__(timeout * self.jobs if timeout > 0 else timeout, exception, **kwargs)
+
+    def setup_death_penalty(self) -> None:
+        BatchTimeLimit.due = time.monotonic() + self._timeout if self._timeout > 0 else None
+        super().setup_death_penalty()
+
+    def cancel_death_penalty(self) -> None:
+        BatchTimeLimit.due = None
+        super().cancel_death_penalty()
+
+    def handle_death_penalty(self, signum: int, frame: Any) -> None:
+        BatchTimeLimit.due = None
+        super().handle_death_penalty(signum, frame)
 
 
 class LatentdWorker(SimpleWorker):
@@ -535,6 +551,7 @@ class LatentdWorker(SimpleWorker):
 
     def _renew_lease(self, done: threading.Event) -> None:
         while not done.wait(self.lease_seconds / 3):
+            self._exit_if_stuck()
             try:
                 self.renew_leases()
             except redis.RedisError as exc:
@@ -546,6 +563,27 @@ class LatentdWorker(SimpleWorker):
                     job_ids=",".join(self._held),
                     error=type(exc).__name__,
                 )
+
+    def _exit_if_stuck(self) -> None:
+        """A batch whose time limit came two leases ago, its signal unhandled: the main thread is
+        inside one call that never returns to Python (a hung accelerator, a native deadlock), where
+        no signal reaches it. The lease renewed on, the job read `running` for good and its worker
+        held its device. Exit 70, as for a broken device: a supervisor starts the worker again, and
+        the jobs' leases lapse, for another worker to run them again (an attempt each)."""
+        due = BatchTimeLimit.due
+        if due is None or time.monotonic() < due + 2 * self.lease_seconds:
+            return
+        event(
+            log,
+            "job_stuck",
+            logging.CRITICAL,
+            job_ids=",".join(self._held),
+            seconds_past_limit=round(time.monotonic() - due),
+            note="its time limit cannot interrupt the call it is in; exiting for a restart",
+        )
+        if self.ready_file:
+            self.ready_file.unlink(missing_ok=True)
+        os._exit(EXIT_DEVICE_BROKEN)
 
     def renew_leases(self) -> None:
         """Renew the lease of each job this worker runs: its lease thread does every third of a
