@@ -31,10 +31,11 @@ $(STAMP): pyproject.toml Makefile
 run: setup
 	$(BIN)/latentd up
 
-# One pytest process per core (up to 4), each taking whole files. The suite is CPU-bound, mostly
-# worker starts: more processes than cores gained nothing; 11 min on 2 cores (docs/benchmarks.md).
+# One pytest process per core and one more (up to 4), each taking whole files: a quarter of the
+# cores' time went idle with one per core, tests waiting out leases and outages (docs/benchmarks.md).
+TEST_PROCESSES ?= $(shell $(PYTHON) -c "import os; n = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count(); print(min(4, n + 1))")
 test: setup
-	$(BIN)/python -m pytest -n auto --maxprocesses 4 --dist loadfile
+	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadfile
 
 lint: setup
 	$(BIN)/ruff format --check .
