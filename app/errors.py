@@ -184,6 +184,19 @@ def _is_json_media_type(content_type: str) -> bool:
     )
 
 
+def _encoded(request: Request) -> JSONResponse | None:
+    """For a body that is not JSON, sent compressed (gzip, say): bodies are read as sent, and the
+    answer names the header rather than the bytes it made."""
+    if request.headers.get("content-encoding", "identity").strip().lower() in ("", "identity"):
+        return None
+    return error_response(
+        422,
+        ErrorCode.INVALID_REQUEST,
+        "request bodies are read as sent, not decoded: send the JSON without Content-Encoding",
+        "Content-Encoding",
+    )
+
+
 def _param(loc: Sequence[Any]) -> str | None:
     if len(loc) == 2 and loc[0] == "header":  # as the header is written: Idempotency-Key
         return "-".join(word.capitalize() for word in str(loc[1]).split("-"))
@@ -317,6 +330,8 @@ def install_error_handlers(app: FastAPI, authenticate: Callable[[Request], Await
         first = errors[0] if errors else {}
         if first.get("type") == "json_invalid" and (refused := await _refused(request)):
             return refused
+        if first.get("type") == "json_invalid" and (encoded := _encoded(request)):
+            return encoded
         if tuple(first.get("loc", ())) == ("body",):  # the body as a whole: absent, or not JSON
             if not _is_json_media_type(request.headers.get("content-type", "")):
                 return error_response(
@@ -345,7 +360,7 @@ def install_error_handlers(app: FastAPI, authenticate: Callable[[Request], Await
         if exc.status_code == 400:  # FastAPI's answer to a body it cannot decode
             if refused := await _refused(request):
                 return refused
-            return error_response(
+            return _encoded(request) or error_response(
                 422,
                 ErrorCode.INVALID_REQUEST,
                 "request body cannot be read as JSON: not UTF-8, nested too deeply, or a number too long",

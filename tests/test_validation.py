@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -604,6 +606,8 @@ def test_a_prompt_with_something_to_draw_is_kept_as_sent(prompt: str) -> None:
 JSON = {"content-type": "application/json"}
 FORM = {"content-type": "application/x-www-form-urlencoded"}
 SEND_JSON = "Content-Type: application/json"
+ENCODED = "send the JSON without Content-Encoding"
+CODING = "Content-Encoding"
 
 
 @pytest.mark.parametrize(
@@ -628,6 +632,9 @@ SEND_JSON = "Content-Type: application/json"
         (b'{"prompt": "a", "\\ud800": 1, "\\ud800": 2}', JSON, "gives a field name more than once", None),
         (b'{"prompt": "x", "steps": ' + b"1" * 4301 + b"}", JSON, "cannot be read as JSON", None),
         (b'{"prompt": ' + b"[" * 3000 + b"]" * 3000 + b"}", JSON, "cannot be read as JSON", None),
+        # Compressed: bodies are read as sent. The answer blamed the bytes, naming nothing.
+        (gzip.compress(b'{"prompt": "a"}'), {**JSON, "content-encoding": "gzip"}, ENCODED, CODING),
+        (zlib.compress(b'{"prompt": "a"}'), {**JSON, "content-encoding": "deflate"}, ENCODED, CODING),
     ],
 )  # fmt: skip
 def test_bodies_that_are_not_a_json_object_say_why(
