@@ -632,6 +632,11 @@ class GenerationService:
             step = total
         started = job.started_at
         finished = job.ended_at if status.is_terminal() else None
+        if status is JobStatus.RUNNING and StateField.CANCELED_AT in state:
+            # Its worker saw the cancel: it commits nothing. RQ records it so once the pipeline call,
+            # which other jobs of its batch may keep running a while, has ended.
+            status = JobStatus.CANCELED
+            finished = datetime.fromtimestamp(float(state[StateField.CANCELED_AT]), UTC)
         inference = None
         if StateField.INFERENCE_STARTED in state and StateField.INFERENCE_FINISHED in state:
             inference = round(

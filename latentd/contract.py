@@ -223,6 +223,8 @@ class StateField:
     BATCH_JOBS = "batch_jobs"  # how many jobs shared its pipeline call
     COMPLETIONS = "completions"  # how many times results were written: never more than 1
     WARNINGS = "warnings"  # JSON list of what of the request the model does not use
+    # When its worker saw the cancel flag (unix seconds): it ends canceled, once its pipeline call ends.
+    CANCELED_AT = "canceled_at"
 
 
 class ImageMeta(BaseModel):

@@ -182,12 +182,19 @@ return redis.call('EXISTS', KEYS[2])
 
 # Run for each job of a batch after a denoising step (one round trip for the batch): refuse if
 # another worker now owns the job (our lease lapsed and it was re-queued), else record progress
-# and report the cancel flag.
+# and report the cancel flag. A flag seen settles the job `canceled` (it commits nothing), which is
+# noted and told to waiting readers at once: its record, RQ's, waits for the pipeline call, which
+# other jobs of its batch may keep running for a while. KEYS: job, state, cancel flag; ARGV:
+# worker, step, the channel of ended jobs, the job's id, the time.
 _STEP = """
 local owner = redis.call('HMGET', KEYS[1], 'status', 'worker_name')
 if owner[1] ~= 'started' or owner[2] ~= ARGV[1] then return -1 end
 redis.call('HSET', KEYS[2], 'step', ARGV[2])
-return redis.call('EXISTS', KEYS[3])
+if redis.call('EXISTS', KEYS[3]) == 0 then return 0 end
+if redis.call('HSETNX', KEYS[2], 'canceled_at', ARGV[5]) == 1 then
+  redis.call('PUBLISH', ARGV[3], ARGV[4])
+end
+return 1
 """
 
 # Results are written once, atomically, only by the worker that still owns the job, and only if
@@ -342,7 +349,7 @@ def _run(rt: Runtime, members: list[tuple[str, JobPayload]], outcomes: dict[str,
                 keys = [_rq_key(job_id), Keys.state(job_id), Keys.cancel(job_id)]
                 # EVAL, not a registered script: redis-py sends SCRIPT EXISTS before each pipeline
                 # that holds one, a second round trip inside the denoising loop.
-                pipe.eval(_STEP, len(keys), *keys, rt.worker_name, done)
+                pipe.eval(_STEP, len(keys), *keys, rt.worker_name, done, Keys.ENDED, job_id, time.time())
             replies = pipe.execute()
             # Counted once it reached Redis (a refused connection sent nothing); a lost reply, the
             # rarer case, counts the call twice.
