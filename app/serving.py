@@ -169,13 +169,15 @@ return 1
 """
 
 # Reserve an in-flight slot for an owner: drop members whose job has ended (or that
-# never became a job within a minute), then add this one if the owner is under its limit.
+# never became a job within a minute, or that a worker saw canceled, `_CANCELED_ONCE_SEEN`), then
+# add this one if the owner is under its limit.
 # KEYS: the owner's in-flight set; ARGV: limit, job id, now, ttl.
 _RESERVE = """
 local members = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
 for i = 1, #members, 2 do
   local status = redis.call('HGET', 'rq:job:' .. members[i], 'status')
   local ended = status == 'finished' or status == 'failed' or status == 'canceled' or status == 'stopped'
+  ended = ended or redis.call('HEXISTS', 'latentd:job:' .. members[i], 'canceled_at') == 1
   if ended or (not status and tonumber(members[i + 1]) < tonumber(ARGV[3]) - 60) then
     redis.call('ZREM', KEYS[1], members[i])
   end
@@ -203,6 +205,11 @@ def _aware(value: datetime | None) -> datetime | None:
     if value is None:
         return None
     return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+# What RQ may still say of a job whose worker saw its cancel (`StateField.CANCELED_AT`): started
+# until its batch's pipeline call ends; queued, re-queued by a reaper that took its worker for dead.
+_CANCELED_ONCE_SEEN = (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.CANCELED)
 
 
 def _seconds(start: datetime | None, end: datetime | None) -> float | None:
@@ -632,9 +639,10 @@ class GenerationService:
             step = total
         started = job.started_at
         finished = job.ended_at if status.is_terminal() else None
-        if status is JobStatus.RUNNING and StateField.CANCELED_AT in state:
-            # Its worker saw the cancel: it commits nothing. RQ records it so once the pipeline call,
-            # which other jobs of its batch may keep running a while, has ended.
+        if StateField.CANCELED_AT in state and status in _CANCELED_ONCE_SEEN:
+            # A worker saw the cancel: the job commits nothing. RQ records it so once the pipeline
+            # call, which other jobs of its batch may keep running a while, has ended (or a reaper,
+            # should that worker die meanwhile); it ended when seen.
             status = JobStatus.CANCELED
             finished = datetime.fromtimestamp(float(state[StateField.CANCELED_AT]), UTC)
         inference = None

@@ -15,7 +15,7 @@ from PIL import Image
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from tests.conftest import HTTP, LONG_JOB, Cluster, Proc, cluster_with_worker
+from tests.conftest import HTTP, LONG_JOB, Cluster, Proc, cluster_with_worker, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -90,6 +90,65 @@ def test_canceling_one_job_of_a_batch_spares_the_others(batching: tuple[Cluster,
     kept = cluster.wait_terminal(keep)
     assert kept["status"] == "succeeded" and len(kept["images"]) == 1
     assert state(cluster, keep, "batch_jobs") == "2"
+
+
+# The worker takes its time to claim company for a job that asks for it (the window between taking
+# a job and starting it), and Redis is gone as the first cancel is counted.
+SLOW_CLAIM = """
+import time
+
+import redis
+
+import worker.jobs as jobs
+import worker.main as main
+
+_claim = main.LatentdWorker._claim_batch
+
+
+def _claim_batch(self, first, queue):
+    if "slow-claim" in str(first.args):
+        time.sleep(3)
+    return _claim(self, first, queue)
+
+
+main.LatentdWorker._claim_batch = _claim_batch
+_record = jobs._record_outcome
+failed = []
+
+
+def _record_outcome(r, model, status, *args, **kwargs):
+    if status is jobs.JobStatus.CANCELED and not failed:
+        failed.append(True)
+        raise redis.ConnectionError("injected")
+    return _record(r, model, status, *args, **kwargs)
+
+
+jobs._record_outcome = _record_outcome
+"""
+
+
+def test_a_job_canceled_between_its_taking_and_its_start_reads_canceled_at_its_start(
+    cluster: Cluster,
+) -> None:
+    # It read `running` (cancel requested) until the call of the jobs claimed with it ended; and
+    # Redis gone as its cancel was counted failed it (generation_failed).
+    worker = cluster.worker("w", SLOW_CLAIM, LATENTD_MAX_BATCH_IMAGES="4", LATENTD_BATCH_WAIT_MS="50")
+    try:
+        blocker = cluster.submit(LONG_JOB)
+        cluster.running_on(blocker)
+        body = {"prompt": "slow-claim", "steps": 40, "width": 96, "height": 96}
+        drop, keep = cluster.submit({**body, "seed": 1}), cluster.submit({**body, "seed": 2})
+        r = cluster.redis.client()
+        wait_until(lambda: r.lrange("rq:queue:latentd:tiny:intermediate", 0, -1) == [drop.encode()], 30)
+        assert HTTP.post(f"{cluster.url}/v1/generations/{drop}/cancel").status_code == 202  # taken
+        dropped = HTTP.get(f"{cluster.url}/v1/generations/{drop}", params={"wait": 30}, timeout=40).json()
+        assert dropped["status"] == "canceled", dropped
+        assert cluster.status(keep)["status"] == "running"  # claimed with it, in its call
+        assert cluster.wait_terminal(keep)["status"] == "succeeded"
+        assert cluster.wait_terminal(drop)["status"] == "canceled"
+        assert r.hget(f"rq:job:{drop}", "status") == b"stopped"
+    finally:
+        worker.stop()
 
 
 @pytest.fixture

@@ -168,16 +168,21 @@ def _classify(exc: BaseException, payload: JobPayload, pad_to: int | None = None
 # the images' metadata. Else, unless another worker owns the job now (-1: its start was sent
 # again through an outage, after its lease lapsed), records the start (KEYS: state, cancel flag,
 # RQ's job; ARGV: job_ttl, this run's token, worker, then field, value...) and returns whether the
-# cancel flag is up. Sent again after its reply was lost, it counts no further attempt.
+# cancel flag is up: a job so started ends canceled, which is noted and told to waiting readers at
+# once (as `_STEP` does), not when the batch it was taken with ends. Sent again after its reply was
+# lost, it counts no further attempt. KEYS: state, cancel flag, RQ's job; ARGV: job_ttl, this run's
+# token, worker, the channel of ended jobs, the job's id, the time, then field, value...
 _START = """
 local images = redis.call('HGET', KEYS[1], 'images')
 if images then return images end
 local owner = redis.call('HMGET', KEYS[3], 'status', 'worker_name')
 if owner[1] ~= 'started' or owner[2] ~= ARGV[3] then return -1 end
 if redis.call('HGET', KEYS[1], 'run') ~= ARGV[2] then redis.call('HINCRBY', KEYS[1], 'attempts', 1) end
-redis.call('HSET', KEYS[1], 'run', ARGV[2], unpack(ARGV, 4))
+redis.call('HSET', KEYS[1], 'run', ARGV[2], unpack(ARGV, 7))
 redis.call('EXPIRE', KEYS[1], ARGV[1])
-return redis.call('EXISTS', KEYS[2])
+if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+if redis.call('HSETNX', KEYS[1], 'canceled_at', ARGV[6]) == 1 then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
+return 1
 """
 
 # Run for each job of a batch after a denoising step (one round trip for the batch): refuse if
@@ -299,8 +304,8 @@ def _run(rt: Runtime, members: list[tuple[str, JobPayload]], outcomes: dict[str,
         keys = [Keys.state(job_id), Keys.cancel(job_id), _rq_key(job_id)]
         token = uuid.uuid4().hex
         start = functools.partial(
-            r.eval, _START, len(keys), *keys, rt.settings.job_ttl, token, rt.worker_name,
-            *itertools.chain(*fields.items()),
+            r.eval, _START, len(keys), *keys, rt.settings.job_ttl, token, rt.worker_name, Keys.ENDED,
+            job_id, time.time(), *itertools.chain(*fields.items()),
         )  # fmt: skip
         answer = resent_while_away(start, "start", rt.stop_requested, rt.leave)
         if isinstance(answer, bytes | str):  # its images: stored by a worker that died before RQ knew
@@ -363,8 +368,9 @@ def _run(rt: Runtime, members: list[tuple[str, JobPayload]], outcomes: dict[str,
                 # Kept now: should the batch be cut short before its commits, RQ must not settle
                 # (and so take back) a job that another worker owns.
                 outcomes[job_id] = _record_lost(job_id)
-            elif answer > 0:
+            elif answer > 0:  # read `canceled` from now on: nothing after may end it otherwise
                 canceled.add(job_id)
+                outcomes[job_id] = Canceled()
         # Stop early only when no member still wants its images.
         return len(lost) + len(canceled) == len(active)
 
@@ -490,7 +496,9 @@ def resent_while_away(
 
 
 def _record_canceled(rt: Runtime, job_id: str) -> Canceled:
-    _record_outcome(rt.connection, rt.runner.model, JobStatus.CANCELED)
+    # Counted if Redis answers: a job that may already read `canceled` (`_STEP`) must not fail for it.
+    with contextlib.suppress(redis.RedisError):
+        _record_outcome(rt.connection, rt.runner.model, JobStatus.CANCELED)
     event(log, "job_canceled", job_id=job_id)
     return Canceled()
 
