@@ -130,6 +130,28 @@ def test_a_single_image_that_does_not_fit_raises(runner: Runner, monkeypatch: py
         runner.generate([payload(2)], never)
 
 
+def test_a_time_limit_that_lands_in_a_compile_ends_the_job(
+    runner: Runner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # dynamo wraps what is raised inside its tracing: the limit read as a failed compile, and the
+    # job ran on eager with no limit left.
+    from rq.timeouts import JobTimeoutException
+    from torch._dynamo.exc import InternalTorchDynamoError
+
+    def compiling(*_: Any) -> Any:
+        try:
+            raise JobTimeoutException("Task exceeded maximum timeout value (1 seconds)")
+        except JobTimeoutException as exc:
+            raise InternalTorchDynamoError("JobTimeoutException: while tracing") from exc
+
+    uncompiled: list[bool] = []
+    monkeypatch.setattr(runner, "_run", compiling)
+    monkeypatch.setattr(runner, "uncompile", lambda: uncompiled.append(True))
+    with pytest.raises(JobTimeoutException):
+        runner.generate([payload(1)], never)
+    assert not uncompiled
+
+
 def test_a_padded_call_that_does_not_fit_is_not_split(
     runner: Runner, monkeypatch: pytest.MonkeyPatch
 ) -> None:

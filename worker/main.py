@@ -78,25 +78,23 @@ class BatchTimeLimit(UnixSignalDeathPenalty):
     time its `jobs` would have had, run one after another: that many times the job time limit."""
 
     jobs = 1
-    # When the limit set is due, until the limit is lifted or its signal handled: a signal is handled
-    # only once the main thread runs Python again (`LatentdWorker._renew_lease` watches for one that
-    # never does).
+    # When the limit set is due, and the limit, until it is lifted: the limit's signal is handled
+    # only once the main thread runs Python again (`LatentdWorker._exit_if_stuck` watches for a job
+    # that runs on past it, in a call that never returns or having swallowed it).
     due: float | None = None
+    limit = 0
 
     def __init__(self, timeout: int, exception: Any = JobTimeoutException, **kwargs: Any) -> None:
         super().__init__(timeout * self.jobs if timeout > 0 else timeout, exception, **kwargs)
 
     def setup_death_penalty(self) -> None:
         BatchTimeLimit.due = time.monotonic() + self._timeout if self._timeout > 0 else None
+        BatchTimeLimit.limit = self._timeout
         super().setup_death_penalty()
 
     def cancel_death_penalty(self) -> None:
         BatchTimeLimit.due = None
         super().cancel_death_penalty()
-
-    def handle_death_penalty(self, signum: int, frame: Any) -> None:
-        BatchTimeLimit.due = None
-        super().handle_death_penalty(signum, frame)
 
 
 class LatentdWorker(SimpleWorker):
@@ -565,13 +563,14 @@ class LatentdWorker(SimpleWorker):
                 )
 
     def _exit_if_stuck(self) -> None:
-        """A batch whose time limit came two leases ago, its signal unhandled: the main thread is
-        inside one call that never returns to Python (a hung accelerator, a native deadlock), where
-        no signal reaches it. The lease renewed on, the job read `running` for good and its worker
-        held its device. Exit 70, as for a broken device: a supervisor starts the worker again, and
-        the jobs' leases lapse, for another worker to run them again (an attempt each)."""
+        """A batch still running well past its time limit (two leases, or a tenth of the limit if
+        longer: a single torch operation under way finishes first): the main thread is inside one
+        call that never returns to Python (a hung accelerator, a native deadlock), where no signal
+        reaches it. The lease renewed on, the job read `running` for good and its worker held its
+        device. Exit 70, as for a broken device: a supervisor starts the worker again, and the jobs'
+        leases lapse, for another worker to run them again (an attempt each)."""
         due = BatchTimeLimit.due
-        if due is None or time.monotonic() < due + 2 * self.lease_seconds:
+        if due is None or time.monotonic() < due + max(2 * self.lease_seconds, BatchTimeLimit.limit / 10):
             return
         event(
             log,

@@ -36,6 +36,7 @@ from diffusers import (
 )
 from diffusers.utils import is_accelerate_available
 from PIL import Image
+from rq.timeouts import BaseTimeoutException
 from torch._dynamo.exc import TorchDynamoException
 
 from latentd.contract import JobPayload
@@ -436,6 +437,8 @@ class Runner:
                 # A new shape's compile failed (in the job that brought it): eager from now on.
                 if self.uncompile is None:
                     raise
+                if (limit := _time_limit_within(exc)) is not None:  # it ran out of time while compiling
+                    raise limit from None
                 self.run_eager(exc)
                 pending.insert(0, chunk_slots)
                 continue
@@ -639,6 +642,17 @@ def is_out_of_memory(exc: BaseException) -> bool:
             "DefaultCPUAllocator:",  # "can't allocate memory"; on Windows "not enough memory"
         )
     )
+
+
+def _time_limit_within(exc: BaseException) -> BaseException | None:
+    """The job's time limit (RQ's, a signal) if it is what `exc` wraps: dynamo wraps what is raised
+    inside its tracing, and the job ran on eager with no limit left."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, BaseTimeoutException):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def first_line(exc: BaseException, default: str = "") -> str:
