@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,9 @@ def test_compatible_jobs_share_a_call_and_others_keep_their_place(batching: tupl
     assert [state(cluster, ids[n], "batch_jobs") for n in ("b1", "b2", "b3", "x")] == ["3", "3", "3", "1"]
     # The incompatible job waited for the batch that overtook it, then ran next.
     assert views["x"]["timings"]["started_at"] >= views["b3"]["timings"]["started_at"]
+    # The jobs claimed into b1's call started with it: RQ, settling each after the call, said then.
+    started = {n: datetime.fromisoformat(views[n]["timings"]["started_at"]) for n in ("b1", "b2", "b3")}
+    assert max(started.values()) - min(started.values()) < timedelta(seconds=0.5), started
     # RQ is still the system of record: each job finished, none is left started.
     queue = Queue("latentd:tiny", connection=cluster.redis.client(), serializer=JSONSerializer)
     assert set(ids.values()) <= set(queue.finished_job_registry.get_job_ids())
@@ -90,6 +93,7 @@ def test_canceling_one_job_of_a_batch_spares_the_others(batching: tuple[Cluster,
     kept = cluster.wait_terminal(keep)
     assert kept["status"] == "succeeded" and len(kept["images"]) == 1
     assert state(cluster, keep, "batch_jobs") == "2"
+    assert cluster.status(drop)["timings"] == dropped["timings"]  # RQ's record, now written, moves nothing
 
 
 # The worker takes its time to claim company for a job that asks for it (the window between taking

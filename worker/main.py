@@ -447,11 +447,13 @@ class LatentdWorker(SimpleWorker):
                     del rt.settled[c.job.id]
                     self._drop_execution(c.job, c.execution)
                     continue
+                rt.claimed_at[c.job.id] = c.job.started_at
                 self.perform_job(c.job, queue, c.execution)
         finally:
             BatchTimeLimit.jobs = 1
             rt.batch = []
             rt.settled.clear()
+            rt.claimed_at.clear()
             done.set()
             lease.join()
             self._held = {}
