@@ -244,12 +244,7 @@ def _not_on_this_host(exc: BaseException) -> bool:
     from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError
 
     missing = (LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError, ConnectionError)
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, missing):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
+    return _within(exc, missing) is not None
 
 
 def _load_single_file(path: Path, dtype: torch.dtype, hub_cache: Path) -> DiffusionPipeline:
@@ -437,7 +432,9 @@ class Runner:
                 # A new shape's compile failed (in the job that brought it): eager from now on.
                 if self.uncompile is None:
                     raise
-                if (limit := _time_limit_within(exc)) is not None:  # it ran out of time while compiling
+                # The job's time limit (a signal) as the compile ran: dynamo wraps what is raised in
+                # its tracing, and the job ran on eager with no limit left.
+                if (limit := _within(exc, BaseTimeoutException)) is not None:
                     raise limit from None
                 self.run_eager(exc)
                 pending.insert(0, chunk_slots)
@@ -644,12 +641,13 @@ def is_out_of_memory(exc: BaseException) -> bool:
     )
 
 
-def _time_limit_within(exc: BaseException) -> BaseException | None:
-    """The job's time limit (RQ's, a signal) if it is what `exc` wraps: dynamo wraps what is raised
-    inside its tracing, and the job ran on eager with no limit left."""
+def _within(
+    exc: BaseException, kinds: type[BaseException] | tuple[type[BaseException], ...]
+) -> BaseException | None:
+    """`exc`, or the first exception of `kinds` among those it was raised from or while handling."""
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, BaseTimeoutException):
+        if isinstance(seen, kinds):
             return seen
         seen = seen.__cause__ or seen.__context__
     return None
