@@ -168,8 +168,7 @@ def _classify(exc: BaseException, payload: JobPayload, pad_to: int | None = None
 # Run for each job as its worker starts it. A job whose images are stored already (its worker died
 # after the commit, before RQ marked it finished, and it was re-queued) is not run again: returns
 # the images' metadata. Else, unless another worker owns the job now (-1: its start was sent
-# again through an outage, after its lease lapsed), records the start (KEYS: state, cancel flag,
-# RQ's job; ARGV: job_ttl, this run's token, worker, then field, value...) and returns whether the
+# again through an outage, after its lease lapsed), records the start and returns whether the
 # cancel flag is up: a job so started ends canceled, which is noted and told to waiting readers at
 # once (as `_STEP` does), not when the batch it was taken with ends. Sent again after its reply was
 # lost, it counts no further attempt. KEYS: state, cancel flag, RQ's job; ARGV: job_ttl, this run's
