@@ -161,6 +161,13 @@ def test_worker_grace_period_outlasts_its_shutdown_grace_and_the_longest_job(
         assert duration_seconds(worker["stop_grace_period"]) > shutdown_grace >= job_timeout > 0
 
 
+def test_api_grace_period_outlasts_its_own_shutdown() -> None:
+    from latentd.cli import API_STOP_GRACE
+
+    api = base()["services"]["api"]
+    assert duration_seconds(api["stop_grace_period"]) >= API_STOP_GRACE + 10  # then its reaper's join
+
+
 def test_grace_settings_come_from_the_env_file() -> None:
     env = {"LATENTD_JOB_TIMEOUT": "1200", "LATENTD_SHUTDOWN_GRACE": "1200", "WORKER_STOP_GRACE_PERIOD": "21m"}
     services = interpolate(load_compose(COMPOSE_BASE), env)["services"]
