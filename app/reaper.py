@@ -30,8 +30,11 @@ class Reaper(threading.Thread):
     Never within a lease of this process's start, or of Redis's return from trouble it saw (no
     answer, full or read-only, or a Redis restarted since its last look): a live worker renews its
     leases every third of a lease once Redis is back, and registers again, but until then its
-    jobs' leases and its registration may read as lapsed. The lease waited is the longest any
-    worker has held jobs under (`reaping.record_lease`), or this process's own if longer."""
+    jobs' leases and its registration may read as lapsed. Nor before its looks have found no
+    worker alive for a lease: a Redis frozen between two passes, and long enough to lapse the
+    registrations and leases of workers with shorter leases than this process's, went unseen.
+    The lease waited is the longest any worker has held jobs under (`reaping.record_lease`), or
+    this process's own if longer."""
 
     def __init__(
         self,
@@ -50,6 +53,8 @@ class Reaper(threading.Thread):
         self.handler = reaping.abandoned_handler(connection, default_model, job_ttl)
         self.stopped = threading.Event()
         self.reap_from: float | None = None  # a lease from Redis's first answer (its return)
+        self.wait = lease_seconds  # the longest lease, read with each return of Redis
+        self.alone_since: float | None = None  # the first look of those that found no worker alive
         self.redis_run: object = None  # the Redis server's run id at the last look
         self.info_refused = False  # INFO is disabled (an ACL, a renamed command): no run id
         self.failures = reaping.Failures(log)
@@ -72,8 +77,9 @@ class Reaper(threading.Thread):
         began = time.monotonic()
         self._look_for_a_restart()
         if self.reap_from is None:
-            self.reap_from = time.monotonic() + reaping.longest_lease(self.connection, self.lease)
-        if time.monotonic() < self.reap_from or self.any_worker_alive() or self._stalled(began):
+            self.wait = reaping.longest_lease(self.connection, self.lease)
+            self.reap_from = time.monotonic() + self.wait
+        if time.monotonic() < self.reap_from or not self._alone_a_lease() or self._stalled(began):
             return
 
         def reap_one(queue: Queue) -> None:
@@ -88,6 +94,14 @@ class Reaper(threading.Thread):
             reap_one,
             stopped=lambda: self.stopped.is_set() or self._stalled(began),
         )
+
+    def _alone_a_lease(self) -> bool:
+        if self.any_worker_alive():
+            self.alone_since = None
+            return False
+        if self.alone_since is None:
+            self.alone_since = time.monotonic()
+        return time.monotonic() - self.alone_since >= self.wait
 
     def _stalled(self, since: float) -> bool:
         """Whether Redis kept this pass waiting a third of a lease or more: frozen or swapping, with no

@@ -320,9 +320,38 @@ def _lapsed(r: redis.Redis, queue: Any, job_id: str) -> None:
 
 
 def _api_reaper(r: redis.Redis, lease: int = 2) -> Any:
+    """One whose looks have found no worker alive for an hour."""
     from app.reaper import Reaper
 
-    return Reaper(r, lease, 3600, "a", any_worker_alive=lambda: False)
+    reaper = Reaper(r, lease, 3600, "a", any_worker_alive=lambda: False)
+    reaper.alone_since = time.monotonic() - 3600
+    return reaper
+
+
+def test_the_apis_reaper_waits_until_its_looks_found_no_worker_alive_for_a_lease(
+    redis_client: redis.Redis,
+) -> None:
+    # A Redis frozen between two of its passes, long enough to lapse the registrations and leases
+    # of workers with a shorter lease than the API's: its next pass found no worker alive, no stall
+    # of its own, and re-queued a live worker's running job before the worker renewed its lease.
+    from rq import Queue
+
+    r = redis_client
+    _lapsed(r, Queue("latentd:a", connection=r, serializer=JSONSerializer), "running")
+    reaper = _api_reaper(r, lease=30)
+    reaper.alone_since = None
+    reaper.reap_from = 0.0  # a lease after its start
+    reaper.reap()  # the first look that finds none
+    assert Job.fetch("running", connection=r, serializer=JSONSerializer).get_status() == "started"
+    reaper.any_worker_alive = lambda: True  # its worker registered again
+    reaper.reap()
+    assert reaper.alone_since is None
+    reaper.any_worker_alive = lambda: False
+    reaper.reap()
+    assert Job.fetch("running", connection=r, serializer=JSONSerializer).get_status() == "started"
+    reaper.alone_since -= 30  # none alive at any look for a lease: the job's worker is gone
+    reaper.reap()
+    assert Job.fetch("running", connection=r, serializer=JSONSerializer).get_status() == "failed"
 
 
 def test_the_apis_reaper_drops_a_job_it_cannot_read_and_reaps_the_rest(redis_client: redis.Redis) -> None:
