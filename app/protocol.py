@@ -125,10 +125,16 @@ class Links(BaseModel):
     cancel: str
 
 
+QUEUE_POSITION = (
+    "Jobs ahead of this one in its model's queue (0: it is next). `null` once a worker has taken it, "
+    "in the moment before its start that it still reads `queued`, and once it is no longer queued."
+)
+
+
 class SubmitResponse(BaseModel):
     id: str
     status: JobStatus
-    queue_position: int | None
+    queue_position: int | None = Field(description=QUEUE_POSITION)
     created_at: datetime
     links: Links
 
@@ -171,7 +177,7 @@ class JobErrorInfo(BaseModel):
 class Generation(BaseModel):
     id: str
     status: JobStatus
-    queue_position: int | None = None
+    queue_position: int | None = Field(default=None, description=QUEUE_POSITION)
     progress: Progress
     request: ResolvedRequest
     timings: Timings
