@@ -114,7 +114,10 @@ async def authenticate(request: Request) -> Principal:
     parameter FastAPI fills is the request: every nested dependency costs each request's time."""
     service: GenerationService = request.app.state.service
     required = await auth_required(request, service)
-    header = request.headers.get("authorization", "")
+    sent = request.headers.getlist("authorization")
+    if len(sent) > 1:  # the first won, where a proxy in front may have judged by another
+        raise Unauthorized(f"{len(sent)} Authorization headers; send one", param="Authorization")
+    header = sent[0] if sent else ""
     scheme, _, token = header.partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:

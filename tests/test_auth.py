@@ -517,6 +517,24 @@ def test_a_wrong_authorization_header_is_told_what_is_wrong_without_echoing_it(
     assert SECRET not in response.text and "short-key" not in response.text
 
 
+def test_two_authorization_headers_are_refused(redis_server: RedisServer) -> None:
+    # The first won: a valid key, then anything.
+    key = "k7" * 16
+    settings = ApiSettings(redis_url=redis_server.url_for(PRIVATE_DB), api_keys=f"alice:{key}")
+    with TestClient(create_app(settings)) as client:
+        for second in (f"Bearer {key}", "Bearer nobody-s-key-at-all", "Basic eDp5"):
+            sent = [("Authorization", f"Bearer {key}"), ("Authorization", second)]
+            response = client.get("/v1/models", headers=sent)
+            assert response.status_code == 401
+            assert response.json()["error"] == {
+                "code": "unauthorized",
+                "message": "2 Authorization headers; send one",
+                "param": "Authorization",
+            }
+            assert key not in response.text
+        assert client.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+
+
 def test_redis_passwords_are_not_shown() -> None:
     from latentd.settings import shown_url
 
