@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import time
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -315,6 +316,8 @@ NO_SUCH_INDEXES = [
 ID_ROUTES = [
     ("GET", ""),
     ("GET", "?wait=0"),
+    ("HEAD", ""),
+    ("HEAD", "?wait=0"),
     ("POST", "/cancel"),
     ("GET", "/images/0"),
     ("HEAD", "/images/0"),
@@ -397,11 +400,37 @@ def test_head_is_answered_where_get_is(client: TestClient, path: str) -> None:
     assert head.content == b"" and head.headers["content-type"] == got.headers["content-type"]
 
 
+@pytest.mark.parametrize("query", ["", "?wait=0"])  # answered before routing, and by the route
+def test_head_of_a_generation_is_its_status_reads_head(
+    client: TestClient, redis_client: redis.Redis, query: str
+) -> None:
+    """`curl -I` and monitors read with HEAD; it answered 405."""
+    register_ghost(redis_client, "tiny")  # accepted, never run: it stays queued
+    job_id = client.post("/v1/generations", json=VALID).json()["id"]
+    for url, status in ((f"/v1/generations/{job_id}{query}", 200), (f"/v1/generations/0123abcd{query}", 404)):
+        got, head = client.get(url), client.head(url)
+        assert head.status_code == got.status_code == status and head.content == b"", head.text
+        for name in ("content-type", "content-length"):
+            assert head.headers[name] == got.headers[name], (url, name)
+
+
+def test_a_head_with_wait_answers_at_once_and_checks_it(
+    client: TestClient, redis_client: redis.Redis
+) -> None:
+    """Held open, a HEAD would end in the same 200, its body (never sent) aside: it is not held."""
+    register_ghost(redis_client, "tiny")
+    job_id = client.post("/v1/generations", json=VALID).json()["id"]
+    start = time.monotonic()
+    assert client.head(f"/v1/generations/{job_id}?wait=30").status_code == 200
+    assert time.monotonic() - start < 5
+    assert client.head(f"/v1/generations/{job_id}?wait=nan").status_code == 422  # as the GET's
+
+
 @pytest.mark.parametrize(
     ("method", "path", "allow"),
     [
         ("DELETE", "/v1/generations", "POST"),
-        ("POST", "/v1/generations/0123abcd", "GET"),
+        ("POST", "/v1/generations/0123abcd", "GET, HEAD"),
         ("GET", "/v1/generations/0123abcd/cancel", "POST"),
         ("POST", "/v1/generations/0123abcd/images/0", "GET, HEAD"),  # two routes, one path
         ("PUT", "/healthz", "GET, HEAD"),

@@ -128,6 +128,8 @@ async def submit(
     )
 
 
+# HEAD: the status line and headers a GET gets, for `curl -I` and monitors; documented with the GET.
+@router.head("/{id}", response_class=Response, include_in_schema=False)
 @router.get(
     "/{id}",
     response_model=Generation,
@@ -150,9 +152,11 @@ async def get_generation(
         ),
     ] = 0,
 ) -> Response:
+    # A HEAD answers at once, its `wait` checked but not waited out: a held read ends in the 200 it
+    # would get now, only its body (which a HEAD does not get) different.
     view = await (
         service.wait(job_id, caller.owner, wait, hung_up(request.scope))
-        if wait
+        if wait and request.method == "GET"
         else service.get(job_id, caller.owner)
     )
     return status_response(view)
@@ -237,7 +241,7 @@ def _matches(if_none_match: str | None, etag: str) -> bool:
 
 
 class StatusReads:
-    """`GET /v1/generations/{id}` with no query string, answered before FastAPI's routing,
+    """`GET /v1/generations/{id}` (and its HEAD) with no query string, answered before FastAPI's routing,
     dependency injection and response wrapping, which took about half of the API's time per
     status read (docs/benchmarks.md, "Reading the service figures"): the read clients poll is
     the API's hottest request. The same authentication, the same read and the same error envelope as
@@ -253,7 +257,7 @@ class StatusReads:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         match = None
-        if scope["type"] == "http" and scope["method"] == "GET" and not scope["query_string"]:
+        if scope["type"] == "http" and scope["method"] in ("GET", "HEAD") and not scope["query_string"]:
             match = self.path.fullmatch(scope["path"])
         if match is None:
             await self.app(scope, receive, send)
