@@ -259,8 +259,30 @@ def _allowed_methods(request: Request, path: str | None = None) -> list[str]:
     ]
 
 
-def _error(description: str) -> dict[str, Any]:
-    return {"model": ErrorResponse, "description": description}
+# Response headers, as the OpenAPI document declares them: name -> OpenAPI header object.
+Headers = dict[str, dict[str, Any]]
+
+
+def header(description: str, kind: str = "string") -> dict[str, Any]:
+    """A header every response of its route and status carries (`maybe` for some of them)."""
+    return {"description": description, "required": True, "schema": {"type": kind}}
+
+
+def maybe(headers: Headers) -> Headers:
+    """`headers`, carried by some responses of a route and status, not every one."""
+    return {name: {**declared, "required": False} for name, declared in headers.items()}
+
+
+RETRY_AFTER: Headers = {"Retry-After": header("Seconds to wait before sending it again.", "integer")}
+# On every 401 (`error_response`), as RFC 9110 asks.
+WWW_AUTHENTICATE: Headers = {"WWW-Authenticate": header("`Bearer`: send `Authorization: Bearer <key>`.")}
+
+
+def _error(description: str, headers: Headers | None = None) -> dict[str, Any]:
+    response: dict[str, Any] = {"model": ErrorResponse, "description": description}
+    if headers:
+        response["headers"] = headers
+    return response
 
 
 # The submit routes' 400 for a model, as their OpenAPI descriptions say it.
@@ -284,10 +306,12 @@ SUBMIT_UNAVAILABLE_503 = (
 
 # Documented on every route that authenticates its caller: each can produce them.
 COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
-    401: _error("API keys exist and this request has none, or a wrong one (`unauthorized`)."),
-    429: _error("The API key spent its requests this minute (`rate_limited`); see Retry-After."),
+    401: _error(
+        "API keys exist and this request has none, or a wrong one (`unauthorized`).", WWW_AUTHENTICATE
+    ),
+    429: _error("The API key spent its requests this minute (`rate_limited`); see Retry-After.", RETRY_AFTER),
     500: _error("A fault of the service itself (`internal_error`); the API's log has the details."),
-    503: _error(STORE_UNAVAILABLE_503 + "."),
+    503: _error(STORE_UNAVAILABLE_503 + ".", RETRY_AFTER),
 }
 # Documented on every route that validates a query, a header or a body.
 INVALID_REQUEST_422: dict[int | str, dict[str, Any]] = {
@@ -301,9 +325,10 @@ SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
     429: _error(
         "The API key spent its requests this minute (`rate_limited`) or has LATENTD_MAX_JOBS_IN_FLIGHT "
         "jobs queued or running (`too_many_jobs`), or the model's queue is full (`queue_full`); "
-        "see Retry-After."
+        "see Retry-After.",
+        RETRY_AFTER,
     ),
-    503: _error(SUBMIT_UNAVAILABLE_503 + "."),
+    503: _error(SUBMIT_UNAVAILABLE_503 + ".", RETRY_AFTER),
 }
 
 

@@ -19,12 +19,17 @@ from app.errors import (
     IDEMPOTENCY_CONFLICT_409,
     INVALID_REQUEST_422,
     MODEL_UNAVAILABLE_400,
+    RETRY_AFTER,
     STORE_DOWN,
     STORE_REFUSES,
     SUBMIT_RESPONSES,
+    WWW_AUTHENTICATE,
     ErrorResponse,
+    Headers,
     NotFound,
     ServiceError,
+    header,
+    maybe,
     service_error_response,
     store_down_response,
 )
@@ -100,6 +105,11 @@ router = APIRouter(prefix=PREFIX, tags=["generations"], route_class=GenerationRo
 NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorResponse, "description": "Unknown id, or one no generation can have (`not_found`)."}
 }
+# An image's answer, 200 or 304.
+IMAGE_HEADERS: Headers = {
+    "ETag": header("The image's tag, for If-None-Match: its bytes never change."),
+    "Cache-Control": header("`private, max-age=<seconds until the image expires>, immutable`."),
+}
 
 
 @router.post(
@@ -108,11 +118,19 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {
     response_model=SubmitResponse,
     responses={
         **SUBMIT_RESPONSES,
+        202: {
+            "description": "Accepted: the job is queued.",
+            "headers": {"Location": header("The generation's URL: `links.self`.")},
+        },
         400: {
             "model": ErrorResponse,
             "description": MODEL_UNAVAILABLE_400 + ".",
         },
-        409: {"model": ErrorResponse, "description": IDEMPOTENCY_CONFLICT_409 + "."},
+        409: {
+            "model": ErrorResponse,
+            "description": IDEMPOTENCY_CONFLICT_409 + ".",
+            "headers": maybe(RETRY_AFTER),
+        },
     },
     summary="Submit a generation",
 )
@@ -199,12 +217,17 @@ def cancel_generation(job_id: JobId, service: ServiceDep, caller: PrincipalDep) 
     responses={
         **COMMON_RESPONSES,
         **INVALID_REQUEST_422,  # of a signed URL's query
-        200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}, "description": "The image."},
-        304: {"description": "Not modified (If-None-Match matched the ETag)."},
+        200: {
+            "content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}},
+            "description": "The image.",
+            "headers": IMAGE_HEADERS,
+        },
+        304: {"description": "Not modified (If-None-Match matched the ETag).", "headers": IMAGE_HEADERS},
         401: {
             "model": ErrorResponse,
             "description": "API keys exist and this request has none, or a wrong one, or a signed "
             "URL's signature does not match it and no key came with it (`unauthorized`).",
+            "headers": WWW_AUTHENTICATE,
         },
         404: {
             "model": ErrorResponse,

@@ -14,16 +14,20 @@ from app.deps import IdempotencyKey, ServiceDep, SettingsDep
 from app.errors import (
     IDEMPOTENCY_CONFLICT_409,
     MODEL_UNAVAILABLE_400,
+    RETRY_AFTER,
     STORE_DOWN,
     STORE_REFUSES,
     SUBMIT_RESPONSES,
     SUBMIT_UNAVAILABLE_503,
     ErrorResponse,
+    Headers,
     IdempotencyConflict,
     InvalidRequest,
     ServiceError,
     ServiceUnavailable,
     WaitTimeout,
+    header,
+    maybe,
     service_error_response,
     store_down_response,
 )
@@ -39,6 +43,14 @@ _FAILURE_STATUS = {
     ErrorCode.INVALID_PARAMETERS: 422,
     ErrorCode.TIMEOUT: 504,
     ErrorCode.OUT_OF_MEMORY: 507,
+}
+
+
+# On an error once the job is accepted, and on an Idempotency-Key reused with another body (`create_image`).
+SHOULD_NOT_RETRY: Headers = {
+    "x-should-retry": header(
+        "`false`: OpenAI's SDKs do not send the request again, which would queue it again."
+    )
 }
 
 
@@ -59,34 +71,44 @@ def _parse_size(size: str) -> tuple[int, int]:
             "model": ErrorResponse,
             "description": MODEL_UNAVAILABLE_400
             + ", or the model's safety checker withheld every image (`content_policy_violation`).",
+            "headers": maybe(SHOULD_NOT_RETRY),
         },
         409: {
             "model": ErrorResponse,
             "description": "The job was canceled while waiting (`canceled`), or an "
             + IDEMPOTENCY_CONFLICT_409
             + ".",
+            "headers": maybe(RETRY_AFTER) | maybe(SHOULD_NOT_RETRY),
         },
         422: {
             "model": ErrorResponse,
             "description": "Invalid request (`invalid_request`; `param` names the field), or the "
             "job failed: the model cannot take these parameters (`invalid_parameters`).",
+            "headers": maybe(SHOULD_NOT_RETRY),
         },
         500: {
             "model": ErrorResponse,
             "description": "The job failed in the worker (`generation_failed`, `worker_lost`), or a "
             "fault of the service itself (`internal_error`).",
+            "headers": maybe(SHOULD_NOT_RETRY),
         },
         503: {
             "model": ErrorResponse,
             "description": SUBMIT_UNAVAILABLE_503 + ". Or this API process is stopping "
             "(`service_unavailable` without `Retry-After`: the job goes on; poll it).",
+            "headers": maybe(RETRY_AFTER) | maybe(SHOULD_NOT_RETRY),
         },
         504: {
             "model": ErrorResponse,
             "description": "Not finished within LATENTD_SYNC_TIMEOUT (`wait_timeout`: the job goes on; "
             "poll it), or the job failed over LATENTD_JOB_TIMEOUT (`timeout`).",
+            "headers": SHOULD_NOT_RETRY,
         },
-        507: {"model": ErrorResponse, "description": "The job failed: out of memory (`out_of_memory`)."},
+        507: {
+            "model": ErrorResponse,
+            "description": "The job failed: out of memory (`out_of_memory`).",
+            "headers": SHOULD_NOT_RETRY,
+        },
     },
     summary="OpenAI-compatible image generation (waits for the result)",
 )

@@ -8,7 +8,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.auth import PrincipalDep
 from app.deps import ServiceDep
-from app.errors import COMMON_RESPONSES, ErrorResponse, ServiceUnavailable
+from app.errors import COMMON_RESPONSES, RETRY_AFTER, ErrorResponse, ServiceUnavailable
 from app.protocol import Health, ModelList
 from latentd.store import UnsafeRedis, check_eviction_policy
 
@@ -30,6 +30,7 @@ async def healthz() -> Health:
         503: {
             "model": ErrorResponse,
             "description": "Redis is unreachable, or its `maxmemory-policy` may evict keys.",
+            "headers": RETRY_AFTER,
         }
     },
     summary="Ready to take requests (Redis reachable and safe)",
