@@ -160,17 +160,21 @@ STORE_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 STORE_REFUSES = (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError)
 
 
-def store_down_response(exc: Exception) -> JSONResponse:
+def store_down_response(exc: Exception, instead: str | None = None) -> JSONResponse:
+    """503 with Retry-After; with `instead` (what to do rather than send the request again), none."""
     if isinstance(exc, redis.exceptions.OutOfMemoryError):
         event(log, "redis_full", logging.ERROR, error=type(exc).__name__)
-        message = "the job store (Redis) is full (maxmemory reached) and takes no writes; retry later"
+        message, then = "the job store (Redis) is full (maxmemory reached) and takes no writes", "retry later"
     elif isinstance(exc, redis.exceptions.ReadOnlyError):
         event(log, "redis_read_only", logging.ERROR, error=type(exc).__name__)
-        message = "the job store (Redis) is a read-only replica and takes no writes; retry later"
+        message, then = "the job store (Redis) is a read-only replica and takes no writes", "retry later"
     else:
         event(log, "redis_unavailable", logging.WARNING, error=type(exc).__name__)
-        message = "the job store (Redis) is unreachable; retry shortly"
-    return error_response(503, ErrorCode.SERVICE_UNAVAILABLE, message, retry_after=RETRY_AFTER_UNAVAILABLE)
+        message, then = "the job store (Redis) is unreachable", "retry shortly"
+    retry_after = None if instead else RETRY_AFTER_UNAVAILABLE
+    return error_response(
+        503, ErrorCode.SERVICE_UNAVAILABLE, f"{message}; {instead or then}", retry_after=retry_after
+    )
 
 
 def _is_json_media_type(content_type: str) -> bool:
@@ -412,7 +416,14 @@ def install_error_handlers(app: FastAPI, authenticate: Callable[[Request], Await
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled_error path=%s", request.url.path)
-        if (metrics := getattr(request.app.state, "metrics", None)) is not None:
-            metrics.internal_errors.inc()
-        return error_response(500, ErrorCode.INTERNAL_ERROR, "internal error; the server log has details")
+        return internal_error_response(request, exc)
+
+
+def internal_error_response(
+    request: Request, exc: Exception, message: str = "internal error"
+) -> JSONResponse:
+    """A fault of the service itself, `exc` being handled: logged with its traceback and counted."""
+    log.error("unhandled_error path=%s", request.url.path, exc_info=exc)
+    if (metrics := getattr(request.app.state, "metrics", None)) is not None:
+        metrics.internal_errors.inc()
+    return error_response(500, ErrorCode.INTERNAL_ERROR, f"{message}; the server log has details")

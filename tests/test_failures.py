@@ -609,6 +609,60 @@ def test_openai_route_tells_openais_clients_not_to_resend_an_accepted_job(
         api.stop()
 
 
+def test_openai_route_says_to_poll_not_to_resend_when_redis_fails_during_its_wait(
+    private_redis: RedisServer, tmp_path: Path
+) -> None:
+    # Its 503 carried Retry-After beside x-should-retry: false: a client heeding the first queued
+    # the job again, and the message said to retry, naming no job to poll.
+    register_ghost(private_redis.client(), "tiny")
+    api, url = start_api(private_redis.url, tmp_path, LATENTD_DEFAULT_MODEL="tiny", LATENTD_SYNC_TIMEOUT="30")
+    answers: list[httpx.Response] = []
+    try:
+        waiting = threading.Thread(
+            target=lambda: answers.append(
+                HTTP.post(f"{url}/v1/images/generations", json={"prompt": "x", "size": "64x64"}, timeout=60)
+            )
+        )
+        waiting.start()
+        time.sleep(1.5)  # accepted, and waiting
+        private_redis.stop()
+        waiting.join(timeout=45)
+        (response,) = answers
+        assert response.status_code == 503, response.text
+        assert response.headers["x-should-retry"] == "false" and "retry-after" not in response.headers
+        message = response.json()["error"]["message"]
+        assert re.search(r"generation '([0-9a-f]{32})' goes on: poll /v1/generations/\1$", message), message
+        assert "Traceback" not in api.output()
+    finally:
+        api.stop()
+
+
+def test_openai_route_says_to_poll_not_to_resend_after_a_fault_of_its_own(
+    redis_server: RedisServer, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A fault past the job's acceptance got the bare 500, which OpenAI's SDKs send again.
+    from fastapi.testclient import TestClient
+
+    from app.config import ApiSettings
+    from app.main import create_app
+    from app.serving import GenerationService
+
+    async def broken(*args: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(GenerationService, "wait", broken)
+    register_ghost(redis_client, "tiny")
+    settings = ApiSettings(redis_url=redis_server.url_for(PRIVATE_DB), default_model="tiny")
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        response = client.post("/v1/images/generations", json={"prompt": "x", "size": "64x64"})
+        assert response.status_code == 500 and response.headers["x-should-retry"] == "false"
+        error = response.json()["error"]
+        assert error["code"] == "internal_error" and "goes on: poll /v1/generations/" in error["message"]
+        assert "a bug" not in response.text
+        assert "latentd_internal_errors_total 1.0" in client.get("/metrics").text
+    assert redis_client.llen("rq:queue:latentd:tiny") == 1  # the one job, which goes on
+
+
 DIE_BEFORE_ENQUEUE = """
 import os
 import app.serving

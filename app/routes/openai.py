@@ -27,6 +27,7 @@ from app.errors import (
     ServiceUnavailable,
     WaitTimeout,
     header,
+    internal_error_response,
     maybe,
     service_error_response,
     store_down_response,
@@ -153,12 +154,16 @@ async def create_image(
     # The job is accepted. OpenAI's SDKs send a request again on a 409, a 429 or any status from
     # 500 (twice, by default), and each time would queue the job again, or undo its cancel. Their
     # header says not to.
+    # Nor would a client that heeds Retry-After: a 503 or a 500 of the service's own says to poll.
+    goes_on = f"generation '{accepted.id}' goes on: poll /v1/generations/{accepted.id}"
     try:
         return await _answer(accepted.id, body, request, service, settings, caller.owner)
     except ServiceError as exc:
         response = service_error_response(exc)
     except (*STORE_DOWN, *STORE_REFUSES) as exc:
-        response = store_down_response(exc)
+        response = store_down_response(exc, instead=goes_on)
+    except Exception as exc:
+        response = internal_error_response(request, exc, f"internal error while waiting; {goes_on}")
     response.headers["x-should-retry"] = "false"
     return response
 
