@@ -48,7 +48,7 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(fuzz_target:
         [
             st, "run", f"{fuzz_target}/openapi.json",
             "--checks", "not_a_server_error,response_schema_conformance,status_code_conformance,"
-            "content_type_conformance",
+            "content_type_conformance,response_headers_conformance",
             "--phases", "coverage,fuzzing",
             "--max-examples", "15",
             "--seed", "1",
