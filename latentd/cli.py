@@ -15,8 +15,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from latentd.settings import CommonSettings, shown_url
-
 API_STOP_GRACE = 8  # seconds
 # `latentd up` starts a failed worker again at most this often in this many seconds.
 WORKER_RESTARTS = 3
@@ -43,7 +41,6 @@ def _stop_at_once_while_starting() -> None:
 
 
 def cmd_api(args: argparse.Namespace) -> int:
-    _stop_at_once_while_starting()
     import redis
     import uvicorn
 
@@ -93,7 +90,6 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(_: argparse.Namespace) -> int:
-    _stop_at_once_while_starting()
     import logging
 
     from latentd.logs import configure, event
@@ -121,9 +117,9 @@ def cmd_worker(_: argparse.Namespace) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     """Embedded Redis (unless LATENTD_REDIS_URL is set), one worker and the API, supervised together."""
-    _stop_at_once_while_starting()  # until its own handlers, below, before anything has started
     from app.config import ApiSettings
     from latentd.embedded import child_options, lock_data_dir, start_redis, url_file
+    from latentd.settings import CommonSettings
     from worker.config import WorkerSettings
 
     # Every setting is checked before anything starts: a bad one must not leave a Redis behind.
@@ -277,6 +273,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
     import redis
 
     from latentd.embedded import url_file
+    from latentd.settings import CommonSettings, shown_url
 
     if args.action in ("create", "revoke") and not args.name.strip():
         print(f"latentd keys {args.action}: a NAME is required", file=sys.stderr)
@@ -408,11 +405,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.func in (cmd_api, cmd_worker, cmd_up):
+        _stop_at_once_while_starting()  # before any import it could interrupt
+    try:
+        return _run(args)
+    except KeyboardInterrupt:  # Ctrl-C while `keys` or `generate` imports what it needs
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from latentd.embedded import StartError
 
-    args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
         sys.stdout.flush()  # here, where a reader that stopped early is caught

@@ -450,3 +450,14 @@ def test_sigterm_past_the_grace_period_hands_the_job_to_another_worker(cluster: 
     finally:
         other.stop()
     assert view["status"] == "succeeded" and view["attempts"] == 2
+
+
+def test_the_command_takes_a_stop_before_it_imports_its_settings() -> None:
+    # Ctrl-C in the first 0.3 s of `latentd up` (or api, worker) printed a KeyboardInterrupt
+    # traceback: importing latentd.cli imported pydantic before any handler was in place.
+    import subprocess
+    import sys
+
+    script = "import sys, latentd.cli; print(sorted(m for m in ('pydantic', 'redis') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
