@@ -354,6 +354,92 @@ def test_a_job_canceled_before_its_worker_died_ends_canceled(
         second.stop()
 
 
+# The worker freezes itself (SIGSTOP) the moment a step's look has seen its job's cancel: the job's
+# state notes it canceled (`canceled_at`), and RQ has not recorded it so yet.
+FREEZE_AS_IT_SEES_THE_CANCEL = """
+import os
+import signal
+
+from rq import get_current_job
+
+import worker.jobs as jobs
+
+_resent_while_away = jobs.resent_while_away
+
+
+def resent_while_away(send, what, *args):
+    answer = _resent_while_away(send, what, *args)
+    job = get_current_job()
+    if what == "progress" and job is not None:
+        if jobs.current().connection.hexists(f"latentd:job:{job.id}", "canceled_at"):
+            os.kill(os.getpid(), signal.SIGSTOP)
+    return answer
+
+
+jobs.resent_while_away = resent_while_away
+"""
+
+
+def is_stopped(pid: int) -> bool:
+    """Whether process `pid` is stopped (SIGSTOP): its state in /proc/PID/stat."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+
+
+@pytest.fixture
+def short_flag_cluster(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Cluster]:
+    """An API whose records and cancel flags last 10 s (its LATENTD_JOB_TTL, the least allowed), and
+    that reaps with the workers' short lease while none is alive."""
+    yield from make_cluster(
+        tmp_path, tiny_model_dir, LATENTD_LEASE_SECONDS=LEASE, LATENTD_JOB_TTL="10", LATENTD_RESULTS_TTL="10"
+    )
+
+
+def test_a_job_seen_canceled_then_requeued_by_a_false_reap_stays_canceled(
+    short_flag_cluster: Cluster,
+) -> None:
+    # Its worker saw the cancel and froze before RQ recorded it; its cancel flag lapsed before its
+    # lease did, and the reaper re-queued it as lost. It read `queued`; a worker then ran it again,
+    # and it ended `succeeded`, its cancel long answered.
+    cluster = short_flag_cluster
+    frozen = cluster.worker("a", FREEZE_AS_IT_SEES_THE_CANCEL, LATENTD_LEASE_SECONDS="14")
+    second: Proc | None = None
+    try:
+        job_id = cluster.submit(LONG_JOB)
+        cluster.running_on(job_id)
+        assert HTTP.post(f"{cluster.url}/v1/generations/{job_id}/cancel").status_code == 202
+        wait_until(lambda: is_stopped(frozen.proc.pid), 30, what="the worker to freeze")
+        seen = cluster.status(job_id)
+        assert seen["status"] == "canceled" and seen["timings"]["finished_at"], seen
+        r = cluster.redis.client()
+        wait_until(lambda: not r.exists(Keys.cancel(job_id)), 15, what="the cancel flag to lapse")
+        api_log = cluster.tmp / "api.log"
+        requeued = f"job_requeued job_id={job_id} reason=worker_lost"
+        wait_until(lambda: requeued in api_log.read_text(), 30, what="the API's reaper")
+        assert r.hget(f"rq:job:{job_id}", "status") == b"queued"
+        view = cluster.status(job_id)
+        assert view["status"] == "canceled" and view["queue_position"] is None, view
+        assert [view["timings"][t] for t in ("started_at", "finished_at")] == [
+            seen["timings"][t] for t in ("started_at", "finished_at")
+        ]
+        conflict = HTTP.post(f"{cluster.url}/v1/generations/{job_id}/cancel")
+        assert conflict.status_code == 409, conflict.text
+
+        second = cluster.worker("b")  # it takes the job from its queue at once
+        wait_until(lambda: r.hget(f"rq:job:{job_id}", "status") != b"queued", 30, what="worker b to take it")
+        wait_until(lambda: r.hget("rq:worker:b", "state") == b"idle", 30, what="worker b to settle it")
+        after = cluster.status(job_id)
+        assert after["status"] == "canceled" and after["images"] == [], after
+        assert after["timings"]["finished_at"] == seen["timings"]["finished_at"]
+        assert not r.exists(Keys.image(job_id, 0))
+        assert f"job_started job_id={job_id}" not in second.output()
+        assert r.hget(f"rq:job:{job_id}", "status") == b"stopped"
+    finally:
+        frozen.proc.send_signal(signal.SIGKILL)
+        frozen.proc.wait()
+        if second is not None:
+            second.stop()
+
+
 @pytest.fixture
 def api_reaping_cluster(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Cluster]:
     """A cluster whose API has its workers' short lease: it reaps within seconds of their deaths."""
