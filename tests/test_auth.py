@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import httpx
@@ -24,11 +25,14 @@ from app.config import ApiSettings
 from app.main import create_app
 from tests.conftest import (
     HTTP,
+    LONG_JOB,
     PRIVATE_DB,
     ROOT,
+    Cluster,
     Proc,
     RedisServer,
     base_env,
+    make_cluster,
     register_ghost,
     spawn,
     start_api,
@@ -315,6 +319,49 @@ def test_jobs_in_flight_and_requests_per_minute_are_capped_per_key(limited: tupl
     assert limited_response.json()["error"]["code"] == "rate_limited"
     assert 1 <= int(limited_response.headers["retry-after"]) <= 60
     assert HTTP.get(f"{url}/v1/models", headers=dave).status_code == 200
+
+
+CAROL_KEY = "carol-key-0123456789abcdef"
+
+
+@pytest.fixture
+def limited_cluster(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Cluster]:
+    yield from make_cluster(
+        tmp_path, tiny_model_dir, LATENTD_API_KEYS=f"carol:{CAROL_KEY}", LATENTD_MAX_JOBS_IN_FLIGHT="2"
+    )
+
+
+def test_a_job_seen_canceled_in_a_running_batch_frees_its_slot_at_once(limited_cluster: Cluster) -> None:
+    # RQ records a batch's canceled job once the batch's pipeline call ends: until then the key's
+    # in-flight count held it, and the key at its limit got 429 for a job that reads `canceled`.
+    cluster = limited_cluster
+    carol = {"Authorization": f"Bearer {CAROL_KEY}"}
+    api = f"{cluster.url}/v1/generations"
+
+    def submit(body: dict[str, object]) -> httpx.Response:
+        return HTTP.post(api, json=body, headers=carol)
+
+    def status(job_id: str, **params: int) -> dict[str, Any]:
+        view: dict[str, Any] = HTTP.get(f"{api}/{job_id}", params=params, headers=carol, timeout=40).json()
+        return view
+
+    register_ghost(cluster.redis.client(), "tiny")  # both are queued before the worker looks
+    keep, drop = (submit({**LONG_JOB, "seed": seed}).json()["id"] for seed in (1, 2))
+    worker = cluster.worker("a")  # it takes both into one pipeline call
+    try:
+        wait_until(lambda: status(drop)["progress"]["step"] > 0, 60, what="the batch running")
+        assert status(keep)["status"] == "running"
+        assert cluster.redis.client().hget(f"latentd:job:{drop}", "batch_jobs") == b"2"
+        assert submit({"prompt": "x"}).status_code == 429  # two in flight
+        assert HTTP.post(f"{api}/{drop}/cancel", headers=carol).status_code == 202
+        assert status(drop, wait=30)["status"] == "canceled"
+        again = submit({"prompt": "again", "steps": 1})
+        assert again.status_code == 202, again.text
+        assert cluster.redis.client().hget(f"rq:job:{drop}", "status") == b"started"  # RQ's record waits
+        assert status(keep)["status"] == "running"  # the batch's call had not ended
+        assert status(keep, wait=60)["status"] == "succeeded"
+    finally:
+        worker.stop()
 
 
 def test_revoking_the_last_key_leaves_the_service_closed_until_it_is_opened(tmp_path: Path) -> None:
