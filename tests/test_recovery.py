@@ -535,6 +535,58 @@ def test_frozen_worker_late_result_is_discarded(cluster: Cluster) -> None:
             w.stop()
 
 
+# Redis out of reach, once, as a worker drops its own record of a job that another worker owns now.
+DROPPING_A_LOST_JOB_FAILS_ONCE = """
+import redis
+
+import worker.main as main
+
+_cleanup_execution = main.LatentdWorker.cleanup_execution
+failed = []
+
+
+def cleanup_execution(self, job, pipeline, execution=None):
+    if not failed and self.connection.hget(job.key, "worker_name") != self.name.encode():
+        failed.append(True)
+        raise redis.ConnectionError("Error 111 connecting to Redis. Connection refused.")
+    return _cleanup_execution(self, job, pipeline, execution)
+
+
+main.LatentdWorker.cleanup_execution = cleanup_execution
+"""
+
+
+def test_a_thawed_worker_that_drops_its_lost_job_as_redis_is_away_serves_on(cluster: Cluster) -> None:
+    # The error ended RQ's loop: the worker exited 1 (its model loaded again under a supervisor).
+    frozen = cluster.worker("a", DROPPING_A_LOST_JOB_FAILS_ONCE)
+    other: Proc | None = None
+    try:
+        job_id = cluster.submit(LONG_JOB)
+        cluster.running_on(job_id)
+        frozen.proc.send_signal(signal.SIGSTOP)
+        other = cluster.worker("b")  # it re-runs the job once the lease lapses
+        view = cluster.wait_terminal(job_id)
+        assert view["status"] == "succeeded" and view["attempts"] == 2, view
+        other.stop()
+        frozen.proc.send_signal(signal.SIGCONT)
+        dropped = "redis_reachable_in_job at=rq_drop"
+        wait_until(lambda: dropped in frozen.output() or frozen.proc.poll() is not None, 30, what="the drop")
+        assert frozen.proc.poll() is None, frozen.output()[-3000:]
+        assert f"job_lease_lost job_id={job_id}" in frozen.output() and dropped in frozen.output()
+        cluster.wait_idle("a")
+        r = cluster.redis.client()
+        assert r.hget(f"rq:job:{job_id}", "status") == b"finished"
+        assert r.zcard("rq:wip:latentd:tiny") == 0 and not r.exists("rq:worker:a:executions")
+        # The worker serves on.
+        assert cluster.wait_terminal(cluster.submit({"prompt": "next", "steps": 1}))["status"] == "succeeded"
+        assert frozen.proc.poll() is None
+    finally:
+        frozen.proc.send_signal(signal.SIGCONT)
+        frozen.stop()
+        if other is not None:
+            other.stop()
+
+
 def test_frozen_worker_gives_up_a_whole_batch_and_leaves_its_jobs_alone(cluster: Cluster) -> None:
     # A frozen worker's batch is re-run by another worker; thawed, the first worker must not take
     # the claimed jobs back (RQ's perform_job would mark them started again, for good).
