@@ -214,6 +214,44 @@ def test_a_batch_whose_look_for_mates_fails_runs_and_its_worker_serves_on(cluste
         worker.stop()
 
 
+# Redis out of reach, once, as a batch records the start of a job it claimed (RQ's record).
+A_CLAIMED_JOBS_START_FAILS_ONCE = """
+import redis
+from rq.worker.base import BaseWorker
+
+_prepare_job_execution = BaseWorker.prepare_job_execution
+failed = []
+
+
+def prepare_job_execution(self, job, remove_from_intermediate_queue=False):
+    if "claimed" in str(job.args) and not failed:
+        failed.append(True)
+        raise redis.ConnectionError("Error 111 connecting to Redis. Connection refused.")
+    return _prepare_job_execution(self, job, remove_from_intermediate_queue)
+
+
+BaseWorker.prepare_job_execution = prepare_job_execution
+"""
+
+
+def test_a_claimed_job_whose_start_finds_redis_away_runs_in_its_batch(cluster: Cluster) -> None:
+    # Raised, the error ended the look for mates: the job, its execution written but not started,
+    # was left out of the batch, and of the intermediate list's clean-up until its lease lapsed.
+    r = cluster.redis.client()
+    register_ghost(r, TINY_MODEL)  # both are queued before the worker looks
+    first = cluster.submit({"prompt": "first", "steps": 2})
+    mate = cluster.submit({"prompt": "claimed", "steps": 2})
+    worker = cluster.worker("a", A_CLAIMED_JOBS_START_FAILS_ONCE)
+    try:
+        views = [cluster.wait_terminal(job_id, 30) for job_id in (first, mate)]
+        assert [(v["status"], v["attempts"]) for v in views] == [("succeeded", 1)] * 2, views
+        assert [r.hget(f"latentd:job:{job_id}", "batch_jobs") for job_id in (first, mate)] == [b"2"] * 2
+        assert "redis_reachable_in_job at=rq_start" in worker.output()
+        assert "batch_claim_failed" not in worker.output()
+    finally:
+        worker.stop()
+
+
 # Redis out of reach, once each, at each call a worker makes outside RQ's wait for work and the
 # job's own retries. Between the model's load and RQ's loop: as the worker takes its name, as RQ
 # learns its address, as it records its lease, as RQ registers it and subscribes it. In RQ's loop:
