@@ -10,7 +10,9 @@ import time
 
 import httpx
 import pytest
+import redis
 
+from latentd.contract import Keys
 from latentd.embedded import free_port
 from tests.conftest import (
     HTTP,
@@ -250,6 +252,47 @@ def test_a_claimed_job_whose_start_finds_redis_away_runs_in_its_batch(cluster: C
         assert "batch_claim_failed" not in worker.output()
     finally:
         worker.stop()
+
+
+def test_a_claim_whose_execution_could_not_be_written_leaves_none_among_the_workers(
+    redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RQ notes a job's execution among its worker's before it writes it: where the write failed,
+    the batch's worker counted as its own, for good, the execution of a job it never started (what
+    its stop and its lease renewal go by). The job waits on the intermediate list, not started."""
+    from rq import Queue
+    from rq.serializers import JSONSerializer
+
+    from latentd.contract import JOB_FUNCTION, JobPayload
+    from worker.jobs import Claimed
+    from worker.main import LatentdWorker
+    from worker.pipeline import batch_key
+
+    queue = Queue(Keys.queue_name(TINY_MODEL), connection=redis_client, serializer=JSONSerializer)
+    mate = JobPayload(
+        job_id="mate", model=TINY_MODEL, prompt="x", width=64, height=64, steps=1, guidance_scale=0,
+        seed=1, num_images=1,
+    )  # fmt: skip
+    queue.enqueue(JOB_FUNCTION, mate.model_dump(mode="json"), job_id="mate")
+    worker = LatentdWorker(
+        [queue], connection=redis_client, name="w", serializer=JSONSerializer, model=TINY_MODEL
+    )
+    execute = redis.client.Pipeline.execute
+
+    def refused(self: redis.client.Pipeline, raise_on_error: bool = True) -> list[object]:
+        if any(len(args) > 1 and str(args[1]).startswith("rq:execution:") for args, _ in self.command_stack):
+            raise redis.ConnectionError("Error 111 connecting to Redis. Connection refused.")
+        return execute(self, raise_on_error)
+
+    claimed: list[Claimed] = []
+    with monkeypatch.context() as m:
+        m.setattr(redis.client.Pipeline, "execute", refused)
+        with pytest.raises(redis.ConnectionError):
+            worker._claim_into(queue, batch_key(mate), False, 4, time.monotonic() + 1, claimed)
+    assert claimed == [] and worker.executions == {}
+    assert redis_client.lrange(queue.intermediate_queue_key, 0, -1) == [b"mate"]
+    assert redis_client.hget("rq:job:mate", "status") == b"queued"
+    assert redis_client.zcard(queue.started_job_registry.key) == 0
 
 
 # Redis out of reach, once each, at each call a worker makes outside RQ's wait for work and the
