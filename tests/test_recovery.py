@@ -535,19 +535,20 @@ def test_frozen_worker_late_result_is_discarded(cluster: Cluster) -> None:
             w.stop()
 
 
-# Redis out of reach, once, as a worker drops its own record of a job that another worker owns now.
+# Redis out of reach, once for each job, as a worker drops its own record of a job that another
+# worker owns now.
 DROPPING_A_LOST_JOB_FAILS_ONCE = """
 import redis
 
 import worker.main as main
 
 _cleanup_execution = main.LatentdWorker.cleanup_execution
-failed = []
+failed = set()
 
 
 def cleanup_execution(self, job, pipeline, execution=None):
-    if not failed and self.connection.hget(job.key, "worker_name") != self.name.encode():
-        failed.append(True)
+    if job.id not in failed and self.connection.hget(job.key, "worker_name") != self.name.encode():
+        failed.add(job.id)
         raise redis.ConnectionError("Error 111 connecting to Redis. Connection refused.")
     return _cleanup_execution(self, job, pipeline, execution)
 
@@ -556,26 +557,33 @@ main.LatentdWorker.cleanup_execution = cleanup_execution
 """
 
 
-def test_a_thawed_worker_that_drops_its_lost_job_as_redis_is_away_serves_on(cluster: Cluster) -> None:
+def test_a_thawed_worker_that_drops_its_lost_jobs_as_redis_is_away_serves_on(cluster: Cluster) -> None:
     # The error ended RQ's loop: the worker exited 1 (its model loaded again under a supervisor).
+    # Two jobs in one call: the one RQ performs, and one claimed into its batch, each dropped apart.
+    r = cluster.redis.client()
+    register_ghost(r, TINY_MODEL)  # both are queued before the worker looks
+    batch = [cluster.submit({**LONG_JOB, "seed": seed}) for seed in (1, 2)]
     frozen = cluster.worker("a", DROPPING_A_LOST_JOB_FAILS_ONCE)
     other: Proc | None = None
     try:
-        job_id = cluster.submit(LONG_JOB)
-        cluster.running_on(job_id)
+        cluster.running_on(batch[0])
+        assert [r.hget(f"latentd:job:{job_id}", "batch_jobs") for job_id in batch] == [b"2", b"2"]
         frozen.proc.send_signal(signal.SIGSTOP)
-        other = cluster.worker("b")  # it re-runs the job once the lease lapses
-        view = cluster.wait_terminal(job_id)
-        assert view["status"] == "succeeded" and view["attempts"] == 2, view
+        other = cluster.worker("b")  # it re-runs the jobs once their lease lapses
+        views = [cluster.wait_terminal(job_id) for job_id in batch]
+        assert [(v["status"], v["attempts"]) for v in views] == [("succeeded", 2)] * 2, views
         other.stop()
         frozen.proc.send_signal(signal.SIGCONT)
         dropped = "redis_reachable_in_job at=rq_drop"
-        wait_until(lambda: dropped in frozen.output() or frozen.proc.poll() is not None, 30, what="the drop")
+        wait_until(
+            lambda: frozen.output().count(dropped) == 2 or frozen.proc.poll() is not None,
+            30,
+            what="the drops",
+        )
         assert frozen.proc.poll() is None, frozen.output()[-3000:]
-        assert f"job_lease_lost job_id={job_id}" in frozen.output() and dropped in frozen.output()
+        assert all(f"job_lease_lost job_id={job_id}" in frozen.output() for job_id in batch)
         cluster.wait_idle("a")
-        r = cluster.redis.client()
-        assert r.hget(f"rq:job:{job_id}", "status") == b"finished"
+        assert [r.hget(f"rq:job:{job_id}", "status") for job_id in batch] == [b"finished"] * 2
         assert r.zcard("rq:wip:latentd:tiny") == 0 and not r.exists("rq:worker:a:executions")
         # The worker serves on.
         assert cluster.wait_terminal(cluster.submit({"prompt": "next", "steps": 1}))["status"] == "succeeded"
