@@ -518,3 +518,33 @@ def test_a_worker_registered_again_since_the_look_stays_in_the_workers_set(redis
     r.set(Keys.worker("back"), "{}")  # registered again since the look
     forget_expired(r, ["back", "gone"])
     assert r.smembers(Keys.WORKERS) == {b"back"}
+
+
+def test_the_apis_reaper_counts_a_worker_that_came_between_its_looks_as_alive(
+    redis_client: redis.Redis,
+) -> None:
+    # helper-57: after a long time with no worker, a worker (short lease) starts and takes a job
+    # between two of the API's passes (a third of the API's lease apart), then Redis freezes, still
+    # between passes, long enough to lapse its registration and its job's lease. No look ever saw
+    # the worker, so `alone_since` still dates from before it came: the next pass re-queues the
+    # live worker's running job at once, the very reap 0caabcc meant to stop.
+    from rq import Queue
+
+    from latentd.contract import WorkerInfo
+    from latentd.store import live_workers
+    from worker.main import Heartbeat
+
+    r = redis_client
+    reaper = _api_reaper(r, lease=30)  # no worker seen alive for an hour
+    reaper.any_worker_alive = lambda: bool(live_workers(r))
+    reaper.reap_from = 0.0
+    reaper.reap()  # a look: still none alive
+    # Between passes: a worker starts (its first beat, as worker.main does) and takes a job ...
+    worker, _ = _worker(r)
+    info = WorkerInfo(name="t", model="a", device="cpu", pid=1, hostname="h", started_at=time.time())
+    Heartbeat(worker, info, 1.0, Queue("latentd:a", connection=r, serializer=JSONSerializer)).beat()
+    _lapsed(r, Queue("latentd:a", connection=r, serializer=JSONSerializer), "running")
+    # ... and Redis freezes: its registration (TTL 3 s) and the job's lease lapse unseen.
+    r.delete(Keys.worker("t"))
+    reaper.reap()
+    assert Job.fetch("running", connection=r, serializer=JSONSerializer).get_status() == "started"
