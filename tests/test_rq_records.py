@@ -548,3 +548,28 @@ def test_the_apis_reaper_counts_a_worker_that_came_between_its_looks_as_alive(
     r.delete(Keys.worker("t"))
     reaper.reap()
     assert Job.fetch("running", connection=r, serializer=JSONSerializer).get_status() == "started"
+
+
+def test_a_job_seen_canceled_reaped_on_its_last_attempt_after_its_flag_lapsed_stays_canceled(
+    redis_server: RedisServer, redis_client: redis.Redis
+) -> None:
+    # helper-57: 6223f62's case on the job's last attempt. Its worker saw the cancel (`canceled_at`)
+    # and froze; the flag lapsed, then its lease. handle_abandoned goes by the flag alone: it fails
+    # the job `worker_lost`, and a job that read `canceled` (terminal) now reads `failed`.
+    from rq import Queue
+
+    r = redis_client
+    _lapsed(r, Queue("latentd:a", connection=r, serializer=JSONSerializer), "seen")  # no retries left
+    r.hset(Keys.state("seen"), mapping={"canceled_at": time.time() - 60, "attempts": 1})
+
+    async def view(service: GenerationService) -> Any:
+        return await service.get("seen")
+
+    before = run_with_service(redis_server, r, view)
+    assert before.status.value == "canceled"
+    reaper = _api_reaper(r)
+    reaper.reap_from = 0.0
+    reaper.reap()
+    assert r.hget("rq:job:seen", "status") != b"started"  # reaped
+    after = run_with_service(redis_server, r, view)
+    assert after.status.value == "canceled", (after.status, after.error)
