@@ -17,6 +17,7 @@ from redis.exceptions import NoPermissionError
 from rq import Queue
 
 from latentd import reaping
+from latentd.contract import Keys
 from latentd.logs import event
 from latentd.store import redis_away
 
@@ -55,6 +56,7 @@ class Reaper(threading.Thread):
         self.reap_from: float | None = None  # a lease from Redis's first answer (its return)
         self.wait = lease_seconds  # the longest lease, read with each return of Redis
         self.alone_since: float | None = None  # the first look of those that found no worker alive
+        self.beats: object = None  # the workers' beats (`Keys.MODELS_SEEN`) at the last look
         self.redis_run: object = None  # the Redis server's run id at the last look
         self.info_refused = False  # INFO is disabled (an ACL, a renamed command): no run id
         self.failures = reaping.Failures(log)
@@ -79,7 +81,9 @@ class Reaper(threading.Thread):
         if self.reap_from is None:
             self.wait = reaping.longest_lease(self.connection, self.lease)
             self.reap_from = time.monotonic() + self.wait
-        if time.monotonic() < self.reap_from or not self._alone_a_lease() or self._stalled(began):
+            self.alone_since = None  # as long again from now: a worker may have come meanwhile
+        alone = self._alone_a_lease()
+        if time.monotonic() < self.reap_from or not alone or self._stalled(began):
             return
 
         def reap_one(queue: Queue) -> None:
@@ -96,7 +100,13 @@ class Reaper(threading.Thread):
         )
 
     def _alone_a_lease(self) -> bool:
-        if self.any_worker_alive():
+        """Whether its looks have found no worker alive for a lease: none registered, and none that
+        beat since the look before (each beat notes its time in `Keys.MODELS_SEEN`). A worker that
+        came, took a job and lapsed, all between two looks, was never seen registered."""
+        beats = self.connection.hgetall(Keys.MODELS_SEEN)
+        alive = self.any_worker_alive() or beats != self.beats
+        self.beats = beats
+        if alive:
             self.alone_since = None
             return False
         if self.alone_since is None:

@@ -325,6 +325,7 @@ def _api_reaper(r: redis.Redis, lease: int = 2) -> Any:
 
     reaper = Reaper(r, lease, 3600, "a", any_worker_alive=lambda: False)
     reaper.alone_since = time.monotonic() - 3600
+    reaper.beats = r.hgetall(Keys.MODELS_SEEN)
     return reaper
 
 
@@ -349,6 +350,11 @@ def test_the_apis_reaper_waits_until_its_looks_found_no_worker_alive_for_a_lease
     reaper.any_worker_alive = lambda: False
     reaper.reap()
     assert Job.fetch("running", connection=r, serializer=JSONSerializer).get_status() == "started"
+    reaper.reap_from = None  # Redis came back from trouble: a worker may have come meanwhile
+    reaper.alone_since -= 3600
+    reaper.reap()
+    assert reaper.alone_since is not None and time.monotonic() - reaper.alone_since < 5
+    reaper.reap_from = 0.0
     reaper.alone_since -= 30  # none alive at any look for a lease: the job's worker is gone
     reaper.reap()
     assert Job.fetch("running", connection=r, serializer=JSONSerializer).get_status() == "failed"
