@@ -167,8 +167,13 @@ def grant_settle_start(r: redis.Redis, job_id: str, run: str) -> bool:
 def handle_abandoned(connection: redis.Redis, job: Any, default_model: str, job_ttl: int) -> None:
     """RQ's exception handler for a job whose lease lapsed, called before RQ re-queues or fails it
     (with the same `job`, which it then saves)."""
-    # Canceled (`202`) before its worker died: it ended `failed`, `worker_lost`, or ran again.
-    canceled = bool(connection.exists(Keys.cancel(job.id)))
+    # Canceled (`202`) before its worker died: it ended `failed`, `worker_lost`, or ran again. Seen
+    # so by its worker (`canceled_at`), it reads canceled already, whose flag may have lapsed since.
+    look = connection.pipeline(transaction=False)
+    look.exists(Keys.cancel(job.id))
+    look.hexists(Keys.state(job.id), StateField.CANCELED_AT)
+    flag, seen = look.execute()
+    canceled = bool(flag or seen)
     will_retry = not canceled and bool(job.retries_left and job.retries_left > 0)
     # Its images stored before its worker died, a job RQ would fail as lost gets one start
     # more: it settles the job succeeded with them, and runs nothing (worker/jobs.py `_START`).
