@@ -874,8 +874,16 @@ def run(settings: WorkerSettings) -> int:
     gc.freeze()
     # Redis away from here until RQ's loop (restarted, or loading its data, as the model loaded) is
     # waited for: it ended the worker with a traceback (exit 1), and its model was loaded again. A
-    # stop signal meanwhile ends it at once (`latentd.cli`), as during the load.
-    if not _once_redis_answers(functools.partial(_take_name, connection, name, settings.heartbeat_interval)):
+    # stop signal meanwhile ends it at once (`latentd.cli`), as during the load. Away, it is trouble
+    # as in RQ's loop (`redis_trouble`): RQ's maintenance as the loop began reaped the running
+    # jobs of live workers that had not yet renewed the leases Redis's absence let lapse.
+    away = threading.Event()
+    trouble = away.set
+
+    def answered(call: Callable[[], T]) -> T:
+        return _once_redis_answers(call, trouble)
+
+    if not answered(functools.partial(_take_name, connection, name, settings.heartbeat_interval)):
         print(
             f"latentd worker: a live worker is named {name!r}; give this one another LATENTD_WORKER_NAME",
             file=sys.stderr,
@@ -895,7 +903,7 @@ def run(settings: WorkerSettings) -> int:
     )
     _say_if_weights_differ(connection, info)
     queue = Queue(Keys.queue_name(runner.model), connection=connection, serializer=JSONSerializer)
-    worker = _once_redis_answers(
+    worker = answered(
         functools.partial(
             LatentdWorker,
             [queue],
@@ -914,12 +922,14 @@ def run(settings: WorkerSettings) -> int:
     runtime.stop_requested = lambda: bool(worker._stop_requested)
     runtime.leave = worker._leave_the_job
     # Other reapers wait this worker's lease after an outage.
-    _once_redis_answers(functools.partial(reaping.record_lease, connection, settings.lease_seconds))
-    worker.longest_lease = _once_redis_answers(
+    answered(functools.partial(reaping.record_lease, connection, settings.lease_seconds))
+    worker.longest_lease = answered(
         functools.partial(reaping.longest_lease, connection, settings.lease_seconds)
     )
     heartbeat = Heartbeat(worker, info, settings.heartbeat_interval, queue)
-    _once_redis_answers(heartbeat.beat)
+    answered(heartbeat.beat)
+    if away.is_set():
+        worker.redis_trouble()
     worker.stop_on_signals()  # before anyone is told the worker is ready
     heartbeat.start()
     # Said in the log before the file says it: a reader of both, woken by the file, finds the line.
