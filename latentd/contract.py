@@ -225,6 +225,9 @@ class StateField:
     WARNINGS = "warnings"  # JSON list of what of the request the model does not use
     # When its worker saw the cancel flag (unix seconds): it ends canceled, once its pipeline call ends.
     CANCELED_AT = "canceled_at"
+    # Its cancel is in the outcome counts: a frozen worker that wakes, a reaper and a worker that
+    # took it again may each end it canceled, and it is counted once.
+    CANCELED_COUNTED = "canceled_counted"
 
 
 class ImageMeta(BaseModel):

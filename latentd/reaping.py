@@ -208,6 +208,21 @@ def abandoned_handler(
     return handler
 
 
+# A canceled job's outcome, counted once (`StateField.CANCELED_COUNTED`). KEYS: state, outcome
+# counts; ARGV: the outcome's field, the state's ttl should it have none (made here), the mark.
+_COUNT_CANCELED = """
+if redis.call('HSETNX', KEYS[1], ARGV[3], 1) == 0 then return 0 end
+if redis.call('TTL', KEYS[1]) < 0 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+return redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
+"""
+
+
+def count_canceled(r: Any, job_id: str, model: str, ttl: int) -> None:
+    """On `r`, a connection or a pipeline: job `job_id` ended canceled, unless counted so already."""
+    field = outcome_field(model, JobStatus.CANCELED)
+    r.eval(_COUNT_CANCELED, 2, Keys.state(job_id), Keys.OUTCOMES, field, ttl, StateField.CANCELED_COUNTED)
+
+
 def record_abandoned(
     r: redis.Redis,
     job_id: str,
@@ -234,7 +249,7 @@ def record_abandoned(
         if attempts:
             p.hset(state_key, StateField.INFERENCE_FINISHED, time.time())
         p.expire(state_key, ttl)
-        p.hincrby(Keys.OUTCOMES, outcome_field(model, JobStatus.CANCELED), 1)
+        count_canceled(p, job_id, model, ttl)
         p.execute()
         event(log, "job_canceled", job_id=job_id, reason="worker_lost")
         return

@@ -24,7 +24,7 @@ from app.config import ApiSettings
 from app.errors import NotFound
 from app.main import create_app
 from app.serving import GenerationService, JobRecord
-from latentd.contract import JOB_FUNCTION, JobPayload, Keys
+from latentd.contract import JOB_FUNCTION, JobPayload, JobStatus, Keys
 from tests.conftest import PRIVATE_DB, RedisServer
 
 PAYLOAD = JobPayload(
@@ -579,3 +579,21 @@ def test_a_job_seen_canceled_reaped_on_its_last_attempt_after_its_flag_lapsed_st
     assert r.hget("rq:job:seen", "status") != b"started"  # reaped
     after = run_with_service(redis_server, r, view)
     assert after.status.value == "canceled", (after.status, after.error)
+
+
+def test_a_canceled_job_ended_by_a_reaper_and_by_its_waking_worker_is_counted_once(
+    redis_client: redis.Redis,
+) -> None:
+    # A worker frozen with a canceled job of its batch: a reaper ended the job canceled and counted
+    # it, then the worker woke and counted it again (helper-55's soak: 724 canceled counted, 722 so).
+    from latentd import reaping
+    from latentd.reaping import outcome_field
+
+    r = redis_client
+    r.hset(Keys.state("j"), "attempts", 1)
+    reaping.record_abandoned(r, "j", "m", will_retry=False, settle=False, ttl=60, canceled=True)
+    reaping.count_canceled(r, "j", "m", 60)  # the worker's `_record_canceled`, waking
+    assert r.hget(Keys.OUTCOMES, outcome_field("m", JobStatus.CANCELED)) == b"1"
+    reaping.count_canceled(r, "gone", "m", 60)  # a job whose state had lapsed: counted, and the mark lapses
+    assert r.hget(Keys.OUTCOMES, outcome_field("m", JobStatus.CANCELED)) == b"2"
+    assert 0 < r.ttl(Keys.state("gone")) <= 60

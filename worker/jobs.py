@@ -34,7 +34,7 @@ from latentd.contract import (
     StateField,
 )
 from latentd.logs import event
-from latentd.reaping import GIVEN_UP_SECONDS, outcome_field
+from latentd.reaping import GIVEN_UP_SECONDS, count_canceled, outcome_field
 from latentd.store import redis_away
 from worker.config import WorkerSettings
 from worker.encode import encode
@@ -504,7 +504,7 @@ def resent_while_away(
 def _record_canceled(rt: Runtime, job_id: str) -> Canceled:
     # Counted if Redis answers: a job that may already read `canceled` (`_STEP`) must not fail for it.
     with contextlib.suppress(redis.RedisError):
-        _record_outcome(rt.connection, rt.runner.model, JobStatus.CANCELED)
+        count_canceled(rt.connection, job_id, rt.runner.model, rt.settings.job_ttl)
     event(log, "job_canceled", job_id=job_id)
     return Canceled()
 
