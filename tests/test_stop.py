@@ -461,3 +461,22 @@ def test_the_command_takes_a_stop_before_it_imports_its_settings() -> None:
     script = "import sys, latentd.cli; print(sorted(m for m in ('pydantic', 'redis') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_the_command_takes_a_stop_before_anything_it_runs_imports(monkeypatch: pytest.MonkeyPatch) -> None:
+    from latentd import cli
+
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    seen: list[object] = []
+
+    def run(args: object) -> int:  # what `main` hands the command to, imports and all
+        seen.append(signal.getsignal(signal.SIGTERM))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_run", run)
+    try:
+        assert cli.main(["api"]) == 130  # quietly, as for keys and generate
+        assert seen and seen[0] not in (signal.SIG_DFL, handlers[signal.SIGTERM])
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
