@@ -878,10 +878,9 @@ def run(settings: WorkerSettings) -> int:
     # as in RQ's loop (`redis_trouble`): RQ's maintenance as the loop began reaped the running
     # jobs of live workers that had not yet renewed the leases Redis's absence let lapse.
     away = threading.Event()
-    trouble = away.set
 
     def answered(call: Callable[[], T]) -> T:
-        return _once_redis_answers(call, trouble)
+        return _once_redis_answers(call, away.set)
 
     if not answered(functools.partial(_take_name, connection, name, settings.heartbeat_interval)):
         print(
