@@ -597,3 +597,37 @@ def test_a_canceled_job_ended_by_a_reaper_and_by_its_waking_worker_is_counted_on
     reaping.count_canceled(r, "gone", "m", 60)  # a job whose state had lapsed: counted, and the mark lapses
     assert r.hget(Keys.OUTCOMES, outcome_field("m", JobStatus.CANCELED)) == b"2"
     assert 0 < r.ttl(Keys.state("gone")) <= 60
+
+
+def test_the_apis_reaper_reaps_while_a_worker_that_never_loads_restarts_again_and_again(
+    redis_client: redis.Redis,
+) -> None:
+    # helper-59: no worker alive, the job's worker long dead; a worker whose model fails to load
+    # (a broken device, a GPU held by another process) is restarted by its supervisor again and
+    # again (docker's backoff resets after 10 s up). Each start marks its load in models_seen and
+    # each failure takes the mark back: the reaper took both for beats, found a worker alive at
+    # every lease, and the job read `running` for good (its cancel changed nothing).
+    from rq import Queue
+
+    from worker.main import _FORGET_LOAD, _MARK_LOAD
+
+    r = redis_client
+    r.hset(Keys.MODELS_SEEN, "a", time.time() - 600)  # served lately, by the job's dead worker
+    _lapsed(r, Queue("latentd:a", connection=r, serializer=JSONSerializer), "running")
+    reaper = _api_reaper(r, lease=2)
+    reaper.alone_since = None
+    reaper.reap_from = 0.0  # a lease after its start
+    reaper.wait = 2
+    began = time.monotonic()
+    next_start = began
+    while time.monotonic() - began < 5 * reaper.wait:  # five leases, no worker registered at any look
+        if time.monotonic() >= next_start:  # a start: the load's mark, a failure, the mark taken back
+            loading = str(time.time())
+            before = r.eval(_MARK_LOAD, 1, Keys.MODELS_SEEN, "a", loading) or b""
+            reaper.reap()
+            time.sleep(0.3)
+            r.eval(_FORGET_LOAD, 1, Keys.MODELS_SEEN, "a", loading, before)
+            next_start = time.monotonic() + 1.2  # the load and the supervisor's delay
+        reaper.reap()
+        time.sleep(reaper.lease / 3)
+    assert Job.fetch("running", connection=r, serializer=JSONSerializer).get_status() == "failed"
