@@ -3,6 +3,7 @@ them out, and a job whose Redis replies were lost is counted once."""
 
 from __future__ import annotations
 
+import pathlib
 import signal
 import socket
 import threading
@@ -745,3 +746,63 @@ def test_latentd_generate_rides_out_an_api_restart(cluster: Cluster) -> None:
         api.stop()
         client.stop()
     assert len(list(out.glob("*.png"))) == 1
+
+
+def test_a_worker_whose_redis_restarted_while_its_model_loaded_leaves_a_live_workers_job_to_it(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # helper-59: Redis restarted while a worker loaded its model (minutes on a GPU host), with no
+    # call of the new worker's to fail: back before the load ended, every call after it answered,
+    # and the worker took Redis for untroubled. RQ's maintenance as its loop began found a live
+    # worker's lease lapsed in the outage, not yet renewed (every third of a lease), and re-queued
+    # its running job. In-process: the load restarts a Redis of the test's own; RQ's loop is its
+    # first maintenance only.
+    from types import SimpleNamespace
+
+    from rq import Queue, Retry
+    from rq.serializers import JSONSerializer
+
+    import worker.main as worker_main
+    from latentd.contract import JOB_FUNCTION
+    from tests.conftest import RedisServer
+    from worker.config import WorkerSettings
+
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    held = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        r = server.client()
+        queue = Queue(Keys.queue_name("m"), connection=r, serializer=JSONSerializer)
+        queue.enqueue(JOB_FUNCTION, {"prompt": "x"}, job_id="live", retry=Retry(max=1))
+        r.lrem(queue.key, 1, "live")
+        r.hset("rq:job:live", mapping={"status": "started", "worker_name": "other"})
+        # The live worker's lease: renewed just now, lapsing in 2 s (the outage outlasts it).
+        r.zadd(queue.started_job_registry.key, {"live:run": time.time() + 2})
+
+        def load(settings: WorkerSettings) -> object:
+            server.stop()  # Redis restarts during the load, and is back before it ends
+            time.sleep(3)
+            server.start()
+            return SimpleNamespace(model="m", device="cpu", native_size=64, weights=None)
+
+        first_pass: list[bool] = []
+
+        def work(self: worker_main.LatentdWorker, **_: object) -> bool:
+            first_pass.append(self.may_reap())
+            self.clean_registries()  # RQ's maintenance as its loop begins
+            return False
+
+        monkeypatch.setattr(worker_main, "load_runner", load)
+        monkeypatch.setattr(worker_main.LatentdWorker, "work", work)
+        monkeypatch.setattr(worker_main.Heartbeat, "start", lambda self: None)
+        monkeypatch.setattr(worker_main.gc, "freeze", lambda: None)
+        settings = WorkerSettings(
+            redis_url=server.url, model="m", lease_seconds=30, heartbeat_interval=1.0, worker_name="late"
+        )
+        assert worker_main.run(settings) == 0
+        assert first_pass == [False], "reaping at once after a Redis restart it never saw"
+        assert r.hget("rq:job:live", "status") == b"started"
+    finally:
+        for s, handler in held.items():
+            signal.signal(s, handler)
+        server.stop()
