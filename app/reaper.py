@@ -56,7 +56,7 @@ class Reaper(threading.Thread):
         self.reap_from: float | None = None  # a lease from Redis's first answer (its return)
         self.wait = lease_seconds  # the longest lease, read with each return of Redis
         self.alone_since: float | None = None  # the first look of those that found no worker alive
-        self.beats: object = None  # the workers' beats (`Keys.MODELS_SEEN`) at the last look
+        self.beats: object = ()  # the count of workers' beats (`Keys.BEATS`) at the last look
         self.redis_run: object = None  # the Redis server's run id at the last look
         self.info_refused = False  # INFO is disabled (an ACL, a renamed command): no run id
         self.failures = reaping.Failures(log)
@@ -101,9 +101,9 @@ class Reaper(threading.Thread):
 
     def _alone_a_lease(self) -> bool:
         """Whether its looks have found no worker alive for a lease: none registered, and none that
-        beat since the look before (each beat notes its time in `Keys.MODELS_SEEN`). A worker that
-        came, took a job and lapsed, all between two looks, was never seen registered."""
-        beats = self.connection.hgetall(Keys.MODELS_SEEN)
+        beat since the look before (each beat counts in `Keys.BEATS`). A worker that came, took a
+        job and lapsed, all between two looks, was never seen registered."""
+        beats = self.connection.get(Keys.BEATS)
         alive = self.any_worker_alive() or beats != self.beats
         self.beats = beats
         if alive:

@@ -150,6 +150,9 @@ class Keys:
     # The longest lease a worker has held jobs under (seconds), kept for good: how long an API
     # process waits after Redis trouble before it reaps in place of workers (app.reaper).
     LONGEST_LEASE = f"{PREFIX}:longest_lease"
+    # Counts every live worker's beats: the API's reaper reads a change between two looks as a worker
+    # alive, though it lapsed since (app/reaper.py).
+    BEATS = f"{PREFIX}:beats"
 
     @staticmethod
     def rate(owner: str, minute: int) -> str:

@@ -325,7 +325,7 @@ def _api_reaper(r: redis.Redis, lease: int = 2) -> Any:
 
     reaper = Reaper(r, lease, 3600, "a", any_worker_alive=lambda: False)
     reaper.alone_since = time.monotonic() - 3600
-    reaper.beats = r.hgetall(Keys.MODELS_SEEN)
+    reaper.beats = r.get(Keys.BEATS)
     return reaper
 
 

@@ -168,19 +168,16 @@ def _classify(exc: BaseException, payload: JobPayload, pad_to: int | None = None
 # Run for each job as its worker starts it. A job whose images are stored already (its worker died
 # after the commit, before RQ marked it finished, and it was re-queued) is not run again: returns
 # the images' metadata. Else, unless another worker owns the job now (-1: its start was sent
-# again through an outage, after its lease lapsed), and unless a worker saw its cancel already (1:
-# a reaper that took that worker for dead re-queued it once its flag had lapsed; it reads canceled
-# and runs nothing), records the start and returns whether the cancel flag is up: a job so started
-# ends canceled, which is noted and told to waiting readers at once (as `_STEP` does), not when the
-# batch it was taken with ends. Sent again after its reply was lost, it counts no further attempt.
-# KEYS: state, cancel flag, RQ's job; ARGV: job_ttl, this run's token, worker, the channel of ended
-# jobs, the job's id, the time, then field, value...
+# again through an outage, after its lease lapsed), records the start and returns whether the
+# cancel flag is up: a job so started ends canceled, which is noted and told to waiting readers at
+# once (as `_STEP` does), not when the batch it was taken with ends. Sent again after its reply was
+# lost, it counts no further attempt. KEYS: state, cancel flag, RQ's job; ARGV: job_ttl, this run's
+# token, worker, the channel of ended jobs, the job's id, the time, then field, value...
 _START = """
 local images = redis.call('HGET', KEYS[1], 'images')
 if images then return images end
 local owner = redis.call('HMGET', KEYS[3], 'status', 'worker_name')
 if owner[1] ~= 'started' or owner[2] ~= ARGV[3] then return -1 end
-if redis.call('HEXISTS', KEYS[1], 'canceled_at') == 1 then return 1 end
 if redis.call('HGET', KEYS[1], 'run') ~= ARGV[2] then redis.call('HINCRBY', KEYS[1], 'attempts', 1) end
 redis.call('HSET', KEYS[1], 'run', ARGV[2], unpack(ARGV, 7))
 redis.call('EXPIRE', KEYS[1], ARGV[1])

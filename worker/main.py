@@ -618,6 +618,7 @@ class Heartbeat(threading.Thread):
         p.set(Keys.worker(self.info.name), self.info.model_dump_json(), ex=max(2, int(self.interval * 3)))
         p.sadd(Keys.WORKERS, self.info.name)
         p.hset(Keys.MODELS_SEEN, self.info.model, time.time())
+        p.incr(Keys.BEATS)
         p.execute()
 
     def reap(self) -> None:
@@ -874,15 +875,8 @@ def run(settings: WorkerSettings) -> int:
     gc.freeze()
     # Redis away from here until RQ's loop (restarted, or loading its data, as the model loaded) is
     # waited for: it ended the worker with a traceback (exit 1), and its model was loaded again. A
-    # stop signal meanwhile ends it at once (`latentd.cli`), as during the load. Away, it is trouble
-    # as in RQ's loop (`redis_trouble`): RQ's maintenance as the loop began reaped the running
-    # jobs of live workers that had not yet renewed the leases Redis's absence let lapse.
-    away = threading.Event()
-
-    def answered(call: Callable[[], T]) -> T:
-        return _once_redis_answers(call, away.set)
-
-    if not answered(functools.partial(_take_name, connection, name, settings.heartbeat_interval)):
+    # stop signal meanwhile ends it at once (`latentd.cli`), as during the load.
+    if not _once_redis_answers(functools.partial(_take_name, connection, name, settings.heartbeat_interval)):
         print(
             f"latentd worker: a live worker is named {name!r}; give this one another LATENTD_WORKER_NAME",
             file=sys.stderr,
@@ -902,7 +896,7 @@ def run(settings: WorkerSettings) -> int:
     )
     _say_if_weights_differ(connection, info)
     queue = Queue(Keys.queue_name(runner.model), connection=connection, serializer=JSONSerializer)
-    worker = answered(
+    worker = _once_redis_answers(
         functools.partial(
             LatentdWorker,
             [queue],
@@ -921,14 +915,16 @@ def run(settings: WorkerSettings) -> int:
     runtime.stop_requested = lambda: bool(worker._stop_requested)
     runtime.leave = worker._leave_the_job
     # Other reapers wait this worker's lease after an outage.
-    answered(functools.partial(reaping.record_lease, connection, settings.lease_seconds))
-    worker.longest_lease = answered(
+    _once_redis_answers(functools.partial(reaping.record_lease, connection, settings.lease_seconds))
+    worker.longest_lease = _once_redis_answers(
         functools.partial(reaping.longest_lease, connection, settings.lease_seconds)
     )
     heartbeat = Heartbeat(worker, info, settings.heartbeat_interval, queue)
-    answered(heartbeat.beat)
-    if away.is_set():
-        worker.redis_trouble()
+    _once_redis_answers(heartbeat.beat)
+    # No reaping within the longest lease of its start, as after trouble: Redis away as it started,
+    # or restarted or frozen while its model loaded (no call of its own to fail), left live workers'
+    # leases lapsed and not yet renewed, and RQ's maintenance as its loop began re-queued their jobs.
+    worker.redis_trouble()
     worker.stop_on_signals()  # before anyone is told the worker is ready
     heartbeat.start()
     # Said in the log before the file says it: a reader of both, woken by the file, finds the line.
