@@ -632,7 +632,8 @@ def test_a_redis_frozen_longer_than_a_lease_leaves_running_jobs_to_their_workers
     assert "redis_stalled" in worker.output() + other.output()
 
 
-# Redis away once as the worker takes its name (after its model's load), until GO_AT (unix time).
+# As the worker takes its name (after its model's load), Redis away once, or frozen (the call
+# answered late), until GO_AT (unix time) and for 2 s at least (a third of the test's lease and more).
 AWAY_AS_IT_TAKES_ITS_NAME = """
 import os
 import time
@@ -647,8 +648,9 @@ _away = [True]
 def take_name(*args):
     if _away:
         _away.clear()
-        time.sleep(max(0.0, float(os.environ["GO_AT"]) - time.time()))
-        raise redis.ConnectionError("Error 111 connecting to Redis. Connection refused.")
+        time.sleep(max(2.0, float(os.environ["GO_AT"]) - time.time()))
+        if os.environ["REDIS_WAS"] == "away":
+            raise redis.ConnectionError("Error 111 connecting to Redis. Connection refused.")
     return _take_name(*args)
 
 
@@ -656,12 +658,14 @@ worker.main._take_name = take_name
 """
 
 
+@pytest.mark.parametrize("was", ["away", "frozen"])
 def test_a_worker_that_found_redis_away_as_it_started_leaves_a_live_workers_job_to_it(
-    cluster: Cluster,
+    cluster: Cluster, was: str
 ) -> None:
-    # Redis gone as a worker finished loading its model: back, RQ's maintenance as the new worker's
-    # loop began took a live worker's running job for lost, its lease lapsed in the outage and not yet
-    # renewed, and the job ran again (helper-55). Here the live worker's pause is the outage.
+    # Redis gone (helper-55) or frozen (helper-58) as a worker finished loading its model: back, RQ's
+    # maintenance as the new worker's loop began took a live worker's running job for lost, its lease
+    # lapsed in the outage and not yet renewed, and the job ran again. Here the live worker's pause
+    # is the outage.
     lease = 4
     running = cluster.worker("a", SLOW_STEPS, LATENTD_LEASE_SECONDS=str(lease))
     late: Proc | None = None
@@ -671,12 +675,12 @@ def test_a_worker_that_found_redis_away_as_it_started_leaves_a_live_workers_job_
         running.proc.send_signal(signal.SIGSTOP)
         go_at = time.time() + lease + 0.5  # its lease lapsed by then
         late = cluster.worker(
-            "b", AWAY_AS_IT_TAKES_ITS_NAME, LATENTD_LEASE_SECONDS=str(lease), GO_AT=str(go_at)
-        )  # ready about a second after GO_AT, Redis "back"
+            "b", AWAY_AS_IT_TAKES_ITS_NAME, LATENTD_LEASE_SECONDS=str(lease), GO_AT=str(go_at), REDIS_WAS=was
+        )  # ready soon after GO_AT, Redis "back"
         running.proc.send_signal(signal.SIGCONT)  # it renews its lease now, within a lease of the trouble
         view = cluster.wait_terminal(job_id)
         assert view["status"] == "succeeded" and view["attempts"] == 1, view
-        assert "redis_away" in late.output() and "job_requeued" not in late.output()
+        assert ("redis_away" in late.output()) == (was == "away") and "job_requeued" not in late.output()
         assert "job_lease_lost" not in running.output()
     finally:
         running.proc.send_signal(signal.SIGCONT)

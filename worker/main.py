@@ -789,6 +789,15 @@ def _say_redis_away(exc: BaseException) -> None:
     event(log, "redis_away", logging.WARNING, error=f"{type(exc).__name__}: {first_line(exc)[:200]}")
 
 
+def _redis_run(connection: redis.Redis) -> object:
+    """The Redis server's run id, another after each restart; None where INFO is refused (an ACL,
+    renamed away): restarts then go unseen."""
+    try:
+        return connection.info("server").get("run_id")
+    except redis.ResponseError:
+        return None
+
+
 def _once_redis_answers(call: Callable[[], T], trouble: Callable[[], object] = lambda: None) -> T:
     """`call()`, tried again while Redis is away (`redis_away`), saying so once; `trouble()` at
     each time it is."""
@@ -846,6 +855,7 @@ def run(settings: WorkerSettings) -> int:
         warn_if_keeps_nothing(connection, log)
         loading = str(time.time())  # submits wait for the load (503, "loading?")
         before = connection.eval(_MARK_LOAD, 1, Keys.MODELS_SEEN, settings.served_name(), loading) or b""
+        redis_run = _redis_run(connection)
     except UnsafeRedis as exc:
         print(f"latentd worker: {exc}", file=sys.stderr)
         return EXIT_REDIS_UNREACHABLE
@@ -875,8 +885,24 @@ def run(settings: WorkerSettings) -> int:
     gc.freeze()
     # Redis away from here until RQ's loop (restarted, or loading its data, as the model loaded) is
     # waited for: it ended the worker with a traceback (exit 1), and its model was loaded again. A
-    # stop signal meanwhile ends it at once (`latentd.cli`), as during the load.
-    if not _once_redis_answers(functools.partial(_take_name, connection, name, settings.heartbeat_interval)):
+    # stop signal meanwhile ends it at once (`latentd.cli`), as during the load. Away from here,
+    # frozen (a call kept waiting a third of a lease, as `Heartbeat._stalled` counts it) or
+    # restarted since the load began (no call of this worker's to fail), it is trouble as in RQ's
+    # loop (`redis_trouble`): live workers' leases lapsed and not yet renewed, RQ's maintenance as
+    # the loop began re-queued their running jobs.
+    away = threading.Event()
+
+    def answered(call: Callable[[], T]) -> T:
+        began = time.monotonic()
+        try:
+            return _once_redis_answers(call, away.set)
+        finally:
+            if time.monotonic() - began >= settings.lease_seconds / 3:
+                away.set()
+
+    if answered(functools.partial(_redis_run, connection)) != redis_run:
+        away.set()
+    if not answered(functools.partial(_take_name, connection, name, settings.heartbeat_interval)):
         print(
             f"latentd worker: a live worker is named {name!r}; give this one another LATENTD_WORKER_NAME",
             file=sys.stderr,
@@ -896,7 +922,7 @@ def run(settings: WorkerSettings) -> int:
     )
     _say_if_weights_differ(connection, info)
     queue = Queue(Keys.queue_name(runner.model), connection=connection, serializer=JSONSerializer)
-    worker = _once_redis_answers(
+    worker = answered(
         functools.partial(
             LatentdWorker,
             [queue],
@@ -915,16 +941,14 @@ def run(settings: WorkerSettings) -> int:
     runtime.stop_requested = lambda: bool(worker._stop_requested)
     runtime.leave = worker._leave_the_job
     # Other reapers wait this worker's lease after an outage.
-    _once_redis_answers(functools.partial(reaping.record_lease, connection, settings.lease_seconds))
-    worker.longest_lease = _once_redis_answers(
+    answered(functools.partial(reaping.record_lease, connection, settings.lease_seconds))
+    worker.longest_lease = answered(
         functools.partial(reaping.longest_lease, connection, settings.lease_seconds)
     )
     heartbeat = Heartbeat(worker, info, settings.heartbeat_interval, queue)
-    _once_redis_answers(heartbeat.beat)
-    # No reaping within the longest lease of its start, as after trouble: Redis away as it started,
-    # or restarted or frozen while its model loaded (no call of its own to fail), left live workers'
-    # leases lapsed and not yet renewed, and RQ's maintenance as its loop began re-queued their jobs.
-    worker.redis_trouble()
+    answered(heartbeat.beat)
+    if away.is_set():
+        worker.redis_trouble()
     worker.stop_on_signals()  # before anyone is told the worker is ready
     heartbeat.start()
     # Said in the log before the file says it: a reader of both, woken by the file, finds the line.
