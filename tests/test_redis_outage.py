@@ -633,7 +633,8 @@ def test_a_redis_frozen_longer_than_a_lease_leaves_running_jobs_to_their_workers
 
 
 # As the worker takes its name (after its model's load), Redis away once, or frozen (the call
-# answered late), until GO_AT (unix time) and for 2 s at least (a third of the test's lease and more).
+# answered late), until GO_AT (unix time) and for 2 s at least (a third of the test's lease and more);
+# or frozen as the worker first looks at it, before the load.
 AWAY_AS_IT_TAKES_ITS_NAME = """
 import os
 import time
@@ -641,28 +642,33 @@ import time
 import redis
 import worker.main
 
-_take_name = worker.main._take_name
 _away = [True]
 
 
-def take_name(*args):
-    if _away:
-        _away.clear()
-        time.sleep(max(2.0, float(os.environ["GO_AT"]) - time.time()))
-        if os.environ["REDIS_WAS"] == "away":
-            raise redis.ConnectionError("Error 111 connecting to Redis. Connection refused.")
-    return _take_name(*args)
+def troubled(call):
+    def wrapped(*args):
+        if _away:
+            _away.clear()
+            time.sleep(max(2.0, float(os.environ["GO_AT"]) - time.time()))
+            if os.environ["REDIS_WAS"] == "away":
+                raise redis.ConnectionError("Error 111 connecting to Redis. Connection refused.")
+        return call(*args)
+
+    return wrapped
 
 
-worker.main._take_name = take_name
+if os.environ["REDIS_WAS"] == "frozen_before_load":
+    worker.main.check_eviction_policy = troubled(worker.main.check_eviction_policy)
+else:
+    worker.main._take_name = troubled(worker.main._take_name)
 """
 
 
-@pytest.mark.parametrize("was", ["away", "frozen"])
+@pytest.mark.parametrize("was", ["away", "frozen", "frozen_before_load"])
 def test_a_worker_that_found_redis_away_as_it_started_leaves_a_live_workers_job_to_it(
     cluster: Cluster, was: str
 ) -> None:
-    # Redis gone (helper-55) or frozen (helper-58) as a worker finished loading its model: back, RQ's
+    # Redis gone (helper-55) or frozen (helper-58, helper-60) as a worker started: back, RQ's
     # maintenance as the new worker's loop began took a live worker's running job for lost, its lease
     # lapsed in the outage and not yet renewed, and the job ran again. Here the live worker's pause
     # is the outage.

@@ -279,6 +279,21 @@ def test_lapsed_leases_are_no_deaths_within_a_lease_of_redis_trouble(redis_clien
     assert Job.fetch("ours", connection=redis_client, serializer=JSONSerializer).get_status() == "failed"
 
 
+def test_rqs_maintenance_reaps_nothing_while_the_heartbeat_is_late(redis_client: redis.Redis) -> None:
+    # Redis frozen just after a worker said ready: its main thread, in RQ's start, met Redis as it
+    # woke, and RQ's maintenance re-queued a live worker's job whose lease lapsed meanwhile, a
+    # millisecond before the heartbeat thread, kept waiting too, said so (helper-60).
+    worker, queue = _worker(redis_client)
+    _lapsed(redis_client, queue, "theirs")
+    worker.beat_late = 2.0
+    worker.beaten = time.monotonic() - 5  # its heartbeat's last beat, before the freeze
+    worker.clean_registries()
+    assert Job.fetch("theirs", connection=redis_client, serializer=JSONSerializer).get_status() == "started"
+    worker.beaten = time.monotonic()  # on time again
+    worker.clean_registries()
+    assert Job.fetch("theirs", connection=redis_client, serializer=JSONSerializer).get_status() == "failed"
+
+
 def test_a_taken_job_canceled_before_it_goes_back_to_its_queue_stays_canceled(
     redis_client: redis.Redis,
 ) -> None:

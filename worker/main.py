@@ -6,6 +6,7 @@ import contextlib
 import functools
 import gc
 import logging
+import math
 import os
 import signal
 import socket
@@ -209,6 +210,9 @@ class LatentdWorker(SimpleWorker):
     # No lease counts as lapsed before this (`time.monotonic()`): while Redis was out of reach no
     # worker could renew one, and each gets a lease's time after to do so (`redis_trouble`).
     reap_from = 0.0
+    # When the heartbeat last beat (`time.monotonic()`), and how long after it the next is late.
+    beaten = 0.0
+    beat_late = math.inf
     _held: dict[str, Any] = {}
 
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
@@ -245,8 +249,11 @@ class LatentdWorker(SimpleWorker):
 
     def may_reap(self) -> bool:
         """Whether lapsed leases may count as their workers' deaths: not within a lease of an
-        outage (a live worker's reaper, or RQ's maintenance, took live workers' jobs for lost)."""
-        return time.monotonic() >= self.reap_from
+        outage (a live worker's reaper, or RQ's maintenance, took live workers' jobs for lost), nor
+        while this worker's heartbeat is late: kept waiting by a frozen Redis, which RQ's maintenance
+        in the main thread met as it woke, before the heartbeat could say so (`Heartbeat._stalled`)."""
+        now = time.monotonic()
+        return now >= self.reap_from and now - self.beaten < self.beat_late
 
     def reorder_queues(self, reference_queue: Any) -> None:
         self._handed_a_job = True  # RQ's wait calls this as it hands the worker a job
@@ -664,6 +671,7 @@ class Heartbeat(threading.Thread):
                 began = time.monotonic()
                 self.beat()
                 self._stalled(began)
+                self.worker.beaten = time.monotonic()
                 if failing:
                     event(log, "heartbeat_recovered")
                 failing = False
@@ -842,6 +850,7 @@ def run(settings: WorkerSettings) -> int:
     _let_stops_through_logging()
     logging.getLogger("rq.worker").addFilter(_rq_says_its_failed_write_in_a_line)
     name = settings.effective_worker_name()
+    began = time.monotonic()
     try:
         connection = _connect(settings.effective_redis_url)
     except redis.RedisError as exc:
@@ -856,6 +865,8 @@ def run(settings: WorkerSettings) -> int:
         loading = str(time.time())  # submits wait for the load (503, "loading?")
         before = connection.eval(_MARK_LOAD, 1, Keys.MODELS_SEEN, settings.served_name(), loading) or b""
         redis_run = _redis_run(connection)
+        # Kept waiting a third of a lease (away, frozen) before the load: trouble, as below.
+        waited = time.monotonic() - began >= settings.lease_seconds / 3
     except UnsafeRedis as exc:
         print(f"latentd worker: {exc}", file=sys.stderr)
         return EXIT_REDIS_UNREACHABLE
@@ -900,7 +911,7 @@ def run(settings: WorkerSettings) -> int:
             if time.monotonic() - began >= settings.lease_seconds / 3:
                 away.set()
 
-    if answered(functools.partial(_redis_run, connection)) != redis_run:
+    if waited or answered(functools.partial(_redis_run, connection)) != redis_run:
         away.set()
     if not answered(functools.partial(_take_name, connection, name, settings.heartbeat_interval)):
         print(
@@ -947,6 +958,8 @@ def run(settings: WorkerSettings) -> int:
     )
     heartbeat = Heartbeat(worker, info, settings.heartbeat_interval, queue)
     answered(heartbeat.beat)
+    worker.beaten = time.monotonic()
+    worker.beat_late = settings.heartbeat_interval + settings.lease_seconds / 3
     if away.is_set():
         worker.redis_trouble()
     worker.stop_on_signals()  # before anyone is told the worker is ready
