@@ -82,12 +82,16 @@ class Reaper(threading.Thread):
             self.wait = reaping.longest_lease(self.connection, self.lease)
             self.reap_from = time.monotonic() + self.wait
             self.alone_since = None  # as long again from now: a worker may have come meanwhile
-        alone = self._alone_a_lease()
-        if time.monotonic() < self.reap_from or not alone or self._stalled(began):
+        self._look_for_workers()
+        alone_since = self.alone_since
+        if time.monotonic() < self.reap_from or alone_since is None or self._stalled(began):
             return
 
         def reap_one(queue: Queue) -> None:
-            if not self._stalled(began):  # looked at under the queue's lock, which Redis may have held up too
+            # Under the queue's lock, which Redis may have held up too. Taking it is a write, which a
+            # full Redis or a replica refuses, ending the pass (a lease waited from its return): so
+            # with no worker alive, from the first look, though it reaps only after a lease of them.
+            if not self._stalled(began) and time.monotonic() - alone_since >= self.wait:
                 reaping.reap(queue, self.job_ttl, self.handler)
 
         reaping.reap_each(
@@ -99,19 +103,17 @@ class Reaper(threading.Thread):
             stopped=lambda: self.stopped.is_set() or self._stalled(began),
         )
 
-    def _alone_a_lease(self) -> bool:
-        """Whether its looks have found no worker alive for a lease: none registered, and none that
-        beat since the look before (each beat counts in `Keys.BEATS`). A worker that came, took a
-        job and lapsed, all between two looks, was never seen registered."""
+    def _look_for_workers(self) -> None:
+        """`alone_since`: the first of the looks, up to this one, that found no worker alive: none
+        registered, and none that beat since the look before (each beat counts in `Keys.BEATS`). A
+        worker that came, took a job and lapsed, all between two looks, was never seen registered."""
         beats = self.connection.get(Keys.BEATS)
         alive = self.any_worker_alive() or beats != self.beats
         self.beats = beats
         if alive:
             self.alone_since = None
-            return False
-        if self.alone_since is None:
+        elif self.alone_since is None:
             self.alone_since = time.monotonic()
-        return time.monotonic() - self.alone_since >= self.wait
 
     def _stalled(self, since: float) -> bool:
         """Whether Redis kept this pass waiting a third of a lease or more: frozen or swapping, with no

@@ -646,3 +646,23 @@ def test_the_apis_reaper_reaps_while_a_worker_that_never_loads_restarts_again_an
         reaper.reap()
         time.sleep(reaper.lease / 3)
     assert Job.fetch("running", connection=r, serializer=JSONSerializer).get_status() == "failed"
+
+
+def test_the_apis_reaper_meets_a_full_redis_from_its_first_lone_look(redis_client: redis.Redis) -> None:
+    # Its first lease of lone looks wrote nothing, so a Redis full meanwhile (it refuses writes, not
+    # reads) went unseen: the lease waited after trouble did not start, and as Redis took writes
+    # again the reaper re-queued a live worker's job before the worker renewed its lease.
+    from rq import Queue
+
+    r = redis_client
+    _lapsed(r, Queue("latentd:a", connection=r, serializer=JSONSerializer), "running")
+    reaper = _api_reaper(r, lease=30)
+    reaper.alone_since = None  # this is its first look that finds no worker
+    reaper.reap_from = 0.0
+    r.config_set("maxmemory", 1)
+    try:
+        with pytest.raises(redis.OutOfMemoryError):  # `run` takes it for trouble: a lease from its end
+            reaper.reap()
+    finally:
+        r.config_set("maxmemory", 0)
+    assert Job.fetch("running", connection=r, serializer=JSONSerializer).get_status() == "started"
