@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Annotated
 
+import redis
 from fastapi import Depends, Query, Request
 
 from app.errors import STORE_REFUSES, Expired, RateLimited, Unauthorized
@@ -113,18 +114,26 @@ async def authenticate(request: Request) -> Principal:
     """The caller of `request`; a dependency of every route that serves a caller's data. Its one
     parameter FastAPI fills is the request: every nested dependency costs each request's time."""
     service: GenerationService = request.app.state.service
-    required = await auth_required(request, service)
+    state: AuthState = request.app.state.auth
     sent = request.headers.getlist("authorization")
-    if len(sent) > 1:  # the first won, where a proxy in front may have judged by another
-        raise Unauthorized(f"{len(sent)} Authorization headers; send one", param="Authorization")
     header = sent[0] if sent else ""
     scheme, _, token = header.partition(" ")
     token = token.strip()
-    if scheme.lower() != "bearer" or not token:
+    keyless = len(sent) != 1 or scheme.lower() != "bearer" or not token
+    try:
+        required = await auth_required(request, service)
+    except redis.RedisError:
+        # Redis away: what it last said stands for a request that could not pass anyway (no key,
+        # or two), rather than a 503 that has its client send it again and again.
+        if not (keyless and state.required):
+            raise
+        required = True
+    if len(sent) > 1:  # the first won, where a proxy in front may have judged by another
+        raise Unauthorized(f"{len(sent)} Authorization headers; send one", param="Authorization")
+    if keyless:
         if required:
             raise Unauthorized(_unusable_authorization(header))
         return Principal(owner=None)
-    state: AuthState = request.app.state.auth
     digest = keys.digest(token)
     # A LATENTD_API_KEYS key owns its jobs by its name (it holds no ':', which every stored key's
     # id has), so one given a new secret keeps them.

@@ -445,6 +445,32 @@ def test_a_redis_that_lost_its_keys_leaves_the_service_closed(tmp_path: Path) ->
         server.stop()
 
 
+def test_a_request_without_a_key_is_refused_while_redis_is_away(tmp_path: Path) -> None:
+    """With keys on (stored in Redis), such a request got `503` and `Retry-After` while Redis was
+    away, and its client sent it again and again; one with a key cannot be checked, and waits."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    register_ghost(server.client(), "tiny")
+    api, url = start_api(server.url, tmp_path)
+    try:
+        key = {"Authorization": f"Bearer {create_key(server.url, 'solo')}"}
+        wait_until(lambda: HTTP.get(f"{url}/v1/models").status_code == 401, 10, what="auth on")
+        server.stop()
+        time.sleep(AUTH_STATE_TTL + 0.5)  # what Redis said has to be read again
+        for headers in ({}, {"Authorization": "Basic eDp5"}):
+            refused = HTTP.get(f"{url}/v1/models", headers=headers)
+            assert refused.status_code == 401 and refused.json()["error"]["code"] == "unauthorized"
+        twice = HTTP.get(
+            f"{url}/v1/models", headers=[("Authorization", "Bearer a"), ("Authorization", "Bearer b")]
+        )
+        assert twice.status_code == 401 and twice.json()["error"]["param"] == "Authorization"
+        waits = HTTP.get(f"{url}/v1/models", headers=key)
+        assert waits.status_code == 503 and "retry-after" in waits.headers, waits.text
+    finally:
+        api.stop()
+        server.stop()
+
+
 def test_keys_of_one_name_made_at_once_are_one_and_a_revoke_ends_all(redis_client: redis.Redis) -> None:
     """Two creates of one name at once both passed the name's check and made two keys; the revoke
     then ended one of them."""
