@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from latentd import keys
 from latentd.settings import BUILTIN_MODEL, CommonSettings
@@ -92,6 +92,19 @@ class ApiSettings(CommonSettings):
     public_url: str | None = Field(
         default=None, description="Base URL used in absolute image links (OpenAI `url` responses)."
     )
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url_is_http(cls, value: str | None) -> str | None:
+        # Every OpenAI `url` answer begins with it: one without a scheme or host is a link no
+        # client can follow, and that showed only in the clients.
+        if value is not None:
+            scheme, sep, rest = value.partition("://")
+            if not sep or scheme.lower() not in ("http", "https") or not rest.split("/", 1)[0]:
+                raise ValueError(
+                    "must be an http:// or https:// URL with a host (e.g. https://images.example.com)"
+                )
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> ApiSettings:

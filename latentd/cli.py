@@ -222,6 +222,22 @@ def _say(message: str) -> None:
         print(f"latentd up: {message}", file=sys.stderr, flush=True)
 
 
+def _ranged(low: int, high: int | None = None) -> Any:
+    """An argparse type: an integer from `low` to `high`, else argparse's one-line usage error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < low or (high is not None and value > high):
+            span = f"from {low} to {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: give an integer {span}")
+        return value
+
+    return parse
+
+
 def _finite(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
@@ -340,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     api = sub.add_parser("api", help="run the HTTP API (LATENTD_HOST, LATENTD_PORT)")
     api.add_argument(
         "--workers",
-        type=int,
+        type=_ranged(1),
         default=1,
         help="uvicorn worker processes (each keeps its own HTTP metrics, and /metrics answers from one)",
     )
@@ -351,7 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="embedded Redis + one worker + the API, for local use")
     up.add_argument("--data-dir", default=".latentd", help="where the embedded Redis keeps its AOF")
     up.add_argument(
-        "--redis-port", type=int, default=None, help="embedded Redis port (a free one by default)"
+        "--redis-port",
+        type=_ranged(1, 65535),
+        default=None,
+        help="embedded Redis port (a free one by default)",
     )
     up.set_defaults(func=cmd_up)
 

@@ -1,0 +1,43 @@
+"""Arguments and settings a user can get wrong are refused in one line, before anything starts."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from app.config import ApiSettings
+from latentd.cli import build_parser
+
+
+@pytest.mark.parametrize("port", ["99999", "65536", "-5"])
+def test_up_refuses_a_redis_port_out_of_range(port: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # These reached redis-server, whose config error and a Python traceback were all `up` said.
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["up", "--redis-port", port])
+    assert exit_.value.code == 2
+    assert "--redis-port" in capsys.readouterr().err
+
+
+def test_up_takes_a_redis_port_in_range() -> None:
+    assert build_parser().parse_args(["up", "--redis-port", "7653"]).redis_port == 7653
+
+
+@pytest.mark.parametrize("workers", ["0", "-1"])
+def test_api_refuses_fewer_than_one_worker_process(workers: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # Taken silently, and served as one.
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["api", "--workers", workers])
+    assert exit_.value.code == 2
+    assert "--workers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("url", ["notaurl", "images.example.com", "ftp://example.com", "http://"])
+def test_public_url_must_be_an_http_url(url: str) -> None:
+    # Taken, and every OpenAI `url` answer then began with it: a link no client can follow.
+    with pytest.raises(ValidationError, match="public_url"):
+        ApiSettings(public_url=url)
+
+
+@pytest.mark.parametrize("url", ["https://images.example.com", "http://10.0.0.5:8000/latentd/"])
+def test_public_url_takes_an_http_url(url: str) -> None:
+    assert ApiSettings(public_url=url).public_url == url
