@@ -306,7 +306,12 @@ def cmd_keys(args: argparse.Namespace) -> int:
         )
     url = url or settings.effective_redis_url
     try:
-        return _keys(args, redis.Redis.from_url(url, socket_connect_timeout=5))
+        client = redis.Redis.from_url(url, socket_connect_timeout=5)
+    except ValueError as exc:  # a scheme or port redis-py cannot read: it raised a traceback
+        print(f"latentd keys: --redis-url {shown_url(url)}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return _keys(args, client)
     except redis.RedisError as exc:
         print(f"latentd keys: cannot reach Redis at {shown_url(url)}: {exc}", file=sys.stderr)
         return 1

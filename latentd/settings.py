@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -62,6 +63,11 @@ class CommonSettings(BaseSettings):
     def _redis_scheme(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix:// (e.g. redis://127.0.0.1:6379/0)")
+        if value is not None:
+            try:
+                _ = urlsplit(value).port  # redis-py raised it later, as a traceback
+            except ValueError as exc:
+                raise ValueError(f"{exc} (e.g. redis://127.0.0.1:6379/0)") from None
         return value
 
     @model_validator(mode="after")

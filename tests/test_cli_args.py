@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
 from app.config import ApiSettings
-from latentd.cli import build_parser
+from latentd.cli import build_parser, main
 
 
 @pytest.mark.parametrize("port", ["99999", "65536", "-5"])
@@ -41,3 +43,20 @@ def test_public_url_must_be_an_http_url(url: str) -> None:
 @pytest.mark.parametrize("url", ["https://images.example.com", "http://10.0.0.5:8000/latentd/"])
 def test_public_url_takes_an_http_url(url: str) -> None:
     assert ApiSettings(public_url=url).public_url == url
+
+
+@pytest.mark.parametrize("url", ["foo", "http://127.0.0.1:6379/0", "redis://127.0.0.1:99999/0"])
+def test_keys_says_when_its_redis_url_is_malformed(
+    url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # redis-py's ValueError came out as a traceback.
+    assert main(["keys", "list", "--redis-url", url, "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--redis-url" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:99999/0", "redis://127.0.0.1:port/0"])
+def test_a_redis_url_whose_port_cannot_be_read_is_a_bad_setting(url: str) -> None:
+    # It passed, and `latentd api` then died with redis-py's traceback, exit 1.
+    with pytest.raises(ValidationError, match="redis_url"):
+        ApiSettings(redis_url=url)
