@@ -765,3 +765,17 @@ def test_a_size_over_the_pixel_limit_names_where_it_came_from(
         )
     finally:
         redis_client.flushdb()
+
+
+@pytest.mark.parametrize("route", ["/v1/generations", "/v1/images/generations"])
+def test_two_idempotency_keys_are_refused(client: TestClient, redis_client: redis.Redis, route: str) -> None:
+    # The first was taken silently, where a proxy in front may join them into one other key
+    # ("k1, k2"): a retry through it would not find the job, and the job would run twice.
+    register_ghost(redis_client, "tiny")
+    headers = [("Idempotency-Key", "k1"), ("Idempotency-Key", "k2")]
+    response = client.post(route, json={"prompt": "a red circle"}, headers=headers)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request" and error["param"] == "Idempotency-Key"
+    assert "2 Idempotency-Key headers" in error["message"]
+    assert nothing_enqueued(redis_client)
