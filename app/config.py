@@ -93,6 +93,28 @@ class ApiSettings(CommonSettings):
         default=None, description="Base URL used in absolute image links (OpenAI `url` responses)."
     )
 
+    cors_origins: str | None = Field(
+        default=None,
+        description="Browser origins allowed to call the API (CORS), comma-separated, or `*` for any.",
+    )
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: str | None) -> str | None:
+        # An origin with a path or a trailing slash never equals the one a browser sends: the
+        # service would look configured and every browser call would still fail.
+        for origin in filter(None, (o.strip() for o in (value or "").split(","))):
+            scheme, sep, host = origin.partition("://")
+            if origin != "*" and (not sep or scheme not in ("http", "https") or not host or "/" in host):
+                raise ValueError(
+                    f"{origin!r} is not an origin: give scheme://host[:port] (e.g. https://app.example.com), "
+                    "comma-separated, or *"
+                )
+        return value
+
+    def allowed_origins(self) -> list[str]:
+        return [o.strip() for o in (self.cors_origins or "").split(",") if o.strip()]
+
     @field_validator("public_url")
     @classmethod
     def _public_url_is_http(cls, value: str | None) -> str | None:

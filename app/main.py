@@ -16,24 +16,53 @@ from typing import Any
 import redis
 import redis.asyncio
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from starlette.datastructures import Headers
+from starlette.responses import Response
 
 import latentd
 from app.auth import AuthState, authenticate
 from app.config import ApiSettings, get_settings
-from app.errors import install_error_handlers
+from app.errors import error_response, install_error_handlers
 from app.limits import BodySizeLimit
 from app.metrics import Metrics, MetricsMiddleware
 from app.reaper import Reaper
 from app.routes import generations, openai, system
 from app.serving import GenerationService
 from latentd import keys
+from latentd.contract import ErrorCode
 from latentd.logs import event
 from latentd.store import check_eviction_policy, warn_if_keeps_nothing
 
 log = logging.getLogger("latentd.api")
 GC_YOUNG_THRESHOLD = 10_000  # Python's default is 700
+
+
+# A refused preflight's first reason: the request header that carried it, and what to change.
+_CORS_REFUSALS = {
+    "origin": ("Origin", "this origin may not call the API: it is not in LATENTD_CORS_ORIGINS"),
+    "method": ("Access-Control-Request-Method", "the API takes GET, HEAD and POST"),
+    "headers": (
+        "Access-Control-Request-Headers",
+        "the API reads Authorization, Content-Type, Content-Encoding, Idempotency-Key and If-None-Match",
+    ),
+    "private-network": ("Access-Control-Request-Private-Network", "private network access is not offered"),
+}
+
+
+class Cors(CORSMiddleware):
+    """Starlette's, whose refused preflight answered in plain text: in the error envelope here."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        failure = bytes(response.body).decode().removeprefix("Disallowed CORS ").split(",")[0].strip()
+        param, message = _CORS_REFUSALS.get(failure, ("Origin", "refused cross-origin request"))
+        kept = {k: v for k, v in response.headers.items() if k.startswith("access-control-") or k == "vary"}
+        return error_response(400, ErrorCode.INVALID_REQUEST, message, param=param, headers=kept)
 
 
 class LatentdAPI(FastAPI):
@@ -187,6 +216,23 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     install_error_handlers(app, authenticate)
     app.add_middleware(generations.StatusReads)  # innermost: inside the metrics and the body limit
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
+    if settings.allowed_origins():
+        # Outside the body limit, whose 413 a browser could not read otherwise; a preflight is
+        # answered here, before authentication, which a browser's preflight never carries.
+        app.add_middleware(
+            Cors,
+            allow_origins=settings.allowed_origins(),
+            allow_methods=["GET", "HEAD", "POST"],
+            allow_headers=[
+                "Authorization",
+                "Content-Type",
+                "Content-Encoding",
+                "Idempotency-Key",
+                "If-None-Match",
+            ],
+            expose_headers=["Location", "Retry-After", "ETag", "WWW-Authenticate", "x-should-retry"],
+            max_age=600,
+        )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.include_router(generations.router)
     app.include_router(openai.router)

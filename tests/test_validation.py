@@ -779,3 +779,88 @@ def test_two_idempotency_keys_are_refused(client: TestClient, redis_client: redi
     assert error["code"] == "invalid_request" and error["param"] == "Idempotency-Key"
     assert "2 Idempotency-Key headers" in error["message"]
     assert nothing_enqueued(redis_client)
+
+
+APP_ORIGIN = "https://app.example.com"
+
+
+@pytest.fixture
+def browser_client(redis_server: RedisServer, redis_client: redis.Redis) -> Iterator[TestClient]:
+    settings = ApiSettings(
+        redis_url=redis_server.url_for(PRIVATE_DB),
+        default_model="tiny",
+        cors_origins=f"{APP_ORIGIN}, http://localhost:5173",
+    )
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+def test_a_browser_app_of_an_allowed_origin_submits_and_reads_the_answer(
+    browser_client: TestClient, redis_client: redis.Redis
+) -> None:
+    # A page could not call the API at all: its preflight got 405, and no answer carried CORS headers.
+    register_ghost(redis_client, "tiny")
+    preflight = browser_client.options(
+        "/v1/generations",
+        headers={
+            "Origin": APP_ORIGIN,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type, idempotency-key",
+        },
+    )
+    assert preflight.status_code == 200, preflight.text
+    assert preflight.headers["access-control-allow-origin"] == APP_ORIGIN
+    assert "idempotency-key" in preflight.headers["access-control-allow-headers"].lower()
+    accepted = browser_client.post(
+        "/v1/generations", json={"prompt": "a red circle"}, headers={"Origin": APP_ORIGIN}
+    )
+    assert accepted.status_code == 202
+    assert accepted.headers["access-control-allow-origin"] == APP_ORIGIN
+    assert "location" in accepted.headers["access-control-expose-headers"].lower()  # readable by the page
+    refused = browser_client.post("/v1/generations", json={"prompt": ""}, headers={"Origin": APP_ORIGIN})
+    assert refused.status_code == 422 and refused.headers["access-control-allow-origin"] == APP_ORIGIN
+    other = browser_client.get("/v1/models", headers={"Origin": "https://evil.example.com"})
+    assert other.status_code == 200 and "access-control-allow-origin" not in other.headers
+
+
+@pytest.mark.parametrize(
+    ("header", "value", "param"),
+    [
+        ("Origin", "https://evil.example.com", "Origin"),
+        ("Access-Control-Request-Method", "DELETE", "Access-Control-Request-Method"),
+        ("Access-Control-Request-Headers", "x-custom", "Access-Control-Request-Headers"),
+    ],
+)
+def test_a_refused_preflight_says_why_in_the_error_envelope(
+    browser_client: TestClient, header: str, value: str, param: str
+) -> None:
+    # Starlette's answer was `Disallowed CORS origin` in plain text.
+    headers = {"Origin": APP_ORIGIN, "Access-Control-Request-Method": "POST", header: value}
+    refused = browser_client.options("/v1/generations", headers=headers)
+    assert refused.status_code == 400
+    assert int(refused.headers["content-length"]) == len(refused.content)
+    error = refused.json()["error"]
+    assert error["code"] == "invalid_request" and error["param"] == param, error
+
+
+def test_without_cors_origins_no_answer_lets_a_browser_page_read_it(client: TestClient) -> None:
+    preflight = client.options(
+        "/v1/generations", headers={"Origin": APP_ORIGIN, "Access-Control-Request-Method": "POST"}
+    )
+    assert preflight.status_code == 405 and "access-control-allow-origin" not in preflight.headers
+    assert (
+        "access-control-allow-origin" not in client.get("/v1/models", headers={"Origin": APP_ORIGIN}).headers
+    )
+
+
+@pytest.mark.parametrize(
+    "origins", ["app.example.com", "https://app.example.com/", "https://a.com/x", "ftp://a.com"]
+)
+def test_cors_origins_that_no_browser_sends_are_refused_at_start(origins: str) -> None:
+    with pytest.raises(ValueError, match="cors_origins"):
+        ApiSettings(cors_origins=origins)
+
+
+def test_cors_origins_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LATENTD_CORS_ORIGINS", "*")
+    assert ApiSettings().allowed_origins() == ["*"]
