@@ -296,10 +296,17 @@ def cmd_keys(args: argparse.Namespace) -> int:
         return 2
     settings = CommonSettings()
     url = args.redis_url or settings.redis_url
-    embedded = url_file(Path(args.data_dir))
+    embedded = url_file(Path(args.data_dir or ".latentd"))
     if url is None and embedded.exists():  # `latentd up` is running here: its Redis, on a free port
         url = embedded.read_text().strip()
         print(f"latentd keys: using the embedded Redis of `latentd up` at {url}", file=sys.stderr)
+    elif url is None and args.data_dir is not None:  # it went on with another Redis, and said so
+        print(
+            f"latentd keys: no `latentd up` is running with --data-dir {args.data_dir}; "
+            "start it, or give --redis-url",
+            file=sys.stderr,
+        )
+        return 2
     elif url is None:  # say so: a key made in a Redis the API does not use leaves it open
         print(
             f"latentd keys: using {settings.effective_redis_url} (LATENTD_REDIS_URL unset)", file=sys.stderr
@@ -348,7 +355,16 @@ def _keys(args: argparse.Namespace, connection: Any) -> int:
             file=sys.stderr,
         )
     else:
-        for entry in sorted(keys.list_keys(connection), key=lambda e: float(e.get("created_at") or 0)):
+        listed = keys.list_keys(connection)
+        if not listed:
+            if keys.read_required(connection):
+                print(
+                    "no key in this Redis: the API refuses every request (`latentd keys create NAME`)",
+                    file=sys.stderr,
+                )
+            else:
+                print("no key in this Redis: the API takes requests without one", file=sys.stderr)
+        for entry in sorted(listed, key=lambda e: float(e.get("created_at") or 0)):
             made = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(float(entry.get("created_at") or 0)))
             print(f"{entry['name']}\t{made} UTC")
     return 0
@@ -406,7 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
             **keep,
         )
         p.add_argument(
-            "--data-dir", help="the data directory of `latentd up`", **({"default": ".latentd"} | keep)
+            "--data-dir",
+            help="the data directory of a running `latentd up` (default: .latentd, if one runs there)",
+            **({"default": None} | keep),
         )
     keys.set_defaults(func=cmd_keys, name="")
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import redis
 from pydantic import ValidationError
 
 from app.config import ApiSettings
 from latentd.cli import build_parser, main
+from tests.conftest import PRIVATE_DB, RedisServer
 
 
 @pytest.mark.parametrize("port", ["99999", "65536", "-5"])
@@ -60,3 +62,23 @@ def test_a_redis_url_whose_port_cannot_be_read_is_a_bad_setting(url: str) -> Non
     # It passed, and `latentd api` then died with redis-py's traceback, exit 1.
     with pytest.raises(ValidationError, match="redis_url"):
         ApiSettings(redis_url=url)
+
+
+def test_keys_with_a_data_dir_where_no_up_runs_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # It went on with the default Redis: a key made there leaves the API it meant open.
+    monkeypatch.delenv("LATENTD_REDIS_URL", raising=False)
+    assert main(["keys", "list", "--data-dir", str(tmp_path / "elsewhere")]) == 2
+    err = capsys.readouterr().err
+    assert "no `latentd up` is running with --data-dir" in err and "--redis-url" in err
+
+
+def test_keys_list_says_when_there_is_no_key(
+    redis_server: RedisServer, redis_client: redis.Redis, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # It printed nothing at all. (`redis_client`: the database flushed.)
+    url = redis_server.url_for(PRIVATE_DB)
+    assert main(["keys", "list", "--redis-url", url]) == 0
+    out = capsys.readouterr()
+    assert out.out == "" and "no key in this Redis: the API takes requests without one" in out.err
