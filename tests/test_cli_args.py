@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -82,3 +84,11 @@ def test_keys_list_says_when_there_is_no_key(
     assert main(["keys", "list", "--redis-url", url]) == 0
     out = capsys.readouterr()
     assert out.out == "" and "no key in this Redis: the API takes requests without one" in out.err
+
+
+def test_python_m_latentd_is_the_latentd_command() -> None:
+    # "No module named latentd.__main__".
+    done = subprocess.run(
+        [sys.executable, "-m", "latentd", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0 and "usage: latentd" in done.stdout, done.stderr
