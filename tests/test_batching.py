@@ -201,3 +201,25 @@ def test_with_batch_invariance_a_batched_image_is_the_same_file_as_a_lone_one(
         assert state(cluster, alone["id"], "batch_jobs") == "1"
         for a, b in zip(together["images"], alone["images"], strict=True):
             assert HTTP.get(cluster.url + a["url"]).content == HTTP.get(cluster.url + b["url"]).content
+
+
+def test_a_jobs_start_reads_the_same_while_it_runs_and_once_it_ended(batching: tuple[Cluster, Proc]) -> None:
+    # RQ's perform_job said the job started again as it ran it, and saved that with its end: the
+    # `started_at` a client read while it ran changed, by a millisecond, once it ended (helper-63).
+    cluster, _ = batching
+    first = cluster.submit(LONG_JOB)
+    cluster.running_on(first)
+    later = [cluster.submit({**LONG_JOB, "seed": seed}) for seed in (4, 5)]  # one call: one claimed into it
+    seen: dict[str, str] = {}
+
+    def each_seen_running() -> bool:
+        for job_id in {first, *later} - seen.keys():
+            view = cluster.status(job_id)
+            assert view["status"] in ("queued", "running"), view  # seen running before it ends
+            if view["status"] == "running":
+                seen[job_id] = view["timings"]["started_at"]
+        return len(seen) == 3
+
+    wait_until(each_seen_running, 120, interval=0.01, what="each job running")
+    for job_id, started in seen.items():
+        assert cluster.wait_terminal(job_id)["timings"]["started_at"] == started, job_id

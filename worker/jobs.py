@@ -98,7 +98,8 @@ class Runtime:
     # and the outcomes of those it ran that way, settled when RQ performs each of them.
     batch: list[Claimed] = field(default_factory=list)
     settled: dict[str, Outcome] = field(default_factory=dict)
-    # When each claimed job started (its claim): RQ's perform_job, settling it, says it starts then.
+    # When each job started, as RQ first recorded it (a claimed job's: its claim): RQ's perform_job
+    # says it starts again as it runs, or settles, the job.
     claimed_at: dict[str, Any] = field(default_factory=dict)
     # For a job that waits for Redis: whether the worker was asked to stop, and its way out that
     # leaves its jobs to their leases (`LatentdWorker._leave_the_job`; it does not return).
@@ -237,9 +238,9 @@ def generate(raw_payload: dict[str, Any]) -> dict[str, Any]:
     rt = current()
     job = get_current_job()
     job_id = job.id if job is not None else str(raw_payload.get("job_id", "?"))
+    if job is not None and job_id in rt.claimed_at:  # RQ saves it with the job's outcome
+        job.started_at = rt.claimed_at.pop(job_id)
     if job_id in rt.settled:
-        if job is not None and job_id in rt.claimed_at:  # RQ saves it with the job's outcome
-            job.started_at = rt.claimed_at.pop(job_id)
         return _settle(rt, job_id, rt.settled.pop(job_id))
     batch, rt.batch = rt.batch, []
     try:

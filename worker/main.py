@@ -408,6 +408,9 @@ class LatentdWorker(SimpleWorker):
     def prepare_job_execution(self, job: Any, remove_from_intermediate_queue: bool = False) -> None:
         start = functools.partial(super().prepare_job_execution, job, remove_from_intermediate_queue)
         self._until_redis_answers("rq_start", start)
+        # RQ's perform_job then says it started again, a moment later, and saves that with its end:
+        # `started_at` read while it ran changed once it ended. A claimed job's start is its claim.
+        jobs.current().claimed_at.setdefault(job.id, job.started_at)
 
     def handle_execution_ended(self, job: Any, queue: Any, heartbeat_ttl: int) -> None:
         ended = functools.partial(super().handle_execution_ended, job, queue, heartbeat_ttl)
