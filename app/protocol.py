@@ -201,6 +201,11 @@ class Generation(BaseModel):
 class ModelInfo(BaseModel):
     id: str
     object: Literal["model"] = "model"
+    # OpenAI's model object has both, and clients that type it strictly require them.
+    created: int = Field(
+        description="When the longest-serving live worker of the model started (unix seconds)."
+    )
+    owned_by: str = Field(default="latentd", description="Always `latentd`: the service that serves it.")
     workers: int
     devices: list[str]
     queue_depth: int

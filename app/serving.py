@@ -370,6 +370,7 @@ class GenerationService:
         return [
             ModelInfo(
                 id=model,
+                created=int(min(w.started_at for w in ws)),
                 workers=len(ws),
                 devices=sorted({w.device for w in ws}),
                 queue_depth=self.queue(model).count,

@@ -381,6 +381,8 @@ def test_models_lists_live_workers(service: Service) -> None:
     [tiny] = [m for m in models["data"] if m["id"] == TINY_MODEL]
     assert tiny["workers"] == 1 and tiny["devices"] == ["cpu"] and tiny["queue_depth"] >= 0
     assert tiny["native_size"] == 64  # what its worker reports: the size a request gets by default
+    # OpenAI's model object's fields, which strictly typed clients require: they were missing.
+    assert tiny["owned_by"] == "latentd" and time.time() - 3600 < tiny["created"] <= time.time()
 
 
 def test_health_ready_and_metrics(service: Service) -> None:
