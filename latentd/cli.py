@@ -428,9 +428,18 @@ def build_parser() -> argparse.ArgumentParser:
         )
     keys.set_defaults(func=cmd_keys, name="")
 
-    gen = sub.add_parser("generate", help="submit a prompt, show progress, save the images")
+    gen = sub.add_parser(
+        "generate",
+        help="submit a prompt, show progress, save the images",
+        description="Submit a prompt, show its progress, save its images. With API keys on, the key "
+        "is read from LATENTD_API_KEY (never from the command line, where other users see it).",
+    )
     gen.add_argument("prompt")
-    gen.add_argument("--url", default=os.environ.get("LATENTD_URL", "http://127.0.0.1:8000"))
+    gen.add_argument(
+        "--url",
+        default=os.environ.get("LATENTD_URL", "http://127.0.0.1:8000"),
+        help="the API (default: LATENTD_URL, else http://127.0.0.1:8000)",
+    )
     gen.add_argument("--out", default=".", help="directory for the images")
     gen.add_argument("-n", "--num-images", type=int, default=1)
     gen.add_argument("--negative-prompt")

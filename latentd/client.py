@@ -58,6 +58,9 @@ def _check(response: httpx.Response) -> dict[str, Any]:
             detail = f"{err['code']}: {err['message']}"
         except Exception:
             detail = response.text[:200]
+        if response.status_code == 401:  # the one place a `latentd generate` user can give a key
+            sent = "Authorization" in response.request.headers
+            detail += "; check LATENTD_API_KEY" if sent else "; set LATENTD_API_KEY to an API key"
         raise ClientError(f"HTTP {response.status_code} {detail}")
     try:
         body = response.json() if 200 <= response.status_code < 300 else None

@@ -268,6 +268,14 @@ def test_latentd_generate_takes_a_key_read_from_a_file_and_never_shows_one(
         assert refused.proc.wait(60) == 1, refused.output()
         said = refused.output()
         assert "LATENTD_API_KEY" in said and "Traceback" not in said and key not in said, said
+    # Refused without a key, or with a wrong one: the message said nothing of where a key goes.
+    for env, hint in (
+        ({}, "set LATENTD_API_KEY"),
+        ({"LATENTD_API_KEY": "ltd_" + "x" * 43}, "check LATENTD_API_KEY"),
+    ):
+        refused = spawn(args, base_env(secured.redis.url, **env), tmp_path / "refused.log")
+        assert refused.proc.wait(60) == 1 and "HTTP 401 unauthorized" in refused.output(), refused.output()
+        assert hint in refused.output(), refused.output()
 
 
 def test_no_log_line_carries_a_key(secured: Secured) -> None:
