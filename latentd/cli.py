@@ -377,9 +377,11 @@ def build_parser() -> argparse.ArgumentParser:
     api = sub.add_parser("api", help="run the HTTP API (LATENTD_HOST, LATENTD_PORT)")
     api.add_argument(
         "--workers",
-        type=_ranged(1),
+        # 1000 took minutes to start, one process after another, deaf to SIGTERM meanwhile.
+        type=_ranged(1, 64),
         default=1,
-        help="uvicorn worker processes (each keeps its own HTTP metrics, and /metrics answers from one)",
+        help="uvicorn worker processes, 1-64 (each keeps its own HTTP metrics, and /metrics answers "
+        "from one)",
     )
     api.set_defaults(func=cmd_api)
 

@@ -28,7 +28,7 @@ def test_up_takes_a_redis_port_in_range() -> None:
     assert build_parser().parse_args(["up", "--redis-port", "7653"]).redis_port == 7653
 
 
-@pytest.mark.parametrize("workers", ["0", "-1"])
+@pytest.mark.parametrize("workers", ["0", "-1", "65"])
 def test_api_refuses_fewer_than_one_worker_process(workers: str, capsys: pytest.CaptureFixture[str]) -> None:
     # Taken silently, and served as one.
     with pytest.raises(SystemExit) as exit_:
