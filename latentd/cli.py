@@ -50,6 +50,7 @@ def cmd_api(args: argparse.Namespace) -> int:
 
     settings = get_settings()
     configure(settings.log_level)
+    _say_unknown_settings("latentd.api")
     probe = redis.Redis.from_url(settings.effective_redis_url, socket_connect_timeout=1.0, socket_timeout=2.0)
     try:  # as the worker does: refuse, in one line, a Redis that may evict jobs
         check_eviction_policy(probe)
@@ -106,6 +107,7 @@ def cmd_worker(_: argparse.Namespace) -> int:
             print(f"latentd: invalid configuration: LATENTD_READY_FILE: {exc}", file=sys.stderr)
             return 2
     event(logging.getLogger("latentd.worker"), "worker_starting", model=settings.served_name())
+    _say_unknown_settings("latentd.worker")
     # Importing torch, diffusers and transformers and loading the weights make ~450,000 objects that
     # live as long as the process, and few cycles: the collections they set off were a quarter of a
     # worker's start (1 s of 3.8 on 2 cores). Off until the weights are in (`load_runner`).
@@ -113,6 +115,26 @@ def cmd_worker(_: argparse.Namespace) -> int:
     from worker.main import run
 
     return run(settings)
+
+
+def _say_unknown_settings(logger: str) -> None:
+    """A LATENTD_* variable no latentd process reads, misspelt most likely: it changed nothing,
+    and nothing said so. Those of the other process (the API's in a worker's environment, as a
+    compose file's shared block gives them) are no mistake."""
+    import difflib
+    import logging
+
+    from app.config import ApiSettings
+    from latentd.logs import event
+    from worker.config import WorkerSettings
+
+    known = {f"LATENTD_{name.upper()}" for name in (*ApiSettings.model_fields, *WorkerSettings.model_fields)}
+    known |= {"LATENTD_URL", "LATENTD_API_KEY"}  # `latentd generate`'s
+    for name in sorted(os.environ):
+        if name.upper().startswith("LATENTD_") and name.upper() not in known:
+            close = difflib.get_close_matches(name.upper(), sorted(known), n=1)
+            fields = {"did_you_mean": close[0]} if close else {}
+            event(logging.getLogger(logger), "unknown_setting", logging.WARNING, variable=name, **fields)
 
 
 def cmd_up(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from app.config import ApiSettings
 from latentd.cli import build_parser, main
-from tests.conftest import PRIVATE_DB, RedisServer
+from tests.conftest import PRIVATE_DB, RedisServer, start_api, start_worker
 
 
 @pytest.mark.parametrize("port", ["99999", "65536", "-5"])
@@ -92,3 +92,23 @@ def test_python_m_latentd_is_the_latentd_command() -> None:
         [sys.executable, "-m", "latentd", "--help"], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0 and "usage: latentd" in done.stdout, done.stderr
+
+
+def test_a_misspelt_setting_is_named_as_the_api_and_a_worker_start(
+    redis_server: RedisServer, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    # It changed nothing, and nothing said so. The other process's settings (a compose file's
+    # shared block gives both every one) are no mistake.
+    api, _ = start_api(redis_server.url, tmp_path, LATENTD_MAX_PIXLES="4096", LATENTD_MODEL="builtin")
+    api.stop()
+    worker = start_worker(
+        redis_server.url, tiny_model_dir, tmp_path, LATENTD_LEESE_SECONDS="5", LATENTD_MAX_PIXELS="4096"
+    )
+    worker.stop()
+    for said, named in (
+        (api.output(), "MAX_PIXLES did_you_mean=LATENTD_MAX_PIXELS"),
+        (worker.output(), "LEESE_SECONDS did_you_mean=LATENTD_LEASE_SECONDS"),
+    ):
+        assert f"unknown_setting variable=LATENTD_{named}" in said and said.count("unknown_setting") == 1, (
+            said
+        )
