@@ -127,6 +127,7 @@ def answers_of_an_open_service(client: TestClient, r: redis.Redis) -> None:
         "500": ("failed", {StateField.ERROR: '{"code": "generation_failed", "message": "m"}'}),
         "409": ("canceled", {}),
         "400": ("finished", {StateField.IMAGES: image_meta(withheld=True)}),
+        "200": ("finished", {StateField.IMAGES: image_meta()}),
     }
     for key, (rq_status, state) in endings.items():
         end(r, accepted_then_504(client, key), rq_status, **state)

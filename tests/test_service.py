@@ -264,6 +264,9 @@ def test_openai_endpoint_b64_and_url(service: Service) -> None:
     assert isinstance(body["created"], int) and len(body["data"]) == 2
     img = Image.open(io.BytesIO(base64.b64decode(body["data"][0]["b64_json"])))
     assert img.size == (64, 80)
+    # The job, which OpenAI's shape has no place for: a client whose wait ended could not find it.
+    job = service.status(response.headers["x-generation-id"])
+    assert job["status"] == "succeeded" and job["request"]["prompt"] == "a yellow triangle"
 
     response = service.http.post(
         "/v1/images/generations", json={"prompt": "a yellow triangle", "model": TINY_MODEL}

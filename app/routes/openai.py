@@ -55,6 +55,17 @@ SHOULD_NOT_RETRY: Headers = {
 }
 
 
+# On every answer once the job is accepted: OpenAI's shape has no place for it, and a client whose
+# wait ended (its own timeout, a 504) had no way to find the job again.
+GENERATION_ID: Headers = {
+    "x-generation-id": header(
+        "The id of the generation this request made: `GET /v1/generations/{id}` reads it."
+    )
+}
+# What an error once the job is accepted carries.
+ACCEPTED: Headers = maybe(SHOULD_NOT_RETRY) | maybe(GENERATION_ID)
+
+
 def _parse_size(size: str) -> tuple[int, int]:
     w, h = (int(p) for p in size.split("x"))
     for side in (w, h):
@@ -68,47 +79,48 @@ def _parse_size(size: str) -> tuple[int, int]:
     response_model=OpenAIImageResponse,
     responses={
         **SUBMIT_RESPONSES,
+        200: {"description": "The images.", "headers": GENERATION_ID},
         400: {
             "model": ErrorResponse,
             "description": MODEL_UNAVAILABLE_400
             + ", or the model's safety checker withheld every image (`content_policy_violation`).",
-            "headers": maybe(SHOULD_NOT_RETRY),
+            "headers": ACCEPTED,
         },
         409: {
             "model": ErrorResponse,
             "description": "The job was canceled while waiting (`canceled`), or an "
             + IDEMPOTENCY_CONFLICT_409
             + ".",
-            "headers": maybe(RETRY_AFTER) | maybe(SHOULD_NOT_RETRY),
+            "headers": maybe(RETRY_AFTER) | ACCEPTED,
         },
         422: {
             "model": ErrorResponse,
             "description": "Invalid request (`invalid_request`; `param` names the field), or the "
             "job failed: the model cannot take these parameters (`invalid_parameters`).",
-            "headers": maybe(SHOULD_NOT_RETRY),
+            "headers": ACCEPTED,
         },
         500: {
             "model": ErrorResponse,
             "description": "The job failed in the worker (`generation_failed`, `worker_lost`), or a "
             "fault of the service itself (`internal_error`).",
-            "headers": maybe(SHOULD_NOT_RETRY),
+            "headers": ACCEPTED,
         },
         503: {
             "model": ErrorResponse,
             "description": SUBMIT_UNAVAILABLE_503 + ". Or this API process is stopping "
             "(`service_unavailable` without `Retry-After`: the job goes on; poll it).",
-            "headers": maybe(RETRY_AFTER) | maybe(SHOULD_NOT_RETRY),
+            "headers": maybe(RETRY_AFTER) | ACCEPTED,
         },
         504: {
             "model": ErrorResponse,
             "description": "Not finished within LATENTD_SYNC_TIMEOUT (`wait_timeout`: the job goes on; "
             "poll it), or the job failed over LATENTD_JOB_TIMEOUT (`timeout`).",
-            "headers": SHOULD_NOT_RETRY,
+            "headers": SHOULD_NOT_RETRY | GENERATION_ID,
         },
         507: {
             "model": ErrorResponse,
             "description": "The job failed: out of memory (`out_of_memory`).",
-            "headers": SHOULD_NOT_RETRY,
+            "headers": SHOULD_NOT_RETRY | GENERATION_ID,
         },
     },
     summary="OpenAI-compatible image generation (waits for the result)",
@@ -116,6 +128,7 @@ def _parse_size(size: str) -> tuple[int, int]:
 async def create_image(
     body: OpenAIImageRequest,
     request: Request,
+    response: Response,
     service: ServiceDep,
     settings: SettingsDep,
     caller: PrincipalDep,
@@ -148,24 +161,26 @@ async def create_image(
     except IdempotencyConflict as exc:
         if exc.retry_after is not None:  # the first request is still being accepted: retry
             raise
-        response = service_error_response(exc)  # another body: the same each time it is sent
-        response.headers["x-should-retry"] = "false"
-        return response
+        conflict = service_error_response(exc)  # another body: the same each time it is sent
+        conflict.headers["x-should-retry"] = "false"
+        return conflict
     # The job is accepted. OpenAI's SDKs send a request again on a 409, a 429 or any status from
     # 500 (twice, by default), and each time would queue the job again, or undo its cancel. Their
     # header says not to.
     # Nor would a client that heeds Retry-After: a 503 or a 500 of the service's own says to poll.
     goes_on = f"generation '{accepted.id}' goes on: poll /v1/generations/{accepted.id}"
+    response.headers["x-generation-id"] = accepted.id
     try:
         return await _answer(accepted.id, body, request, service, settings, caller.owner)
     except ServiceError as exc:
-        response = service_error_response(exc)
+        refused = service_error_response(exc)
     except (*STORE_DOWN, *STORE_REFUSES) as exc:
-        response = store_down_response(exc, instead=goes_on)
+        refused = store_down_response(exc, instead=goes_on)
     except Exception as exc:
-        response = internal_error_response(request, exc, f"internal error while waiting; {goes_on}")
-    response.headers["x-should-retry"] = "false"
-    return response
+        refused = internal_error_response(request, exc, f"internal error while waiting; {goes_on}")
+    refused.headers["x-should-retry"] = "false"
+    refused.headers["x-generation-id"] = accepted.id
+    return refused
 
 
 async def _answer(
