@@ -198,6 +198,21 @@ class Generation(BaseModel):
     links: Links
 
 
+class GenerationList(BaseModel):
+    """A page of `GET /v1/generations`: the caller's generations, newest first."""
+
+    object: Literal["list"] = "list"
+    data: list[Generation] = Field(
+        description="Each as `GET /v1/generations/{id}` answers it. Fewer than `limit` (none, even) "
+        "does not mean the end: `has_more` says."
+    )
+    has_more: bool = Field(description="Older generations may follow: fetch `next`.")
+    next: str | None = Field(
+        description="The path of the next page (`/v1/generations?limit=..&after=<id>`, with the same "
+        "`status`); null where `has_more` is false."
+    )
+
+
 class ModelInfo(BaseModel):
     id: str
     object: Literal["model"] = "model"

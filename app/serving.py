@@ -13,6 +13,7 @@ import json
 import logging
 import secrets
 import time
+import urllib.parse
 import uuid
 import zlib
 from collections.abc import Callable, Iterator, Mapping
@@ -43,6 +44,7 @@ from app.errors import (
 )
 from app.protocol import (
     Generation,
+    GenerationList,
     GenerationRequest,
     ImageInfo,
     JobErrorInfo,
@@ -75,25 +77,76 @@ SERVED_TTL = 1.0
 # and Retry-After, not 400. An hour covers a first hub download of a large checkpoint.
 COMING_BACK_S = 3600
 MODEL_RETRY_AFTER = 5
+# How many entries of an owner's list one `GET /v1/generations` looks at, at most: with a status
+# filter, a page that finds fewer than `limit` of that status this far ends short, `has_more` set.
+LIST_SCAN = 500
 # A waiting status read re-reads the job at least this often (seconds), woken or not.
 RECHECK = 1.0
 
 # A status read in one round trip: the RQ job hash, latentd's state hash, the cancel flag and,
 # while the job is queued, its place in its queue (RQ's `origin` names the queue), -1 otherwise.
-# KEYS: job hash, state hash, cancel flag; ARGV: RQ's queue key prefix, job id.
-_READ = """
-local job = redis.call('HGETALL', KEYS[1])
-if #job == 0 then return false end
-local status, origin
-for i = 1, #job, 2 do
-  if job[i] == 'status' then status = job[i + 1] elseif job[i] == 'origin' then origin = job[i + 1] end
+# False where the job has no record. One job's read, for `_READ` and `_LIST` alike.
+_READ_JOB = """
+local function read_job(job_key, state_key, cancel_key, queue_prefix, job_id)
+  local job = redis.call('HGETALL', job_key)
+  if #job == 0 then return false end
+  local status, origin
+  for i = 1, #job, 2 do
+    if job[i] == 'status' then status = job[i + 1] elseif job[i] == 'origin' then origin = job[i + 1] end
+  end
+  local position = -1
+  if status == 'queued' and origin then
+    position = redis.call('LPOS', queue_prefix .. origin, job_id) or -1
+  end
+  return {job, redis.call('HGETALL', state_key), redis.call('EXISTS', cancel_key), position}
 end
-local position = -1
-if status == 'queued' and origin then
-  position = redis.call('LPOS', ARGV[1] .. origin, ARGV[2]) or -1
-end
-return {job, redis.call('HGETALL', KEYS[2]), redis.call('EXISTS', KEYS[3]), position}
 """
+# KEYS: job hash, state hash, cancel flag; ARGV: RQ's queue key prefix, job id.
+_READ = _READ_JOB + "return read_job(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2])"
+
+# A page of an owner's jobs (`Keys.jobs`), newest first, in one round trip: each job's `read_job`,
+# from the one after the cursor's, skipping jobs whose record has lapsed and, with a status
+# filter, those whose RQ status cannot be it. Stops once it has `want` jobs, has looked at `scan`
+# entries, or meets one submitted before the oldest time listed.
+# KEYS: the owner's list; ARGV: the oldest submit time listed, the cursor's job id ('' from the
+# newest), want, scan, the RQ statuses taken ('' for any, else ',a,b,'), then the key prefixes of
+# RQ's jobs, latentd's job states, cancel flags and RQ's queues.
+# Returns false for a cursor not in the list, else {{id, read, id, read, ...}, the last id looked
+# at ('' for none), 1 if nothing older is listed, else 0}.
+_LIST = (
+    _READ_JOB
+    + """
+local start = 0
+if ARGV[2] ~= '' then
+  local rank = redis.call('ZREVRANK', KEYS[1], ARGV[2])
+  if not rank then return false end
+  start = rank + 1
+end
+local oldest, want, scan = tonumber(ARGV[1]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local entries = redis.call('ZREVRANGE', KEYS[1], start, start + scan - 1, 'WITHSCORES')
+local found, last, taken = {}, '', 0
+local ended = #entries < 2 * scan
+for i = 1, #entries, 2 do
+  if tonumber(entries[i + 1]) < oldest then ended = true break end
+  local id = entries[i]
+  last = id
+  local status = ARGV[5] == '' or redis.call('HGET', ARGV[6] .. id, 'status')
+  if status == true or (status and string.find(ARGV[5], ',' .. status .. ',', 1, true)) then
+    local read = read_job(ARGV[6] .. id, ARGV[7] .. id, ARGV[8] .. id, ARGV[9], id)
+    if read then
+      found[#found + 1] = id
+      found[#found + 1] = read
+      taken = taken + 1
+      if taken >= want then
+        ended = ended and i + 1 == #entries
+        break
+      end
+    end
+  end
+end
+return {found, last, ended and 1 or 0}
+"""
+)
 
 # How long a replayed Idempotency-Key waits for the first request's job to be enqueued.
 IDEMPOTENT_WAIT_S = 2.0
@@ -114,15 +167,22 @@ return false
 # A job whose record exists is not pushed again: the client resends a command whose reply was
 # lost (a timeout, a dropped connection), and the job would run twice.
 # The job's Idempotency-Key claim, if any, is made to last as long as the job, in the same step.
-# KEYS: the queue, the job's record[, the claim]; ARGV: the limit, the claim's lifetime, then for
-# each command its argument count and its arguments. Returns the queue's length after the push;
-# -1: full, nothing written; -2: the job was enqueued already.
+# So is the job's entry in its owner's list (`Keys.jobs`): a job is listed if and only if it was
+# queued, once. The entries older than a job's lifetime go at each write, and the set lapses a
+# lifetime after its newest: it holds at most one job lifetime's submits of one owner.
+# KEYS: the queue, the job's record, the owner's list[, the claim]; ARGV: the limit, a job's lifetime,
+# the submit time, the oldest submit time kept, the job's id, then for each command its argument
+# count and its arguments. Returns the queue's length after the push; -1: full, nothing written;
+# -2: the job was enqueued already.
 _ENQUEUE = """
 local resent = redis.call('EXISTS', KEYS[2]) == 1
 if not resent and redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[1]) then return -1 end
-if KEYS[3] then redis.call('EXPIRE', KEYS[3], ARGV[2]) end
+if KEYS[4] then redis.call('EXPIRE', KEYS[4], ARGV[2]) end
 if resent then return -2 end
-local i = 3
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[5])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. ARGV[4])
+redis.call('EXPIRE', KEYS[3], ARGV[2])
+local i = 6
 while i <= #ARGV do
   local n = tonumber(ARGV[i])
   redis.call(unpack(ARGV, i + 1, i + n))
@@ -335,6 +395,7 @@ class GenerationService:
         self._read_sync = connection.register_script(_READ)
         self._read_async = aconnection.register_script(_READ)
         self._enqueue_script = aconnection.register_script(_ENQUEUE)
+        self._list_script = aconnection.register_script(_LIST)
         self.ended = EndedJobs(aconnection)
 
     # -- queues and workers -------------------------------------------------
@@ -580,10 +641,12 @@ class GenerationService:
                 flat += [len(args), *args]
         finally:
             staged.reset()
+        ttl = self.settings.job_ttl
+        submitted = (_aware(job.created_at) or datetime.now(UTC)).timestamp()
         length = int(
             await self._enqueue_script(
-                keys=[queue.key, job.key, *([claim] if claim else [])],
-                args=[self.settings.max_queue_depth, self.settings.job_ttl, *flat],
+                keys=[queue.key, job.key, Keys.jobs(owner), *([claim] if claim else [])],
+                args=[self.settings.max_queue_depth, ttl, submitted, time.time() - ttl, job.id, *flat],
             )
         )
         if length == -2:  # sent again: where it stands now (taken by a worker already: first)
@@ -727,6 +790,62 @@ class GenerationService:
         return ImageBlob(
             data=data, content_type=meta.content_type, etag=meta.etag, expires_at=meta.expires_at
         )
+
+    # -- list ------------------------------------------------------------------
+
+    async def list_jobs(
+        self, owner: str | None, limit: int, after: str | None = None, status: JobStatus | None = None
+    ) -> GenerationList:
+        """A page of the owner's jobs submitted within LATENTD_JOB_TTL, newest first, older than the
+        job `after` if given, read in one round trip (`_LIST`). With `status`, the page may hold
+        fewer than `limit` while more follow: one read looks at LIST_SCAN entries at most."""
+        taken = ""
+        if status is not None:
+            statuses = set(status.rq_statuses())
+            if status is JobStatus.CANCELED:  # a worker saw its cancel: RQ may say otherwise yet
+                statuses |= {rq for seen in _CANCELED_ONCE_SEEN for rq in seen.rq_statuses()}
+            taken = "," + ",".join(sorted(statuses)) + ","
+        reply = await self._list_script(
+            keys=[Keys.jobs(owner)],
+            args=[
+                time.time() - self.settings.job_ttl,
+                after or "",
+                limit + 1,  # one more than the page: whether more follow
+                max(LIST_SCAN, limit + 1),
+                taken,
+                Job.redis_job_namespace_prefix,
+                Keys.state(""),
+                Keys.cancel(""),
+                Queue.redis_queue_namespace_prefix,
+            ],
+        )
+        if not isinstance(reply, list):
+            raise InvalidRequest(
+                f"after: no generation '{after}' among yours submitted in the last "
+                f"{self.settings.job_ttl} s (LATENTD_JOB_TTL); use an id from `data`, as `next` does",
+                param="after",
+            )
+        found, last, ended = reply
+        views: list[Generation] = []
+        for job_id, read in zip(found[::2], found[1::2], strict=True):
+            try:
+                view = self._from_read(as_text(job_id), read, owner)
+            except NotFound:  # not the owner's (never so: the list is the owner's own), as in a read
+                continue
+            if status is None or view.status is status:
+                views.append(view)
+        resume: str | None
+        if len(views) > limit:
+            views, resume = views[:limit], views[limit - 1].id
+        else:
+            # Fewer than asked: the end, unless the read stopped at its LIST_SCAN or at `limit + 1`
+            # jobs of which the filter dropped some; it resumes after the last it looked at.
+            resume = None if int(ended) else as_text(last)
+        next_page = None
+        if resume is not None:
+            query = {"limit": limit, "after": resume, **({"status": status.value} if status else {})}
+            next_page = f"/v1/generations?{urllib.parse.urlencode(query)}"
+        return GenerationList(data=views, has_more=next_page is not None, next=next_page)
 
     # -- cancel ----------------------------------------------------------------
 

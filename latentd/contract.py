@@ -45,6 +45,10 @@ class JobStatus(enum.StrEnum):
         """Map RQ's job status (the system of record) onto ours."""
         return _FROM_RQ.get(rq_status or "", JobStatus.QUEUED)
 
+    def rq_statuses(self) -> tuple[str, ...]:
+        """The RQ statuses `from_rq` maps onto this one."""
+        return tuple(rq for rq, ours in _FROM_RQ.items() if ours is self)
+
 
 _FROM_RQ = {
     "queued": JobStatus.QUEUED,
@@ -162,6 +166,13 @@ class Keys:
     def in_flight(owner: str) -> str:
         """Sorted set of the owner's jobs that may not have ended yet."""
         return f"{Keys.PREFIX}:inflight:{owner}"
+
+    @staticmethod
+    def jobs(owner: str | None) -> str:
+        """Sorted set of the owner's job ids, scored by submit time (unix seconds), for
+        `GET /v1/generations`: a key's jobs, or (owner None) those submitted without a key. An owner
+        is never empty, so no key's set is the keyless one."""
+        return f"{Keys.PREFIX}:jobs" if owner is None else f"{Keys.PREFIX}:jobs:{owner}"
 
     # Hash "model|status|error_code" -> count of jobs that ended so.
     OUTCOMES = f"{PREFIX}:stats:outcomes"

@@ -1,4 +1,4 @@
-"""`/v1/generations`: submit, poll, download, cancel."""
+"""`/v1/generations`: submit, list, poll, download, cancel."""
 
 from __future__ import annotations
 
@@ -34,8 +34,9 @@ from app.errors import (
     store_down_response,
 )
 from app.json_body import OnceEachRoute
-from app.protocol import Generation, GenerationRequest, SubmitResponse
+from app.protocol import Generation, GenerationList, GenerationRequest, SubmitResponse
 from app.serving import GenerationService, hung_up
+from latentd.contract import JobStatus
 
 PREFIX = "/v1/generations"
 MAX_WAIT = 60.0  # seconds a status read may be held open (`?wait=`)
@@ -43,6 +44,7 @@ MAX_WAIT = 60.0  # seconds a status read may be held open (`?wait=`)
 ID_CHAR = "[A-Za-z0-9_-]"
 MAX_ID_CHARS = 64
 MAX_INDEX = 63
+DEFAULT_LIMIT, MAX_LIMIT = 20, 100  # generations per page of a list
 # The path says {id}, as the README and every error's `param` name it (`id` is a builtin's name in Python).
 JobId = Annotated[
     str,
@@ -144,6 +146,41 @@ async def submit(
     return JSONResponse(
         accepted.model_dump(mode="json"), status_code=202, headers={"Location": accepted.links.self}
     )
+
+
+# HEAD: as every GET route has; documented with the GET.
+@router.head("", response_class=Response, include_in_schema=False)
+@router.get(
+    "",
+    response_model=GenerationList,
+    responses={**COMMON_RESPONSES, **INVALID_REQUEST_422},
+    summary="The caller's generations, newest first, a page at a time",
+    description="Those submitted within LATENTD_JOB_TTL whose records remain: with API keys on, "
+    "the key's own; while the service is open, those submitted without a key. Each as "
+    "`GET /v1/generations/{id}` answers it. Follow `next` while `has_more` is true; a page "
+    "filtered by `status` may hold fewer than `limit`, none even, and still have more after it.",
+)
+async def list_generations(
+    service: ServiceDep,
+    caller: PrincipalDep,
+    limit: Annotated[
+        int, Query(ge=1, le=MAX_LIMIT, description=f"Generations per page, 1–{MAX_LIMIT}.")
+    ] = DEFAULT_LIMIT,
+    after: Annotated[
+        str | None,
+        Query(
+            min_length=1,
+            max_length=MAX_ID_CHARS,
+            pattern=f"^{ID_CHAR}+$",
+            description="A generation's id from an earlier page: list those submitted before it. "
+            "`next` carries it.",
+        ),
+    ] = None,
+    status: Annotated[JobStatus | None, Query(description="Only generations of this status.")] = None,
+) -> Response:
+    page = await service.list_jobs(caller.owner, limit, after, status)
+    # Serialised here, as a status read's: FastAPI would validate the model against response_model again.
+    return Response(page.model_dump_json(), media_type="application/json")
 
 
 # HEAD: the status line and headers a GET gets, for `curl -I` and monitors; documented with the GET.
