@@ -109,6 +109,7 @@ def test_keys_are_stored_hashed_and_shown_once(secured: Secured) -> None:
 def test_every_api_route_requires_a_valid_key(secured: Secured) -> None:
     routes = [
         ("POST", "/v1/generations", {"prompt": "x"}),
+        ("GET", "/v1/generations", None),
         ("GET", "/v1/generations/abc", None),
         ("POST", "/v1/generations/abc/cancel", None),
         ("GET", "/v1/generations/abc/images/0", None),

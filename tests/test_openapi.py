@@ -30,6 +30,8 @@ BODY = {"prompt": "a red circle"}
 # Every route that authenticates its caller, as a request for an id that names nothing.
 AUTHENTICATED = [
     ("POST", "/v1/generations", BODY),
+    ("GET", "/v1/generations", None),
+    ("HEAD", "/v1/generations", None),
     ("GET", "/v1/generations/0123abcd", None),
     ("HEAD", "/v1/generations/0123abcd", None),
     ("POST", "/v1/generations/0123abcd/cancel", None),

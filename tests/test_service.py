@@ -254,6 +254,18 @@ def test_failing_job_gets_its_code_and_the_worker_carries_on(service: Service) -
     assert ok["status"] == "succeeded"
 
 
+def test_jobs_a_worker_ran_are_listed_newest_first_as_their_status_reads_show_them(
+    service: Service,
+) -> None:
+    failed = service.wait_terminal(service.submit(scheduler="lcm", steps=80)["id"])
+    ok = service.wait_terminal(service.submit(steps=2)["id"])
+    listed = service.http.get("/v1/generations?limit=2").json()
+    assert listed["data"] == [ok, failed] and listed["has_more"] == (listed["next"] is not None)
+    for status, view in (("succeeded", ok), ("failed", failed)):
+        [item] = service.http.get(f"/v1/generations?limit=1&status={status}").json()["data"]
+        assert item == view
+
+
 def test_openai_endpoint_b64_and_url(service: Service) -> None:
     response = service.http.post(
         "/v1/images/generations",
