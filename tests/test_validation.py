@@ -429,7 +429,7 @@ def test_a_head_with_wait_answers_at_once_and_checks_it(
 @pytest.mark.parametrize(
     ("method", "path", "allow"),
     [
-        ("DELETE", "/v1/generations", "POST"),
+        ("DELETE", "/v1/generations", "GET, HEAD, POST"),
         ("POST", "/v1/generations/0123abcd", "GET, HEAD"),
         ("GET", "/v1/generations/0123abcd/cancel", "POST"),
         ("POST", "/v1/generations/0123abcd/images/0", "GET, HEAD"),  # two routes, one path
