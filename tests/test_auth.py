@@ -351,7 +351,7 @@ def test_a_job_seen_canceled_in_a_running_batch_frees_its_slot_at_once(limited_c
         return HTTP.post(api, json=body, headers=carol)
 
     def status(job_id: str, **params: int) -> dict[str, Any]:
-        view: dict[str, Any] = HTTP.get(f"{api}/{job_id}", params=params, headers=carol, timeout=40).json()
+        view: dict[str, Any] = HTTP.get(f"{api}/{job_id}", params=params, headers=carol, timeout=70).json()
         return view
 
     register_ghost(cluster.redis.client(), "tiny")  # both are queued before the worker looks
