@@ -1127,7 +1127,8 @@ def test_a_log_level_in_capitals_is_taken_and_an_empty_variable_is_unset() -> No
 
 
 def test_a_redis_that_refuses_writes_stops_the_worker_in_one_line(tmp_path: Path) -> None:
-    """A read-only replica (or a full Redis): the worker's first write failed with a traceback."""
+    """A read-only replica: the worker's first write failed with a traceback. (A full Redis is waited
+    for: test_redis_outage.)"""
     port = free_port()
     replica = subprocess.Popen(
         [find_redis_server(), "--port", str(port), "--save", "", "--appendonly", "no",

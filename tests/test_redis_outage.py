@@ -3,6 +3,8 @@ them out, and a job whose Redis replies were lost is counted once."""
 
 from __future__ import annotations
 
+import functools
+import logging
 import pathlib
 import signal
 import socket
@@ -816,3 +818,111 @@ def test_a_worker_whose_redis_restarted_while_its_model_loaded_leaves_a_live_wor
         for s, handler in held.items():
             signal.signal(s, handler)
         server.stop()
+
+
+def _start_only(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """`worker.main.run` made its start alone, in-process: a stand-in model, no heartbeat thread, and
+    for RQ's loop a look at whether the worker may reap (False after Redis trouble), returned."""
+    from types import SimpleNamespace
+
+    import worker.main as worker_main
+
+    looks: list[bool] = []
+
+    def work(self: worker_main.LatentdWorker, **_: object) -> bool:
+        looks.append(self.may_reap())
+        return False
+
+    model = SimpleNamespace(model="m", device="cpu", native_size=64, weights=None)
+    monkeypatch.setattr(worker_main, "load_runner", lambda settings: model)
+    monkeypatch.setattr(worker_main.LatentdWorker, "work", work)
+    monkeypatch.setattr(worker_main.Heartbeat, "start", lambda self: None)
+    monkeypatch.setattr(worker_main.gc, "freeze", lambda: None)
+    return looks
+
+
+@pytest.mark.parametrize("redis_was", ["frozen", "full"])
+def test_a_worker_that_starts_while_redis_is_frozen_or_full_waits_for_it(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, redis_was: str
+) -> None:
+    # Frozen (SIGSTOP: connections taken, no reply) as a worker began, it gave up as if no Redis were
+    # there, exit 4; full (maxmemory), its mark of the load was refused, exit 4. Both pass, and
+    # under `latentd up` a worker that ends before it is ready stops everything. Short timeouts
+    # stand in for the worker's own (15 s a reply, 30 s to reach Redis).
+    import worker.main as worker_main
+    from tests.conftest import RedisServer
+    from worker.config import WorkerSettings
+
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    assert server.proc is not None
+    r = server.client()
+    looks = _start_only(monkeypatch)
+    monkeypatch.setattr(worker_main.LatentdWorker, "connection_timeout", 1)
+    monkeypatch.setattr(worker_main, "_connect", functools.partial(worker_main._connect, wait=1.0))
+    held = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    if redis_was == "frozen":
+        server.proc.send_signal(signal.SIGSTOP)
+        back = threading.Timer(4, server.proc.send_signal, [signal.SIGCONT])
+    else:
+        r.config_set("maxmemory", 1)  # noeviction: writes refused
+        back = threading.Timer(4, r.config_set, ["maxmemory", 0])
+    back.start()
+    try:
+        settings = WorkerSettings(
+            redis_url=server.url, model="m", lease_seconds=30, heartbeat_interval=1.0, worker_name="w"
+        )
+        with caplog.at_level(logging.INFO, logger="latentd.worker"):
+            assert worker_main.run(settings) == 0
+    finally:
+        back.cancel()
+        server.proc.send_signal(signal.SIGCONT)
+        for s, handler in held.items():
+            signal.signal(s, handler)
+        server.stop()
+    assert "redis_away" in caplog.text and "worker_ready" in caplog.text
+    assert looks == [False], "reaping at once after a start that waited for Redis"
+
+
+# The worker's timeouts for Redis made short (15 s a reply, 30 s to reach it).
+SHORT_REDIS_TIMEOUTS = """
+import functools
+
+import worker.main
+
+worker.main.LatentdWorker.connection_timeout = 1
+worker.main._connect = functools.partial(worker.main._connect, wait=1.0)
+"""
+
+
+def test_a_worker_waiting_for_a_frozen_redis_as_it_starts_stops_at_once_when_asked(
+    tmp_path: pathlib.Path, tiny_model_dir: pathlib.Path
+) -> None:
+    from tests.conftest import RedisServer
+
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    assert server.proc is not None
+    server.proc.send_signal(signal.SIGSTOP)
+    env = base_env(
+        server.url,
+        LATENTD_MODEL=str(tiny_model_dir),
+        LATENTD_TORCH_THREADS="1",
+        PYTHONPATH=sitecustomize(tmp_path, SHORT_REDIS_TIMEOUTS),
+    )
+    worker = spawn(["worker"], env, tmp_path / "worker.log")
+    try:
+        wait_until(
+            lambda: "redis_away" in worker.output() or worker.proc.poll() is not None, 60, what="the wait"
+        )
+        time.sleep(3)  # three times the time it had to reach Redis
+        assert worker.proc.poll() is None, worker.output()
+        asked = time.monotonic()
+        worker.proc.terminate()
+        assert worker.proc.wait(30) == 0
+        assert time.monotonic() - asked < 5, worker.output()
+    finally:
+        worker.stop()
+        server.proc.send_signal(signal.SIGCONT)
+        server.stop()
+    assert "Traceback" not in worker.output()

@@ -279,3 +279,31 @@ def test_up_whose_terminal_closes_still_stops_in_order(tmp_path: Path, tiny_mode
     assert up.wait(60) == 0
     assert not (data / "redis" / "url").exists(), "the stop was cut short"
     assert not processes_using(data)
+
+
+def test_up_whose_redis_is_full_as_it_starts_waits_for_room(tmp_path: Path, tiny_model_dir: Path) -> None:
+    # Its worker's mark of the load refused (maxmemory reached), the worker exited 4 before it was
+    # ready, and `up` stopped everything. It waits for Redis to take writes, and says why.
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    r = server.client()
+    r.config_set("maxmemory", 1)  # noeviction: every write refused
+    data, port = tmp_path / "data", free_port()
+    env = {**up_env(tiny_model_dir, port), "LATENTD_REDIS_URL": server.url}
+    up = spawn(["up", "--data-dir", str(data)], env, tmp_path / "up.log", new_session=True)
+    try:
+        wait_until(
+            lambda: "OutOfMemoryError" in up.output() or up.proc.poll() is not None, 120, what="the wait"
+        )
+        assert up.proc.poll() is None, up.output()[-3000:]
+        assert "redis_away" in up.output() and "latentd up: ready" not in up.output()
+        r.config_set("maxmemory", 0)
+        wait_until(lambda: "latentd up: ready" in up.output(), 120, what="up ready")
+        os.killpg(up.proc.pid, signal.SIGINT)
+        assert up.proc.wait(60) == 0, up.output()[-3000:]
+    finally:
+        if up.proc.poll() is None:
+            up.proc.kill()
+        server.stop()
+    assert "Traceback" not in up.output()
+    assert not processes_using(data)

@@ -48,7 +48,7 @@ log = logging.getLogger("latentd.worker")
 
 T = TypeVar("T")
 EXIT_MODEL_LOAD_FAILED = 3
-EXIT_REDIS_UNREACHABLE = 4  # or unsafe (it may evict jobs), or refusing writes
+EXIT_REDIS_UNREACHABLE = 4  # no connection made at start; or unsafe (it may evict jobs), or a replica
 EXIT_DEVICE_BROKEN = 70
 EXIT_NAME_TAKEN = 5
 EXIT_RQ_QUIT = 1  # RQ's loop met an error it does not handle ("found an unhandled exception, quitting")
@@ -699,6 +699,17 @@ class Heartbeat(threading.Thread):
 
 
 def _connect(url: str, wait: float = 30.0) -> redis.Redis:
+    """A client of the Redis at `url`, once it answers, or once a connection to it is made and it
+    says it cannot serve for now (`redis_away`: frozen, loading its data, ...), which the start then
+    waits out (`run`). The error where no connection is made within `wait` seconds: nothing
+    listens at `url` (a wrong LATENTD_REDIS_URL, a Redis not started), which a supervisor's
+    restart or a corrected setting mends, not a wait."""
+    made = threading.Event()
+
+    def handshake(conn: Any) -> None:  # redis-py's, once the socket is connected
+        made.set()
+        conn.on_connect()
+
     # The socket timeout RQ would set (it sets it only for connections made after it looked: this
     # first one kept redis-py's, shorter than the wait on the queue).
     connection = redis.Redis.from_url(
@@ -706,13 +717,20 @@ def _connect(url: str, wait: float = 30.0) -> redis.Redis:
         socket_connect_timeout=2,
         socket_timeout=LatentdWorker.connection_timeout,
         health_check_interval=30,
+        redis_connect_func=handshake,
     )
     deadline = time.monotonic() + wait
     while True:
+        made.clear()
         try:
             connection.ping()
             return connection
-        except redis.RedisError:
+        except redis.RedisError as exc:
+            # A frozen Redis took the connection and did not answer: after 30 s the worker exited 4,
+            # and under `latentd up` everything stopped. Credentials refused are no passing state.
+            refused = isinstance(exc, redis.AuthenticationError | redis.exceptions.AuthorizationError)
+            if made.is_set() and redis_away(exc) and not refused:
+                return connection
             if time.monotonic() >= deadline:
                 raise
             time.sleep(0.5)
@@ -862,23 +880,47 @@ def run(settings: WorkerSettings) -> int:
             file=sys.stderr,
         )
         return EXIT_REDIS_UNREACHABLE
-    try:
-        check_eviction_policy(connection)
-        warn_if_keeps_nothing(connection, log)
+    # Redis away from here until RQ's loop (frozen, loading its data, full, restarted...) is waited
+    # for: before the load a frozen or full Redis ended the worker (exit 4, or a traceback); after it
+    # (restarted, or loading its data, as the model loaded) a traceback (exit 1), and its model was
+    # loaded again; under `latentd up` either stopped everything. A stop signal meanwhile ends it at
+    # once (`latentd.cli`), as during the load. Away at any call of the start, frozen (a call kept
+    # waiting a third of a lease, as `Heartbeat._stalled` counts it) or restarted since the load
+    # began (no call of this worker's to fail), it is trouble as in RQ's loop (`redis_trouble`):
+    # live workers' leases lapsed and not yet renewed, RQ's maintenance as the loop began re-queued
+    # their running jobs.
+    away = threading.Event()
+
+    def answered(call: Callable[[], T]) -> T:
+        began = time.monotonic()
+        try:
+            return _once_redis_answers(call, away.set)
+        finally:
+            if time.monotonic() - began >= settings.lease_seconds / 3:
+                away.set()
+
+    def mark_load() -> tuple[str, bytes]:
         loading = str(time.time())  # submits wait for the load (503, "loading?")
-        before = connection.eval(_MARK_LOAD, 1, Keys.MODELS_SEEN, settings.served_name(), loading) or b""
-        redis_run = _redis_run(connection)
-        # Kept waiting a third of a lease (away, frozen) before the load: trouble, as below.
-        waited = time.monotonic() - began >= settings.lease_seconds / 3
+        try:
+            before = connection.eval(_MARK_LOAD, 1, Keys.MODELS_SEEN, settings.served_name(), loading)
+        except redis.ReadOnlyError as exc:
+            # A replica, which a start meets where its URL names one, not in a failover's passing:
+            # said and left to the person who set the URL (exit 4), not waited on unseen.
+            raise UnsafeRedis(
+                f"Redis at {shown_url(settings.effective_redis_url)} refuses writes: {exc}"
+            ) from exc
+        return loading, before or b""
+
+    try:
+        answered(functools.partial(check_eviction_policy, connection))
+        answered(functools.partial(warn_if_keeps_nothing, connection, log))
+        loading, before = answered(mark_load)
+        redis_run = answered(functools.partial(_redis_run, connection))
     except UnsafeRedis as exc:
         print(f"latentd worker: {exc}", file=sys.stderr)
         return EXIT_REDIS_UNREACHABLE
-    except (redis.OutOfMemoryError, redis.ReadOnlyError) as exc:  # full, or a replica
-        print(
-            f"latentd worker: Redis at {shown_url(settings.effective_redis_url)} refuses writes: {exc}",
-            file=sys.stderr,
-        )
-        return EXIT_REDIS_UNREACHABLE
+    # Kept waiting a third of a lease in all before the load (out of reach at first): trouble too.
+    waited = time.monotonic() - began >= settings.lease_seconds / 3
     try:
         runner = load_runner(settings)
     except ModelLoadError as exc:
@@ -897,23 +939,6 @@ def run(settings: WorkerSettings) -> int:
     # of the collector: a full collection walked them for ~250 ms, inside some job's time.
     gc.collect()
     gc.freeze()
-    # Redis away from here until RQ's loop (restarted, or loading its data, as the model loaded) is
-    # waited for: it ended the worker with a traceback (exit 1), and its model was loaded again. A
-    # stop signal meanwhile ends it at once (`latentd.cli`), as during the load. Away from here,
-    # frozen (a call kept waiting a third of a lease, as `Heartbeat._stalled` counts it) or
-    # restarted since the load began (no call of this worker's to fail), it is trouble as in RQ's
-    # loop (`redis_trouble`): live workers' leases lapsed and not yet renewed, RQ's maintenance as
-    # the loop began re-queued their running jobs.
-    away = threading.Event()
-
-    def answered(call: Callable[[], T]) -> T:
-        began = time.monotonic()
-        try:
-            return _once_redis_answers(call, away.set)
-        finally:
-            if time.monotonic() - began >= settings.lease_seconds / 3:
-                away.set()
-
     if waited or answered(functools.partial(_redis_run, connection)) != redis_run:
         away.set()
     if not answered(functools.partial(_take_name, connection, name, settings.heartbeat_interval)):
