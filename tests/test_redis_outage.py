@@ -926,3 +926,50 @@ def test_a_worker_waiting_for_a_frozen_redis_as_it_starts_stops_at_once_when_ask
         server.proc.send_signal(signal.SIGCONT)
         server.stop()
     assert "Traceback" not in worker.output()
+
+
+# Redis (its pid in REDIS_PID) frozen as RQ's loop begins, once the worker has said it is ready.
+FROZEN_AS_RQS_LOOP_BEGINS = """
+import os
+import signal
+
+import worker.main
+
+_work = worker.main.LatentdWorker.work
+
+
+def work(self, **kwargs):
+    os.kill(int(os.environ["REDIS_PID"]), signal.SIGSTOP)
+    return _work(self, **kwargs)
+
+
+worker.main.LatentdWorker.work = work
+"""
+
+
+def test_a_worker_asked_to_stop_as_its_loop_begins_with_redis_frozen_stops_within_seconds(
+    tmp_path: pathlib.Path, tiny_model_dir: pathlib.Path
+) -> None:
+    # The stop was kept for RQ's loop, whose start (registration, channel, state, maintenance) sent
+    # its calls first, each waiting out the 15 s socket timeout, then two goodbyes of 5 s: 70 s,
+    # past a container's stop grace (Docker's: 10 s), and the worker was killed.
+    from tests.conftest import RedisServer
+
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    assert server.proc is not None
+    injected = sitecustomize(tmp_path, FROZEN_AS_RQS_LOOP_BEGINS)
+    worker = start_worker(
+        server.url, tiny_model_dir, tmp_path, PYTHONPATH=injected, REDIS_PID=str(server.proc.pid)
+    )
+    try:
+        time.sleep(1)  # in RQ's registration, kept waiting
+        asked = time.monotonic()
+        worker.proc.terminate()
+        assert worker.proc.wait(90) == 0, worker.output()
+        assert time.monotonic() - asked < 8, worker.output()
+    finally:
+        worker.stop()
+        server.proc.send_signal(signal.SIGCONT)
+        server.stop()
+    assert "Traceback" not in worker.output()

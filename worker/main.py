@@ -134,6 +134,8 @@ class LatentdWorker(SimpleWorker):
         """RQ's, left for its next turn while Redis is out of reach. RQ's loop runs it as the
         worker starts, and between jobs every 10 minutes, where an error ends the loop: a worker
         whose Redis went away then quit (exit 1), as one starting beside a Redis restart did."""
+        if self._stop_requested:  # as the loop began: left to the workers that stay (`bootstrap`)
+            return
         with self._riding_out():  # the wait for work that comes next waits for Redis
             super().run_maintenance_tasks()
 
@@ -192,9 +194,27 @@ class LatentdWorker(SimpleWorker):
 
         def early_stop(signum: int, frame: Any) -> None:
             self._stop_requested = True
+            if self._starting:
+                raise StopRequested()  # `bootstrap`
 
         signal.signal(signal.SIGTERM, early_stop)
         signal.signal(signal.SIGINT, early_stop)
+
+    _starting = False  # in RQ's bootstrap, which a stop request ends
+
+    def bootstrap(self, *args: Any, **kwargs: Any) -> None:
+        """RQ's start of its loop (its registration, its channel for commands, its state), ended by a
+        stop request, before or during it: with Redis frozen each of its calls waited out the socket
+        timeout, and a worker asked to stop as its loop began took 70 s to. The loop then ends
+        before its first dequeue, as RQ's own handler makes it do once installed."""
+        self._starting = True
+        try:
+            if not self._stop_requested:
+                super().bootstrap(*args, **kwargs)
+        except StopRequested:
+            pass
+        finally:
+            self._starting = False
 
     # An idle worker waits on its queue this many seconds at a time (RQ: 405), so that it looks at
     # its stop flag that often (`heartbeat`); and gives up on a Redis reply after this many, as RQ
@@ -327,7 +347,10 @@ class LatentdWorker(SimpleWorker):
         try:
             super().register_death()
         except redis.RedisError as exc:
+            self.goodbye_unheard = isinstance(exc, redis.TimeoutError)
             event(log, "worker_death_unrecorded", logging.WARNING, error=type(exc).__name__)
+
+    goodbye_unheard = False  # `register_death` waited for Redis in vain: frozen, or its host gone
 
     def unsubscribe(self) -> None:
         """RQ's, but the pubsub's socket is not closed under its thread: with Redis frozen, the
@@ -687,8 +710,12 @@ class Heartbeat(threading.Thread):
                     event(log, "heartbeat_failed", logging.WARNING, error=type(exc).__name__)
                 failing = True
 
-    def stop(self) -> None:
+    def stop(self, goodbye: bool = True) -> None:
+        """The thread's end, and unless not `goodbye`, the registration's (a Redis that kept the
+        worker's own goodbye waiting would keep this one as long, past a container's stop grace)."""
         self.stopped.set()
+        if not goodbye:
+            return
         try:
             p = _quick(self.connection).pipeline(transaction=False)
             p.delete(Keys.worker(self.info.name))
@@ -1005,7 +1032,7 @@ def run(settings: WorkerSettings) -> int:
     except SystemExit as exc:
         code = int(exc.code or 0)
     finally:
-        heartbeat.stop()
+        heartbeat.stop(goodbye=not worker.goodbye_unheard)
         if settings.ready_file:
             settings.ready_file.unlink(missing_ok=True)
         event(log, "worker_stopped", worker=name, exit_code=code)
