@@ -119,14 +119,14 @@ return 0
 """
 
 
-def reap(queue: Queue, job_ttl: int, on_abandoned: Callable[..., Any]) -> None:
-    """Under `queue`'s reaper lock: RQ re-queues or fails its expired executions, calling
-    `on_abandoned` for each first; queued jobs canceled (app/serving.py) outlive their records in
-    its canceled registry, which RQ trims never."""
+def reap(queue: Queue, job_ttl: int, on_abandoned: Callable[..., Any], as_of: float | None = None) -> None:
+    """Under `queue`'s reaper lock: RQ re-queues or fails its executions expired by `as_of` (now, if
+    not given), calling `on_abandoned` for each first; queued jobs canceled (app/serving.py) outlive
+    their records in its canceled registry, which RQ trims never."""
     registry = queue.started_job_registry
     # RQ's pass stops at the first job it cannot read (a status or date it does not know), before
     # it saves any: the jobs before it were handled again at every pass, those after it never.
-    lapsed = time.time()
+    lapsed = time.time() if as_of is None else as_of
     for entry in registry.connection.zrangebyscore(registry.key, 0, lapsed):
         job_id = registry.parse_job_id(entry)
         try:

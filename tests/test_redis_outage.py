@@ -634,6 +634,61 @@ def test_a_redis_frozen_longer_than_a_lease_leaves_running_jobs_to_their_workers
     assert "redis_stalled" in worker.output() + other.output()
 
 
+# RQ's maintenance as the worker's loop begins, its `may_reap` looked at: Redis frozen before its
+# first call (which then waits for Redis to wake), however long the worker took to get there.
+FROZEN_IN_RQS_FIRST_MAINTENANCE = """
+import os
+import threading
+import time
+
+import redis
+from latentd import reaping
+
+_reaper_locks = reaping.reaper_locks
+_first = [True]
+
+
+def reaper_locks(*args):
+    if _first and threading.current_thread() is threading.main_thread():
+        _first.clear()
+        probe = redis.Redis.from_url(os.environ["LATENTD_REDIS_URL"], socket_timeout=1.0)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                probe.ping()
+            except redis.TimeoutError:
+                break  # frozen
+            time.sleep(0.1)
+    return _reaper_locks(*args)
+
+
+reaping.reaper_locks = reaper_locks
+"""
+
+
+def test_a_redis_frozen_as_rqs_maintenance_begins_leaves_a_live_workers_job_to_it(cluster: Cluster) -> None:
+    # Under load, the second worker's maintenance as its loop began was still under way as Redis
+    # froze: RQ read the time as Redis woke, found the running job's lease lapsed (its renewal
+    # waiting in the freeze) and re-queued it (helper-61: test_a_redis_frozen_longer_than_a_lease_
+    # leaves_running_jobs_to_their_workers, attempts 2, twice in a loaded CI).
+    worker = cluster.worker("a", SLOW_STEPS)
+    other = cluster.worker("b", FROZEN_IN_RQS_FIRST_MAINTENANCE)
+    try:
+        job_id = cluster.submit({"prompt": "slow", "steps": 100})
+        assert cluster.running_on(job_id) == "a"
+        assert cluster.redis.proc is not None
+        cluster.redis.proc.send_signal(signal.SIGSTOP)
+        time.sleep(2 * float(LEASE))
+        cluster.redis.proc.send_signal(signal.SIGCONT)
+        view = cluster.wait_terminal(job_id)
+        assert view["status"] == "succeeded" and view["attempts"] == 1, view
+        assert "job_requeued" not in other.output() and "job_lease_lost" not in worker.output()
+    finally:
+        cluster.redis.proc.send_signal(signal.SIGCONT)
+        worker.stop()
+        other.stop()
+
+
 # As the worker takes its name (after its model's load), Redis away once, or frozen (the call
 # answered late), until GO_AT (unix time) and for 2 s at least (a third of the test's lease and more);
 # or frozen as the worker first looks at it, before the load.

@@ -294,6 +294,33 @@ def test_rqs_maintenance_reaps_nothing_while_the_heartbeat_is_late(redis_client:
     assert Job.fetch("theirs", connection=redis_client, serializer=JSONSerializer).get_status() == "failed"
 
 
+def test_rqs_maintenance_counts_leases_lapsed_as_of_before_redis_kept_it_waiting(
+    redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Redis frozen as a worker's maintenance began (its loop's first turn), the heartbeat on time when
+    # it looked: RQ took the time after its first calls, as Redis woke, when a live worker's lease
+    # had lapsed unrenewed, and re-queued its running job (helper-61).
+    worker, queue = _worker(redis_client)
+    _lapsed(redis_client, queue, "theirs")
+    redis_client.zadd(queue.started_job_registry.key, {"theirs:run": time.time() + 1.5})  # renewed lately
+    worker.beat_late = 10.0
+    worker.beaten = time.monotonic()
+    call = redis.Redis.execute_command
+    frozen = [True]
+
+    def answered_late(self: redis.Redis, *args: Any, **options: Any) -> Any:
+        if frozen:
+            frozen.clear()
+            time.sleep(3)  # the maintenance's first call, until Redis woke
+        return call(self, *args, **options)
+
+    monkeypatch.setattr(redis.Redis, "execute_command", answered_late)
+    worker.clean_registries()
+    assert Job.fetch("theirs", connection=redis_client, serializer=JSONSerializer).get_status() == "started"
+    worker.clean_registries()  # the next turn: lapsed as of its start, taken for lost
+    assert Job.fetch("theirs", connection=redis_client, serializer=JSONSerializer).get_status() == "failed"
+
+
 def test_a_taken_job_canceled_before_it_goes_back_to_its_queue_stays_canceled(
     redis_client: redis.Redis,
 ) -> None:

@@ -20,9 +20,11 @@ from typing import Any, TypeVar
 import diffusers.utils.logging
 import redis
 import transformers.utils.logging
-from rq import Queue, SimpleWorker
+from rq import Queue, SimpleWorker, worker_registration
 from rq.exceptions import AbandonedJobError, DeserializationError, StopRequested
 from rq.job import Job
+from rq.rate_limit import RateLimitRegistry
+from rq.registry import DeferredJobRegistry, FailedJobRegistry, FinishedJobRegistry, ReadyJobRegistry
 from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
 from rq.utils import now, utcformat
@@ -171,15 +173,44 @@ class LatentdWorker(SimpleWorker):
         return jobs.resent_while_away(call, what, lambda: self._stop_requested, self._leave_the_job)
 
     def clean_registries(self) -> None:
-        """RQ's maintenance (every 10 minutes) hands each queue's expired jobs to RQ, as the
-        heartbeat's reaper does: under the reaper's lock, so that the two never re-queue one job
-        twice. While the lock is held it waits: RQ tries again at its next turn."""
+        """RQ's maintenance (as its loop begins, then every 10 minutes) hands each queue's expired
+        jobs to RQ, as the heartbeat's reaper does: under the reaper's lock, so that the two never
+        re-queue one job twice. While the lock is held it waits: RQ tries again at its next turn.
+
+        RQ's own (`Worker.clean_registries`), but with leases lapsed as of before its first call to
+        Redis, as `may_reap` found it: RQ read the time after its first calls, and a Redis frozen in
+        them (from just after `may_reap` looked) had let live workers' leases lapse unrenewed as it
+        woke; their running jobs ran again (helper-61)."""
         if not self.may_reap():
             return  # RQ asks again at its next turn
+        as_of = time.time()
         names = [queue.name for queue in self.queues]
         with reaping.reaper_locks(self.connection, names, self.name) as taken:
-            if len(taken) == len(names):
-                super().clean_registries()
+            if len(taken) < len(names):
+                return
+            for queue in self.queues:
+                if not queue.acquire_maintenance_lock():
+                    continue
+                self.log.info("Worker %s: cleaning registries for queue: %s", self.name, queue.name)
+                reaping.reap(queue, self.job_ttl, self.on_abandoned, as_of)
+                for registry in (
+                    FinishedJobRegistry,
+                    FailedJobRegistry,
+                    DeferredJobRegistry,
+                    ReadyJobRegistry,
+                ):
+                    registry(
+                        name=queue.name,
+                        connection=queue.connection,
+                        job_class=queue.job_class,
+                        serializer=queue.serializer,
+                    ).cleanup()
+                for limits in RateLimitRegistry.all(queue.connection):
+                    limits.cleanup()
+                worker_registration.clean_worker_registry(queue)
+                queue.intermediate_queue.cleanup(self, queue)
+                queue.release_maintenance_lock()
+        self.last_cleaned_at = now()  # type: ignore[assignment]  # RQ leaves it unannotated (None)
 
     def handle_exception(self, job: Any, *exc_info: Any) -> None:
         # The job function already logged one structured line (and a traceback where it
