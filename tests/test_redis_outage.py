@@ -1028,3 +1028,29 @@ def test_a_worker_asked_to_stop_as_its_loop_begins_with_redis_frozen_stops_withi
         server.proc.send_signal(signal.SIGCONT)
         server.stop()
     assert "Traceback" not in worker.output()
+
+
+def test_a_worker_start_at_a_server_that_drops_the_connection_is_not_a_redis_away() -> None:
+    # A redis:// URL at a TLS-only Redis (a managed one's usual port), or another server that takes
+    # the connection and closes it: nothing there will ever answer, and the start says so (exit 4)
+    # rather than wait on it as on a frozen Redis, unseen.
+    import worker.main as worker_main
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def drop() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(64)
+
+    threading.Thread(target=drop, daemon=True).start()
+    try:
+        with pytest.raises(redis.ConnectionError):
+            worker_main._connect(f"redis://127.0.0.1:{port}/0", wait=1.0)
+    finally:
+        listener.close()

@@ -787,7 +787,10 @@ def _connect(url: str, wait: float = 30.0) -> redis.Redis:
             # A frozen Redis took the connection and did not answer: after 30 s the worker exited 4,
             # and under `latentd up` everything stopped. Credentials refused are no passing state.
             refused = isinstance(exc, redis.AuthenticationError | redis.exceptions.AuthorizationError)
-            if made.is_set() and redis_away(exc) and not refused:
+            # A connection the server dropped unanswered is no Redis that will answer: a redis:// URL
+            # at a TLS-only port, or another service's. Loading its data, it answered (BusyLoading).
+            dropped = type(exc) is redis.ConnectionError
+            if made.is_set() and redis_away(exc) and not refused and not dropped:
                 return connection
             if time.monotonic() >= deadline:
                 raise
