@@ -230,7 +230,14 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
                 "Idempotency-Key",
                 "If-None-Match",
             ],
-            expose_headers=["Location", "Retry-After", "ETag", "WWW-Authenticate", "x-should-retry"],
+            expose_headers=[
+                "Location",
+                "Retry-After",
+                "ETag",
+                "WWW-Authenticate",
+                "x-should-retry",
+                "x-generation-id",
+            ],
             max_age=600,
         )
     app.add_middleware(MetricsMiddleware, metrics=metrics)

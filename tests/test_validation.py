@@ -823,6 +823,13 @@ def test_a_browser_app_of_an_allowed_origin_submits_and_reads_the_answer(
     assert other.status_code == 200 and "access-control-allow-origin" not in other.headers
 
 
+def test_a_browser_page_may_read_the_openai_routes_generation_id(browser_client: TestClient) -> None:
+    # `x-generation-id` names the job on every accepted OpenAI-route answer; a page could not read it.
+    answer = browser_client.get("/v1/models", headers={"Origin": APP_ORIGIN})
+    exposed = {h.strip().lower() for h in answer.headers["access-control-expose-headers"].split(",")}
+    assert "x-generation-id" in exposed
+
+
 @pytest.mark.parametrize(
     ("header", "value", "param"),
     [
