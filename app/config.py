@@ -105,7 +105,9 @@ class ApiSettings(CommonSettings):
         # service would look configured and every browser call would still fail.
         for origin in filter(None, (o.strip() for o in (value or "").split(","))):
             scheme, sep, host = origin.partition("://")
-            if origin != "*" and (not sep or scheme not in ("http", "https") or not host or "/" in host):
+            if origin != "*" and (
+                not sep or scheme.lower() not in ("http", "https") or not host or "/" in host
+            ):
                 raise ValueError(
                     f"{origin!r} is not an origin: give scheme://host[:port] (e.g. https://app.example.com), "
                     "comma-separated, or *"
@@ -113,7 +115,15 @@ class ApiSettings(CommonSettings):
         return value
 
     def allowed_origins(self) -> list[str]:
-        return [o.strip() for o in (self.cors_origins or "").split(",") if o.strip()]
+        """As a browser writes its Origin: lower case, no default port (an origin written
+        `https://App.example.com:443` matched none)."""
+        origins = []
+        for origin in filter(None, (o.strip().lower() for o in (self.cors_origins or "").split(","))):
+            for default in ("http://", ":80"), ("https://", ":443"):
+                if origin.startswith(default[0]) and origin.endswith(default[1]):
+                    origin = origin.removesuffix(default[1])
+            origins.append(origin)
+        return origins
 
     @field_validator("public_url")
     @classmethod

@@ -44,10 +44,6 @@ GC_YOUNG_THRESHOLD = 10_000  # Python's default is 700
 _CORS_REFUSALS = {
     "origin": ("Origin", "this origin may not call the API: it is not in LATENTD_CORS_ORIGINS"),
     "method": ("Access-Control-Request-Method", "the API takes GET, HEAD and POST"),
-    "headers": (
-        "Access-Control-Request-Headers",
-        "the API reads Authorization, Content-Type, Content-Encoding, Idempotency-Key and If-None-Match",
-    ),
     "private-network": ("Access-Control-Request-Private-Network", "private network access is not offered"),
 }
 
@@ -223,13 +219,9 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             Cors,
             allow_origins=settings.allowed_origins(),
             allow_methods=["GET", "HEAD", "POST"],
-            allow_headers=[
-                "Authorization",
-                "Content-Type",
-                "Content-Encoding",
-                "Idempotency-Key",
-                "If-None-Match",
-            ],
+            # Any: OpenAI's SDKs send headers of their own (`x-stainless-*`), whose preflight was
+            # refused. No credentials (cookies) are taken, so none of them can carry one.
+            allow_headers=["*"],
             expose_headers=[
                 "Location",
                 "Retry-After",
