@@ -317,7 +317,11 @@ def cmd_keys(args: argparse.Namespace) -> int:
         print(f"latentd keys {args.action}: a NAME is required", file=sys.stderr)
         return 2
     settings = CommonSettings()
-    url = args.redis_url or settings.redis_url
+    if args.redis_url and args.data_dir is not None:
+        print("latentd keys: give --redis-url or --data-dir, not both", file=sys.stderr)
+        return 2
+    # --data-dir before LATENTD_REDIS_URL: the one on the command line is the one meant.
+    url = args.redis_url or (settings.redis_url if args.data_dir is None else None)
     embedded = url_file(Path(args.data_dir or ".latentd"))
     if url is None and embedded.exists():  # `latentd up` is running here: its Redis, on a free port
         url = embedded.read_text().strip()

@@ -54,7 +54,7 @@ def test_keys_says_when_its_redis_url_is_malformed(
     url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # redis-py's ValueError came out as a traceback.
-    assert main(["keys", "list", "--redis-url", url, "--data-dir", str(tmp_path)]) == 2
+    assert main(["keys", "list", "--redis-url", url]) == 2
     err = capsys.readouterr().err
     assert "--redis-url" in err and "Traceback" not in err
 
@@ -70,10 +70,16 @@ def test_keys_with_a_data_dir_where_no_up_runs_says_so(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # It went on with the default Redis: a key made there leaves the API it meant open.
-    monkeypatch.delenv("LATENTD_REDIS_URL", raising=False)
-    assert main(["keys", "list", "--data-dir", str(tmp_path / "elsewhere")]) == 2
-    err = capsys.readouterr().err
-    assert "no `latentd up` is running with --data-dir" in err and "--redis-url" in err
+    for redis_url in (None, "redis://127.0.0.1:6379/0"):  # the one on the command line is meant
+        if redis_url is None:
+            monkeypatch.delenv("LATENTD_REDIS_URL", raising=False)
+        else:
+            monkeypatch.setenv("LATENTD_REDIS_URL", redis_url)
+        assert main(["keys", "list", "--data-dir", str(tmp_path / "elsewhere")]) == 2
+        err = capsys.readouterr().err
+        assert "no `latentd up` is running with --data-dir" in err and "--redis-url" in err
+    both = ["keys", "list", "--data-dir", str(tmp_path), "--redis-url", "redis://127.0.0.1:6379/0"]
+    assert main(both) == 2 and "not both" in capsys.readouterr().err
 
 
 def test_keys_list_says_when_there_is_no_key(
