@@ -169,20 +169,23 @@ return false
 # The job's Idempotency-Key claim, if any, is made to last as long as the job, in the same step.
 # So is the job's entry in its owner's list (`Keys.jobs`): a job is listed if and only if it was
 # queued, once. The entries older than a job's lifetime go at each write, and the set lapses a
-# lifetime after its newest: it holds at most one job lifetime's submits of one owner.
+# lifetime after its newest: it holds at most one job lifetime's submits of one owner. Scored by
+# Redis's clock as it queues the job, not the job's `created_at`: one made earlier and queued later
+# (another API process, a pause) went in behind jobs a client had listed already, and was missed.
 # KEYS: the queue, the job's record, the owner's list[, the claim]; ARGV: the limit, a job's lifetime,
-# the submit time, the oldest submit time kept, the job's id, then for each command its argument
-# count and its arguments. Returns the queue's length after the push; -1: full, nothing written;
-# -2: the job was enqueued already.
+# the job's id, then for each command its argument count and its arguments. Returns the queue's
+# length after the push; -1: full, nothing written; -2: the job was enqueued already.
 _ENQUEUE = """
 local resent = redis.call('EXISTS', KEYS[2]) == 1
 if not resent and redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[1]) then return -1 end
 if KEYS[4] then redis.call('EXPIRE', KEYS[4], ARGV[2]) end
 if resent then return -2 end
-redis.call('ZADD', KEYS[3], ARGV[3], ARGV[5])
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. ARGV[4])
+local now = redis.call('TIME')
+now = tonumber(now[1]) + tonumber(now[2]) / 1000000
+redis.call('ZADD', KEYS[3], now, ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. (now - tonumber(ARGV[2])))
 redis.call('EXPIRE', KEYS[3], ARGV[2])
-local i = 6
+local i = 4
 while i <= #ARGV do
   local n = tonumber(ARGV[i])
   redis.call(unpack(ARGV, i + 1, i + n))
@@ -642,11 +645,10 @@ class GenerationService:
         finally:
             staged.reset()
         ttl = self.settings.job_ttl
-        submitted = (_aware(job.created_at) or datetime.now(UTC)).timestamp()
         length = int(
             await self._enqueue_script(
                 keys=[queue.key, job.key, Keys.jobs(owner), *([claim] if claim else [])],
-                args=[self.settings.max_queue_depth, ttl, submitted, time.time() - ttl, job.id, *flat],
+                args=[self.settings.max_queue_depth, ttl, job.id, *flat],
             )
         )
         if length == -2:  # sent again: where it stands now (taken by a worker already: first)
