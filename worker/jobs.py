@@ -115,6 +115,10 @@ def install(runtime: Runtime) -> None:
     _runtime = runtime
 
 
+def installed() -> Runtime | None:
+    return _runtime
+
+
 def current() -> Runtime:
     if _runtime is None:
         raise RuntimeError("no pipeline is loaded in this process; jobs run only inside `latentd worker`")

@@ -464,7 +464,8 @@ class LatentdWorker(SimpleWorker):
         self._until_redis_answers("rq_start", start)
         # RQ's perform_job then says it started again, a moment later, and saves that with its end:
         # `started_at` read while it ran changed once it ended. A claimed job's start is its claim.
-        jobs.current().claimed_at.setdefault(job.id, job.started_at)
+        if (rt := jobs.installed()) is not None:  # None: RQ's records driven without a pipeline (tests)
+            rt.claimed_at.setdefault(job.id, job.started_at)
 
     def handle_execution_ended(self, job: Any, queue: Any, heartbeat_ttl: int) -> None:
         ended = functools.partial(super().handle_execution_ended, job, queue, heartbeat_ttl)
