@@ -108,7 +108,12 @@ def test_a_misspelt_setting_is_named_as_the_api_and_a_worker_start(
     api, _ = start_api(redis_server.url, tmp_path, LATENTD_MAX_PIXLES="4096", LATENTD_MODEL="builtin")
     api.stop()
     worker = start_worker(
-        redis_server.url, tiny_model_dir, tmp_path, LATENTD_LEESE_SECONDS="5", LATENTD_MAX_PIXELS="4096"
+        redis_server.url,
+        tiny_model_dir,
+        tmp_path,
+        name="misspelt",  # the session's Redis may hold another test's live `w1`
+        LATENTD_LEESE_SECONDS="5",
+        LATENTD_MAX_PIXELS="4096",
     )
     worker.stop()
     for said, named in (
